@@ -1,0 +1,424 @@
+"""The scope grammar: the one place that knows what a visitflow scope string means.
+
+The seed's "scope read data visit=a1" becomes the OAuth scope ``read:data:a1``.  Grammar
+(ARCHITECTURE §3)::
+
+    <action>:<store>:<visit>[/<run>]     action ∈ {read, write}, store ∈ {data, raw, processed}
+    run:<analysis>:<visit>               analysis may be ``*`` (any analysis)
+
+``data`` means both stores.  A scope **covers** another when the action is equal, the store
+is equal or ``data``, the visit is equal, and the run is absent or equal.  Token exchange may
+only *narrow*: every requested scope must be covered by a scope of the subject token.
+
+Everything else (the IdP's exchange check, the Tiled authenticator and access policy, the
+Prefect block's pre-flight check, the trigger) calls this module; nobody else parses scope
+strings.  Strings that are not visitflow scopes (``openid``, ``profile``, tiled's own
+``read:metadata``...) are kept as *opaque* scopes which only cover themselves.
+
+This module also maps a Tiled node path to ``(store, visit, run)`` using configurable path
+templates, because "which scope governs this node" is the same question asked from the
+other side.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Union
+
+ACTIONS = ("read", "write")
+STORES = ("data", "raw", "processed")
+CONCRETE_STORES = ("raw", "processed")
+
+#: Visits, runs and analysis names: a conservative identifier charset.  ``:`` and ``/`` are
+#: grammar separators, whitespace separates scopes, ``*`` is the analysis wildcard.
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._\-]*"
+_NAME_RE = re.compile(rf"^{_NAME}$")
+_DATA_RE = re.compile(rf"^(?P<action>[a-z]+):(?P<store>[a-z]+):(?P<visit>{_NAME})(?:/(?P<run>{_NAME}))?$")
+_RUN_RE = re.compile(rf"^run:(?P<analysis>\*|{_NAME}):(?P<visit>{_NAME})$")
+
+Action = Literal["read", "write"]
+Store = Literal["data", "raw", "processed"]
+
+
+class ScopeError(ValueError):
+    """A string that claims to be a visitflow scope but does not follow the grammar."""
+
+
+def valid_name(name: str) -> bool:
+    """True if ``name`` may be used as a visit, run id or analysis name."""
+    return bool(_NAME_RE.match(name or ""))
+
+
+def check_name(name: str, what: str) -> str:
+    if not valid_name(name):
+        raise ScopeError(
+            f"invalid {what} {name!r}: must match {_NAME} (letters, digits, '.', '_', '-')"
+        )
+    return name
+
+
+@dataclass(frozen=True, order=True)
+class DataScope:
+    """``<action>:<store>:<visit>[/<run>]`` — read or write one store (or both) of a visit."""
+
+    action: str
+    store: str
+    visit: str
+    run: str | None = None
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ScopeError(f"unknown action {self.action!r} (expected one of {ACTIONS})")
+        if self.store not in STORES:
+            raise ScopeError(f"unknown store {self.store!r} (expected one of {STORES})")
+        check_name(self.visit, "visit")
+        if self.run is not None:
+            check_name(self.run, "run id")
+
+    def __str__(self) -> str:
+        base = f"{self.action}:{self.store}:{self.visit}"
+        return f"{base}/{self.run}" if self.run else base
+
+    def covers(self, other: "Scope") -> bool:
+        if not isinstance(other, DataScope):
+            return False
+        return (
+            self.action == other.action
+            and (self.store == other.store or self.store == "data")
+            and self.visit == other.visit
+            and (self.run is None or self.run == other.run)
+        )
+
+
+@dataclass(frozen=True, order=True)
+class RunScope:
+    """``run:<analysis>:<visit>`` — may start ``analysis`` for ``visit`` (``*`` = any)."""
+
+    analysis: str
+    visit: str
+
+    def __post_init__(self):
+        if self.analysis != "*":
+            check_name(self.analysis, "analysis name")
+        check_name(self.visit, "visit")
+
+    def __str__(self) -> str:
+        return f"run:{self.analysis}:{self.visit}"
+
+    def covers(self, other: "Scope") -> bool:
+        return (
+            isinstance(other, RunScope)
+            and self.visit == other.visit
+            and (self.analysis == "*" or self.analysis == other.analysis)
+        )
+
+
+@dataclass(frozen=True, order=True)
+class OpaqueScope:
+    """Any other scope string (``openid``, tiled's own scopes...): covers only itself."""
+
+    value: str
+
+    def __str__(self) -> str:
+        return self.value
+
+    def covers(self, other: "Scope") -> bool:
+        return isinstance(other, OpaqueScope) and other.value == self.value
+
+
+Scope = Union[DataScope, RunScope, OpaqueScope]
+
+
+def parse_scope(text: str) -> Scope:
+    """Parse one scope string.
+
+    Strings whose first field is ``read``, ``write`` or ``run`` are visitflow scopes and must
+    follow the grammar (``ScopeError`` otherwise) — except tiled's own ``read:metadata``,
+    ``read:data``, ``write:metadata``, ``write:data`` which have no visit and stay opaque.
+    """
+    if not text or any(c.isspace() for c in text):
+        raise ScopeError(f"invalid scope {text!r}: empty or contains whitespace")
+    head = text.split(":", 1)[0]
+    if head == "run":
+        m = _RUN_RE.match(text)
+        if not m:
+            raise ScopeError(f"invalid scope {text!r}: expected run:<analysis>:<visit>")
+        return RunScope(m["analysis"], m["visit"])
+    if head in ACTIONS and text.count(":") >= 2:
+        m = _DATA_RE.match(text)
+        if not m:
+            raise ScopeError(
+                f"invalid scope {text!r}: expected <read|write>:<data|raw|processed>:<visit>[/<run>]"
+            )
+        return DataScope(m["action"], m["store"], m["visit"], m["run"])
+    return OpaqueScope(text)
+
+
+def split_scope_string(scope: str | Iterable[str] | None) -> list[str]:
+    """The OAuth ``scope`` claim is space separated; accept a list too (Keycloak ``scp``)."""
+    if scope is None:
+        return []
+    if isinstance(scope, str):
+        return scope.split()
+    return [s for item in scope for s in str(item).split()]
+
+
+@dataclass(frozen=True)
+class ScopeSet:
+    """The scopes of one token, parsed, with the questions every component asks of them."""
+
+    scopes: frozenset = field(default_factory=frozenset)
+
+    @classmethod
+    def parse(cls, scope: str | Iterable[str] | None) -> "ScopeSet":
+        return cls(frozenset(parse_scope(s) for s in split_scope_string(scope)))
+
+    @classmethod
+    def lenient(cls, scope: str | Iterable[str] | None) -> "ScopeSet":
+        """Parse, dropping malformed visitflow scopes instead of raising.
+
+        Used when *reading* a token that a trusted issuer already signed: a malformed scope
+        grants nothing rather than making the whole token unusable.
+        """
+        out = set()
+        for s in split_scope_string(scope):
+            try:
+                out.add(parse_scope(s))
+            except ScopeError:
+                pass
+        return cls(frozenset(out))
+
+    def __iter__(self):
+        return iter(sorted(self.scopes, key=str))
+
+    def __len__(self) -> int:
+        return len(self.scopes)
+
+    def __str__(self) -> str:
+        return " ".join(sorted(str(s) for s in self.scopes))
+
+    def covers(self, scope: Scope | str) -> bool:
+        if isinstance(scope, str):
+            scope = parse_scope(scope)
+        return any(mine.covers(scope) for mine in self.scopes)
+
+    def uncovered(self, requested: "ScopeSet | str | Iterable[str]") -> list[Scope]:
+        """The requested scopes this set does not cover (empty list = a valid narrowing)."""
+        if not isinstance(requested, ScopeSet):
+            requested = ScopeSet.parse(requested)
+        return [s for s in requested if not self.covers(s)]
+
+    def narrows_to(self, requested: "ScopeSet | str | Iterable[str]") -> bool:
+        return not self.uncovered(requested)
+
+    def allows(self, action: str, store: str, visit: str, run: str | None = None) -> bool:
+        """May this token do ``action`` on ``store`` for (visit, run)?
+
+        ``run=None`` asks about the visit as a whole (e.g. creating a new run container
+        under it), which only a visit-wide scope grants.
+        """
+        return self.covers(DataScope(action, store, visit, run))
+
+    def may_run(self, analysis: str, visit: str) -> bool:
+        return self.covers(RunScope(analysis, visit))
+
+    def touches(self, store: str, visit: str) -> bool:
+        """True if any data scope (read or write, any run) concerns ``store`` of ``visit``.
+
+        A principal that may act on *some* run of a visit may see that the visit container
+        exists (to traverse to its run); listing shows it only its runs.
+        """
+        return any(
+            isinstance(s, DataScope)
+            and s.visit == visit
+            and (s.store == store or s.store == "data")
+            for s in self.scopes
+        )
+
+    def runs(self, store: str, visit: str, action: str = "read") -> set[str] | None:
+        """The runs of ``visit`` in ``store`` this set may ``action``.
+
+        Returns ``None`` when a visit-wide scope grants every run, else the set of run ids
+        (possibly empty).
+        """
+        found: set[str] = set()
+        for s in self.scopes:
+            if (
+                isinstance(s, DataScope)
+                and s.action == action
+                and s.visit == visit
+                and (s.store == store or s.store == "data")
+            ):
+                if s.run is None:
+                    return None
+                found.add(s.run)
+        return found
+
+    def visits(self, store: str | None = None) -> set[str]:
+        """Visits this set has any data scope on (in ``store``, or any store)."""
+        return {
+            s.visit
+            for s in self.scopes
+            if isinstance(s, DataScope)
+            and (store is None or s.store == store or s.store == "data")
+        }
+
+    def data_scopes(self) -> list[DataScope]:
+        return [s for s in self if isinstance(s, DataScope)]
+
+
+def grant_scopes(analysis: str, visit: str, run: str) -> ScopeSet:
+    """T_grant's scopes (ARCHITECTURE §2 step 3): run the analysis, read the raw run, write
+    that run's processed data."""
+    return ScopeSet(
+        frozenset(
+            {
+                RunScope(analysis, visit),
+                DataScope("read", "raw", visit, run),
+                DataScope("write", "processed", visit, run),
+            }
+        )
+    )
+
+
+def data_token_scopes(visit: str, run: str) -> ScopeSet:
+    """T_data's scopes (§2 step 5): the grant minus the right to start analyses."""
+    return ScopeSet(
+        frozenset({DataScope("read", "raw", visit, run), DataScope("write", "processed", visit, run)})
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Node paths ↔ (store, visit, run)
+# --------------------------------------------------------------------------------------
+
+DEFAULT_RAW_TEMPLATE = "raw/{visit}/{run}"
+DEFAULT_PROCESSED_TEMPLATE = "processed/{visit}/{run}/{analysis}"
+_PLACEHOLDER = re.compile(r"^\{([a-z_]+)\}$")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a node sits in the visit/run hierarchy.
+
+    ``depth`` says how far down the template the path reached: a store root or an
+    ``<instrument>/<proposal>`` prefix has ``visit=None``; a visit container has
+    ``run=None``; ``inside_run`` is True for the run container and everything below it.
+    """
+
+    store: str
+    visit: str | None = None
+    run: str | None = None
+    analysis: str | None = None
+    inside_run: bool = False
+
+
+@dataclass(frozen=True)
+class PathTemplate:
+    """A node-path template such as ``raw/{visit}/{run}`` or
+    ``{instrument}/{proposal}/{visit}/{run}`` (blueapi's layout).
+
+    Literal segments must match exactly; ``{visit}``, ``{run}`` and ``{analysis}`` are
+    captured; any other ``{name}`` matches any one segment.
+    """
+
+    store: str
+    template: str
+
+    def __post_init__(self):
+        if self.store not in CONCRETE_STORES:
+            raise ScopeError(f"template store must be one of {CONCRETE_STORES}, not {self.store!r}")
+        segs = self.segments
+        names = [_PLACEHOLDER.match(s)[1] for s in segs if _PLACEHOLDER.match(s)]
+        if "visit" not in names or "run" not in names:
+            raise ScopeError(f"path template {self.template!r} needs {{visit}} and {{run}}")
+        if names.index("run") < names.index("visit"):
+            raise ScopeError(f"path template {self.template!r}: {{visit}} must come before {{run}}")
+        if self.store == "raw" and "analysis" in names:
+            raise ScopeError("the raw template has no {analysis}")
+
+    @property
+    def segments(self) -> list[str]:
+        return [s for s in self.template.strip("/").split("/") if s]
+
+    def match(self, path: Iterable[str]) -> Location | None:
+        """Map a node path (segments) to a Location, or None if it is not under this template."""
+        path = list(path)
+        captured: dict[str, str] = {}
+        segs = self.segments
+        for i, seg in enumerate(path[: len(segs)]):
+            tmpl = segs[i]
+            m = _PLACEHOLDER.match(tmpl)
+            if m:
+                captured[m[1]] = seg
+            elif tmpl != seg:
+                return None
+        return Location(
+            store=self.store,
+            visit=captured.get("visit"),
+            run=captured.get("run"),
+            analysis=captured.get("analysis"),
+            inside_run="run" in captured,
+        )
+
+    def format(self, **values: str) -> str:
+        out = []
+        for seg in self.segments:
+            m = _PLACEHOLDER.match(seg)
+            if m:
+                if m[1] not in values:
+                    raise KeyError(f"path template {self.template!r} needs {m[1]!r}")
+                out.append(check_name(values[m[1]], m[1]))
+            else:
+                out.append(seg)
+        return "/".join(out)
+
+    def prefix(self, **values: str) -> str:
+        """Format as far as values are given (e.g. the visit container path)."""
+        out = []
+        for seg in self.segments:
+            m = _PLACEHOLDER.match(seg)
+            if m:
+                if m[1] not in values:
+                    break
+                out.append(values[m[1]])
+            else:
+                out.append(seg)
+        return "/".join(out)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The raw and processed path templates of one deployment.
+
+    With one Tiled server both templates apply to it (they must differ in a literal prefix);
+    with two servers each server's policy gets a Layout holding only its store.
+    """
+
+    raw: PathTemplate | None = PathTemplate("raw", DEFAULT_RAW_TEMPLATE)
+    processed: PathTemplate | None = PathTemplate("processed", DEFAULT_PROCESSED_TEMPLATE)
+
+    @classmethod
+    def from_templates(cls, raw: str | None = DEFAULT_RAW_TEMPLATE,
+                       processed: str | None = DEFAULT_PROCESSED_TEMPLATE) -> "Layout":
+        return cls(
+            raw=PathTemplate("raw", raw) if raw else None,
+            processed=PathTemplate("processed", processed) if processed else None,
+        )
+
+    def templates(self) -> list[PathTemplate]:
+        return [t for t in (self.raw, self.processed) if t is not None]
+
+    def locate(self, path: Iterable[str]) -> Location | None:
+        """The Location of a node path, or None if no template claims it.
+
+        The root (empty path) and shared literal prefixes return a Location with store set to
+        the first matching template's store; callers treat ``visit=None`` as "above visits".
+        """
+        path = list(path)
+        for t in self.templates():
+            loc = t.match(path)
+            if loc is not None:
+                return loc
+        return None

@@ -1,0 +1,216 @@
+"""Validating our JWT access tokens — one validator used by Tiled, the Block and the tests.
+
+Every component that accepts a token calls :class:`TokenValidator`: pyjwt with a fixed
+algorithm allow-list (RS256 only, so ``alg: none`` and the HS256-with-the-public-key trick
+are refused by pyjwt itself), required claims, audience, issuer and a small leeway, keys from
+the issuer's JWKS found through its OIDC discovery document (``PyJWKClient``, cached).
+
+Every failure is an :class:`InvalidToken` carrying a short, safe reason; servers turn that
+into 401 — never a 500, never a silent accept.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import httpx
+import jwt
+
+from .scopes import ScopeSet
+
+#: The only signing algorithms we accept.  Never derive this from the token header.
+ALGORITHMS = ("RS256",)
+#: ``typ`` header values accepted for access tokens: RFC 9068 ``at+jwt``; Keycloak says ``JWT``.
+ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt", "jwt")
+REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat")
+
+
+class InvalidToken(Exception):
+    """A token that must be refused.  ``reason`` is safe to send back to the caller."""
+
+    def __init__(self, reason: str, *, status: int = 401):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class InsufficientScope(InvalidToken):
+    """The token is valid but does not carry the scope needed (HTTP 403)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason, status=403)
+
+
+@dataclass(frozen=True)
+class Claims:
+    """A validated token's claims, with the parsed scope set."""
+
+    raw: dict[str, Any]
+    token: str = field(repr=False, default="")
+
+    @property
+    def sub(self) -> str:
+        return self.raw["sub"]
+
+    @property
+    def scopes(self) -> ScopeSet:
+        return ScopeSet.lenient(self.raw.get("scope", self.raw.get("scp")))
+
+    @property
+    def exp(self) -> float:
+        return float(self.raw["exp"])
+
+    @property
+    def azp(self) -> str | None:
+        return self.raw.get("azp")
+
+    @property
+    def act(self) -> dict | None:
+        return self.raw.get("act")
+
+    @property
+    def audiences(self) -> list[str]:
+        aud = self.raw.get("aud", [])
+        return [aud] if isinstance(aud, str) else list(aud)
+
+    def actor_chain(self) -> list[str]:
+        """The ``act`` chain, outermost (most recent) actor first."""
+        chain, act = [], self.act
+        while isinstance(act, dict) and "sub" in act:
+            chain.append(act["sub"])
+            act = act.get("act")
+        return chain
+
+
+def discover(issuer: str, *, client: httpx.Client | None = None, timeout: float = 10.0) -> dict:
+    """Fetch the issuer's OIDC discovery document and check it names the same issuer."""
+    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+    own = client is None
+    client = client or httpx.Client(timeout=timeout)
+    try:
+        resp = client.get(url)
+        resp.raise_for_status()
+        doc = resp.json()
+    finally:
+        if own:
+            client.close()
+    if doc.get("issuer", "").rstrip("/") != issuer.rstrip("/"):
+        raise ValueError(f"discovery at {url} names issuer {doc.get('issuer')!r}, expected {issuer!r}")
+    return doc
+
+
+class TokenValidator:
+    """Validate access tokens of one issuer for one audience.
+
+    ``jwks_uri`` is found by discovery on first use unless given.  Unknown key ids make
+    ``PyJWKClient`` refetch the JWKS (that is how key rotation reaches us); refetches are
+    rate-limited so a stream of garbage ``kid``s cannot hammer the IdP.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        audience: str | Iterable[str],
+        *,
+        jwks_uri: str | None = None,
+        leeway: float = 10.0,
+        accepted_types: Iterable[str] = ACCESS_TOKEN_TYPES,
+        require_typ: bool = True,
+        min_refetch_interval: float = 5.0,
+    ):
+        self.issuer = issuer.rstrip("/")
+        self.audience = [audience] if isinstance(audience, str) else list(audience)
+        self.leeway = leeway
+        self.accepted_types = tuple(t.lower() for t in accepted_types)
+        self.require_typ = require_typ
+        self._jwks_uri = jwks_uri
+        self._jwk_client: jwt.PyJWKClient | None = None
+        self._lock = threading.Lock()
+        self._last_refetch = 0.0
+        self._min_refetch = min_refetch_interval
+
+    @property
+    def jwks_uri(self) -> str:
+        if self._jwks_uri is None:
+            self._jwks_uri = discover(self.issuer)["jwks_uri"]
+        return self._jwks_uri
+
+    def _jwks(self) -> jwt.PyJWKClient:
+        with self._lock:
+            if self._jwk_client is None:
+                self._jwk_client = jwt.PyJWKClient(self.jwks_uri, cache_keys=True, lifespan=300)
+            return self._jwk_client
+
+    def _signing_key(self, token: str, kid: str):
+        client = self._jwks()
+        try:
+            # Served from the cache when the kid is known; does not hit the network.
+            return client.get_signing_key(kid) if self._known(client, kid) else self._refetch(client, kid)
+        except jwt.PyJWKClientConnectionError as exc:
+            raise InvalidToken(f"cannot fetch the issuer's signing keys: {exc}") from exc
+        except jwt.PyJWKClientError as exc:
+            raise InvalidToken(f"unknown signing key id {kid!r}") from exc
+
+    @staticmethod
+    def _known(client: jwt.PyJWKClient, kid: str) -> bool:
+        cached = client.jwk_set_cache.get() if client.jwk_set_cache else None
+        return bool(cached) and any(k.key_id == kid for k in cached.keys)
+
+    def _refetch(self, client: jwt.PyJWKClient, kid: str):
+        with self._lock:
+            now = time.monotonic()
+            cached = client.jwk_set_cache.get() if client.jwk_set_cache else None
+            if cached is not None and now - self._last_refetch < self._min_refetch:
+                raise InvalidToken(f"unknown signing key id {kid!r}")
+            self._last_refetch = now
+        return client.get_signing_key(kid)
+
+    def validate(self, token: str, *, audience: str | Iterable[str] | None = None) -> Claims:
+        """Return the token's claims or raise :class:`InvalidToken` with the reason."""
+        if not token or not isinstance(token, str):
+            raise InvalidToken("no token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError as exc:
+            raise InvalidToken(f"malformed token: {exc}") from exc
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            raise InvalidToken(f"signing algorithm {alg!r} is not accepted (only {', '.join(ALGORITHMS)})")
+        typ = str(header.get("typ", "")).lower()
+        if self.require_typ and typ not in self.accepted_types:
+            raise InvalidToken(f"token type {header.get('typ')!r} is not an access token")
+        kid = header.get("kid")
+        if not kid:
+            raise InvalidToken("token header has no key id (kid)")
+        key = self._signing_key(token, kid)
+        aud = self.audience if audience is None else ([audience] if isinstance(audience, str) else list(audience))
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=list(ALGORITHMS),
+                audience=aud,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": list(REQUIRED_CLAIMS)},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise InvalidToken("token has expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise InvalidToken("token is not yet valid") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise InvalidToken(f"token audience is not {' or '.join(aud)}") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise InvalidToken(f"token issuer is not {self.issuer}") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise InvalidToken(f"token lacks required claim {exc.claim!r}") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise InvalidToken("token signature does not verify") from exc
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"invalid token: {exc}") from exc
+        if claims.get("iat", 0) > time.time() + self.leeway:
+            raise InvalidToken("token is issued in the future")
+        return Claims(raw=claims, token=token)
