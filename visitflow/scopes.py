@@ -133,25 +133,26 @@ Scope = Union[DataScope, RunScope, OpaqueScope]
 def parse_scope(text: str) -> Scope:
     """Parse one scope string.
 
-    Strings whose first field is ``read``, ``write`` or ``run`` are visitflow scopes and must
-    follow the grammar (``ScopeError`` otherwise) — except tiled's own ``read:metadata``,
+    Strings whose first field is ``read``, ``write`` or ``run``, or whose second field is a
+    store, are visitflow scopes and must follow the grammar (``ScopeError`` otherwise) — except tiled's own ``read:metadata``,
     ``read:data``, ``write:metadata``, ``write:data`` which have no visit and stay opaque.
     """
     if not text or any(c.isspace() for c in text):
         raise ScopeError(f"invalid scope {text!r}: empty or contains whitespace")
-    head = text.split(":", 1)[0]
+    fields = text.split(":")
+    head = fields[0]
     if head == "run":
         m = _RUN_RE.match(text)
         if not m:
             raise ScopeError(f"invalid scope {text!r}: expected run:<analysis>:<visit>")
         return RunScope(m["analysis"], m["visit"])
-    if head in ACTIONS and text.count(":") >= 2:
+    if len(fields) >= 3 and (head in ACTIONS or fields[1] in STORES):
         m = _DATA_RE.match(text)
         if not m:
             raise ScopeError(
                 f"invalid scope {text!r}: expected <read|write>:<data|raw|processed>:<visit>[/<run>]"
             )
-        return DataScope(m["action"], m["store"], m["visit"], m["run"])
+        return DataScope(m["action"], m["store"], m["visit"], m["run"])  # checks action/store
     return OpaqueScope(text)
 
 
@@ -191,6 +192,9 @@ class ScopeSet:
 
     def __iter__(self):
         return iter(sorted(self.scopes, key=str))
+
+    def __or__(self, other: "ScopeSet") -> "ScopeSet":
+        return ScopeSet(self.scopes | other.scopes)
 
     def __len__(self) -> int:
         return len(self.scopes)

@@ -129,7 +129,6 @@ class TokenValidator:
         self._jwks_uri = jwks_uri
         self._jwk_client: jwt.PyJWKClient | None = None
         self._lock = threading.Lock()
-        self._last_refetch = 0.0
         self._min_refetch = min_refetch_interval
 
     @property
@@ -141,32 +140,21 @@ class TokenValidator:
     def _jwks(self) -> jwt.PyJWKClient:
         with self._lock:
             if self._jwk_client is None:
-                self._jwk_client = jwt.PyJWKClient(self.jwks_uri, cache_keys=True, lifespan=300)
+                # pyjwt refetches the JWKS on an unknown kid (how rotation reaches us), at most
+                # once per cooldown, so a stream of garbage kids cannot hammer the IdP.
+                self._jwk_client = jwt.PyJWKClient(
+                    self.jwks_uri, cache_keys=True, lifespan=300, timeout=10,
+                    cooldown_duration=self._min_refetch,
+                )
             return self._jwk_client
 
-    def _signing_key(self, token: str, kid: str):
-        client = self._jwks()
+    def _signing_key(self, kid: str):
         try:
-            # Served from the cache when the kid is known; does not hit the network.
-            return client.get_signing_key(kid) if self._known(client, kid) else self._refetch(client, kid)
+            return self._jwks().get_signing_key(kid)
         except jwt.PyJWKClientConnectionError as exc:
             raise InvalidToken(f"cannot fetch the issuer's signing keys: {exc}") from exc
         except jwt.PyJWKClientError as exc:
             raise InvalidToken(f"unknown signing key id {kid!r}") from exc
-
-    @staticmethod
-    def _known(client: jwt.PyJWKClient, kid: str) -> bool:
-        cached = client.jwk_set_cache.get() if client.jwk_set_cache else None
-        return bool(cached) and any(k.key_id == kid for k in cached.keys)
-
-    def _refetch(self, client: jwt.PyJWKClient, kid: str):
-        with self._lock:
-            now = time.monotonic()
-            cached = client.jwk_set_cache.get() if client.jwk_set_cache else None
-            if cached is not None and now - self._last_refetch < self._min_refetch:
-                raise InvalidToken(f"unknown signing key id {kid!r}")
-            self._last_refetch = now
-        return client.get_signing_key(kid)
 
     def validate(self, token: str, *, audience: str | Iterable[str] | None = None) -> Claims:
         """Return the token's claims or raise :class:`InvalidToken` with the reason."""
@@ -185,7 +173,7 @@ class TokenValidator:
         kid = header.get("kid")
         if not kid:
             raise InvalidToken("token header has no key id (kid)")
-        key = self._signing_key(token, kid)
+        key = self._signing_key(kid)
         aud = self.audience if audience is None else ([audience] if isinstance(audience, str) else list(audience))
         try:
             claims = jwt.decode(
@@ -213,4 +201,8 @@ class TokenValidator:
             raise InvalidToken(f"invalid token: {exc}") from exc
         if claims.get("iat", 0) > time.time() + self.leeway:
             raise InvalidToken("token is issued in the future")
+        if str(claims.get("typ", "Bearer")).lower() not in ("bearer", "at+jwt"):
+            # Keycloak marks ID and refresh tokens with a typ claim; both are JWTs with our
+            # key and issuer, and neither may be used as an access token.
+            raise InvalidToken(f"token is a {claims['typ']} token, not an access token")
         return Claims(raw=claims, token=token)

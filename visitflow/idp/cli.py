@@ -1,0 +1,53 @@
+"""``visitflow idp``: run the dev IdP, or rotate its signing key."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deployments" / "idp.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=os.environ.get("VISITFLOW_IDP_CONFIG", str(DEFAULT_CONFIG)),
+                   help="users/clients/lifetimes YAML (default: deployments/idp.yaml)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8180, help="port (default 8180)")
+    p.add_argument("--issuer", default=None, help="issuer URL (default http://HOST:PORT)")
+    p.add_argument("--keys-dir", default=None,
+                   help="directory of signing keys (PEM); tokens survive restarts. Default: in memory")
+    p.add_argument("--rotate-keys", action="store_true",
+                   help="add a new signing key to --keys-dir and exit; a running IdP picks it up")
+    p.add_argument("--log-level", default="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .keys import KeyStore
+
+    if args.rotate_keys:
+        if not args.keys_dir:
+            raise SystemExit("--rotate-keys needs --keys-dir")
+        key = KeyStore(args.keys_dir).rotate()
+        print(f"new signing key {key.kid} in {args.keys_dir}")
+        return 0
+
+    import uvicorn
+
+    from .config import IdPConfig
+    from .server import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = IdPConfig.load(args.config)
+    issuer = args.issuer or config.issuer or f"http://{args.host}:{args.port}"
+    app = create_app(config, KeyStore(args.keys_dir), issuer)
+    print(f"visitflow idp: issuer {issuer}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="visitflow idp", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))

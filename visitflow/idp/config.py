@@ -1,0 +1,125 @@
+"""The dev IdP's configuration: users, their visit scopes, clients and token lifetimes (YAML).
+
+The same clients, audiences and scopes are described for production in
+``deployments/keycloak/realm.json``; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..scopes import ScopeError, ScopeSet
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+KNOWN_GRANTS = {"password", "client_credentials", "refresh_token", TOKEN_EXCHANGE}
+
+
+class ConfigError(ValueError):
+    """The IdP YAML is inconsistent; the message says where."""
+
+
+@dataclass(frozen=True)
+class Lifetimes:
+    access: int = 300
+    refresh: int = 1800
+    session_max: int = 36000
+    id_token: int = 300
+
+    @classmethod
+    def from_dict(cls, d: dict | None, base: "Lifetimes | None" = None) -> "Lifetimes":
+        base = base or cls()
+        d = d or {}
+        unknown = set(d) - {"access", "refresh", "session_max", "id_token"}
+        if unknown:
+            raise ConfigError(f"unknown lifetime keys {sorted(unknown)}")
+        vals = {k: int(d.get(k, getattr(base, k))) for k in ("access", "refresh", "session_max", "id_token")}
+        for k, v in vals.items():
+            if v <= 0:
+                raise ConfigError(f"lifetime {k} must be positive, got {v}")
+        return cls(**vals)
+
+
+@dataclass(frozen=True)
+class Client:
+    client_id: str
+    secret: str | None = None
+    public: bool = False
+    grants: frozenset = frozenset()
+    audiences: tuple = ()            # aud of tokens issued *to* this client (login / client_credentials)
+    exchange_audiences: tuple = ()   # audiences it may request in token exchange
+    exchange_refresh: bool = False   # exchanged tokens come with a refresh token
+    introspect: bool = False
+    scopes: tuple = ()               # client_credentials scopes (service accounts)
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    password: str
+    scopes: ScopeSet
+
+
+@dataclass(frozen=True)
+class IdPConfig:
+    issuer: str | None = None
+    lifetimes: Lifetimes = field(default_factory=Lifetimes)
+    audiences: dict = field(default_factory=dict)   # name -> Lifetimes
+    clients: dict = field(default_factory=dict)     # id -> Client
+    users: dict = field(default_factory=dict)       # name -> User
+
+    def lifetimes_for(self, audience: str | list | None) -> Lifetimes:
+        """Lifetimes of a token for ``audience``: the single audience's override, else defaults."""
+        if isinstance(audience, list):
+            audience = audience[0] if len(audience) == 1 else None
+        return self.audiences.get(audience, self.lifetimes) if audience else self.lifetimes
+
+    @classmethod
+    def load(cls, path: str | Path) -> "IdPConfig":
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IdPConfig":
+        unknown = set(d) - {"issuer", "lifetimes", "audiences", "clients", "users"}
+        if unknown:
+            raise ConfigError(f"unknown top-level keys {sorted(unknown)}")
+        base = Lifetimes.from_dict(d.get("lifetimes"))
+        audiences = {name: Lifetimes.from_dict(v, base) for name, v in (d.get("audiences") or {}).items()}
+        clients = {}
+        for cid, c in (d.get("clients") or {}).items():
+            c = dict(c or {})
+            grants = frozenset(c.pop("grants", []))
+            bad = grants - KNOWN_GRANTS
+            if bad:
+                raise ConfigError(f"client {cid}: unknown grants {sorted(bad)}")
+            client = Client(
+                client_id=cid,
+                secret=c.pop("secret", None),
+                public=bool(c.pop("public", False)),
+                grants=grants,
+                audiences=tuple(c.pop("audiences", [])),
+                exchange_audiences=tuple(c.pop("exchange_audiences", [])),
+                exchange_refresh=bool(c.pop("exchange_refresh", False)),
+                introspect=bool(c.pop("introspect", False)),
+                scopes=tuple(c.pop("scopes", [])),
+            )
+            if c:
+                raise ConfigError(f"client {cid}: unknown keys {sorted(c)}")
+            if not client.public and not client.secret:
+                raise ConfigError(f"client {cid}: confidential clients need a secret")
+            for aud in client.audiences + client.exchange_audiences:
+                if aud not in audiences:
+                    raise ConfigError(f"client {cid}: audience {aud!r} is not declared under audiences")
+            clients[cid] = client
+        users = {}
+        for name, u in (d.get("users") or {}).items():
+            try:
+                scopes = ScopeSet.parse(u.get("scopes", []))
+            except ScopeError as exc:
+                raise ConfigError(f"user {name}: {exc}") from exc
+            users[name] = User(name, str(u["password"]), scopes)
+        return cls(issuer=d.get("issuer"), lifetimes=base, audiences=audiences, clients=clients, users=users)

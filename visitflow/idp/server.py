@@ -1,0 +1,483 @@
+"""The dev IdP: a small, real OAuth 2 / OIDC token service shaped like Keycloak.
+
+Endpoints: OIDC discovery, JWKS, ``/token`` (``password`` [dev only], ``client_credentials``,
+``refresh_token``, RFC 8693 token exchange), RFC 7662 ``/introspect``, RFC 7009 ``/revoke``,
+``/userinfo``.  Tokens are RS256 JWTs (pyjwt) with ``typ: at+jwt`` (RFC 9068).
+
+Token exchange follows Keycloak's "standard token exchange" (V2) rules:
+the requesting client must be in the subject token's ``aud``; ``audience`` picks the new
+``aud`` (unknown → ``invalid_target``; not allowed for this client → ``access_denied``);
+requested scopes may only narrow (→ ``invalid_scope``, decided by :mod:`visitflow.scopes`);
+refresh tokens never outlive the session maximum.  Unlike Keycloak V2 we also set the RFC
+8693 ``act`` claim naming the requesting client (nested for chains), so provenance can say
+who acted for whom.
+
+Why hand-rolled on Starlette + pyjwt rather than authlib's server: authlib's OAuth server
+integrations target Flask/Django, have no RFC 8693 grant, and its JWT access-token support
+would still need the exchange, narrowing and session rules written here.  The parts that are
+easy to get wrong — signing, verification, JWK encoding — are pyjwt's.
+
+Status codes: error *bodies* are RFC 6749 §5.2 (``error``, ``error_description``).  A bad
+token (subject token of an exchange, bearer at ``/userinfo``) is 401 ``invalid_token``;
+refusals of authority (``invalid_scope``, ``access_denied``, ``invalid_target``,
+``unauthorized_client``) are 403 so a caller can tell "refused, do not retry" from a
+malformed request (400); ``invalid_client`` is 401.  Never a 500 for client input.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import unquote_plus
+
+import jwt
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ..scopes import ScopeError, ScopeSet
+from ..tokens import ALGORITHMS, InvalidToken
+from .config import TOKEN_EXCHANGE, Client, IdPConfig
+from .keys import KeyStore
+
+log = logging.getLogger("visitflow.idp")
+
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+REFRESH_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:refresh_token"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+
+class OAuthError(Exception):
+    def __init__(self, error: str, description: str, status: int = 400, headers: dict | None = None):
+        super().__init__(f"{error}: {description}")
+        self.error, self.description, self.status, self.headers = error, description, status, headers
+
+    def response(self) -> JSONResponse:
+        headers = {"Cache-Control": "no-store", **(self.headers or {})}
+        return JSONResponse(
+            {"error": self.error, "error_description": self.description}, self.status, headers=headers
+        )
+
+
+def invalid_scope(description: str) -> OAuthError:
+    return OAuthError("invalid_scope", description, 403)
+
+
+@dataclass
+class Session:
+    """A login (or exchange) session: refresh tokens live no longer than ``max_expiry``."""
+
+    sid: str
+    sub: str
+    client_id: str
+    scopes: ScopeSet
+    aud: list
+    max_expiry: float
+    act: dict | None = None
+    username: str | None = None
+    revoked: bool = False
+
+
+@dataclass
+class RefreshRecord:
+    session: Session
+    scopes: ScopeSet
+    expires: float
+    used: bool = False
+
+
+@dataclass
+class State:
+    """In-memory IdP state: sessions, refresh tokens, revoked jtis (dev server; lost on restart)."""
+
+    sessions: dict = field(default_factory=dict)
+    refresh: dict = field(default_factory=dict)
+    revoked_jti: dict = field(default_factory=dict)  # jti -> exp
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class IdP:
+    """Token logic, independent of HTTP so it reads top to bottom."""
+
+    def __init__(self, config: IdPConfig, keys: KeyStore, issuer: str):
+        self.config = config
+        self.keys = keys
+        self.issuer = issuer.rstrip("/")
+        self.state = State()
+
+    # ---------------------------------------------------------------- issuing
+    def _sign(self, claims: dict, typ: str = "at+jwt") -> str:
+        self.keys.reload_if_changed()
+        key = self.keys.current
+        return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid, "typ": typ})
+
+    def access_token(self, *, sub: str, client_id: str, aud: list, scopes: ScopeSet,
+                     sid: str | None = None, act: dict | None = None, extra: dict | None = None) -> tuple[str, int]:
+        now = int(time.time())
+        lifetime = self.config.lifetimes_for(aud).access
+        claims = {
+            "iss": self.issuer,
+            "sub": sub,
+            "aud": aud[0] if len(aud) == 1 else list(aud),
+            "azp": client_id,
+            "client_id": client_id,
+            "exp": now + lifetime,
+            "iat": now,
+            "nbf": now,
+            "jti": str(uuid.uuid4()),
+            "scope": str(scopes),
+        }
+        if sid:
+            claims["sid"] = sid
+        if act:
+            claims["act"] = act
+        claims.update(extra or {})
+        return self._sign(claims), lifetime
+
+    def id_token(self, *, sub: str, client_id: str, username: str | None) -> str:
+        now = int(time.time())
+        return self._sign(
+            {
+                "iss": self.issuer, "sub": sub, "aud": client_id, "azp": client_id,
+                "exp": now + self.config.lifetimes.id_token, "iat": now,
+                "preferred_username": username or sub,
+                "typ": "ID",  # as Keycloak does: validators refuse it as an access token
+            },
+            typ="JWT",
+        )
+
+    def _new_refresh(self, session: Session, scopes: ScopeSet) -> tuple[str, int]:
+        lifetimes = self.config.lifetimes_for(session.aud)
+        expires = min(time.time() + lifetimes.refresh, session.max_expiry)
+        token = secrets.token_urlsafe(32)
+        with self.state.lock:
+            self.state.refresh[token] = RefreshRecord(session, scopes, expires)
+        return token, int(expires - time.time())
+
+    def _response(self, session: Session, scopes: ScopeSet, *, with_refresh: bool,
+                  issued_token_type: str | None = None, id_token: bool = False) -> dict:
+        token, lifetime = self.access_token(
+            sub=session.sub, client_id=session.client_id, aud=session.aud, scopes=scopes,
+            sid=session.sid, act=session.act,
+            extra={"preferred_username": session.username} if session.username else None,
+        )
+        body = {"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": str(scopes)}
+        if issued_token_type:
+            body["issued_token_type"] = issued_token_type
+        if with_refresh and time.time() < session.max_expiry:
+            body["refresh_token"], body["refresh_expires_in"] = self._new_refresh(session, scopes)
+        if id_token:
+            body["id_token"] = self.id_token(sub=session.sub, client_id=session.client_id, username=session.username)
+        return body
+
+    def _session(self, **kw) -> Session:
+        s = Session(sid=str(uuid.uuid4()), **kw)
+        with self.state.lock:
+            self.state.sessions[s.sid] = s
+        return s
+
+    @staticmethod
+    def _narrow(granted: ScopeSet, requested: str | None, what: str) -> ScopeSet:
+        if requested is None or not requested.strip():
+            return granted
+        try:
+            wanted = ScopeSet.parse(requested)
+        except ScopeError as exc:
+            raise invalid_scope(str(exc)) from exc
+        missing = granted.uncovered(wanted)
+        if missing:
+            raise invalid_scope(f"{what} does not cover: {' '.join(map(str, missing))}")
+        return wanted
+
+    # ---------------------------------------------------------------- validating our own tokens
+    def validate(self, token: str, *, audience: str | None = None, check_revoked: bool = True) -> dict:
+        """Validate a token this IdP issued (any audience unless given). Raises InvalidToken."""
+        if not token:
+            raise InvalidToken("no token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError as exc:
+            raise InvalidToken(f"malformed token: {exc}") from exc
+        if header.get("alg") not in ALGORITHMS:
+            raise InvalidToken(f"signing algorithm {header.get('alg')!r} is not accepted")
+        if str(header.get("typ", "")).lower() not in ("at+jwt", "application/at+jwt"):
+            raise InvalidToken(f"token type {header.get('typ')!r} is not an access token")
+        self.keys.reload_if_changed()
+        public = self.keys.public_key(header.get("kid", ""))
+        if public is None:
+            raise InvalidToken(f"unknown signing key id {header.get('kid')!r}")
+        try:
+            claims = jwt.decode(
+                token, public, algorithms=list(ALGORITHMS), issuer=self.issuer,
+                audience=audience, leeway=0,  # our own clock: no skew to allow for
+                options={"require": ["iss", "sub", "aud", "exp", "iat", "jti"], "verify_aud": audience is not None},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise InvalidToken("token has expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise InvalidToken("token is not yet valid") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise InvalidToken(f"token issuer is not {self.issuer}") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise InvalidToken(f"token audience is not {audience}") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise InvalidToken(f"token lacks required claim {exc.claim!r}") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise InvalidToken("token signature does not verify") from exc
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"invalid token: {exc}") from exc
+        if check_revoked:
+            with self.state.lock:
+                revoked = claims["jti"] in self.state.revoked_jti
+                session = self.state.sessions.get(claims.get("sid", ""))
+            if revoked or (session is not None and session.revoked):
+                raise InvalidToken("token has been revoked")
+        return claims
+
+    # ---------------------------------------------------------------- grants
+    def password(self, client: Client, form) -> dict:
+        user = self.config.users.get(form.get("username", ""))
+        if user is None or not hmac.compare_digest(user.password, form.get("password", "")):
+            raise OAuthError("invalid_grant", "invalid username or password")
+        allowed = user.scopes | ScopeSet.parse("openid profile")
+        scopes = self._narrow(allowed, form.get("scope"), f"user {user.username}'s roles") if form.get("scope") else user.scopes
+        session = self._session(
+            sub=user.username, client_id=client.client_id, scopes=scopes, aud=list(client.audiences),
+            max_expiry=time.time() + self.config.lifetimes_for(list(client.audiences)).session_max,
+            username=user.username,
+        )
+        return self._response(session, scopes, with_refresh="refresh_token" in client.grants,
+                              id_token=scopes.covers("openid"))
+
+    def client_credentials(self, client: Client, form) -> dict:
+        if client.public:
+            raise OAuthError("unauthorized_client", "public clients cannot use client_credentials", 403)
+        scopes = self._narrow(ScopeSet.parse(client.scopes), form.get("scope"), f"client {client.client_id}'s scopes")
+        session = self._session(
+            sub=f"service-account-{client.client_id}", client_id=client.client_id, scopes=scopes,
+            aud=list(client.audiences), max_expiry=time.time(),
+        )
+        return self._response(session, scopes, with_refresh=False)
+
+    def refresh(self, client: Client, form) -> dict:
+        token = form.get("refresh_token", "")
+        with self.state.lock:
+            rec = self.state.refresh.get(token)
+            if rec is not None and rec.used:
+                # Reuse of a rotated refresh token: someone copied it. Kill the session.
+                rec.session.revoked = True
+            ok = rec is not None and not rec.used
+            if ok:
+                rec.used = True
+        if not ok:
+            raise OAuthError("invalid_grant", "refresh token is unknown, used or revoked")
+        if rec.session.client_id != client.client_id:
+            raise OAuthError("invalid_grant", "refresh token was issued to another client")
+        if rec.session.revoked:
+            raise OAuthError("invalid_grant", "session has been revoked")
+        if time.time() >= rec.expires:
+            raise OAuthError("invalid_grant", "refresh token has expired (session maximum reached)"
+                             if time.time() >= rec.session.max_expiry else "refresh token has expired")
+        scopes = self._narrow(rec.scopes, form.get("scope"), "the refresh token's scope")
+        return self._response(rec.session, scopes, with_refresh=True)
+
+    def token_exchange(self, client: Client, form) -> dict:
+        if client.public:
+            raise OAuthError("unauthorized_client", "public clients cannot exchange tokens", 403)
+        subject_type = form.get("subject_token_type", "")
+        if subject_type not in (ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
+            raise OAuthError("invalid_request", f"unsupported subject_token_type {subject_type!r}")
+        requested_type = form.get("requested_token_type", ACCESS_TOKEN_TYPE)
+        if requested_type not in (ACCESS_TOKEN_TYPE, REFRESH_TOKEN_TYPE):
+            raise OAuthError("invalid_request", f"unsupported requested_token_type {requested_type!r}")
+        try:
+            subject = self.validate(form.get("subject_token", ""))
+        except InvalidToken as exc:
+            raise OAuthError("invalid_token", f"subject_token: {exc.reason}", 401) from exc
+        subject_aud = [subject["aud"]] if isinstance(subject["aud"], str) else list(subject["aud"])
+        if client.client_id not in subject_aud:
+            raise OAuthError("access_denied", f"client {client.client_id} is not within the subject token's audience", 403)
+        audiences = form.getlist("audience") if hasattr(form, "getlist") else [form.get("audience")]
+        audiences = [a for a in audiences if a] or [client.client_id]
+        for aud in audiences:
+            if aud not in self.config.audiences:
+                raise OAuthError("invalid_target", f"unknown audience {aud!r}", 403)
+            if aud not in client.exchange_audiences:
+                raise OAuthError("access_denied", f"client {client.client_id} may not exchange for audience {aud!r}", 403)
+        scopes = self._narrow(ScopeSet.lenient(subject.get("scope")), form.get("scope"), "the subject token's scope")
+        act = {"sub": client.client_id}
+        if subject.get("act"):
+            act["act"] = subject["act"]
+        lifetimes = self.config.lifetimes_for(audiences)
+        session = self._session(
+            sub=subject["sub"], client_id=client.client_id, scopes=scopes, aud=audiences, act=act,
+            # A delegated session cannot outlive the authority it was delegated from.
+            max_expiry=min(time.time() + lifetimes.session_max, float(subject["exp"])),
+            username=subject.get("preferred_username"),
+        )
+        log.info("exchange: client=%s sub=%s aud=%s scope=%r", client.client_id, subject["sub"], audiences, str(scopes))
+        return self._response(session, scopes, with_refresh=client.exchange_refresh,
+                              issued_token_type=ACCESS_TOKEN_TYPE)
+
+    def introspect(self, token: str) -> dict:
+        rec = self.state.refresh.get(token)
+        if rec is not None:
+            active = not rec.used and not rec.session.revoked and time.time() < rec.expires
+            return {"active": active, "token_type": "refresh_token", "sub": rec.session.sub,
+                    "client_id": rec.session.client_id, "exp": int(rec.expires)} if active else {"active": False}
+        try:
+            claims = self.validate(token)
+        except InvalidToken:
+            return {"active": False}
+        return {"active": True, "token_type": "Bearer", **claims}
+
+    def revoke(self, client: Client, token: str) -> None:
+        with self.state.lock:
+            rec = self.state.refresh.get(token)
+            if rec is not None and rec.session.client_id == client.client_id:
+                rec.session.revoked = True
+                return
+        try:
+            claims = self.validate(token, check_revoked=False)
+        except InvalidToken:
+            return  # RFC 7009: invalid tokens are not an error
+        if claims.get("azp") == client.client_id or client.introspect:
+            with self.state.lock:
+                self.state.revoked_jti[claims["jti"]] = claims["exp"]
+
+
+# -------------------------------------------------------------------- HTTP layer
+def _basic_credentials(request: Request) -> tuple[str, str] | None:
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("basic "):
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+        cid, _, secret = decoded.partition(":")
+    except Exception as exc:  # noqa: BLE001 - any decoding problem is a client error
+        raise OAuthError("invalid_client", "malformed Basic credentials", 401,
+                         {"WWW-Authenticate": 'Basic realm="visitflow"'}) from exc
+    return unquote_plus(cid), unquote_plus(secret)
+
+
+def authenticate_client(idp: IdP, request: Request, form) -> Client:
+    """client_secret_basic, client_secret_post, or a public client naming itself."""
+    basic = _basic_credentials(request)
+    cid, secret = basic if basic else (form.get("client_id"), form.get("client_secret"))
+    fail = OAuthError("invalid_client", "client authentication failed", 401,
+                      {"WWW-Authenticate": 'Basic realm="visitflow"'})
+    if not cid:
+        raise fail
+    client = idp.config.clients.get(cid)
+    if client is None:
+        raise fail
+    if client.public:
+        if secret:
+            raise fail
+        return client
+    if not secret or not hmac.compare_digest(client.secret.encode(), secret.encode()):
+        raise fail
+    return client
+
+
+def create_app(config: IdPConfig, keys: KeyStore, issuer: str) -> Starlette:
+    idp = IdP(config, keys, issuer)
+    grants = {
+        "password": idp.password,
+        "client_credentials": idp.client_credentials,
+        "refresh_token": idp.refresh,
+        TOKEN_EXCHANGE: idp.token_exchange,
+    }
+
+    async def discovery(request: Request):
+        base = idp.issuer
+        return JSONResponse({
+            "issuer": base,
+            "token_endpoint": f"{base}/token",
+            "jwks_uri": f"{base}/jwks",
+            "introspection_endpoint": f"{base}/introspect",
+            "revocation_endpoint": f"{base}/revoke",
+            "userinfo_endpoint": f"{base}/userinfo",
+            "authorization_endpoint": f"{base}/authorize",
+            "device_authorization_endpoint": f"{base}/device",
+            "grant_types_supported": sorted(grants),
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+            "id_token_signing_alg_values_supported": list(ALGORITHMS),
+            "response_types_supported": ["token"],
+            "subject_types_supported": ["public"],
+            "scopes_supported": ["openid", "profile"],
+        })
+
+    async def jwks(request: Request):
+        idp.keys.reload_if_changed()
+        return JSONResponse(idp.keys.jwks(), headers={"Cache-Control": "max-age=60"})
+
+    async def token(request: Request):
+        try:
+            form = await request.form()
+            client = authenticate_client(idp, request, form)
+            grant = form.get("grant_type", "")
+            handler = grants.get(grant)
+            if handler is None:
+                raise OAuthError("unsupported_grant_type", f"unsupported grant_type {grant!r}")
+            if grant not in client.grants:
+                raise OAuthError("unauthorized_client", f"client {client.client_id} may not use {grant}", 403)
+            body = handler(client, form)
+            return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+        except OAuthError as exc:
+            log.info("token refused: %s", exc)
+            return exc.response()
+
+    async def introspect(request: Request):
+        try:
+            form = await request.form()
+            client = authenticate_client(idp, request, form)
+            if not client.introspect:
+                raise OAuthError("unauthorized_client", f"client {client.client_id} may not introspect", 403)
+            return JSONResponse(idp.introspect(form.get("token", "")))
+        except OAuthError as exc:
+            return exc.response()
+
+    async def revoke(request: Request):
+        try:
+            form = await request.form()
+            client = authenticate_client(idp, request, form)
+            idp.revoke(client, form.get("token", ""))
+            return JSONResponse({})
+        except OAuthError as exc:
+            return exc.response()
+
+    async def userinfo(request: Request):
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            return JSONResponse({"error": "invalid_request", "error_description": "bearer token required"}, 401,
+                                headers={"WWW-Authenticate": 'Bearer realm="visitflow"'})
+        try:
+            claims = idp.validate(header[7:].strip())
+        except InvalidToken as exc:
+            return JSONResponse({"error": "invalid_token", "error_description": exc.reason}, 401,
+                                headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc.reason}"'})
+        return JSONResponse({"sub": claims["sub"], "preferred_username": claims.get("preferred_username", claims["sub"]),
+                             "scope": claims.get("scope", "")})
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "issuer": idp.issuer})
+
+    app = Starlette(routes=[
+        Route("/.well-known/openid-configuration", discovery),
+        Route("/jwks", jwks),
+        Route("/token", token, methods=["POST"]),
+        Route("/introspect", introspect, methods=["POST"]),
+        Route("/revoke", revoke, methods=["POST"]),
+        Route("/userinfo", userinfo, methods=["GET", "POST"]),
+        Route("/health", health),
+    ])
+    app.state.idp = idp
+    return app

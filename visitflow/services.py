@@ -1,0 +1,109 @@
+"""Starting and stopping the local servers (IdP, Tiled, Prefect, worker) as process groups.
+
+Used by the test fixtures and by ``visitflow up``: each service is a child in its own
+process group (so stopping it also stops whatever it spawned — uvicorn workers, a Prefect
+worker's flow-run children), logs go to a file (a pipe that nobody drains is how Prefect's
+``--background`` mode dies), and readiness is an HTTP health check, polled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServiceFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    log_path: Path
+    health_url: str | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout: float = 120.0, interval: float = 0.25) -> float:
+        """Poll ``health_url`` until it answers 200; returns seconds waited."""
+        t0 = time.monotonic()
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServiceFailed(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.health_url:
+                try:
+                    if httpx.get(self.health_url, timeout=2.0).status_code == 200:
+                        return time.monotonic() - t0
+                except httpx.HTTPError:
+                    pass
+            elif time.monotonic() - t0 > 1.0:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise ServiceFailed(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(interval)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        stop_group(self.process.pid, timeout)
+        try:
+            self.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop_group(pgid: int, timeout: float = 15.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5)
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            try:  # reap if it is our child, so the group can disappear
+                os.waitpid(pgid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+
+
+def start_service(name: str, argv: list[str], *, log_dir: Path, health_url: str | None = None,
+                  env: dict | None = None, cwd: str | Path | None = None) -> Service:
+    """Start ``argv`` in a new process group with output to ``log_dir/<name>.log``."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+        )
+    return Service(name, argv, log_path, health_url, proc)
