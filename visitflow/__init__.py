@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # PEP 562: lazy import of the heavy analyst API
     if name == "analysis":
-        from .analysis import analysis
+        from .spec import analysis
 
         return analysis
     raise AttributeError(f"module 'visitflow' has no attribute {name!r}")

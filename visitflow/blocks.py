@@ -1,0 +1,139 @@
+"""The ``ScopedCredentials`` Prefect Block: how a flow run acts for the user who started it.
+
+Saved once per deployment environment (``visitflow up`` saves ``visitflow-local``), it holds
+*where* things are — issuer, Tiled URIs, path templates — and *which* client visitflow is.
+The ``visitflow`` client secret is best kept out of Prefect's database: name an environment
+variable (``client_secret_env``, default ``VISITFLOW_CLIENT_SECRET``) that the worker's
+environment provides (a Kubernetes Secret in production).  ``client_secret`` exists for
+single-machine setups and is stored encrypted-at-rest-as-Prefect-does, shown masked.
+
+``for_run`` is every analysis flow's first act (ARCHITECTURE §2 step 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.blocks.core import Block
+from prefect.blocks.system import Secret
+from pydantic import Field, SecretStr
+
+from . import grants
+from .delegation import DataTokenSource, GrantMissing, check_grant
+from .scopes import Layout
+from .tokens import Claims, TokenValidator
+
+log = logging.getLogger("visitflow.blocks")
+
+
+@dataclass
+class RunAccess:
+    """What ``for_run`` hands back: authenticated Tiled nodes for exactly one run."""
+
+    visit: str
+    run_id: str
+    analysis: str
+    grant_claims: Claims
+    tokens: DataTokenSource
+    raw_root: Any
+    processed_root: Any
+    layout: Layout
+
+    @property
+    def raw_path(self) -> str:
+        return self.layout.raw.format(visit=self.visit, run=self.run_id)
+
+    @property
+    def processed_run_path(self) -> str:
+        return self.layout.processed.prefix(visit=self.visit, run=self.run_id)
+
+    def raw_run(self):
+        return self.raw_root[self.raw_path]
+
+    def processed_run(self):
+        """The processed run container (created if missing: the data token may do that)."""
+        from .tiled.outputs import ensure_container
+
+        visit_path = self.layout.processed.prefix(visit=self.visit)
+        return ensure_container(self.processed_root[visit_path], self.run_id, {"run_id": self.run_id})
+
+    def token_identity(self) -> dict:
+        """``sub`` and ``act``/``azp`` of the data token actually used, for provenance."""
+        import jwt
+
+        token, _ = self.tokens()
+        claims = jwt.decode(token, options={"verify_signature": False})
+        return {"token_sub": claims.get("sub"), "token_act": claims.get("act"), "token_azp": claims.get("azp")}
+
+
+class ScopedCredentials(Block):
+    """Act for the user who triggered an analysis: load the run's delegation grant, check it,
+    exchange it for a short-lived, refreshing Tiled token limited to that one run."""
+
+    _block_type_name = "Visitflow Scoped Credentials"
+    _block_type_slug = "visitflow-scoped-credentials"
+    _logo_url = "https://raw.githubusercontent.com/bluesky/tiled/main/docs/source/_static/logo.svg"
+    _description = (
+        "Delegated, narrowed data access for visitflow analyses: validates the per-run grant "
+        "stored by the trigger, exchanges it (RFC 8693) for a Tiled token limited to one raw run "
+        "and its processed results, and refreshes it while the analysis runs."
+    )
+    _documentation_url = "https://github.com/visitflow/visitflow#scoped-credentials"
+
+    issuer: str = Field(..., description="OIDC issuer URL of the IdP (Keycloak realm URL in production).")
+    client_id: str = Field("visitflow", description="OAuth client visitflow exchanges grants as.")
+    client_secret: SecretStr | None = Field(
+        None, description="The visitflow client's secret. Prefer client_secret_env in production.")
+    client_secret_env: str | None = Field(
+        "VISITFLOW_CLIENT_SECRET",
+        description="Name of an environment variable on the worker holding the client secret "
+                    "(used when client_secret is empty).")
+    raw_uri: str = Field(..., description="Tiled server URI holding raw runs, e.g. http://tiled:8000.")
+    processed_uri: str | None = Field(None, description="Tiled server URI for processed data (default: raw_uri).")
+    raw_template: str = Field("raw/{visit}/{run}", description="Node path of a raw run.")
+    processed_template: str = Field("processed/{visit}/{run}/{analysis}",
+                                    description="Node path of an analysis result.")
+    grant_prefix: str = Field(grants.PREFIX, description="Prefix of the per-run grant Secret names.")
+    refresh_margin: float = Field(30.0, description="Refresh the data token this many seconds before expiry.")
+
+    def secret(self) -> str:
+        if self.client_secret is not None and self.client_secret.get_secret_value():
+            return self.client_secret.get_secret_value()
+        if self.client_secret_env and os.environ.get(self.client_secret_env):
+            return os.environ[self.client_secret_env]
+        raise RuntimeError(
+            f"no client secret for {self.client_id}: set client_secret on the block or the "
+            f"environment variable {self.client_secret_env} on the worker")
+
+    def layout(self) -> Layout:
+        return Layout.from_templates(self.raw_template, self.processed_template)
+
+    def validator(self) -> TokenValidator:
+        return TokenValidator(self.issuer, "visitflow")
+
+    def load_grant(self, analysis: str, visit: str, run_id: str) -> str:
+        name = grants.grant_secret_name(analysis, visit, run_id, self.grant_prefix)
+        try:
+            return Secret.load(name, _sync=True).get()
+        except ValueError as exc:  # Prefect: "Unable to find block document named ..."
+            raise GrantMissing(
+                f"no delegation grant stored for {analysis} on {visit}/{run_id} (Secret {name!r}); "
+                "analyses are started by the trigger, or by `visitflow trigger` with your own token") from exc
+
+    def for_run(self, visit: str, run_id: str, analysis: str) -> RunAccess:
+        from .oauth import token_endpoint
+        from .tiled.client import connect
+
+        grant = self.load_grant(analysis, visit, run_id)
+        claims = check_grant(self.validator(), grant, analysis, visit, run_id)
+        tokens = DataTokenSource(token_endpoint(self.issuer), grant, self.client_id, self.secret(),
+                                 visit, run_id, margin=self.refresh_margin)
+        tokens()  # exchange now: refusals surface here, before any data access
+        raw_root = connect(self.raw_uri, tokens)
+        processed_root = raw_root if not self.processed_uri or self.processed_uri == self.raw_uri \
+            else connect(self.processed_uri, tokens)
+        log.info("acting for %s (via %s) on %s/%s", claims.sub, ",".join(claims.actor_chain()), visit, run_id)
+        return RunAccess(visit, run_id, analysis, claims, tokens, raw_root, processed_root, self.layout())

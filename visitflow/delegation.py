@@ -1,0 +1,126 @@
+"""From a stored delegation grant (T_grant) to a refreshing data token (T_data) — the token
+mechanics of ARCHITECTURE §2 step 5, independent of Prefect so they can be tested and reused.
+
+1. Validate T_grant: signature (JWKS), issuer, expiry, ``aud=visitflow``.
+2. Check it covers ``run:<analysis>:<visit>``, ``read:raw:<visit>/<run>`` and
+   ``write:processed:<visit>/<run>`` — *before any data access*.
+3. Exchange it (client ``visitflow``) for T_data: ``aud=tiled``, scope
+   ``read:raw:<visit>/<run> write:processed:<visit>/<run>``, with a refresh token.
+4. Keep T_data fresh: refresh before expiry; if refresh fails, re-exchange T_grant; if both
+   are dead, :class:`DelegationExpired`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from . import oauth
+from .scopes import data_token_scopes, grant_scopes
+from .tokens import Claims, InvalidToken, TokenValidator
+
+GRANT_AUDIENCE = "visitflow"
+DATA_AUDIENCE = "tiled"
+
+
+class DelegationError(Exception):
+    """Base of the errors a flow run reports when it cannot act for the user."""
+
+
+class GrantMissing(DelegationError):
+    """No grant was stored for this (analysis, visit, run): the trigger never delegated."""
+
+
+class GrantInvalid(DelegationError):
+    """The stored grant is not a valid token for visitflow (bad signature, audience, issuer...)."""
+
+
+class DelegationExpired(DelegationError):
+    """The grant (and any refresh of the data token) has expired: re-trigger with a fresh login."""
+
+
+class NotAuthorised(DelegationError):
+    """The grant is valid but does not cover this analysis / visit / run."""
+
+
+def check_grant(validator: TokenValidator, grant: str, analysis: str, visit: str, run_id: str) -> Claims:
+    """Steps 1–2: validate T_grant and check it covers exactly what this run needs."""
+    try:
+        claims = validator.validate(grant, audience=GRANT_AUDIENCE)
+    except InvalidToken as exc:
+        if "expired" in exc.reason:
+            raise DelegationExpired(f"the delegation grant for {analysis} on {visit}/{run_id} has expired "
+                                    "(re-trigger the analysis with a fresh login)") from exc
+        raise GrantInvalid(f"the delegation grant for {analysis} on {visit}/{run_id} is not valid: "
+                           f"{exc.reason}") from exc
+    missing = claims.scopes.uncovered(grant_scopes(analysis, visit, run_id))
+    if missing:
+        raise NotAuthorised(
+            f"the delegation grant (sub={claims.sub}) does not cover {' '.join(map(str, missing))}; "
+            f"it carries {claims.scopes or 'no scopes'}")
+    return claims
+
+
+@dataclass
+class DataTokenSource:
+    """Hands out a valid T_data; thread-safe (Tiled reads run in a thread pool).
+
+    ``__call__`` returns ``(token, expires_at)``, the shape :class:`visitflow.tiled.client`
+    bearer auth expects; ``force_refresh()`` is called after a 401.
+    """
+
+    token_url: str
+    grant: str
+    client_id: str
+    client_secret: str
+    visit: str
+    run_id: str
+    margin: float = 30.0
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+        self._current: oauth.TokenResponse | None = None
+        self.exchanges = 0
+        self.refreshes = 0
+
+    @property
+    def scope(self) -> str:
+        return str(data_token_scopes(self.visit, self.run_id))
+
+    def _exchange(self) -> oauth.TokenResponse:
+        try:
+            resp = oauth.exchange(self.token_url, self.grant, client_id=self.client_id,
+                                  client_secret=self.client_secret, audience=DATA_AUDIENCE, scope=self.scope)
+        except oauth.OAuthRefused as exc:
+            if "expired" in exc.description:
+                raise DelegationExpired(f"cannot renew data access for {self.visit}/{self.run_id}: the "
+                                        "delegation grant has expired") from exc
+            if exc.error in ("invalid_scope", "access_denied"):
+                raise NotAuthorised(f"the IdP refused data access for {self.visit}/{self.run_id}: {exc}") from exc
+            raise GrantInvalid(f"the IdP refused the delegation grant: {exc}") from exc
+        self.exchanges += 1
+        return resp
+
+    def _renew(self) -> oauth.TokenResponse:
+        cur = self._current
+        if cur is not None and cur.refresh_token and (cur.refresh_expires_at or float("inf")) > time.time() + 1:
+            try:
+                resp = oauth.refresh(self.token_url, cur.refresh_token, client_id=self.client_id,
+                                     client_secret=self.client_secret)
+                self.refreshes += 1
+                return resp
+            except oauth.OAuthRefused:
+                pass  # refresh dead (session maximum, revoked): fall back to the grant
+        return self._exchange()
+
+    def __call__(self) -> tuple[str, float]:
+        with self._lock:
+            if self._current is None or self._current.expires_at - self.margin <= time.time():
+                self._current = self._renew()
+            return self._current.access_token, self._current.expires_at
+
+    def force_refresh(self) -> tuple[str, float]:
+        with self._lock:
+            self._current = self._renew()
+            return self._current.access_token, self._current.expires_at

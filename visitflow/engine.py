@@ -1,0 +1,172 @@
+"""How an analysis is driven: ``post`` (everything at once) and ``live`` (poll, feed new
+frames, checkpoint), over two small protocols so the logic is testable without servers and
+runs unchanged against Tiled (:mod:`visitflow.tiled.rawrun`, :mod:`visitflow.tiled.outputs`).
+
+Live guarantees:
+- Only frames present in *every* ``reads`` field are processed (fields are written at
+  slightly different moments); frames are fed in bounded batches, so with an incremental
+  analysis memory stays flat however long the scan.
+- After each batch the outputs are written, *then* the checkpoint (frames done).  A
+  restarted live run replays frames ``[0, checkpoint)`` into a fresh state and continues, so
+  no frame is lost or counted twice, even if the crash came between outputs and checkpoint.
+- It finishes after the stop document plus a final drain; it fails after ``idle_timeout``
+  seconds without new frames or a stop document (a run that never ends).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from .spec import AnalysisSpec, check_outputs
+
+log = logging.getLogger("visitflow.engine")
+
+
+class RunNotFinished(TimeoutError):
+    """Post processing gave up waiting for the raw run's stop document."""
+
+
+class RunAborted(RuntimeError):
+    """The raw run ended without success; post refuses to analyse it."""
+
+
+class MissingField(KeyError):
+    """A field named in ``reads=`` is not in the raw run."""
+
+    def __str__(self):
+        return self.args[0] if self.args else "missing field"
+
+
+class LiveIdleTimeout(TimeoutError):
+    """Live processing saw neither new frames nor a stop document for too long."""
+
+
+@dataclass(frozen=True)
+class RawStatus:
+    frames: int                 # frames present in every read field
+    finished: bool              # stop document written
+    exit_status: str | None = None
+
+
+class RawSource(Protocol):
+    def status(self) -> RawStatus: ...
+    def read(self, start: int, stop: int) -> dict[str, Any]: ...
+
+
+class ResultSink(Protocol):
+    def checkpoint(self) -> int: ...
+    def write(self, outputs: dict, *, frames: int, status: str) -> None: ...
+
+
+@dataclass
+class LiveSettings:
+    poll_interval: float = 0.2      # first poll after a quiet period
+    max_poll_interval: float = 2.0  # backoff ceiling when idle
+    idle_timeout: float = 600.0     # no new frames and no stop document for this long → fail
+    max_batch: int = 256            # frames read per request (bounds memory)
+
+
+@dataclass
+class PostSettings:
+    wait_timeout: float = 3600.0    # how long to wait for the stop document
+    poll_interval: float = 0.5
+    max_poll_interval: float = 10.0
+
+
+Progress = Callable[[int, int | None, str], None]  # (frames done, frames known, message)
+
+
+def _noop(done, total, message):
+    pass
+
+
+def wait_for_stop(source: RawSource, settings: PostSettings, sleep=time.sleep) -> RawStatus:
+    """Bounded wait, with backoff, for the raw run's stop document."""
+    deadline = time.monotonic() + settings.wait_timeout
+    interval = settings.poll_interval
+    while True:
+        status = source.status()
+        if status.finished:
+            return status
+        if time.monotonic() >= deadline:
+            raise RunNotFinished(f"raw run has no stop document after {settings.wait_timeout:.0f}s "
+                                 f"({status.frames} frames so far)")
+        sleep(interval)
+        interval = min(interval * 2, settings.max_poll_interval)
+
+
+def run_post(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: PostSettings | None = None,
+             progress: Progress = _noop, sleep=time.sleep) -> dict:
+    settings = settings or PostSettings()
+    status = wait_for_stop(source, settings, sleep)
+    if status.exit_status != "success":
+        raise RunAborted(f"raw run ended with exit_status={status.exit_status!r}; post processing refuses "
+                         "partial data (use the live variant's result, or re-run with a successful scan)")
+    progress(0, status.frames, "reading")
+    data = source.read(0, status.frames)
+    outputs = spec.compute(data)
+    sink.write(outputs, frames=status.frames, status="complete")
+    progress(status.frames, status.frames, "complete")
+    return outputs
+
+
+def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: LiveSettings | None = None,
+             progress: Progress = _noop, sleep=time.sleep, clock=time.monotonic) -> dict:
+    settings = settings or LiveSettings()
+    done = sink.checkpoint()
+    state = spec.start_incremental()
+    outputs: dict | None = None
+
+    def feed(start: int, stop: int) -> None:
+        for lo in range(start, stop, settings.max_batch):
+            state.update(**source.read(lo, min(lo + settings.max_batch, stop)))
+
+    if done and state is not None:
+        log.info("resuming live %s from checkpoint: replaying %d frames", spec.name, done)
+        feed(0, done)
+    last_compute = -float("inf")
+    last_progress = clock()
+    interval = settings.poll_interval
+    while True:
+        status = source.status()
+        if status.frames < done:
+            raise RuntimeError(f"raw run shrank: {status.frames} frames < checkpoint {done}")
+        if status.frames > done:
+            last_progress = clock()
+            if state is not None:
+                feed(done, status.frames)
+                done = status.frames
+                outputs = check_outputs(spec.name, state.result())
+            elif clock() - last_compute >= spec.live_throttle or status.finished:
+                done = status.frames
+                outputs = spec.compute(source.read(0, done))
+                last_compute = clock()
+            else:  # plain form, throttled: wait for the next slot, frames keep arriving
+                sleep(max(0.0, min(settings.poll_interval, spec.live_throttle - (clock() - last_compute))))
+                continue
+            sink.write(outputs, frames=done, status="running")
+            interval = settings.poll_interval
+            continue  # drain: look again at once
+        if status.finished:
+            break  # stop document seen and every frame processed: final drain done
+        if clock() - last_progress > settings.idle_timeout:
+            raise LiveIdleTimeout(f"no new frames and no stop document for {settings.idle_timeout:.0f}s "
+                                  f"after {done} frames")
+        sleep(interval)
+        interval = min(interval * 1.5, settings.max_poll_interval)
+
+    if outputs is None:  # zero frames, or plain form whose last compute is already current
+        outputs = check_outputs(spec.name, state.result()) if state is not None and done else (
+            spec.compute(source.read(0, done)) if done else None)
+    final_status = "complete" if status.exit_status == "success" else f"ended:{status.exit_status}"
+    if outputs is None:
+        raise RunAborted(f"raw run ended ({status.exit_status}) with no frames to analyse")
+    sink.write(outputs, frames=done, status=final_status)
+    progress(done, done, final_status)
+    if status.exit_status != "success":
+        raise RunAborted(f"raw run ended with exit_status={status.exit_status!r} after {done} frames; "
+                         "the partial live result is kept with status " + final_status)
+    return outputs

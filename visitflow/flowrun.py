@@ -1,0 +1,179 @@
+"""The Prefect flow every analysis becomes: credentials → raw source → engine → results.
+
+One flow per analysis, taking exactly ``visit`` and ``run_id``; the variant (``live`` or
+``post``) comes from the deployment name, so the trigger's parameters stay ``{visit,
+run_id}``.  Tuning comes from the environment (deployment job variables), never from
+parameters: ``VISITFLOW_CREDENTIALS_BLOCK`` (default ``visitflow``),
+``VISITFLOW_LIVE_POLL_INTERVAL``, ``VISITFLOW_LIVE_IDLE_TIMEOUT``,
+``VISITFLOW_POST_WAIT_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+from prefect import flow, get_run_logger, runtime
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.concurrency.sync import concurrency
+
+from . import __version__, engine, grants
+from .spec import AnalysisSpec
+
+DEFAULT_BLOCK = "visitflow"
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def live_settings() -> engine.LiveSettings:
+    return engine.LiveSettings(
+        poll_interval=_env_float("VISITFLOW_LIVE_POLL_INTERVAL", 0.2),
+        max_poll_interval=_env_float("VISITFLOW_LIVE_MAX_POLL_INTERVAL", 2.0),
+        idle_timeout=_env_float("VISITFLOW_LIVE_IDLE_TIMEOUT", 600.0),
+        max_batch=int(_env_float("VISITFLOW_LIVE_MAX_BATCH", 256)),
+    )
+
+
+def post_settings() -> engine.PostSettings:
+    return engine.PostSettings(wait_timeout=_env_float("VISITFLOW_POST_WAIT_TIMEOUT", 3600.0))
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(path: str) -> str:
+    """git sha of the checkout holding the flow (dirty-marked), else the package version."""
+    try:
+        cwd = Path(path).resolve().parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=cwd, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return f"git:{sha}{'+dirty' if dirty else ''}"
+    except Exception:  # noqa: BLE001 - not a git checkout (an image): fall back
+        return f"visitflow=={__version__}"
+
+
+def variant_from_deployment(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    name = runtime.deployment.name or ""
+    return name if name in ("live", "post") else "post"
+
+
+def _png_data_uri(image: np.ndarray, max_side: int = 256) -> str | None:
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    img = np.asarray(image, dtype=float)
+    if img.ndim != 2 or not np.isfinite(img).any():
+        return None
+    step = max(1, int(np.ceil(max(img.shape) / max_side)))
+    img = img[::step, ::step]
+    lo, hi = np.nanpercentile(img, [1, 99])
+    scaled = np.clip((img - lo) / ((hi - lo) or 1), 0, 1)
+    buf = io.BytesIO()
+    Image.fromarray((scaled * 255).astype(np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def result_markdown(spec: AnalysisSpec, outputs: dict, *, visit: str, run_id: str, variant: str,
+                    frames: int, result_uri: str) -> str:
+    lines = [f"# {spec.name} ({variant}) — visit {visit}, run {run_id[:8]}", "",
+             f"{frames} frames processed. Result in Tiled: `{result_uri}`", "",
+             "| output | shape | dtype | min | mean | max |", "|---|---|---|---|---|---|"]
+    images = []
+    for key, value in outputs.items():
+        arr = np.asarray(value)
+        stats = (f"{np.nanmin(arr):.4g} | {np.nanmean(arr):.4g} | {np.nanmax(arr):.4g}"
+                 if arr.size and arr.dtype.kind in "fiu" else " | | ")
+        lines.append(f"| {key} | {arr.shape or 'scalar'} | {arr.dtype} | {stats} |")
+        if arr.ndim == 2:
+            uri = _png_data_uri(arr)
+            if uri:
+                images.append(f"### {key}\n\n![{key}]({uri})")
+    return "\n".join(lines + [""] + images)
+
+
+def make_flow(spec: AnalysisSpec, **flow_kwargs):
+    """Build the Prefect flow for ``spec`` (called by ``@analysis``)."""
+
+    def run_name() -> str:
+        params = runtime.flow_run.parameters or {}
+        return grants.flow_run_name(spec.name, variant_from_deployment(params.get("variant")),
+                                    params.get("visit", "?"), params.get("run_id", "?"))
+
+    def body(visit: str, run_id: str, variant: str | None = None) -> dict:
+        from .blocks import ScopedCredentials
+        from .tiled.outputs import TiledResultSink
+        from .tiled.rawrun import TiledRawRun
+
+        logger = get_run_logger()
+        variant = variant_from_deployment(variant)
+        if variant not in ("live", "post"):
+            raise ValueError(f"variant must be 'live' or 'post', not {variant!r}")
+        block_name = os.environ.get("VISITFLOW_CREDENTIALS_BLOCK", DEFAULT_BLOCK)
+        creds = ScopedCredentials.load(block_name, _sync=True)
+        access = creds.for_run(visit, run_id, spec.name)  # fails here, before any data access
+        logger.info("acting for %s via %s on raw %s", access.grant_claims.sub,
+                    " <- ".join(access.grant_claims.actor_chain()) or "?", access.raw_path)
+        source = TiledRawRun(access.raw_run(), spec.reads, spec.stream)
+        flow_run_id = str(runtime.flow_run.id or "")
+        provenance = {
+            "analysis": spec.name, "reads": list(spec.reads), "visit": visit, "run_id": run_id,
+            "raw_uri": source.uri, "flow_run_id": flow_run_id, "flow_run_name": runtime.flow_run.name,
+            "deployment": f"{spec.flow_name}/{runtime.deployment.name}" if runtime.deployment.name else None,
+            "code_version": code_version(spec.function.__code__.co_filename),
+            **access.token_identity(),
+        }
+        sink = TiledResultSink(access.processed_run(), spec.name, variant, provenance, flow_run_id=flow_run_id)
+        progress_id = create_progress_artifact(
+            0.0, key=f"{spec.flow_name}-{variant}-progress",
+            description=f"{spec.name} {variant}: frames processed of frames available")
+        last = [0.0]
+
+        def progress(done: int, known: int | None, message: str) -> None:
+            now = time.monotonic()
+            if message != "running" or now - last[0] >= 1.0:
+                last[0] = now
+                pct = 100.0 * done / known if known else 0.0
+                update_progress_artifact(progress_id, min(pct, 100.0))
+                logger.info("%s: %d/%s frames", message, done, known if known is not None else "?")
+
+        t0 = time.monotonic()
+        try:
+            if variant == "live":
+                # At most N live analyses per visit (limit created with the visit; absent = unlimited).
+                with concurrency(f"visitflow-live-{visit}", occupy=1, strict=False):
+                    outputs = engine.run_live(spec, source, sink, live_settings(), progress)
+            else:
+                outputs = engine.run_post(spec, source, sink, post_settings(), progress)
+        except Exception as exc:
+            sink.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        frames = int(sink.node.metadata.get("frames_processed", 0)) if sink.node is not None else 0
+        result_uri = sink.node.uri if sink.node is not None else ""
+        create_markdown_artifact(
+            result_markdown(spec, outputs, visit=visit, run_id=run_id, variant=variant,
+                            frames=frames, result_uri=result_uri),
+            key=f"{spec.flow_name}-{variant}-result", description=f"{spec.name} result for {visit}/{run_id[:8]}")
+        logger.info("%s %s done: %d frames in %.1fs -> %s", spec.name, variant, frames,
+                    time.monotonic() - t0, result_uri)
+        return {"frames": frames, "result_uri": result_uri, "outputs": sorted(outputs)}
+
+    body.__name__ = spec.name
+    body.__doc__ = spec.description or f"visitflow analysis {spec.name}"
+    options = dict(name=spec.flow_name, flow_run_name=run_name, description=spec.description or None,
+                   validate_parameters=True, persist_result=False, log_prints=True)
+    options.update(flow_kwargs)
+    prefect_flow = flow(**options)(body)
+    prefect_flow.spec = spec  # the analyst's function and incremental form, for tests and tools
+    return prefect_flow

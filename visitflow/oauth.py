@@ -1,0 +1,109 @@
+"""Token-endpoint calls every visitflow component makes: login (dev), RFC 8693 exchange,
+refresh.  Plain httpx form posts — small enough that a library (authlib's OAuth2Client)
+would add an import and hide the error bodies we need to tell "refused, do not retry"
+(``invalid_scope``, ``access_denied``) from "try again" (5xx, connection errors).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+#: OAuth errors that mean the IdP decided: retrying the same request cannot succeed.
+REFUSALS = {"invalid_scope", "access_denied", "invalid_target", "unauthorized_client", "invalid_grant",
+            "invalid_token", "invalid_client", "invalid_request", "unsupported_grant_type"}
+
+
+class OAuthRefused(Exception):
+    """The IdP refused (4xx with an RFC 6749 error body): do not retry."""
+
+    def __init__(self, error: str, description: str, status: int):
+        super().__init__(f"{error}: {description}" if description else error)
+        self.error, self.description, self.status = error, description, status
+
+
+class OAuthUnavailable(Exception):
+    """The IdP could not be reached or answered 5xx/429: retry later."""
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    access_token: str
+    expires_at: float
+    refresh_token: str | None = None
+    refresh_expires_at: float | None = None
+    scope: str = ""
+
+    @classmethod
+    def from_json(cls, body: dict, now: float | None = None) -> "TokenResponse":
+        now = time.time() if now is None else now
+        refresh_in = body.get("refresh_expires_in")
+        return cls(
+            access_token=body["access_token"],
+            expires_at=now + float(body.get("expires_in", 60)),
+            refresh_token=body.get("refresh_token"),
+            refresh_expires_at=now + float(refresh_in) if refresh_in else None,
+            scope=body.get("scope", ""),
+        )
+
+
+def token_endpoint(issuer: str, client: httpx.Client | None = None) -> str:
+    from .tokens import discover
+
+    return discover(issuer, client=client)["token_endpoint"]
+
+
+def post_token(url: str, form: dict, *, client_id: str, client_secret: str | None = None,
+               client: httpx.Client | None = None, timeout: float = 10.0) -> TokenResponse:
+    """POST to the token endpoint (client_secret_basic for confidential clients)."""
+    own = client is None
+    client = client or httpx.Client(timeout=timeout)
+    try:
+        if client_secret:
+            resp = client.post(url, data=form, auth=(client_id, client_secret))
+        else:
+            resp = client.post(url, data={**form, "client_id": client_id})
+    except httpx.HTTPError as exc:
+        raise OAuthUnavailable(f"token endpoint {url} unreachable: {exc}") from exc
+    finally:
+        if own:
+            client.close()
+    if resp.status_code == 200:
+        return TokenResponse.from_json(resp.json())
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise OAuthUnavailable(f"token endpoint answered {resp.status_code}")
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    raise OAuthRefused(body.get("error", f"http_{resp.status_code}"), body.get("error_description", ""),
+                       resp.status_code)
+
+
+def exchange(url: str, subject_token: str, *, client_id: str, client_secret: str, audience: str,
+             scope: str, client: httpx.Client | None = None) -> TokenResponse:
+    """RFC 8693: trade ``subject_token`` for a token for ``audience`` with (narrower) ``scope``."""
+    return post_token(url, {
+        "grant_type": TOKEN_EXCHANGE, "subject_token": subject_token,
+        "subject_token_type": ACCESS_TOKEN_TYPE, "requested_token_type": ACCESS_TOKEN_TYPE,
+        "audience": audience, "scope": scope,
+    }, client_id=client_id, client_secret=client_secret, client=client)
+
+
+def refresh(url: str, refresh_token: str, *, client_id: str, client_secret: str | None = None,
+            client: httpx.Client | None = None) -> TokenResponse:
+    return post_token(url, {"grant_type": "refresh_token", "refresh_token": refresh_token},
+                      client_id=client_id, client_secret=client_secret, client=client)
+
+
+def password_login(url: str, username: str, password: str, *, client_id: str = "visitflow-cli",
+                   scope: str | None = None, client: httpx.Client | None = None) -> TokenResponse:
+    """Dev-only password grant (the demo's "Alice logs in")."""
+    form = {"grant_type": "password", "username": username, "password": password}
+    if scope:
+        form["scope"] = scope
+    return post_token(url, form, client_id=client_id, client=client)

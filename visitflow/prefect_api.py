@@ -1,0 +1,179 @@
+"""The few Prefect REST calls visitflow makes from outside a flow: store a grant Secret, create
+an analysis flow run.
+
+Why not Prefect's Python client: the trigger lives inside blueapi, where importing Prefect
+(seconds, and its settings/logging machinery) is not acceptable, and these are four
+endpoints.  Prefect on SQLite answers 503 under concurrent writes (and 429 when it sheds
+load), so every call retries with backoff; its own client does the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from . import grants
+
+log = logging.getLogger("visitflow.prefect_api")
+RETRY_STATUS = {429, 502, 503, 504}
+
+
+class PrefectUnavailable(Exception):
+    """Prefect could not be reached, or kept answering 5xx/429: try again later."""
+
+
+class PrefectRefused(Exception):
+    """Prefect answered 4xx: the request itself is wrong (e.g. no such deployment)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class PrefectAPI:
+    """``api_url`` is PREFECT_API_URL (``http://host:4200/api``); ``auth_string`` is
+    PREFECT_API_AUTH_STRING (``user:password``) when the server requires basic auth."""
+
+    api_url: str
+    auth_string: str | None = None
+    attempts: int = 6
+    backoff: float = 0.25
+    timeout: float = 10.0
+
+    def __post_init__(self):
+        headers = {}
+        if self.auth_string:
+            headers["Authorization"] = "Basic " + base64.b64encode(self.auth_string.encode()).decode()
+        self._client = httpx.Client(base_url=self.api_url.rstrip("/"), headers=headers, timeout=self.timeout)
+        self._ids: dict[str, str] = {}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ transport
+    def request(self, method: str, path: str, *, ok404: bool = False, **kw) -> Any:
+        delay = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                resp = self._client.request(method, path, **kw)
+            except httpx.TransportError as exc:
+                err = f"{method} {path}: {exc!r}"
+            else:
+                if resp.status_code in RETRY_STATUS:
+                    err = f"{method} {path}: HTTP {resp.status_code}"
+                elif resp.status_code == 404 and ok404:
+                    return None
+                elif resp.status_code >= 400:
+                    raise PrefectRefused(f"{method} {path}: HTTP {resp.status_code}: {resp.text[:300]}",
+                                         resp.status_code)
+                else:
+                    return resp.json() if resp.content else None
+            if attempt == self.attempts:
+                raise PrefectUnavailable(err)
+            time.sleep(delay * (1 + random.random() / 2))
+            delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def health(self) -> bool:
+        try:
+            return self._client.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # ------------------------------------------------------------------ secrets
+    def _secret_ids(self) -> tuple[str, str]:
+        if "secret_type" not in self._ids:
+            block_type = self.request("GET", "/block_types/slug/secret")
+            schemas = self.request("POST", "/block_schemas/filter", json={
+                "block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}, "limit": 1})
+            if not schemas:
+                raise PrefectRefused("the Secret block schema is not registered on this server", 404)
+            self._ids["secret_type"], self._ids["secret_schema"] = block_type["id"], schemas[0]["id"]
+        return self._ids["secret_type"], self._ids["secret_schema"]
+
+    def save_secret(self, name: str, value: str) -> str:
+        """Create or overwrite the Secret block ``name``; returns its id."""
+        type_id, schema_id = self._secret_ids()
+        existing = self.request("GET", f"/block_types/slug/secret/block_documents/name/{name}", ok404=True)
+        if existing:
+            self.request("PATCH", f"/block_documents/{existing['id']}",
+                         json={"data": {"value": value}, "merge_existing_data": False})
+            return existing["id"]
+        try:
+            doc = self.request("POST", "/block_documents/", json={
+                "name": name, "block_type_id": type_id, "block_schema_id": schema_id, "data": {"value": value}})
+        except PrefectRefused as exc:
+            if exc.status != 409:
+                raise
+            return self.save_secret(name, value)  # lost a race with another writer: overwrite
+        return doc["id"]
+
+    def delete_secret(self, name: str) -> bool:
+        existing = self.request("GET", f"/block_types/slug/secret/block_documents/name/{name}", ok404=True)
+        if not existing:
+            return False
+        self.request("DELETE", f"/block_documents/{existing['id']}", ok404=True)
+        return True
+
+    # ------------------------------------------------------------------ flow runs
+    def deployment(self, name: str) -> dict:
+        """``name`` is ``<flow>/<deployment>``."""
+        key = f"deployment:{name}"
+        if key not in self._ids:
+            dep = self.request("GET", f"/deployments/name/{name}")
+            self._ids[key] = dep["id"]
+        return {"id": self._ids[key]}
+
+    def create_flow_run(self, deployment: str, parameters: dict, *, idempotency_key: str,
+                        tags: list[str] | None = None, name: str | None = None) -> dict:
+        """Create a flow run of ``deployment``; the same idempotency key returns the same run."""
+        dep_id = self.deployment(deployment)["id"]
+        body: dict[str, Any] = {"parameters": parameters, "idempotency_key": idempotency_key,
+                                "tags": tags or []}
+        if name:
+            body["name"] = name
+        return self.request("POST", f"/deployments/{dep_id}/create_flow_run", json=body)
+
+    def create_analysis_run(self, analysis: str, variant: str, visit: str, run_id: str) -> dict:
+        """The one way visitflow starts an analysis: parameters exactly ``{visit, run_id}``."""
+        return self.create_flow_run(
+            grants.deployment_name(analysis, variant),
+            {"visit": visit, "run_id": run_id},
+            idempotency_key=grants.idempotency_key(analysis, variant, visit, run_id),
+            tags=grants.run_tags(analysis, visit, run_id, variant),
+            name=grants.flow_run_name(analysis, variant, visit, run_id),
+        )
+
+    def flow_run(self, flow_run_id: str) -> dict:
+        return self.request("GET", f"/flow_runs/{flow_run_id}")
+
+    def flow_runs(self, *, tags: list[str] | None = None, limit: int = 200) -> list[dict]:
+        body: dict[str, Any] = {"limit": limit, "sort": "EXPECTED_START_TIME_ASC"}
+        if tags:
+            body["flow_runs"] = {"tags": {"all_": tags}}
+        return self.request("POST", "/flow_runs/filter", json=body)
+
+    def wait_for_flow_run(self, flow_run_id: str, timeout: float = 300, interval: float = 0.5) -> dict:
+        """Poll until the flow run reaches a final state; returns the flow run."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.flow_run(flow_run_id)
+            state = run.get("state") or {}
+            if state.get("type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} still {state.get('type')} after {timeout}s")
+            time.sleep(interval)

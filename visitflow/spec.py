@@ -1,0 +1,144 @@
+"""The analyst's API: ``@analysis(reads=[...])`` turns a plain function into a Prefect flow.
+
+::
+
+    @analysis(reads=["saxs"])
+    def saxs_average(saxs: np.ndarray) -> dict[str, np.ndarray]:
+        return {"average": np.average(saxs, axis=0)}
+
+is a complete analysis.  The result is a Prefect flow named ``saxs-average`` taking
+``visit`` and ``run_id``; deployed twice (``saxs-average/post`` and ``saxs-average/live``,
+see prefect.yaml) it runs at rest or while the scan is running.  Post processing calls the
+function once with every frame (the seed asks that this stay as simple as
+``np.average(data[:], axis=0)``); live processing either recomputes on the data so far
+(throttled), or — if the analyst gives an ``incremental=`` class — feeds it only new frames.
+
+An incremental class is ``__init__()`` (empty state), ``update(**batch)`` (fold in new
+frames, one keyword per ``reads`` field) and ``result() -> dict`` (the same outputs the
+plain function returns).  The framework tests that both forms agree.
+
+Everything about tokens, Tiled paths, polling, checkpoints and provenance lives elsewhere
+(:mod:`visitflow.engine`, :mod:`visitflow.flowrun`); definitions are checked at import time
+so a typo fails when the worker loads the flow, not halfway through a beamtime.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .grants import flow_name
+from .scopes import valid_name
+
+
+class AnalysisDefinitionError(TypeError):
+    """An ``@analysis`` definition that cannot work; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """Everything the framework needs to know about one analysis."""
+
+    name: str
+    reads: tuple[str, ...]
+    function: Callable[..., dict]
+    incremental: type | None = None
+    stream: str = "primary"
+    live_throttle: float = 2.0          # plain form: recompute at most this often while live
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def flow_name(self) -> str:
+        return flow_name(self.name)
+
+    def compute(self, data: dict[str, Any]) -> dict:
+        """Run the plain function on all the data at once (post, and plain-form live)."""
+        return check_outputs(self.name, self.function(**{k: data[k] for k in self.reads}))
+
+    def start_incremental(self):
+        return self.incremental() if self.incremental else None
+
+
+def _params(fn: Callable) -> list[inspect.Parameter]:
+    return list(inspect.signature(fn).parameters.values())
+
+
+def _check_accepts_reads(owner: str, fn: Callable, reads: tuple[str, ...]) -> None:
+    params = [p for p in _params(fn) if p.name != "self"]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)]
+    missing = [r for r in reads if r not in names]
+    extra = [p.name for p in params if p.name not in reads and p.default is inspect.Parameter.empty
+             and p.kind not in (inspect.Parameter.VAR_POSITIONAL,)]
+    if missing or extra:
+        raise AnalysisDefinitionError(
+            f"{owner} must take exactly the fields in reads={list(reads)} as keyword arguments; "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected required {extra}" if extra else "")
+        )
+
+
+def check_outputs(name: str, outputs: Any) -> dict:
+    """Outputs are ``{name: array or scalar}`` with names usable as Tiled keys."""
+    if not isinstance(outputs, dict) or not outputs:
+        raise AnalysisDefinitionError(
+            f"analysis {name} must return a non-empty dict of outputs, got {type(outputs).__name__}")
+    for key in outputs:
+        if not isinstance(key, str) or not valid_name(key):
+            raise AnalysisDefinitionError(f"analysis {name}: output name {key!r} is not a valid Tiled key")
+    return outputs
+
+
+def analysis(reads: list[str] | tuple[str, ...], *, incremental: type | None = None,
+             name: str | None = None, stream: str = "primary", live_throttle: float = 2.0,
+             flow_kwargs: dict | None = None):
+    """Declare an analysis.  Returns a decorator that gives back a Prefect ``Flow``.
+
+    ``reads``: the raw fields the function needs — what post reads, what live polls, and
+    what least privilege is checked against.  ``incremental``: an optional class
+    (``__init__()``, ``update(**batch)``, ``result()``) for efficient live processing.
+    """
+    if isinstance(reads, str) or not reads:
+        raise AnalysisDefinitionError("reads= must be a non-empty list of field names, e.g. reads=['saxs']")
+    reads = tuple(reads)
+    for r in reads:
+        if not valid_name(r):
+            raise AnalysisDefinitionError(f"reads= field {r!r} is not a valid field name")
+    if len(set(reads)) != len(reads):
+        raise AnalysisDefinitionError(f"reads= lists a field twice: {list(reads)}")
+    if live_throttle < 0:
+        raise AnalysisDefinitionError("live_throttle must be >= 0 seconds")
+
+    def decorate(fn: Callable):
+        if not callable(fn):
+            raise AnalysisDefinitionError("@analysis(...) decorates a function")
+        analysis_name = name or fn.__name__
+        if not valid_name(analysis_name):
+            raise AnalysisDefinitionError(f"analysis name {analysis_name!r} is not valid")
+        _check_accepts_reads(f"analysis function {analysis_name}", fn, reads)
+        if incremental is not None:
+            if not inspect.isclass(incremental):
+                raise AnalysisDefinitionError("incremental= takes a class with update(**batch) and result()")
+            for method in ("update", "result"):
+                if not callable(getattr(incremental, method, None)):
+                    raise AnalysisDefinitionError(f"incremental class {incremental.__name__} has no {method}()")
+            _check_accepts_reads(f"{incremental.__name__}.update", incremental.update, reads)
+            required = [p for p in _params(incremental.__init__)[1:]
+                        if p.default is inspect.Parameter.empty
+                        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+            if required:
+                raise AnalysisDefinitionError(f"incremental class {incremental.__name__}() must take no arguments")
+        spec = AnalysisSpec(
+            name=analysis_name, reads=reads, function=fn, incremental=incremental, stream=stream,
+            live_throttle=live_throttle, description=inspect.getdoc(fn) or "",
+        )
+        from .flowrun import make_flow  # Prefect is imported only when an analysis is defined
+
+        return make_flow(spec, **(flow_kwargs or {}))
+
+    return decorate

@@ -1,0 +1,166 @@
+"""Processed results in Tiled, as the engine's :class:`~visitflow.engine.ResultSink`.
+
+Layout under the processed template (default ``processed/<visit>/<run>/<analysis>``)::
+
+    <analysis>/               metadata: current -> the child holding the best result,
+                              and that result's provenance (copied, for quick reading)
+    <analysis>/live/          the live variant's outputs; metadata: provenance, status,
+                              frames_processed (the checkpoint)
+    <analysis>/post-<id8>/    one post run's outputs (id8 = its flow run id, shortened)
+
+Arrays are array nodes; scalars are a one-row table ``scalars`` (and, for quick reading,
+in metadata).
+
+Why versions and a pointer: Tiled has no rename, and rewriting several arrays in place is
+not atomic.  A re-run of post writes a *new* ``post-<id8>`` child completely, then moves
+the ``current`` pointer (one metadata update — atomic in the catalog), then deletes older
+post children.  A reader that follows ``current`` never sees a half-written result; a
+reader that is mid-way through an old version keeps a consistent (if stale) one until it
+is deleted.  Live writes in place to ``live`` (each array replaced whole) because it is
+by nature a result-in-progress, and says so in ``status``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("visitflow.outputs")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(value: Any):
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _child(container, key):
+    try:
+        return container[key]
+    except KeyError:
+        return None
+
+
+def ensure_container(parent, key: str, metadata: dict | None = None):
+    """Return ``parent[key]``, creating it (a container) if missing; tolerate a racing creator."""
+    node = _child(parent, key)
+    if node is not None:
+        return node
+    try:
+        return parent.create_container(key=key, metadata=metadata or {})
+    except Exception:  # noqa: BLE001 - another writer created it first (409): read theirs
+        node = _child(parent, key)
+        if node is None:
+            raise
+        return node
+
+
+class TiledResultSink:
+    """Write one variant's outputs for one analysis of one run."""
+
+    def __init__(self, run_container, analysis: str, variant: str, provenance: dict, *, flow_run_id: str = ""):
+        self.analysis_node = ensure_container(run_container, analysis, {"analysis": analysis})
+        self.variant = variant
+        self.key = "live" if variant == "live" else f"post-{(flow_run_id or 'local')[:8]}"
+        self.provenance = dict(provenance, variant=variant)
+        self.node = None
+        self._arrays: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- checkpoint
+    def checkpoint(self) -> int:
+        """Frames already processed by an earlier attempt of this variant (live only)."""
+        if self.variant != "live":
+            return 0
+        node = _child(self.analysis_node, self.key)
+        if node is None:
+            return 0
+        return int(node.metadata.get("frames_processed", 0))
+
+    # ---------------------------------------------------------------- writing
+    def _variant_node(self):
+        if self.node is None:
+            if self.variant == "post":
+                stale = _child(self.analysis_node, self.key)
+                if stale is not None:  # a retried attempt of the same flow run: start clean
+                    stale.delete(recursive=True)
+            self.node = ensure_container(self.analysis_node, self.key,
+                                         {**self.provenance, "status": "running", "frames_processed": 0,
+                                          "started": _now()})
+            self._arrays = {k: v for k, v in self.node.items()}
+        return self.node
+
+    def _write_array(self, key: str, value: np.ndarray) -> None:
+        node = self._variant_node()
+        existing = self._arrays.get(key)
+        if existing is not None and getattr(existing, "shape", None) == value.shape \
+                and np.dtype(existing.dtype) == value.dtype:
+            existing.write(value)
+            return
+        if existing is not None:
+            existing.delete(recursive=True)
+        self._arrays[key] = node.write_array(value, key=key, metadata={"analysis_output": key})
+
+    def write(self, outputs: dict, *, frames: int, status: str) -> None:
+        arrays = {k: np.asarray(v) for k, v in outputs.items() if np.ndim(v) > 0}
+        scalars = {k: _jsonable(v) for k, v in outputs.items() if np.ndim(v) == 0}
+        for key, value in arrays.items():
+            self._write_array(key, np.ascontiguousarray(value))
+        final = status != "running"
+        if scalars and final:
+            import pandas as pd
+
+            if "scalars" in self._arrays:
+                self._arrays["scalars"].delete(recursive=True)
+            self._arrays["scalars"] = self._variant_node().write_dataframe(
+                pd.DataFrame({k: [v] for k, v in scalars.items()}), key="scalars")
+        meta = {"status": status, "frames_processed": int(frames), "updated": _now(),
+                "outputs": sorted(outputs), "scalars": scalars}
+        # Outputs first, then the checkpoint: a crash in between only makes a restart redo frames.
+        self._variant_node().update_metadata(meta, drop_revision=True)
+        if final or self.variant == "live":
+            self._point_current(final, meta)
+
+    def _point_current(self, final: bool, meta: dict) -> None:
+        current = self.analysis_node.metadata.get("current")
+        if self.variant == "live" and current and current.startswith("post-") and \
+                self.analysis_node.metadata.get("status") == "complete":
+            return  # a complete post result outranks live
+        if self.variant == "live" and not final and current == self.key:
+            return  # already pointing here; avoid a catalog write per batch
+        self.analysis_node.update_metadata(
+            {"current": self.key, **self.provenance, **meta}, drop_revision=True)
+        if self.variant == "post" and final:
+            for key in list(self.analysis_node):
+                if key.startswith("post-") and key != self.key:
+                    try:
+                        self.analysis_node[key].delete(recursive=True)
+                    except Exception as exc:  # noqa: BLE001 - stale copies are harmless
+                        log.warning("could not delete stale result %s: %s", key, exc)
+
+    def fail(self, reason: str) -> None:
+        """Record a failure on the variant node (the previous ``current`` result stays)."""
+        try:
+            node = self._variant_node()
+            node.update_metadata({"status": "failed", "error": reason[:2000], "updated": _now()}, drop_revision=True)
+        except Exception as exc:  # noqa: BLE001 - never mask the original error
+            log.warning("could not record failure in Tiled: %s", exc)
+
+
+def read_result(analysis_node) -> dict:
+    """What a reader does: follow ``current`` and load its outputs (arrays and scalars)."""
+    current = analysis_node.metadata.get("current")
+    if not current:
+        raise KeyError(f"{analysis_node.uri} has no result yet")
+    node = analysis_node[current]
+    out = dict(node.metadata.get("scalars", {}))
+    for key, child in node.items():
+        if key != "scalars":
+            out[key] = child.read()
+    return out
