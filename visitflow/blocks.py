@@ -125,15 +125,16 @@ class ScopedCredentials(Block):
 
     def for_run(self, visit: str, run_id: str, analysis: str) -> RunAccess:
         from .oauth import token_endpoint
-        from .tiled.client import connect
+        from .tiled.client import BearerAuth, connect
 
         grant = self.load_grant(analysis, visit, run_id)
         claims = check_grant(self.validator(), grant, analysis, visit, run_id)
         tokens = DataTokenSource(token_endpoint(self.issuer), grant, self.client_id, self.secret(),
                                  visit, run_id, margin=self.refresh_margin)
         tokens()  # exchange now: refusals surface here, before any data access
-        raw_root = connect(self.raw_uri, tokens)
+        auth = BearerAuth(tokens, refresh_margin=self.refresh_margin)
+        raw_root = connect(self.raw_uri, auth)
         processed_root = raw_root if not self.processed_uri or self.processed_uri == self.raw_uri \
-            else connect(self.processed_uri, tokens)
+            else connect(self.processed_uri, auth)
         log.info("acting for %s (via %s) on %s/%s", claims.sub, ",".join(claims.actor_chain()), visit, run_id)
         return RunAccess(visit, run_id, analysis, claims, tokens, raw_root, processed_root, self.layout())

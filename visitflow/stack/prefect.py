@@ -1,0 +1,106 @@
+"""Prefect server, work pool, block, deployments and worker for the local stack.
+
+Setup steps run Prefect's own CLI (``prefect work-pool create``, ``prefect deploy``...) in
+subprocesses with the stack's environment: that is what an operator would type, and it
+keeps this process free of Prefect's import-time settings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..services import Service, start_service
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "visitflow-local"
+BLOCK = "visitflow"
+
+
+def prefect_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
+    """Environment for every Prefect process of one stack (server, CLI, worker, flow runs)."""
+    return {
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+        **extra,
+    }
+
+
+def start_server(state: Path, port: int, *, ui: bool = True, log_dir: Path | None = None,
+                 database_url: str | None = None) -> Service:
+    home = state / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    env = prefect_env(f"http://127.0.0.1:{port}/api", home,
+                      PREFECT_UI_ENABLED="true" if ui else "false",
+                      PREFECT_API_DATABASE_CONNECTION_URL=database_url
+                      or f"sqlite+aiosqlite:///{home / 'prefect.db'}")
+    return start_service(
+        "prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                           "--port", str(port)],
+        log_dir=log_dir or state / "logs", env=env, health_url=f"http://127.0.0.1:{port}/api/health")
+
+
+def run_cli(args: list[str], env: dict, *, cwd: Path = REPO, timeout: float = 300) -> str:
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], env={**os.environ, **env}, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"prefect {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def save_block_script(*, issuer: str, raw_uri: str, processed_uri: str | None, secret_env: str,
+                      name: str = BLOCK) -> str:
+    return (
+        "from visitflow.blocks import ScopedCredentials\n"
+        f"ScopedCredentials(issuer={issuer!r}, raw_uri={raw_uri!r}, processed_uri={processed_uri!r},"
+        f" client_secret_env={secret_env!r}).save({name!r}, overwrite=True)\n"
+    )
+
+
+def configure(env: dict, *, issuer: str, tiled_uri: str, processed_uri: str | None = None,
+              secret_env: str = "VISITFLOW_CLIENT_SECRET", post_limit: int = 4,
+              repo: Path = REPO) -> None:
+    """Pool + queues, Block type and document, deployments from prefect.yaml (idempotent)."""
+    run_cli(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+    for queue, limit in (("live", None), ("post", post_limit)):
+        args = ["work-queue", "create", queue, "--pool", POOL]
+        if limit:
+            args += ["--limit", str(limit)]
+        try:
+            run_cli(args, env)
+        except RuntimeError as exc:
+            if "already exists" not in str(exc):
+                raise
+    run_cli(["block", "register", "-m", "visitflow.blocks"], env)
+    script = save_block_script(issuer=issuer, raw_uri=tiled_uri, processed_uri=processed_uri, secret_env=secret_env)
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"saving the ScopedCredentials block failed:\n{proc.stderr[-3000:]}")
+    run_cli(["--no-prompt", "deploy", "--all"], {**env, "VISITFLOW_ROOT": str(repo)}, cwd=repo)
+
+
+def start_worker(state: Path, env: dict, *, health_port: int, name: str = "visitflow-local-worker",
+                 client_secret: str, secret_env: str = "VISITFLOW_CLIENT_SECRET", log_dir: Path | None = None,
+                 worker_type: str | None = None, extra_env: dict | None = None) -> Service:
+    """A worker for the local pool; the client secret reaches flow runs via its environment.
+
+    Polls every second (default 10 s: most of a live analysis' start latency).  Readiness is
+    the worker's own health endpoint (``--with-healthcheck``)."""
+    args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name,
+            "--with-healthcheck"]
+    if worker_type:
+        args += ["--type", worker_type]
+    return start_service(
+        name, args, log_dir=log_dir or state / "logs",
+        env={**env, secret_env: client_secret, "PREFECT_WORKER_QUERY_SECONDS": "1",
+             "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONUNBUFFERED": "1",
+             "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(health_port),
+             **(extra_env or {})},
+        cwd=REPO, health_url=f"http://127.0.0.1:{health_port}/health")

@@ -1,0 +1,263 @@
+"""``AnalysisTrigger``: the bluesky document callback blueapi subscribes next to TiledWriter.
+
+On the *start* document it decides the run's analyses, visit and run id and queues, per
+analysis, a delegation grant and a ``live`` flow run; on the *stop* document (success only,
+by default) it queues a ``post`` flow run that uses the grant obtained at start, while the
+user's token was fresh.  The RunEngine thread only writes a few rows to the local outbox;
+a background sender does the network work — RFC 8693 exchange at the IdP, storing the
+grant as a Prefect Secret, creating flow runs — retrying with backoff on 5xx/429/connection
+errors.  A slow or dead Prefect never slows or breaks the scan.
+
+Refusals are final: if the IdP says the user may not run an analysis for this visit
+(``invalid_scope``), that analysis gets no flow run and a clear log line; nothing retries.
+
+Kept light: httpx, pyjwt, sqlite3 — no Prefect, no Tiled server stack (it runs in blueapi).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import grants, oauth
+from ..prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
+from ..scopes import ScopeError, check_name, grant_scopes
+from .outbox import Outbox
+
+log = logging.getLogger("visitflow.trigger")
+
+TokenSource = Callable[[], str]
+
+
+@dataclass
+class TriggerSettings:
+    issuer: str
+    prefect_api_url: str
+    client_id: str = "blueapi"
+    client_secret: str = ""
+    prefect_auth_string: str | None = None
+    state_dir: Path = Path(".visitflow/trigger")
+    plan_analyses: dict = field(default_factory=dict)   # plan name -> [analysis, ...]
+    live: bool = True
+    post_on: tuple = ("success",)                       # stop exit_status values that start post
+    grant_prefix: str = grants.PREFIX
+    max_backoff: float = 60.0
+
+
+def _visit_of(start: dict) -> str | None:
+    for key in ("instrument_session", "visit", "data_session"):
+        if start.get(key):
+            return str(start[key])
+    return None
+
+
+class AnalysisTrigger:
+    """Subscribe to a RunEngine: ``RE.subscribe(AnalysisTrigger(settings, token=...))``.
+
+    ``token`` is the caller's bearer token (blueapi has it from the request's
+    ``Authorization`` header) or a callable returning a current one.
+    """
+
+    def __init__(self, settings: TriggerSettings, token: str | TokenSource, *, start_sender: bool = True):
+        self.settings = settings
+        self._token: TokenSource = (lambda: token) if isinstance(token, str) else token
+        self.outbox = Outbox(Path(settings.state_dir) / "outbox.sqlite")
+        self._user_tokens: dict[str, str] = {}     # run -> T_user, in memory only
+        self._runs: dict[str, dict] = {}            # run uid -> {visit, analyses}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sender: threading.Thread | None = None
+        self._token_url: str | None = None
+        self.decisions: list[str] = []              # what was decided, for logs and tests
+        if start_sender:
+            self.start()
+
+    # ---------------------------------------------------------------- bluesky callback
+    def __call__(self, name: str, doc: dict) -> None:
+        try:
+            if name == "start":
+                self._on_start(doc)
+            elif name == "stop":
+                self._on_stop(doc)
+        except Exception:  # noqa: BLE001 - never raise into the RunEngine
+            log.exception("visitflow trigger: ignoring error on %s document", name)
+
+    def _decide(self, message: str, *args) -> None:
+        text = message % args if args else message
+        self.decisions.append(text)
+        log.info("visitflow trigger: %s", text)
+
+    def analyses_for(self, start: dict) -> list[str]:
+        names = start.get("analyses")
+        if names is None:
+            names = self.settings.plan_analyses.get(start.get("plan_name", ""), [])
+        if isinstance(names, str):
+            names = [names]
+        out = []
+        for n in names:
+            try:
+                out.append(check_name(str(n), "analysis name"))
+            except ScopeError as exc:
+                self._decide("skipping analysis %r: %s", n, exc)
+        return list(dict.fromkeys(out))
+
+    def _on_start(self, doc: dict) -> None:
+        uid = doc["uid"]
+        analyses = self.analyses_for(doc)
+        if not analyses:
+            return
+        visit = _visit_of(doc)
+        if visit is None:
+            self._decide("run %s declares analyses %s but has no instrument_session/visit: not triggering",
+                         uid, analyses)
+            return
+        try:
+            check_name(visit, "visit")
+        except ScopeError as exc:
+            self._decide("run %s: %s: not triggering", uid, exc)
+            return
+        try:
+            self._user_tokens[uid] = self._token()
+        except Exception as exc:  # noqa: BLE001
+            self._decide("run %s: no user token (%s): not triggering", uid, exc)
+            return
+        self._runs[uid] = {"visit": visit, "analyses": analyses}
+        for analysis in analyses:
+            self.outbox.add_grant(analysis, visit, uid)
+            if self.settings.live:
+                self.outbox.add_request(grants.idempotency_key(analysis, "live", visit, uid), analysis, "live",
+                                        visit, uid)
+        self._decide("run %s visit %s: queued %s for %s", uid, visit,
+                     "live+post" if self.settings.live else "post", ", ".join(analyses))
+        self._wake.set()
+
+    def _on_stop(self, doc: dict) -> None:
+        uid = doc.get("run_start")
+        run = self._runs.pop(uid, None)
+        if run is None:
+            return
+        status = doc.get("exit_status")
+        if status not in self.settings.post_on:
+            self._decide("run %s ended %s: no post analysis", uid, status)
+            return
+        for analysis in run["analyses"]:
+            self.outbox.add_request(grants.idempotency_key(analysis, "post", run["visit"], uid), analysis, "post",
+                                    run["visit"], uid)
+        self._wake.set()
+
+    # ---------------------------------------------------------------- sender
+    def start(self) -> None:
+        if self._sender is None or not self._sender.is_alive():
+            self._stop.clear()
+            self._sender = threading.Thread(target=self._run_sender, name="visitflow-trigger-sender", daemon=True)
+            self._sender.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(timeout)
+        self.outbox.close()
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until nothing is pending (True), or ``timeout`` (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.outbox.pending_count() == 0:
+                return True
+            self._wake.set()
+            time.sleep(0.05)
+        return self.outbox.pending_count() == 0
+
+    def _backoff(self, attempts: int) -> float:
+        return min(self.settings.max_backoff, 0.5 * 2 ** attempts)
+
+    def _run_sender(self) -> None:
+        api = PrefectAPI(self.settings.prefect_api_url, self.settings.prefect_auth_string, attempts=2)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.send_once(api)
+                except Exception:  # noqa: BLE001 - keep the sender alive whatever happens
+                    log.exception("visitflow trigger: sender error")
+                nxt = self.outbox.next_due()
+                wait = 5.0 if nxt is None else max(0.0, min(5.0, nxt - time.time()))
+                self._wake.wait(wait)
+                self._wake.clear()
+        finally:
+            api.close()
+
+    def send_once(self, api: PrefectAPI) -> None:
+        for g in self.outbox.due_grants("exchange"):
+            self._exchange(g)
+        for g in self.outbox.due_grants("store"):
+            try:
+                api.save_secret(grants.grant_secret_name(g.analysis, g.visit, g.run, self.settings.grant_prefix),
+                                g.token)
+                self.outbox.set_grant(g, state="ready")
+            except (PrefectUnavailable, PrefectRefused) as exc:
+                self.outbox.set_grant(g, state="store", error=str(exc), retry_in=self._backoff(g.attempts))
+        for r in self.outbox.due_requests():
+            self._create(api, r)
+
+    def _exchange(self, g) -> None:
+        user_token = self._user_tokens.get(g.run)
+        if user_token is None:
+            self.outbox.set_grant(g, state="failed", error="user token no longer available (trigger restarted)")
+            self._fail_requests(g, "failed", "no grant: the user's token was lost before the exchange")
+            return
+        try:
+            if self._token_url is None:
+                self._token_url = oauth.token_endpoint(self.settings.issuer)
+            resp = oauth.exchange(self._token_url, user_token, client_id=self.settings.client_id,
+                                  client_secret=self.settings.client_secret, audience="visitflow",
+                                  scope=str(grant_scopes(g.analysis, g.visit, g.run)))
+        except oauth.OAuthRefused as exc:
+            self._decide("REFUSED %s for visit %s run %s: the IdP says %s — no flow run", g.analysis, g.visit,
+                         g.run, exc)
+            self.outbox.set_grant(g, state="refused", error=str(exc))
+            self._fail_requests(g, "refused", str(exc))
+            return
+        except (oauth.OAuthUnavailable, ValueError, OSError) as exc:
+            self.outbox.set_grant(g, state="exchange", error=str(exc), retry_in=self._backoff(g.attempts))
+            return
+        self.outbox.set_grant(g, state="store", token=resp.access_token)
+        self._decide("delegated %s on %s/%s", g.analysis, g.visit, g.run)
+
+    def _fail_requests(self, g, state: str, error: str) -> None:
+        for variant in ("live", "post"):
+            key = grants.idempotency_key(g.analysis, variant, g.visit, g.run)
+            self.outbox.set_request(key, state=state, error=error)
+
+    def _create(self, api: PrefectAPI, r) -> None:
+        g = self.outbox.grant(r.analysis, r.visit, r.run)
+        if g is None or g.state in ("refused", "failed"):
+            self.outbox.set_request(r.key, state=g.state if g else "failed", error="no delegation grant")
+            return
+        if g.state != "ready":
+            return  # wait for the grant to be stored; the sender comes back
+        try:
+            run = api.create_analysis_run(r.analysis, r.variant, r.visit, r.run)
+        except PrefectUnavailable as exc:
+            self.outbox.set_request(r.key, state="pending", error=str(exc), retry_in=self._backoff(r.attempts))
+            return
+        except PrefectRefused as exc:
+            final = exc.status in (400, 404, 422)
+            self._decide("Prefect refused %s: %s%s", r.key, exc, "" if final else " (will retry)")
+            self.outbox.set_request(r.key, state="failed" if final else "pending", error=str(exc),
+                                    retry_in=None if final else self._backoff(r.attempts))
+            return
+        self.outbox.set_request(r.key, state="done", flow_run_id=run["id"])
+        self._decide("created %s flow run %s (%s)", r.key, run["id"], run.get("name"))
+
+
+def subscribe_for(settings: TriggerSettings, token: str | TokenSource, run_engine) -> AnalysisTrigger:
+    """Convenience for blueapi's ``begin_task``: build and subscribe a trigger; returns it."""
+    trigger = AnalysisTrigger(settings, token)
+    run_engine.subscribe(trigger)
+    return trigger
+

@@ -1,0 +1,157 @@
+"""The trigger's durable outbox: what still has to be sent to the IdP and Prefect.
+
+A SQLite file under the trigger's state directory, so a Prefect outage (or a blueapi
+restart) loses nothing: requests wait here and are retried with backoff.  Two tables:
+
+``grants``   one row per (analysis, visit, run): the delegation grant once exchanged, and
+             whether it is stored in Prefect yet.  The grant is on disk (file mode 0600)
+             only while Prefect is unreachable; it is aud-bound to ``visitflow``, useless
+             without the visitflow client secret, and expires.  The *user's* token is never
+             written here — it stays in memory.
+``requests`` one row per flow run to create (analysis, variant, visit, run), keyed by the
+             same idempotency key Prefect gets, so a duplicated document or a retried send
+             yields exactly one flow run.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS grants (
+    analysis TEXT, visit TEXT, run TEXT,
+    state TEXT NOT NULL,            -- exchange | store | ready | refused | failed
+    token TEXT,
+    error TEXT,
+    attempts INTEGER DEFAULT 0,
+    next_at REAL DEFAULT 0,
+    created REAL, updated REAL,
+    PRIMARY KEY (analysis, visit, run)
+);
+CREATE TABLE IF NOT EXISTS requests (
+    key TEXT PRIMARY KEY,           -- analysis/variant/visit/run (the idempotency key)
+    analysis TEXT, variant TEXT, visit TEXT, run TEXT,
+    state TEXT NOT NULL,            -- pending | done | refused | failed
+    flow_run_id TEXT,
+    error TEXT,
+    attempts INTEGER DEFAULT 0,
+    next_at REAL DEFAULT 0,
+    created REAL, updated REAL
+);
+"""
+
+
+@dataclass
+class Grant:
+    analysis: str
+    visit: str
+    run: str
+    state: str
+    token: str | None
+    attempts: int
+
+
+@dataclass
+class Request:
+    key: str
+    analysis: str
+    variant: str
+    visit: str
+    run: str
+    state: str
+    attempts: int
+    flow_run_id: str | None = None
+    error: str | None = None
+
+
+class Outbox:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        if fresh:
+            os.chmod(self.path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args=()) -> list:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _insert(self, sql: str, args) -> bool:
+        """True if a row was inserted (False: it was already there — a duplicate document)."""
+        with self._lock:
+            return self._db.execute(sql, args).rowcount == 1
+
+    # ---------------------------------------------------------------- enqueue (RunEngine thread)
+    def add_grant(self, analysis: str, visit: str, run: str) -> bool:
+        now = time.time()
+        return self._insert(
+            "INSERT OR IGNORE INTO grants (analysis, visit, run, state, created, updated) "
+            "VALUES (?, ?, ?, 'exchange', ?, ?)", (analysis, visit, run, now, now))
+
+    def add_request(self, key: str, analysis: str, variant: str, visit: str, run: str) -> bool:
+        now = time.time()
+        return self._insert(
+            "INSERT OR IGNORE INTO requests (key, analysis, variant, visit, run, state, created, updated) "
+            "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)", (key, analysis, variant, visit, run, now, now))
+
+    # ---------------------------------------------------------------- sender thread
+    def due_grants(self, state: str) -> list[Grant]:
+        rows = self._exec("SELECT analysis, visit, run, state, token, attempts FROM grants "
+                          "WHERE state = ? AND next_at <= ? ORDER BY created", (state, time.time()))
+        return [Grant(*r) for r in rows]
+
+    def grant(self, analysis: str, visit: str, run: str) -> Grant | None:
+        rows = self._exec("SELECT analysis, visit, run, state, token, attempts FROM grants "
+                          "WHERE analysis = ? AND visit = ? AND run = ?", (analysis, visit, run))
+        return Grant(*rows[0]) if rows else None
+
+    def set_grant(self, g: Grant, *, state: str, token: str | None = None, error: str | None = None,
+                  retry_in: float | None = None) -> None:
+        self._exec(
+            "UPDATE grants SET state = ?, token = COALESCE(?, token), error = ?, attempts = attempts + ?, "
+            "next_at = ?, updated = ? WHERE analysis = ? AND visit = ? AND run = ?",
+            (state, token, error, 1 if retry_in is not None else 0, time.time() + (retry_in or 0), time.time(),
+             g.analysis, g.visit, g.run))
+        if state == "ready":  # stored in Prefect: no need to keep the token on disk
+            self._exec("UPDATE grants SET token = NULL WHERE analysis = ? AND visit = ? AND run = ?",
+                       (g.analysis, g.visit, g.run))
+
+    def due_requests(self) -> list[Request]:
+        rows = self._exec("SELECT key, analysis, variant, visit, run, state, attempts, flow_run_id, error "
+                          "FROM requests WHERE state = 'pending' AND next_at <= ? ORDER BY created", (time.time(),))
+        return [Request(*r) for r in rows]
+
+    def set_request(self, key: str, *, state: str, flow_run_id: str | None = None, error: str | None = None,
+                    retry_in: float | None = None) -> None:
+        self._exec(
+            "UPDATE requests SET state = ?, flow_run_id = COALESCE(?, flow_run_id), error = ?, "
+            "attempts = attempts + ?, next_at = ?, updated = ? WHERE key = ?",
+            (state, flow_run_id, error, 1 if retry_in is not None else 0, time.time() + (retry_in or 0),
+             time.time(), key))
+
+    def requests(self, state: str | None = None) -> list[Request]:
+        sql = "SELECT key, analysis, variant, visit, run, state, attempts, flow_run_id, error FROM requests"
+        rows = self._exec(sql + (" WHERE state = ?" if state else "") + " ORDER BY created", (state,) if state else ())
+        return [Request(*r) for r in rows]
+
+    def pending_count(self) -> int:
+        return self._exec("SELECT (SELECT COUNT(*) FROM requests WHERE state = 'pending') + "
+                          "(SELECT COUNT(*) FROM grants WHERE state IN ('exchange', 'store'))")[0][0]
+
+    def next_due(self) -> float | None:
+        row = self._exec("SELECT MIN(next_at) FROM (SELECT next_at FROM requests WHERE state = 'pending' "
+                         "UNION ALL SELECT next_at FROM grants WHERE state IN ('exchange', 'store'))")
+        return row[0][0] if row and row[0][0] is not None else None
