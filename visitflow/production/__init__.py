@@ -1,0 +1,15 @@
+"""Production shape: the Kubernetes work pool, the Keycloak realm and PostgreSQL.
+
+The files that operators deploy live in ``deployments/`` (kubernetes/, keycloak/, postgres/);
+this package holds the code that builds or checks them, so tests can prove the files say
+what ``docs/production.md`` claims:
+
+- :mod:`visitflow.production.kubernetes` builds the work pool's base job template from
+  prefect-kubernetes' own default, and checks a rendered Job for secret hygiene.
+- :mod:`visitflow.production.keycloak` compares the Keycloak realm export with the dev
+  IdP's YAML (same clients, audiences, scopes, lifetimes).
+- :mod:`visitflow.production.prefect_yaml` retargets ``prefect.yaml``'s deployments at the
+  Kubernetes pool without editing the file.
+
+Nothing here is imported by the running system (trigger, flows, servers).
+"""
