@@ -15,15 +15,16 @@ IMAGE=${1:?usage: use-k8s-pool.sh IMAGE [--deploy]}
 MODE=${2:-}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 POOL=visitflow-k8s
+OUT=${VISITFLOW_K8S_OUT:-.visitflow}   # where the derived prefect file goes
 cd "$ROOT"
 
 prefect --no-prompt work-pool create "$POOL" --type kubernetes \
     --base-job-template deployments/kubernetes/base-job-template.json --overwrite
 
-mkdir -p .visitflow
-python -m visitflow.production.prefect_yaml prefect.yaml "$IMAGE" "$POOL" > .visitflow/prefect-k8s.yaml
-echo "wrote .visitflow/prefect-k8s.yaml (deployments -> pool $POOL, image $IMAGE)"
+mkdir -p "$OUT"
+python -m visitflow.production.prefect_yaml prefect.yaml "$IMAGE" "$POOL" > "$OUT/prefect-k8s.yaml"
+echo "wrote $OUT/prefect-k8s.yaml (deployments -> pool $POOL, image $IMAGE)"
 
 if [ "$MODE" = "--deploy" ]; then
-    prefect --no-prompt deploy --all --prefect-file .visitflow/prefect-k8s.yaml
+    prefect --no-prompt deploy --all --prefect-file "$OUT/prefect-k8s.yaml"
 fi

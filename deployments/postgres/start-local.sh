@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Initialise (once) and start a throwaway PostgreSQL cluster for tests and demos.
+#
+#   deployments/postgres/start-local.sh DIR [PORT]     -> prints a postgresql:// URL on stdout
+#   deployments/postgres/stop-local.sh DIR
+#
+# Why a script: PostgreSQL refuses to run as root, and CI runs as root.  When started as root
+# the cluster is owned by, and run as, an unprivileged OS user (PG_OS_USER, default
+# `postgres`, which the Debian package creates) through `runuser`.  As any other user it
+# runs as that user.
+#
+# The cluster listens on 127.0.0.1:PORT and on a Unix socket inside DIR (mode 0700).  TCP
+# logins need a password: a random one is generated at initdb time, kept in DIR/password
+# (mode 0600) and printed in the URL.  Dev and test only: this is not a production database
+# (no TLS, no backups, no tuning).  Use it with:
+#
+#   export VISITFLOW_TEST_POSTGRES_URL=$(deployments/postgres/start-local.sh /tmp/vf-pg 55432)
+set -euo pipefail
+
+DIR=${1:?usage: start-local.sh DIR [PORT]}
+PORT=${2:-55432}
+PG_OS_USER=${PG_OS_USER:-postgres}
+
+# The newest installed server (Debian: /usr/lib/postgresql/<major>/bin), unless PG_BIN is set.
+if [ -z "${PG_BIN:-}" ]; then
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+fi
+if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/initdb" ]; then
+    echo "start-local.sh: no PostgreSQL server found (apt-get install -y postgresql, or set PG_BIN)" >&2
+    exit 2
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    id "$PG_OS_USER" >/dev/null 2>&1 || { echo "start-local.sh: OS user $PG_OS_USER does not exist" >&2; exit 2; }
+    as_pg() { runuser -u "$PG_OS_USER" -- "$@"; }
+    mkdir -p "$DIR"
+    chown "$PG_OS_USER": "$DIR"
+else
+    as_pg() { "$@"; }
+    mkdir -p "$DIR"
+fi
+chmod 0700 "$DIR"
+DIR=$(cd "$DIR" && pwd)
+DATA="$DIR/data"
+
+if [ ! -s "$DATA/PG_VERSION" ]; then
+    as_pg sh -c "umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' > '$DIR/password'"
+    as_pg "$PG_BIN/initdb" -D "$DATA" --username=postgres --pwfile="$DIR/password" \
+        --auth-local=trust --auth-host=scram-sha-256 --encoding=UTF8 --locale=C.UTF-8 \
+        >"$DIR/initdb.log" 2>&1 || { cat "$DIR/initdb.log" >&2; exit 1; }
+fi
+
+if ! as_pg "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+    as_pg "$PG_BIN/pg_ctl" -D "$DATA" -l "$DIR/postgres.log" -w -t 60 \
+        -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1" start >&2 \
+        || { tail -n 30 "$DIR/postgres.log" >&2; exit 1; }
+fi
+
+PASSWORD=$(as_pg cat "$DIR/password")
+echo "postgresql://postgres:${PASSWORD}@127.0.0.1:${PORT}/postgres"
