@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import logging
 import os
 import subprocess
 import time
@@ -117,6 +118,9 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         from .tiled.rawrun import TiledRawRun
 
         logger = get_run_logger()
+        # Library logs (resume, stale results...) reach the Prefect UI through
+        # PREFECT_LOGGING_EXTRA_LOGGERS=visitflow; let INFO through.
+        logging.getLogger("visitflow").setLevel(logging.INFO)
         variant = variant_from_deployment(variant)
         if variant not in ("live", "post"):
             raise ValueError(f"variant must be 'live' or 'post', not {variant!r}")

@@ -16,7 +16,7 @@ def make_devices(shape: tuple[int, int] = (64, 64), seed: int = 0, motor_delay: 
                  dtype: str = "float32"):
     """Return ``(motor, det, saxs)``."""
     motor = SynAxis(name="motor", delay=motor_delay)
-    det = SynGauss("det", motor, "motor", center=0.3, Imax=1000, sigma=0.6, noise="poisson",
+    det = SynGauss("det", motor, "motor", center=0.3, Imax=1000, sigma=0.6, noise="uniform", noise_multiplier=5.0,
                    random_state=np.random.RandomState(seed))
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[: shape[0], : shape[1]]

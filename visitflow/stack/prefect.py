@@ -27,6 +27,7 @@ def prefect_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "visitflow",  # engine/outputs logs reach the Prefect UI
         **extra,
     }
 

@@ -4,8 +4,8 @@ TiledWriter (bluesky-tiled-plugins 2.x) writes a run as a container keyed by the
 with the start/stop documents in its metadata and one composite container per stream whose
 children are arrays (detector frames as zarr arrays, scalar columns from the internal
 table) — so every field reads the same way: ``run[stream][field][a:b]``.  Live reads
-refresh the run node (for the stop document) and the stream listing (for shapes) on each
-poll: two requests, whatever the number of fields.
+refresh the run node (for the stop document) and fetch each needed field (for its shape) on
+each poll: 1 + len(reads) requests.
 """
 
 from __future__ import annotations
@@ -46,11 +46,16 @@ class TiledRawRun:
                 missing = ", ".join(self.reads)
                 raise MissingField(f"raw run has no stream {self.stream!r} (needed for {missing})")
             return RawStatus(0, False)
-        fields = dict(node.items())
+        fields = {}
+        for f in self.reads:  # only the fields we need (a composite fetches each child anyway)
+            try:
+                fields[f] = node[f]
+            except KeyError:
+                pass
         missing = [f for f in self.reads if f not in fields]
         if missing and stop:
             raise MissingField(f"raw run stream {self.stream!r} has no field(s) {missing}; "
-                               f"it has {sorted(fields)}")
+                               f"it has {sorted(node)}")
         self._fields = fields
         frames = 0 if missing else min(int(fields[f].shape[0]) for f in self.reads)
         return RawStatus(frames, bool(stop), (stop or {}).get("exit_status"))
