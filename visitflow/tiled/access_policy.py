@@ -1,0 +1,249 @@
+"""Tiled access policy: a node's *path* decides which of our scopes govern it.
+
+Tiled 0.2.20 asks an async policy three things: ``allowed_scopes`` (what may the principal
+do on this node), ``filters`` (which children may it see, as catalog queries) and
+``init_node`` (access tags for a new node).  We do not use access tags: the layout
+(``raw/{visit}/{run}``, ``processed/{visit}/{run}/{analysis}``, configurable) already says
+which (store, visit, run) a node belongs to, and :mod:`visitflow.scopes` says whether the
+principal's scopes cover it.  The principal's scopes arrive as ``authn_scopes``: the
+authenticator puts our scope strings next to the Tiled scopes it derived from them.
+
+Rules (non-admin; ``visitflow:admin`` may do everything):
+
+* root and store roots / template prefixes above the visit: visible (read:metadata only);
+* a visit container: visible if any data scope touches (store, visit); listing shows only
+  the runs the principal may read or write; creating a run under it needs a write scope
+  covering that run (visit-wide, or ``/<run>`` for exactly that key — see
+  :mod:`.request_context`); nobody but admin edits the visit container itself;
+* a run container and everything below it: read/write as the scopes allow; writing implies
+  reading (a writer must be able to find what it writes); deleting only in processed runs
+  (analyses replace their outputs; raw data is only ever added to);
+* anything the layout does not place, or a node whose path cannot be known: admin only.
+
+Listings are filtered with :class:`DirectChildren`, a query that also restricts *deep*
+search (``/search-deep``) to direct children, because Tiled applies only the search root's
+conditions to descendants — a plain key filter would leak deeper nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+from tiled.access_control.access_policies import NO_ACCESS
+from tiled.access_control.protocols import AccessPolicy, normalize_access_tags
+from tiled.access_control.scopes import ALL_SCOPES
+from tiled.catalog import orm
+from tiled.catalog.adapter import CatalogNodeAdapter
+
+from ..scopes import (
+    DEFAULT_PROCESSED_TEMPLATE,
+    DEFAULT_RAW_TEMPLATE,
+    Layout,
+    Location,
+    OpaqueScope,
+    ScopeSet,
+    valid_name,
+)
+from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
+from .request_context import REQUEST, RequestInfo
+
+logger = logging.getLogger(__name__)
+
+META = frozenset({"read:metadata"})
+NONE: frozenset[str] = frozenset()
+_PROBE = "\x00probe"  # a segment no real key can be, to ask a template what comes next
+
+
+#: Path of the last catalog node evaluated in this request (see ``node_path``).
+_LAST_CATALOG_PATH: ContextVar[Optional[tuple[str, ...]]] = ContextVar("visitflow_last_catalog_path", default=None)
+
+
+@dataclass
+class DirectChildren:
+    """Server-side query: children of ``parent_id`` (with ``key`` in ``keys`` unless None).
+
+    Not registered for clients (no name in tiled.queries), only with the catalog adapter.
+    """
+
+    parent_id: int
+    keys: Optional[list[str]] = None
+
+
+def _direct_children(query: DirectChildren, tree):
+    condition = orm.Node.parent == query.parent_id
+    if query.keys is not None:
+        condition = condition & orm.Node.key.in_(query.keys)
+    return tree.new_variation(conditions=tree.conditions + [condition])
+
+
+CatalogNodeAdapter.register_query(DirectChildren, _direct_children)
+
+
+@lru_cache(maxsize=4096)
+def _parse(scopes: frozenset) -> ScopeSet:
+    return ScopeSet.lenient(scopes)
+
+
+class VisitflowAccessPolicy(AccessPolicy):
+    """Config (tiled ``access_control.args``): ``raw_template``, ``processed_template``
+    (``null``/empty for a server holding only one store), ``admin_scope``."""
+
+    def __init__(self, raw_template: Optional[str] = DEFAULT_RAW_TEMPLATE,
+                 processed_template: Optional[str] = DEFAULT_PROCESSED_TEMPLATE,
+                 admin_scope: str = ADMIN_SCOPE, path_cache_size: int = 65536):
+        self.layout = Layout.from_templates(raw_template or None, processed_template or None)
+        self.admin_scope = admin_scope
+        self._path_cache: OrderedDict = OrderedDict()
+        self._path_cache_size = path_cache_size
+
+    # -- helpers ------------------------------------------------------------------------
+    def scopes_of(self, authn_scopes) -> ScopeSet:
+        return _parse(frozenset(authn_scopes or ()))
+
+    def is_admin(self, scopes: ScopeSet) -> bool:
+        return scopes.covers(OpaqueScope(self.admin_scope))
+
+    async def node_path(self, node) -> Optional[tuple[str, ...]]:
+        """The node's path from the catalog root (or, for a node that is not in the
+        catalog, its catalog ancestor's path), or None when it cannot be known.
+
+        Nodes *inside* a data-source-backed node (a table's columns, groups of a registered
+        HDF5 file) are plain adapters with no path.  Tiled reaches them only by walking from
+        the root, filtering every catalog node on the way, so the last catalog node this
+        request evaluated is their ancestor; it is remembered in a context variable (one
+        per request task) and used if it lies inside a run.
+
+        Cached by (id, parent, key, creation time): SQLite may reuse the id of a deleted
+        node, so the id alone could map a new node onto an old node's path.
+        """
+        orm_node = getattr(node, "node", None)
+        get_segments = getattr(node, "path_segments", None)
+        if orm_node is None or get_segments is None:
+            last = _LAST_CATALOG_PATH.get()
+            if last is not None and any(loc.inside_run for _t, loc in self._locations(last)):
+                return last
+            return None
+        if getattr(orm_node, "id", None) == 0 and getattr(orm_node, "parent", 1) is None:
+            _LAST_CATALOG_PATH.set(())
+            return ()
+        cache_key = (orm_node.id, orm_node.parent, orm_node.key, getattr(orm_node, "time_created", None))
+        path = self._path_cache.get(cache_key)
+        if path is None:
+            path = tuple(await get_segments())
+            self._path_cache[cache_key] = path
+            if len(self._path_cache) > self._path_cache_size:
+                self._path_cache.popitem(last=False)
+        _LAST_CATALOG_PATH.set(path)
+        return path
+
+    def _locations(self, path: tuple[str, ...]) -> list[tuple[object, Location]]:
+        out = []
+        for template in self.layout.templates():
+            loc = template.match(path)
+            if loc is not None:
+                out.append((template, loc))
+        return out
+
+    @staticmethod
+    def _names_ok(loc: Location) -> bool:
+        return valid_name(loc.visit) and (loc.run is None or valid_name(loc.run))
+
+    # -- pure decisions (unit-testable) -------------------------------------------------
+    def scopes_at(self, path: tuple[str, ...], scopes: ScopeSet,
+                  request: Optional[RequestInfo]) -> frozenset[str]:
+        """Tiled scopes a (non-admin) principal holds on the node at ``path``."""
+        if not path:
+            return META
+        result: set[str] = set()
+        for _template, loc in self._locations(path):
+            if loc.visit is None:  # a store root or a prefix above the visit
+                result |= META
+                continue
+            if not self._names_ok(loc):
+                continue
+            store, visit = loc.store, loc.visit
+            if not loc.inside_run:  # the visit container
+                if scopes.touches(store, visit):
+                    result |= META
+                if scopes.allows("read", store, visit):
+                    result |= READ_SCOPES
+                if request is None:
+                    # No request context (plain `tiled serve`): fail closed to visit-wide writers.
+                    if scopes.allows("write", store, visit):
+                        result |= META | {"write:metadata", "create:node"}
+                elif request.creates_child_of(path):
+                    key = request.new_key
+                    run = key if key is not None and valid_name(key) else None
+                    if (key is None or run is not None) and scopes.allows("write", store, visit, run):
+                        result |= META | {"write:metadata", "create:node"}
+                continue
+            if scopes.allows("read", store, visit, loc.run):
+                result |= READ_SCOPES
+            if scopes.allows("write", store, visit, loc.run):
+                result |= READ_SCOPES | WRITE_SCOPES
+                if store == "processed":   # outputs get replaced; raw is append-only
+                    result |= DELETE_SCOPES
+        return frozenset(result)
+
+    def visible_children(self, path: tuple[str, ...], scopes: ScopeSet) -> tuple[bool, Optional[set[str]]]:
+        """(whole subtree visible?, keys of visible children or None for all children)."""
+        keys: set[str] = set()
+        all_children = False
+        for template, loc in self._locations(path):
+            if loc.inside_run:
+                return True, None
+            if loc.visit is not None:  # visit container: the runs it may read or write
+                if not self._names_ok(loc) or not scopes.touches(loc.store, loc.visit):
+                    continue
+                readable = scopes.runs(loc.store, loc.visit, "read")
+                writable = scopes.runs(loc.store, loc.visit, "write")
+                if readable is None or writable is None:
+                    return True, None
+                keys |= readable | writable
+                continue
+            nxt = template.match(list(path) + [_PROBE])
+            if nxt is None:  # next template segment is a literal
+                keys.add(template.segments[len(path)])
+            elif nxt.visit == _PROBE:
+                keys |= scopes.visits(template.store)
+            else:  # another placeholder above the visit ({instrument}, {proposal}...)
+                all_children = True
+        return False, (None if all_children else keys)
+
+    # -- tiled protocol -------------------------------------------------------------------
+    async def init_node(self, principal, authn_access_tags, authn_scopes, access_tags=None):
+        """Access tags are not used: where a node lives decides who may see it."""
+        return (bool(access_tags), normalize_access_tags())
+
+    async def modify_node(self, node, principal, authn_access_tags, authn_scopes, access_tags):
+        return (bool(access_tags), normalize_access_tags())
+
+    async def allowed_scopes(self, node, principal, authn_access_tags, authn_scopes):
+        if principal is None:
+            return NONE
+        scopes = self.scopes_of(authn_scopes)
+        if self.is_admin(scopes):
+            return ALL_SCOPES
+        path = await self.node_path(node)
+        if path is None:
+            return NONE
+        return self.scopes_at(path, scopes, REQUEST.get())
+
+    async def filters(self, node, principal, authn_access_tags, authn_scopes, scopes):
+        if principal is None:
+            return NO_ACCESS
+        ours = self.scopes_of(authn_scopes)
+        if self.is_admin(ours):
+            return []
+        path = await self.node_path(node)
+        if path is None:
+            return NO_ACCESS
+        whole, keys = self.visible_children(path, ours)
+        if whole:
+            return []
+        return [DirectChildren(node.node.id, None if keys is None else sorted(keys))]

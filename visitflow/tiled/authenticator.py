@@ -1,0 +1,305 @@
+"""Tiled authenticator: our JWT access tokens in, Tiled principal + scopes out.
+
+Why a subclass of tiled's ``ProxiedOIDCAuthenticator`` and not a fresh class: tiled 0.2.20
+only routes bearer tokens it did not mint itself to ``settings.authenticator``, and it sets
+that only when the single configured provider *is* a ``ProxiedOIDCAuthenticator``.  So we
+inherit the type and replace what it does:
+
+* ``decode_token`` validates with :class:`visitflow.tokens.TokenValidator` (issuer,
+  audience ``tiled``, RS256 only, ``typ``, required claims) and turns every failure into a
+  **401 whose body says why**.  The stock implementation lets ``jwt`` errors for a wrong
+  audience or an unknown ``kid`` escape as 500s.
+* Tiled's own scopes (``read:metadata``, ``write:data``, ``create:node``...) are *derived*
+  from ours; scope strings in the token that happen to be Tiled scope names are ignored.
+  Our parsed scopes ride along in the same ``scope`` claim, so the access policy receives
+  them as ``authn_scopes`` (Tiled only ever checks that required scopes are a subset).
+* ``sub`` is rewritten to a stable UUID and the real subject moved to ``user``: tiled
+  parses ``sub`` as a UUID hex for proxied tokens (``alice`` would be a 500) and takes the
+  identity from ``user``.  Claims tiled would interpret (``sub_typ``, ``ids``, ``state``)
+  are never passed through.
+* ``authenticate`` (authorization-code login) is disabled: Tiled never mints sessions here.
+
+``decode_token`` is synchronous and runs on the event loop, so signing keys come from a
+cache refreshed in a background thread; only an unknown ``kid`` may wait, briefly and at
+most once per cooldown, for a refresh (that is how key rotation reaches us).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Iterable, Optional
+
+import httpx
+import jwt
+from fastapi import HTTPException
+from tiled.authenticators import ProxiedOIDCAuthenticator
+
+from ..scopes import OpaqueScope, ScopeSet
+from ..tokens import ACCESS_TOKEN_TYPES, Claims, InvalidToken, TokenValidator, discover
+
+logger = logging.getLogger(__name__)
+
+#: The opaque scope of the admin service account (client ``visitflow-admin``).
+ADMIN_SCOPE = "visitflow:admin"
+
+READ_SCOPES = frozenset({"read:metadata", "read:data"})
+WRITE_SCOPES = frozenset({"write:metadata", "write:data", "create:node"})
+#: Processed outputs get replaced (analyses rewrite results); raw data is never deleted
+#: except by the admin.  The policy grants these only inside a processed run.
+DELETE_SCOPES = frozenset({"delete:node", "delete:revision"})
+#: What the admin step needs (create store roots / visit containers) plus housekeeping.
+ADMIN_TILED_SCOPES = READ_SCOPES | WRITE_SCOPES | DELETE_SCOPES | frozenset({"register", "metrics"})
+
+
+def derive_tiled_scopes(scopes: ScopeSet, *, admin_scope: str = ADMIN_SCOPE,
+                        grant_register: bool = False) -> set[str]:
+    """Tiled's coarse, per-request scopes implied by ours.
+
+    They only open the door; which node may be read or written is the access policy's
+    decision.  ``register`` (pointing nodes at existing files) is withheld by default:
+    a writer could otherwise register another visit's files from the shared storage.
+    Deleting is derived only from write scopes on the processed store.
+    """
+    out: set[str] = set()
+    if scopes.covers(OpaqueScope(admin_scope)):
+        return set(ADMIN_TILED_SCOPES)
+    for s in scopes.data_scopes():
+        out |= READ_SCOPES
+        if s.action == "write":
+            out |= WRITE_SCOPES
+            if s.store in ("processed", "data"):
+                out |= DELETE_SCOPES
+            if grant_register:
+                out.add("register")
+    return out
+
+
+def carried_scopes(scopes: ScopeSet, *, admin_scope: str = ADMIN_SCOPE) -> set[str]:
+    """Our scopes that the access policy needs to see (data scopes and the admin scope)."""
+    out = {str(s) for s in scopes.data_scopes()}
+    if scopes.covers(OpaqueScope(admin_scope)):
+        out.add(admin_scope)
+    return out
+
+
+def principal_uuid(issuer: str, sub: str) -> str:
+    """A stable UUID (hex) for tiled's ``sub`` slot; never equal to a tiled-minted uuid4."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{issuer}#{sub}").hex
+
+
+class BackgroundJWKSValidator(TokenValidator):
+    """:class:`TokenValidator` whose signing keys never make the caller wait on the network.
+
+    The JWKS is fetched at start and then in a daemon thread: when the cache is older than
+    ``refresh_interval`` (stale keys keep working meanwhile) and when an unknown ``kid``
+    arrives (rate-limited by ``min_refetch_interval``; the caller then waits at most
+    ``unknown_kid_wait`` seconds for that refresh).  All claim checks are the parent's.
+    """
+
+    def __init__(self, issuer: str, audience: str | Iterable[str], *, refresh_interval: float = 300.0,
+                 unknown_kid_wait: float = 1.0, fetch_timeout: float = 5.0, **kwargs):
+        super().__init__(issuer, audience, **kwargs)
+        self.refresh_interval = refresh_interval
+        self.unknown_kid_wait = unknown_kid_wait
+        self.fetch_timeout = fetch_timeout
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = 0.0
+        self._attempted_at = 0.0
+        self._state_lock = threading.Lock()
+        self._inflight: threading.Event | None = None
+
+    # -- key cache ---------------------------------------------------------------------
+    def fetch_keys(self) -> None:
+        """Fetch the JWKS now (blocking); keeps the old keys if the fetch fails."""
+        try:
+            resp = httpx.get(self.jwks_uri, timeout=self.fetch_timeout)
+            resp.raise_for_status()
+            keys = {}
+            for jwk in resp.json().get("keys", []):
+                if jwk.get("use", "sig") != "sig" or not jwk.get("kid"):
+                    continue
+                try:
+                    keys[jwk["kid"]] = jwt.PyJWK(jwk)
+                except jwt.PyJWTError as exc:  # an unusable key must not hide the others
+                    logger.warning("skipping JWKS key %s: %s", jwk.get("kid"), exc)
+            self._keys = keys
+            self._fetched_at = time.monotonic()
+        except Exception as exc:  # network, JSON, discovery: keep serving the cached keys
+            logger.warning("could not refresh signing keys from %s: %s", self._jwks_uri, exc)
+
+    def _refresh_in_background(self) -> threading.Event | None:
+        """Start a refresh unless one is running or one was attempted within the cooldown.
+
+        Returns the Event of the running refresh (new or existing), or None if rate-limited.
+        """
+        with self._state_lock:
+            if self._inflight is not None:
+                return self._inflight
+            if time.monotonic() - self._attempted_at < self._min_refetch:
+                return None
+            self._attempted_at = time.monotonic()
+            done = self._inflight = threading.Event()
+
+        def run():
+            try:
+                self.fetch_keys()
+            finally:
+                with self._state_lock:
+                    self._inflight = None
+                done.set()
+
+        threading.Thread(target=run, name="visitflow-jwks", daemon=True).start()
+        return done
+
+    def _signing_key(self, kid: str):
+        key = self._keys.get(kid)
+        if key is not None:
+            if time.monotonic() - self._fetched_at > self.refresh_interval:
+                self._refresh_in_background()
+            return key
+        done = self._refresh_in_background()
+        if done is not None and done.wait(self.unknown_kid_wait):
+            key = self._keys.get(kid)
+            if key is not None:
+                return key
+        raise InvalidToken(f"unknown signing key id {kid!r}")
+
+
+def _www_authenticate(reason: str, error: str = "invalid_token") -> str:
+    safe = reason.replace("\\", "").replace('"', "'")
+    return f'Bearer error="{error}", error_description="{safe}"'
+
+
+class VisitflowAuthenticator(ProxiedOIDCAuthenticator):
+    """Accept visitflow access tokens (``aud`` ``tiled``) as Tiled bearer tokens.
+
+    Config (tiled ``authentication.providers[].args``): ``issuer`` (required),
+    ``audience`` (default ``tiled``), ``client_id``, ``device_flow_client_id``,
+    ``leeway``, ``admin_scope``, ``grant_register``, ``jwks_refresh_interval``,
+    ``discovery_timeout`` (how long to wait for the IdP at server start).
+    """
+
+    configuration_schema = """
+$schema": http://json-schema.org/draft-07/schema#
+type: object
+additionalProperties: false
+properties:
+  issuer: {type: string}
+  audience: {type: string}
+  client_id: {type: string}
+  device_flow_client_id: {type: string}
+  leeway: {type: number}
+  admin_scope: {type: string}
+  grant_register: {type: boolean}
+  jwks_refresh_interval: {type: number}
+  discovery_timeout: {type: number}
+  confirmation_message: {type: string}
+"""
+
+    def __init__(
+        self,
+        issuer: str,
+        audience: str = "tiled",
+        client_id: str = "tiled",
+        device_flow_client_id: str = "visitflow-cli",
+        leeway: float = 10.0,
+        admin_scope: str = ADMIN_SCOPE,
+        grant_register: bool = False,
+        jwks_refresh_interval: float = 300.0,
+        discovery_timeout: float = 60.0,
+        confirmation_message: str = "",
+    ):
+        self._issuer = issuer.rstrip("/")
+        self._discovery_timeout = discovery_timeout
+        self.admin_scope = admin_scope
+        self.grant_register = grant_register
+        # The parent's __init__ reads the discovery document (authorization endpoint etc.).
+        super().__init__(
+            audience=audience,
+            client_id=client_id,
+            well_known_uri=f"{self._issuer}/.well-known/openid-configuration",
+            device_flow_client_id=device_flow_client_id,
+            confirmation_message=confirmation_message,
+        )
+        self.validator = BackgroundJWKSValidator(
+            self._issuer,
+            audience,
+            jwks_uri=self._config_from_oidc_url["jwks_uri"],
+            leeway=leeway,
+            accepted_types=ACCESS_TOKEN_TYPES,
+            refresh_interval=jwks_refresh_interval,
+        )
+        self.validator.fetch_keys()
+
+    @functools.cached_property
+    def _config_from_oidc_url(self) -> dict[str, Any]:
+        """Discovery, retried until ``discovery_timeout``: the IdP may start after Tiled."""
+        deadline = time.monotonic() + self._discovery_timeout
+        while True:
+            try:
+                return discover(self._issuer, timeout=5.0)
+            except (httpx.HTTPError, ValueError) as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"OIDC discovery at {self._issuer} failed: {exc}") from exc
+                time.sleep(0.5)
+
+    @property
+    def issuer(self) -> str:  # the parent caches it from discovery; ours is configured
+        return self._issuer
+
+    @property
+    def end_session_endpoint(self) -> str:
+        """Tiled's about document requires a logout link; our dev IdP has no end-session
+        endpoint, so point at token revocation."""
+        doc = self._config_from_oidc_url
+        return doc.get("end_session_endpoint") or doc.get("revocation_endpoint") or f"{self._issuer}/logout"
+
+    async def authenticate(self, request) -> Optional[Any]:
+        """No authorization-code login into Tiled: clients bring their own tokens."""
+        return None
+
+    def claims_for_tiled(self, claims: Claims) -> dict[str, Any]:
+        """The decoded-token dict tiled consumes (see module docstring for why each key)."""
+        scopes = claims.scopes
+        tiled = derive_tiled_scopes(scopes, admin_scope=self.admin_scope, grant_register=self.grant_register)
+        ours = carried_scopes(scopes, admin_scope=self.admin_scope)
+        raw = claims.raw
+        out = {
+            "sub": principal_uuid(self._issuer, claims.sub),
+            "user": claims.sub,
+            "scope": " ".join(sorted(tiled | ours)),
+            "iss": raw.get("iss"),
+            "exp": raw.get("exp"),
+            "iat": raw.get("iat"),
+        }
+        for k in ("azp", "act", "jti"):
+            if k in raw:
+                out[k] = raw[k]
+        return out
+
+    def decode_token(self, id_token: str, access_token: Optional[str] = None) -> dict[str, Any]:
+        try:
+            claims = self.validator.validate(id_token)
+        except InvalidToken as exc:
+            raise HTTPException(status_code=401, detail=exc.reason,
+                                headers={"WWW-Authenticate": _www_authenticate(exc.reason)})
+        except jwt.PyJWTError as exc:  # e.g. a non-string kid, which tokens.py does not map
+            reason = f"invalid token: {exc}"
+            raise HTTPException(status_code=401, detail=reason,
+                                headers={"WWW-Authenticate": _www_authenticate(reason)})
+        except Exception:  # a bug or an odd token must still be a 401, not a 500
+            logger.exception("unexpected error validating a bearer token")
+            reason = "token could not be validated"
+            raise HTTPException(status_code=401, detail=reason,
+                                headers={"WWW-Authenticate": _www_authenticate(reason)})
+        return self.claims_for_tiled(claims)
+
+
+__all__ = [
+    "ADMIN_SCOPE", "VisitflowAuthenticator", "BackgroundJWKSValidator", "derive_tiled_scopes",
+    "carried_scopes", "principal_uuid",
+]

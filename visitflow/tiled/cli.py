@@ -1,0 +1,122 @@
+"""``visitflow tiled-config`` and ``visitflow tiled {serve,ensure-visits}``.
+
+argparse-friendly pairs (``add_*_arguments(parser)`` + ``run_*(args)``) that
+:mod:`visitflow.cli` looks up by command name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..scopes import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE
+
+
+def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> None:
+    parser.add_argument("--issuer", required=True, help="OIDC issuer URL (discovery at <issuer>/.well-known/...)")
+    parser.add_argument("--state-dir", required=state_required, help="catalog, storage and logs live here")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--raw-template", default=DEFAULT_RAW_TEMPLATE,
+                        help="node path of a raw run ('' if this server holds no raw store)")
+    parser.add_argument("--processed-template", default=DEFAULT_PROCESSED_TEMPLATE,
+                        help="node path of processed output ('' if this server holds no processed store)")
+    parser.add_argument("--audience", default="tiled")
+    parser.add_argument("--tabular-storage", default=None,
+                        help="SQL URI for TiledWriter's tables (default sqlite file in the state dir)")
+
+
+def _render(args):
+    from .config import render_config
+
+    return render_config(
+        issuer=args.issuer, state_dir=args.state_dir, host=args.host, port=args.port,
+        raw_template=args.raw_template or None, processed_template=args.processed_template or None,
+        audience=args.audience, tabular_storage=args.tabular_storage,
+    )
+
+
+# -- visitflow tiled-config ---------------------------------------------------------------
+
+def add_tiled_config_arguments(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("--output", "-o", help="write the YAML here instead of stdout")
+
+
+def run_tiled_config(args) -> int:
+    from .config import to_yaml, write_config
+
+    config = _render(args)
+    if args.output:
+        print(write_config(config, args.output))
+    else:
+        sys.stdout.write(to_yaml(config))
+    return 0
+
+
+tiled_config = run_tiled_config
+
+
+# -- visitflow tiled serve | ensure-visits ------------------------------------------------
+
+def add_tiled_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tiled_command", metavar="{serve,ensure-visits}", required=True)
+    serve = sub.add_parser("serve", help="run Tiled with our authenticator and access policy")
+    _common(serve)
+    serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--config-out", help="also write the rendered config here (default <state>/tiled.yml)")
+    ensure = sub.add_parser("ensure-visits", help="admin step: create store roots and visit containers")
+    ensure.add_argument("--uri", required=True, help="Tiled base URI, e.g. http://127.0.0.1:8000")
+    ensure.add_argument("--issuer", required=True)
+    ensure.add_argument("--client-id", default="visitflow-admin")
+    ensure.add_argument("--client-secret-env", default="VISITFLOW_ADMIN_SECRET",
+                        help="environment variable holding the client secret")
+    ensure.add_argument("--raw-template", default=DEFAULT_RAW_TEMPLATE)
+    ensure.add_argument("--processed-template", default=DEFAULT_PROCESSED_TEMPLATE)
+    ensure.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="value for another template placeholder (e.g. instrument=i22)")
+    ensure.add_argument("visits", nargs="+")
+
+
+def serve_tiled(args) -> int:
+    from .config import prepare_state_dir, write_config
+    from .server import serve
+
+    state = prepare_state_dir(args.state_dir)
+    config = _render(args)
+    write_config(config, args.config_out or state / "tiled.yml")
+    serve(config, log_level=args.log_level)
+    return 0
+
+
+def ensure_visits_cmd(args) -> int:
+    from ..scopes import Layout
+    from .admin import admin_auth, ensure_visits
+
+    secret = os.environ.get(args.client_secret_env)
+    if not secret:
+        print(f"set {args.client_secret_env} to the {args.client_id} client secret", file=sys.stderr)
+        return 2
+    extra = dict(item.split("=", 1) for item in args.set)
+    layout = Layout.from_templates(args.raw_template or None, args.processed_template or None)
+    created = ensure_visits(args.uri, admin_auth(args.issuer, args.client_id, secret), args.visits,
+                            layout=layout, extra=extra)
+    for path in created:
+        print(f"created {path}")
+    return 0
+
+
+def run_tiled(args) -> int:
+    if args.tiled_command == "serve":
+        return serve_tiled(args)
+    return ensure_visits_cmd(args)
+
+
+add_arguments, run = add_tiled_arguments, run_tiled
+
+
+if __name__ == "__main__":  # python -m visitflow.tiled.cli serve ...
+    p = argparse.ArgumentParser(prog="visitflow tiled")
+    add_tiled_arguments(p)
+    sys.exit(run_tiled(p.parse_args()))

@@ -1,0 +1,108 @@
+"""Render the Tiled server configuration that wires in our authenticator and policy.
+
+One function, :func:`render_config`, so ``visitflow tiled-config`` (print it),
+``visitflow tiled serve`` (run it) and the test fixtures build the same server:
+
+* catalog: SQLite file under the state directory, created if missing;
+* ``writable_storage``: a directory for arrays (zarr) *and* a SQL tabular store — bluesky's
+  ``TiledWriter`` writes event streams as appendable tables, which need a SQL storage
+  (``sqlite:``/``duckdb:`` locally, ``postgresql:`` in production);
+* authentication: one provider, :class:`~visitflow.tiled.authenticator.VisitflowAuthenticator`,
+  no anonymous access;
+* access control: :class:`~visitflow.tiled.access_policy.VisitflowAccessPolicy` with the
+  path templates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..scopes import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout
+from .authenticator import ADMIN_SCOPE
+
+PROVIDER = "visitflow"
+
+
+def render_config(
+    *,
+    issuer: str,
+    state_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    raw_template: Optional[str] = DEFAULT_RAW_TEMPLATE,
+    processed_template: Optional[str] = DEFAULT_PROCESSED_TEMPLATE,
+    audience: str = "tiled",
+    admin_scope: str = ADMIN_SCOPE,
+    tabular_storage: Optional[str] = None,
+    catalog_uri: Optional[str] = None,
+    authn_database_uri: Optional[str] = None,
+    grant_register: bool = False,
+) -> dict[str, Any]:
+    """A tiled config dict (``tiled serve config`` accepts it as YAML).
+
+    ``tabular_storage`` defaults to a SQLite file (``sqlite:///<state>/tables.sqlite``);
+    ``authn_database_uri`` (Tiled's principals table, touched on every authenticated
+    request) defaults to a SQLite file too.
+    """
+    Layout.from_templates(raw_template or None, processed_template or None)  # validate early
+    state = Path(state_dir).resolve()
+    data_dir = state / "data"
+    return {
+        "authentication": {
+            "providers": [
+                {
+                    "provider": PROVIDER,
+                    "authenticator": "visitflow.tiled.authenticator:VisitflowAuthenticator",
+                    "args": {
+                        "issuer": issuer.rstrip("/"),
+                        "audience": audience,
+                        "admin_scope": admin_scope,
+                        "grant_register": grant_register,
+                    },
+                }
+            ],
+            "allow_anonymous_access": False,
+        },
+        "database": {
+            "uri": authn_database_uri or f"sqlite:///{state / 'authn.sqlite'}",
+            "init_if_not_exists": True,
+        },
+        "access_control": {
+            "access_policy": "visitflow.tiled.access_policy:VisitflowAccessPolicy",
+            "args": {
+                "raw_template": raw_template or None,
+                "processed_template": processed_template or None,
+                "admin_scope": admin_scope,
+            },
+        },
+        "catalog": {
+            "uri": catalog_uri or f"sqlite:///{state / 'catalog.sqlite'}",
+            "writable_storage": [
+                str(data_dir),
+                tabular_storage or f"sqlite:///{state / 'tables.sqlite'}",
+            ],
+            "init_if_not_exists": True,
+        },
+        "uvicorn": {"host": host, "port": int(port)},
+    }
+
+
+def prepare_state_dir(state_dir: str | Path) -> Path:
+    """Create the directories the config points at (tiled does not create ``data/``)."""
+    state = Path(state_dir).resolve()
+    (state / "data").mkdir(parents=True, exist_ok=True)
+    return state
+
+
+def to_yaml(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def write_config(config: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(config))
+    return path

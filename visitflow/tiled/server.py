@@ -1,0 +1,33 @@
+"""Run Tiled in-process with our request-context middleware around it.
+
+Why not ``tiled serve config``: the access policy needs to know which key a create request
+carries (see :mod:`.request_context`), and only the process that builds the app can wrap
+it.  Building the app ourselves also skips a subprocess and a YAML round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .request_context import RequestContextMiddleware
+
+
+def build_app(config: dict[str, Any]):
+    """The Tiled ASGI app for a config dict (see :func:`.config.render_config`), wrapped."""
+    from tiled.config import Config
+    from tiled.server.app import build_app_from_config
+
+    parsed = Config.model_validate(config)
+    return RequestContextMiddleware(build_app_from_config(parsed))
+
+
+def serve(config: dict[str, Any], *, log_level: str = "info") -> None:
+    """Blocking: serve until SIGINT/SIGTERM."""
+    import uvicorn
+
+    uv = dict(config.get("uvicorn") or {})
+    host, port = uv.pop("host", "127.0.0.1"), int(uv.pop("port", 8000))
+    logging.basicConfig(level=log_level.upper())
+    app = build_app(config)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uv)
