@@ -15,6 +15,11 @@ COMMANDS = {
     "idp": ("visitflow.idp.cli", "run the dev OIDC token service (or rotate its key)"),
     "tiled-config": ("visitflow.tiled.cli", "print a Tiled server config using our auth"),
     "tiled": ("visitflow.tiled.cli", "run a Tiled server with our authenticator and access policy"),
+    "up": ("visitflow.stack.cli", "start the local stack (IdP, Tiled, Prefect server + worker); reuses a running one"),
+    "down": ("visitflow.stack.cli", "stop what `visitflow up` started"),
+    "status": ("visitflow.stack.cli", "say what runs where"),
+    "demo": ("visitflow.demo", "run the seed's story end to end (starts the stack if needed)"),
+    "trigger": ("visitflow.trigger.cli", "start an analysis of an existing run by hand, with your own token"),
 }
 
 

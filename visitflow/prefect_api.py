@@ -128,6 +128,16 @@ class PrefectAPI:
         self.request("DELETE", f"/block_documents/{existing['id']}", ok404=True)
         return True
 
+    # ------------------------------------------------------------------ concurrency
+    def ensure_concurrency_limit(self, name: str, limit: int) -> None:
+        """Create (or resize) a global concurrency limit, e.g. ``visitflow-live-a1``."""
+        try:
+            self.request("POST", "/v2/concurrency_limits/", json={"name": name, "limit": limit})
+        except PrefectRefused as exc:
+            if exc.status != 409:
+                raise
+            self.request("PATCH", f"/v2/concurrency_limits/{name}", json={"limit": limit})
+
     # ------------------------------------------------------------------ flow runs
     def deployment(self, name: str) -> dict:
         """``name`` is ``<flow>/<deployment>``."""

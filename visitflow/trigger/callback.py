@@ -149,6 +149,19 @@ class AnalysisTrigger:
                                     run["visit"], uid)
         self._wake.set()
 
+    def request(self, analysis: str, visit: str, run: str, variants=("post",)) -> None:
+        """Queue an analysis by hand (``visitflow trigger``), with this trigger's token."""
+        check_name(analysis, "analysis name")
+        check_name(visit, "visit")
+        check_name(run, "run id")
+        self._user_tokens[run] = self._token()
+        self.outbox.add_grant(analysis, visit, run)
+        for variant in variants:
+            self.outbox.add_request(grants.idempotency_key(analysis, variant, visit, run), analysis, variant,
+                                    visit, run)
+        self._decide("requested %s %s for %s/%s", analysis, "+".join(variants), visit, run)
+        self._wake.set()
+
     # ---------------------------------------------------------------- sender
     def start(self) -> None:
         if self._sender is None or not self._sender.is_alive():

@@ -1,0 +1,64 @@
+"""``visitflow trigger``: start an analysis of an existing run by hand, with your own token.
+
+For re-runs (a new version of the analysis, a post run that never happened).  Your token
+is exchanged exactly as the trigger inside blueapi would exchange it, so the IdP still
+decides whether you may run this analysis on this visit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--analysis", required=True, help="e.g. saxs_average")
+    p.add_argument("--visit", required=True)
+    p.add_argument("--run", required=True, help="run id (start document uid)")
+    p.add_argument("--variant", choices=["post", "live", "both"], default="post")
+    p.add_argument("--issuer", default=os.environ.get("VISITFLOW_ISSUER", "http://127.0.0.1:8180"))
+    p.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api"))
+    p.add_argument("--client-id", default="blueapi", help="client that may exchange user tokens (default blueapi)")
+    p.add_argument("--client-secret-env", default="VISITFLOW_TRIGGER_CLIENT_SECRET",
+                   help="environment variable holding that client's secret")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--token-env", help="environment variable holding your access token")
+    who.add_argument("--user", help="dev IdP only: log in with this user (password from --password-env)")
+    p.add_argument("--password-env", default="VISITFLOW_PASSWORD")
+    p.add_argument("--timeout", type=float, default=60)
+
+
+def run(args) -> int:
+    from .. import oauth
+    from .callback import AnalysisTrigger, TriggerSettings
+
+    secret = os.environ.get(args.client_secret_env)
+    if not secret:
+        print(f"set {args.client_secret_env} to the {args.client_id} client secret")
+        return 2
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            print(f"{args.token_env} is empty")
+            return 2
+    else:
+        password = os.environ.get(args.password_env, args.user)
+        token = oauth.password_login(oauth.token_endpoint(args.issuer), args.user, password).access_token
+    variants = ("live", "post") if args.variant == "both" else (args.variant,)
+    with tempfile.TemporaryDirectory() as tmp:
+        trigger = AnalysisTrigger(TriggerSettings(issuer=args.issuer, prefect_api_url=args.prefect_api,
+                                                  client_id=args.client_id, client_secret=secret,
+                                                  state_dir=Path(tmp)), token=token)
+        try:
+            trigger.request(args.analysis, args.visit, args.run, variants)
+            trigger.flush(args.timeout)
+            ok = True
+            for r in trigger.outbox.requests():
+                print(f"{r.key}: {r.state}" + (f" flow run {r.flow_run_id}" if r.flow_run_id else "")
+                      + (f" ({r.error})" if r.error and r.state != "done" else ""))
+                ok &= r.state == "done"
+        finally:
+            trigger.close()
+    return 0 if ok else 1
