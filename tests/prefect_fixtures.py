@@ -4,6 +4,7 @@ process worker — wired to the session's real IdP and Tiled."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -49,7 +50,9 @@ class PrefectStack:
 def prefect_stack(tmp_path_factory, idp, tiled_server):
     state = tmp_path_factory.mktemp("prefect")
     port = free_port()
-    server = pstack.start_server(state, port, ui=False)
+    # VISITFLOW_TEST_PREFECT_DATABASE_URL=postgresql+asyncpg://... runs the suite on PostgreSQL.
+    server = pstack.start_server(state, port, ui=False,
+                                 database_url=os.environ.get("VISITFLOW_TEST_PREFECT_DATABASE_URL"))
     worker = None
     try:
         server.wait_ready(timeout=180)
