@@ -40,10 +40,19 @@ class PrefectStack:
                                           tags=grants.run_tags(analysis, visit, run_id, variant))
         return self.api.wait_for_flow_run(fr["id"], timeout=timeout) if wait else fr
 
-    def logs(self, flow_run_id: str) -> str:
-        rows = self.api.request("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
-                                                              "limit": 200, "sort": "TIMESTAMP_ASC"})
-        return "\n".join(r["message"] for r in rows)
+    def logs(self, flow_run_id: str, wait_for: str | None = None, timeout: float = 15) -> str:
+        """The flow run's logs as stored by the server; ``wait_for`` polls until that text
+        arrives (logs are shipped in batches, so they can trail the final state)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.api.request("POST", "/logs/filter", json={
+                "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "sort": "TIMESTAMP_ASC"})
+            text = "\n".join(r["message"] for r in rows)
+            if wait_for is None or wait_for in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")

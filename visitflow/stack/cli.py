@@ -20,6 +20,8 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-health-port", type=int, default=8181)
     p.add_argument("--visit", action="append", default=None, help="visit containers to create (default a1 a2)")
     p.add_argument("--no-ui", action="store_true", help="Prefect server without its UI")
+    p.add_argument("--worker-type", choices=["visitflow", "process"], default=None,
+                   help="visitflow: warm forked flow runs (default); process: Prefect's stock worker")
 
 
 def _config(args) -> StackConfig:
@@ -33,6 +35,8 @@ def _config(args) -> StackConfig:
         config.visits = tuple(args.visit)
     if getattr(args, "no_ui", False):
         config.ui = False
+    if getattr(args, "worker_type", None):
+        config.worker_type = args.worker_type
     return config
 
 

@@ -37,6 +37,7 @@ class StackConfig:
     post_limit: int = 4          # post runs at once, overall (work-queue limit)
     live_per_visit: int = 4      # live runs at once, per visit (global concurrency limit)
     ui: bool = True
+    worker_type: str = pstack.DEFAULT_WORKER_TYPE   # "visitflow" (warm) or "process" (stock)
 
     @property
     def issuer(self) -> str:
@@ -156,11 +157,13 @@ class LocalStack:
         if server_started or not healthy(worker_health):
             say("prefect: work pool, queues, block and deployments (prefect deploy --all)...")
             t0 = time.monotonic()
-            pstack.configure(env, issuer=c.issuer, tiled_uri=c.tiled_uri, post_limit=c.post_limit)
+            pstack.configure(env, issuer=c.issuer, tiled_uri=c.tiled_uri, post_limit=c.post_limit,
+                             worker_type=c.worker_type)
             self._visit_limits()
             say(f"prefect: configured in {time.monotonic() - t0:.1f}s")
         self._ensure("worker", [py, "-m", "prefect", "worker", "start", "--pool", pstack.POOL, "--name",
-                                "visitflow-local-worker", "--with-healthcheck"], worker_health,
+                                "visitflow-local-worker", "--type", c.worker_type, "--with-healthcheck"],
+                     worker_health,
                      env={**env, "VISITFLOW_CLIENT_SECRET": DEV_SECRETS["visitflow"],
                           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
                           "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",

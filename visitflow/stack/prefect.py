@@ -17,6 +17,9 @@ from ..services import Service, start_service
 REPO = Path(__file__).resolve().parents[2]
 POOL = "visitflow-local"
 BLOCK = "visitflow"
+#: ``visitflow`` = the warm worker (forked, pre-imported flow runs; visitflow/worker/);
+#: ``process`` = Prefect's stock process worker.  Same pool name, same deployments.
+DEFAULT_WORKER_TYPE = os.environ.get("VISITFLOW_WORKER_TYPE", "visitflow")
 
 
 def prefect_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
@@ -66,9 +69,9 @@ def save_block_script(*, issuer: str, raw_uri: str, processed_uri: str | None, s
 
 def configure(env: dict, *, issuer: str, tiled_uri: str, processed_uri: str | None = None,
               secret_env: str = "VISITFLOW_CLIENT_SECRET", post_limit: int = 4,
-              repo: Path = REPO) -> None:
+              repo: Path = REPO, worker_type: str = DEFAULT_WORKER_TYPE) -> None:
     """Pool + queues, Block type and document, deployments from prefect.yaml (idempotent)."""
-    run_cli(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+    run_cli(["work-pool", "create", POOL, "--type", worker_type, "--overwrite"], env)
     for queue, limit in (("live", None), ("post", post_limit)):
         args = ["work-queue", "create", queue, "--pool", POOL]
         if limit:
@@ -89,12 +92,13 @@ def configure(env: dict, *, issuer: str, tiled_uri: str, processed_uri: str | No
 
 def start_worker(state: Path, env: dict, *, health_port: int, name: str = "visitflow-local-worker",
                  client_secret: str, secret_env: str = "VISITFLOW_CLIENT_SECRET", log_dir: Path | None = None,
-                 worker_type: str | None = None, extra_env: dict | None = None) -> Service:
+                 worker_type: str | None = DEFAULT_WORKER_TYPE, extra_env: dict | None = None,
+                 pool: str = POOL) -> Service:
     """A worker for the local pool; the client secret reaches flow runs via its environment.
 
     Polls every second (default 10 s: most of a live analysis' start latency).  Readiness is
     the worker's own health endpoint (``--with-healthcheck``)."""
-    args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", name,
+    args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
             "--with-healthcheck"]
     if worker_type:
         args += ["--type", worker_type]

@@ -1,0 +1,136 @@
+"""The warm parent ("zygote") of the visitflow worker: imports once, forks per flow run.
+
+Most of a process worker's 11–20 s start latency is a fresh Python importing Prefect,
+numpy, tiled and the analysis.  The zygote pays that once, then stays *single-threaded*
+(so ``fork`` is safe: no other thread can hold a lock the child would inherit) and forks a
+child per flow run.  The child starts its own session (so cancellation can signal its whole
+process group), takes the run's environment and working directory, and runs exactly what
+``python -m prefect.engine`` runs.  A crashing child cannot hurt the zygote or the worker;
+the exit code reaches the worker, which reports a crash like the process worker does.
+
+Protocol (JSON lines): stdin ``{"id", "flow_run_id", "env", "cwd"}``; stdout
+``{"id", "pid"}`` when forked, ``{"pid", "code"}`` when a child exits, ``{"ready": true,
+"import_seconds"}`` once at start.  Child output goes to the zygote's stderr (the worker log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import sys
+import threading
+import time
+
+PRELOAD = (
+    "numpy", "httpx", "jwt", "prefect", "prefect.flow_engine", "prefect.engine", "prefect.blocks.system",
+    "prefect.artifacts", "prefect.concurrency.sync", "tiled.client", "visitflow.flowrun", "visitflow.blocks",
+    "visitflow.tiled.rawrun", "visitflow.tiled.outputs", "visitflow.tiled.client", "pandas", "PIL.Image",
+)
+
+
+def run_flow_run(flow_run_id: str) -> int:
+    """What ``python -m prefect.engine <id>`` does; returns the exit code."""
+    from uuid import UUID
+
+    from prefect._internal.control_listener import configure_from_env
+    from prefect.engine import _drive_run_flow_result, handle_engine_signals
+
+    configure_from_env()
+    run_id = UUID(flow_run_id)
+    try:
+        with handle_engine_signals(run_id):
+            from prefect._internal.metrics import RunMetrics
+            from prefect.flow_engine import flow_run_logger, load_flow, load_flow_run, run_flow
+
+            flow_run = load_flow_run(flow_run_id=run_id)
+            run_logger = flow_run_logger(flow_run=flow_run)
+            try:
+                flow = load_flow(flow_run)
+            except Exception:
+                run_logger.error("Unexpected exception encountered when trying to load flow", exc_info=True)
+                raise
+            with RunMetrics(flow_run, flow):
+                result = run_flow(flow, flow_run=flow_run, error_logger=run_logger)
+                _drive_run_flow_result(flow, result)
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
+def _child(request: dict) -> None:
+    """In the forked child: become the flow run's process, never return."""
+    code = 1
+    try:
+        os.setsid()
+        os.dup2(2, 1)  # prints go to the worker log, not into the protocol pipe
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)  # the protocol pipe belongs to the zygote
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update({k: v for k, v in request["env"].items() if v is not None})
+        if request.get("cwd"):
+            os.chdir(request["cwd"])
+        code = run_flow_run(request["flow_run_id"])
+    except BaseException:  # noqa: BLE001 - report, then exit with a failure code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _emit(message: dict) -> None:
+    sys.__stdout__.write(json.dumps(message) + "\n")
+    sys.__stdout__.flush()
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _emit({"pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def main() -> int:
+    t0 = time.monotonic()
+    for module in PRELOAD + tuple(a for a in sys.argv[1:] if a):
+        try:
+            __import__(module)
+        except Exception as exc:  # noqa: BLE001 - a missing optional module only costs speed
+            print(f"visitflow zygote: could not preload {module}: {exc}", file=sys.stderr)
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if threads:  # fork would copy locks held by these: refuse rather than deadlock later
+        print(f"visitflow zygote: threads started during preload: {threads}", file=sys.stderr)
+        return 3
+    _emit({"ready": True, "import_seconds": round(time.monotonic() - t0, 3), "pid": os.getpid()})
+    sel = selectors.DefaultSelector()
+    sel.register(sys.stdin, selectors.EVENT_READ)
+    while True:
+        events = sel.select(timeout=0.05)
+        _reap()
+        if not events:
+            continue
+        line = sys.stdin.readline()
+        if not line:  # worker went away: exit; running children continue on their own
+            return 0
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            sel.close()
+            _child(request)
+        _emit({"id": request["id"], "pid": pid})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
