@@ -180,7 +180,8 @@ class VisitflowAuthenticator(ProxiedOIDCAuthenticator):
     Config (tiled ``authentication.providers[].args``): ``issuer`` (required),
     ``audience`` (default ``tiled``), ``client_id``, ``device_flow_client_id``,
     ``leeway``, ``admin_scope``, ``grant_register``, ``jwks_refresh_interval``,
-    ``discovery_timeout`` (how long to wait for the IdP at server start).
+    ``discovery_timeout`` (how long to wait for the IdP at server start),
+    ``cache_seconds`` (how long a validated token is remembered, capped by its exp).
     """
 
     configuration_schema = """
@@ -197,6 +198,7 @@ properties:
   grant_register: {type: boolean}
   jwks_refresh_interval: {type: number}
   discovery_timeout: {type: number}
+  cache_seconds: {type: number}
   confirmation_message: {type: string}
 """
 
@@ -211,12 +213,15 @@ properties:
         grant_register: bool = False,
         jwks_refresh_interval: float = 300.0,
         discovery_timeout: float = 60.0,
+        cache_seconds: float = 30.0,
         confirmation_message: str = "",
     ):
         self._issuer = issuer.rstrip("/")
         self._discovery_timeout = discovery_timeout
         self.admin_scope = admin_scope
         self.grant_register = grant_register
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, dict]] = {}
         # The parent's __init__ reads the discovery document (authorization endpoint etc.).
         super().__init__(
             audience=audience,
@@ -282,6 +287,20 @@ properties:
         return out
 
     def decode_token(self, id_token: str, access_token: Optional[str] = None) -> dict[str, Any]:
+        # Tiled decodes the bearer token twice per request (principal and scopes are
+        # separate dependencies), so a validated token is remembered briefly: until its exp
+        # and at most ``cache_seconds``, which bounds how long a JWKS key removal lags.
+        now = time.time()
+        hit = self._cache.get(id_token)
+        if hit is not None and now < hit[0]:
+            return dict(hit[1])
+        out = self._decode(id_token)
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[id_token] = (min(float(out["exp"]), now + self.cache_seconds), out)
+        return dict(out)
+
+    def _decode(self, id_token: str) -> dict[str, Any]:
         try:
             claims = self.validator.validate(id_token)
         except InvalidToken as exc:

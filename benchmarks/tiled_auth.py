@@ -1,0 +1,188 @@
+"""What does our JWT authentication + path policy cost on a Tiled metadata GET?
+
+Starts a dev IdP and three Tiled servers with identical content (raw/a1/<run> written by
+bluesky's TiledWriter) and measures, side by side in interleaved rounds:
+
+* ``apikey``       tiled's single-user API key, no access policy (the cheapest tiled auth);
+* ``jwt``          our authenticator (JWT validation) + our access policy (the real setup);
+* ``jwt-nopolicy`` our authenticator, no access policy (isolates authentication cost);
+* ``jwt-filedb``   as ``jwt`` but tiled's principals DB in a SQLite file (tiled commits to
+  it on every request with an external token), not in memory (our default).
+
+Reports the median and p90 latency of sequential keep-alive requests and requests/s with
+4 client threads, and writes the table to ``benchmarks/results/tiled_auth.md``.
+
+    python benchmarks/tiled_auth.py [--n 400] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from visitflow.services import free_port, start_service  # noqa: E402
+from visitflow.tiled.config import prepare_state_dir, render_config, write_config  # noqa: E402
+
+API_KEY = "benchsecret0123456789"
+MODES = ("apikey", "jwt", "jwt-nopolicy", "jwt-filedb")
+SERVE = "import sys, yaml; from visitflow.tiled.server import serve; serve(yaml.safe_load(open(sys.argv[1])), log_level='warning')"
+
+
+def start_tiled(name, issuer, tmp: Path, mode: str):
+    port = free_port()
+    state = prepare_state_dir(tmp / name)
+    cfg = render_config(issuer=issuer, state_dir=state, port=port)
+    if mode == "apikey":
+        cfg.pop("access_control")
+        cfg["authentication"] = {"single_user_api_key": API_KEY, "allow_anonymous_access": False}
+        cfg.pop("database")
+    elif mode == "jwt-nopolicy":
+        cfg.pop("access_control")
+    elif mode == "jwt-filedb":
+        cfg["database"]["uri"] = f"sqlite:///{state / 'authn.sqlite'}"
+    path = write_config(cfg, state / "tiled.yml")
+    svc = start_service(name, [sys.executable, "-c", SERVE, str(path)], log_dir=tmp / "logs",
+                        health_url=f"http://127.0.0.1:{port}/api/v1/")
+    svc.wait_ready(timeout=120)
+    return svc, f"http://127.0.0.1:{port}"
+
+
+def token(issuer, **form):
+    r = httpx.post(f"{issuer}/token", data=form["form"], auth=form.get("auth"))
+    r.raise_for_status()
+    return r.json()["access_token"]
+
+
+def write_run(uri, bearer: str | None) -> str:
+    """One real bluesky run via TiledWriter into raw/a1; returns its uid."""
+    import bluesky.plans as bp
+    from bluesky import RunEngine
+    from bluesky_tiled_plugins import TiledWriter
+    from ophyd.sim import det, motor
+    from tiled.client import from_uri
+
+    from visitflow.tiled.client import BearerAuth
+
+    node = f"{uri}/api/v1/metadata/raw/a1"
+    c = from_uri(node, api_key=API_KEY) if bearer is None else from_uri(node, auth=BearerAuth(lambda: bearer))
+    RE = RunEngine({})
+    RE.subscribe(TiledWriter(c))
+    (uid,) = RE(bp.scan([det], motor, -1, 1, 5))
+    return uid
+
+
+def measure(client: httpx.Client, url: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = client.get(url)
+        out.append(time.perf_counter() - t0)
+        assert r.status_code == 200, r.text
+    return out
+
+
+def throughput(url: str, headers: dict, n: int, threads: int = 4) -> float:
+    def work():
+        with httpx.Client(headers=headers) as c:
+            for _ in range(n // threads):
+                assert c.get(url).status_code == 200
+
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return (n // threads * threads) / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=400, help="requests per server per round")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="vf-bench-"))
+    idp_port = free_port()
+    issuer = f"http://127.0.0.1:{idp_port}"
+    services = []
+    try:
+        idp = start_service("idp", [sys.executable, "-m", "visitflow.cli", "idp", "--port", str(idp_port),
+                                    "--log-level", "warning"], log_dir=tmp / "logs", health_url=f"{issuer}/health")
+        services.append(idp)
+        idp.wait_ready(timeout=60)
+        servers = {}
+        for mode in MODES:
+            svc, uri = start_tiled(mode, issuer, tmp, mode)
+            services.append(svc)
+            servers[mode] = uri
+
+        admin = token(issuer, form={"grant_type": "client_credentials", "scope": "visitflow:admin"},
+                      auth=("visitflow-admin", "admin-dev-secret"))
+        alice = token(issuer, form={"grant_type": "password", "client_id": "visitflow-cli",
+                                    "username": "alice", "password": "alice"})
+        headers = {"apikey": {"Authorization": f"Apikey {API_KEY}"},
+                   "jwt": {"Authorization": f"Bearer {alice}"},
+                   "jwt-nopolicy": {"Authorization": f"Bearer {alice}"},
+                   "jwt-filedb": {"Authorization": f"Bearer {alice}"}}
+        urls = {}
+        for mode, uri in servers.items():
+            setup = {"Authorization": f"Apikey {API_KEY}"} if mode == "apikey" else {"Authorization": f"Bearer {admin}"}
+            for path, key in (("", "raw"), ("raw", "a1")):
+                httpx.post(f"{uri}/api/v1/metadata/{path}", headers=setup, json={
+                    "id": key, "structure_family": "container", "metadata": {}, "specs": [], "data_sources": []},
+                ).raise_for_status()
+            uid = write_run(uri, None if mode == "apikey" else alice)
+            urls[mode] = f"{uri}/api/v1/metadata/raw/a1/{uid}"
+
+        lat = {m: [] for m in servers}
+        rps = {m: [] for m in servers}
+        clients = {m: httpx.Client(headers=headers[m]) for m in servers}
+        for m in servers:  # warm up (JWKS, principal rows, path cache, connection)
+            measure(clients[m], urls[m], 50)
+        order = list(servers)
+        for r in range(args.rounds):
+            # Request by request, rotating the order: background load hits every variant alike.
+            for i in range(args.n):
+                for m in order[i % len(order):] + order[:i % len(order)]:
+                    lat[m] += measure(clients[m], urls[m], 1)
+            for m in order[r % len(order):] + order[:r % len(order)]:
+                rps[m].append(throughput(urls[m], headers[m], args.n))
+        for c in clients.values():
+            c.close()
+
+        base = statistics.median(lat["apikey"])
+        rows = ["| auth | median ms | p90 ms | ratio vs apikey (median) | req/s (4 threads, median of rounds) |",
+                "|---|---|---|---|---|"]
+        for m in servers:
+            xs = sorted(lat[m])
+            med, p90 = statistics.median(xs), xs[int(0.9 * len(xs))]
+            rows.append(f"| {m} | {med * 1e3:.2f} | {p90 * 1e3:.2f} | {med / base:.2f} | {statistics.median(rps[m]):.0f} |")
+        table = "\n".join(rows)
+        note = (f"\nTiled metadata GET of raw/a1/<run>: {args.rounds} rounds x {args.n} sequential keep-alive "
+                f"requests per server, interleaved request by request; req/s: {args.n} requests from 4 threads "
+                f"per round. jwt-filedb = jwt with tiled's principals DB in a SQLite file instead of memory. "
+                f"{time.strftime('%Y-%m-%d %H:%M')}, python {sys.version.split()[0]}.\n")
+        print(table + "\n" + note)
+        out = REPO / "benchmarks" / "results" / "tiled_auth.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("# Tiled: JWT + policy vs API key\n\n" + table + "\n" + note)
+        return 0
+    finally:
+        for svc in reversed(services):
+            svc.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
