@@ -222,6 +222,18 @@ def test_only_admin_creates_visits_and_store_roots(tiled_server, idp, alice_auth
     assert "a3" not in tiled_server.keys("raw", alice)
 
 
+def test_ensure_visits_cli(tiled_server, idp):
+    import os
+
+    argv = [sys.executable, "-m", "visitflow.cli", "tiled", "ensure-visits", "--uri", tiled_server.uri,
+            "--issuer", idp.issuer, "a4"]
+    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "VISITFLOW_ADMIN_SECRET": "admin-dev-secret"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["created", "raw/a4", "created", "processed/a4"]
+    wrong = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "VISITFLOW_ADMIN_SECRET": "nope"})
+    assert wrong.returncode != 0 and "401" in wrong.stderr
+
+
 # ------------------------------------------------------------------------ bad-token matrix
 def _b64(obj) -> str:
     raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()

@@ -123,43 +123,6 @@ class ClientCredentials:
         return body["access_token"], (time.time() + float(expires_in)) if expires_in else None
 
 
-class RefreshingToken:
-    """Provider: start from a token response (access + refresh token), then use the
-    ``refresh_token`` grant; ``fallback`` (another provider) is tried when refresh fails,
-    e.g. re-exchanging a grant."""
-
-    def __init__(self, issuer: str, client_id: str, token_response: dict, *,
-                 client_secret: Optional[str] = None, fallback: Optional[TokenProvider] = None,
-                 timeout: float = 10.0):
-        self.issuer, self.client_id, self.client_secret = issuer.rstrip("/"), client_id, client_secret
-        self.fallback, self.timeout = fallback, timeout
-        self._response: Optional[dict] = token_response
-        self._endpoint: Optional[str] = None
-
-    def __call__(self) -> TokenAndExpiry:
-        if self._response is not None:  # the initial response is used once
-            body, self._response = self._response, None
-            self._refresh_token = body.get("refresh_token")
-            return body["access_token"], token_expiry(body["access_token"])
-        try:
-            if not getattr(self, "_refresh_token", None):
-                raise RuntimeError("no refresh token")
-            self._endpoint = self._endpoint or _token_endpoint(self.issuer, self.timeout)
-            form = {"grant_type": "refresh_token", "refresh_token": self._refresh_token,
-                    "client_id": self.client_id}
-            auth = (self.client_id, self.client_secret) if self.client_secret else None
-            resp = httpx.post(self._endpoint, data=form, auth=auth, timeout=self.timeout)
-            resp.raise_for_status()
-            body = resp.json()
-            self._refresh_token = body.get("refresh_token", self._refresh_token)
-            return body["access_token"], token_expiry(body["access_token"])
-        except (httpx.HTTPError, RuntimeError, KeyError):
-            if self.fallback is None:
-                raise
-            got = self.fallback()
-            return (got, token_expiry(got)) if isinstance(got, str) else got
-
-
 # -- Tiled clients -----------------------------------------------------------------------
 
 #: Array reads uncompressed: measured 3-5x faster for detector frames on a LAN/loopback

@@ -24,7 +24,6 @@ from ..scopes import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout
 from .authenticator import ADMIN_SCOPE
 
 PROVIDER = "visitflow"
-MEMORY_AUTHN_DB = "sqlite:///file:authdb?mode=memory&cache=shared&uri=true"
 
 
 def render_config(
@@ -45,11 +44,11 @@ def render_config(
     """A tiled config dict (``tiled serve config`` accepts it as YAML).
 
     ``tabular_storage`` defaults to a SQLite file (``sqlite:///<state>/tables.sqlite``).
-    ``authn_database_uri`` is Tiled's principals table, which tiled reads *and commits*
-    on every request with an external token; nothing in it matters here (principals are
-    derived from tokens; no API keys or sessions), so it defaults to in-memory SQLite —
-    measured ~2x the concurrent throughput of a SQLite file (benchmarks/tiled_auth.py).
-    Use a shared database (PostgreSQL) when running several Tiled processes.
+    ``authn_database_uri`` is Tiled's principals table, which tiled reads *and commits to*
+    on every request with an external token; it defaults to a SQLite file in the state
+    directory.  Not tiled's in-memory default: with shared-cache in-memory SQLite,
+    concurrent requests fail with "cannot commit transaction - SQL statements in progress"
+    (500s, found by benchmarks/tiled_auth.py).  Use PostgreSQL for several Tiled processes.
     """
     Layout.from_templates(raw_template or None, processed_template or None)  # validate early
     state = Path(state_dir).resolve()
@@ -71,7 +70,7 @@ def render_config(
             "allow_anonymous_access": False,
         },
         "database": {
-            "uri": authn_database_uri or MEMORY_AUTHN_DB,
+            "uri": authn_database_uri or f"sqlite:///{state / 'authn.sqlite'}",
             "init_if_not_exists": True,
         },
         "access_control": {
