@@ -182,3 +182,15 @@ def test_live_killed_mid_scan_resumes_from_checkpoint(idp, tiled_server, prefect
     assert raw.shape[0] == num
     np.testing.assert_allclose(node["live"]["average"].read(), raw.astype(float).mean(axis=0), rtol=1e-6)
     assert "resuming live" in prefect_stack.logs(done["id"], wait_for="resuming live")
+
+
+def test_post_rerun_replaces_result(idp, tiled_server, prefect_stack):
+    """A second post run writes a new version, moves ``current``, deletes the old one."""
+    uid = run_scan(tiled_server.uri, idp.token("alice"), num=5)
+    delegate(idp, prefect_stack, "saxs_average", "a1", uid)
+    first = prefect_stack.run("saxs_average", "post", "a1", uid)
+    second = prefect_stack.run("saxs_average", "post", "a1", uid, idempotency_key=f"rerun-{uid}")
+    assert state_of(first)[0] == state_of(second)[0] == "COMPLETED"
+    node = user_root(tiled_server.uri, idp.token("alice"))[f"processed/a1/{uid}/saxs_average"]
+    assert node.metadata["current"] == f"post-{second['id'][:8]}"
+    assert [k for k in node if k.startswith("post-")] == [f"post-{second['id'][:8]}"]

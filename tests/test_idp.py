@@ -290,3 +290,13 @@ def test_refresh_bounded_by_delegated_session(short_idp):
     assert r.status_code == 400 and "expired" in r.json()["error_description"]
     r = short_idp.exchange_response(grant, "visitflow", audience="tiled", scope=DATA)
     assert r.status_code == 401 and "expired" in r.json()["error_description"]
+
+
+def test_non_string_kid_is_a_401_not_a_500(idp):
+    good = idp.sign(idp.claims())
+    header = base64.urlsafe_b64encode(b'{"alg":"RS256","kid":12345,"typ":"at+jwt"}').rstrip(b"=").decode()
+    token = header + good[good.index("."):]
+    with pytest.raises(InvalidToken):
+        TokenValidator(idp.issuer, "tiled").validate(token)
+    r = idp.exchange_response(token, "blueapi", audience="visitflow", scope=GRANT)
+    assert r.status_code == 401, r.text

@@ -162,7 +162,7 @@ class TokenValidator:
             raise InvalidToken("no token")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError as exc:
+        except jwt.PyJWTError as exc:  # DecodeError, or InvalidTokenError for e.g. a non-string kid
             raise InvalidToken(f"malformed token: {exc}") from exc
         alg = header.get("alg")
         if alg not in ALGORITHMS:

@@ -203,7 +203,7 @@ class IdP:
             raise InvalidToken("no token")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError as exc:
+        except jwt.PyJWTError as exc:  # DecodeError, or InvalidTokenError for e.g. a non-string kid
             raise InvalidToken(f"malformed token: {exc}") from exc
         if header.get("alg") not in ALGORITHMS:
             raise InvalidToken(f"signing algorithm {header.get('alg')!r} is not accepted")

@@ -89,7 +89,7 @@ class TiledResultSink:
             if self.variant == "post":
                 stale = _child(self.analysis_node, self.key)
                 if stale is not None:  # a retried attempt of the same flow run: start clean
-                    stale.delete(recursive=True)
+                    stale.delete(recursive=True, external_only=False)
             self.node = ensure_container(self.analysis_node, self.key,
                                          {**self.provenance, "status": "running", "frames_processed": 0,
                                           "started": _now()})
@@ -104,7 +104,7 @@ class TiledResultSink:
             existing.write(value)
             return
         if existing is not None:
-            existing.delete(recursive=True)
+            existing.delete(recursive=True, external_only=False)
         self._arrays[key] = node.write_array(value, key=key, metadata={"analysis_output": key})
 
     def write(self, outputs: dict, *, frames: int, status: str) -> None:
@@ -117,7 +117,7 @@ class TiledResultSink:
             import pandas as pd
 
             if "scalars" in self._arrays:
-                self._arrays["scalars"].delete(recursive=True)
+                self._arrays["scalars"].delete(recursive=True, external_only=False)
             self._arrays["scalars"] = self._variant_node().write_dataframe(
                 pd.DataFrame({k: [v] for k, v in scalars.items()}), key="scalars")
         meta = {"status": status, "frames_processed": int(frames), "updated": _now(),
@@ -140,7 +140,7 @@ class TiledResultSink:
             for key in list(self.analysis_node):
                 if key.startswith("post-") and key != self.key:
                     try:
-                        self.analysis_node[key].delete(recursive=True)
+                        self.analysis_node[key].delete(recursive=True, external_only=False)
                     except Exception as exc:  # noqa: BLE001 - stale copies are harmless
                         log.warning("could not delete stale result %s: %s", key, exc)
 

@@ -1,0 +1,1 @@
+"""visitflow benchmarks: ``python -m benchmarks`` prints one table of side-by-side ratios."""

@@ -1,0 +1,467 @@
+"""``python -m benchmarks``: start what is needed, measure P1–P7 side by side, print one table.
+
+P1  start document → flow body running: stock process worker vs the warm ``visitflow`` worker
+P2  live lag: raw frame written → processed update readable (p50/p95)
+P3  post read throughput: naive ``[:]`` vs ours (TiledRawRun) vs the best plain-tiled path
+P4  live CPU vs post CPU on the same 1,000 frames
+P5  live peak RSS at n vs 10n frames (incremental form)
+P6  authorised Tiled metadata GET (JWT + policy) vs API-key GET  (benchmarks/tiled_auth.py)
+P7  a burst of 100 triggers, 20 concurrent analyses: all run, once; p95 start
+
+Everything runs on loopback against real servers; numbers are ratios measured in the same
+run.  Writes ``benchmarks/RESULTS.md`` with the machine and date.  ``--quick`` shrinks sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from visitflow import grants, oauth  # noqa: E402
+from visitflow.prefect_api import PrefectAPI  # noqa: E402
+from visitflow.services import free_port  # noqa: E402
+from visitflow.stack import prefect as pstack  # noqa: E402
+from visitflow.stack.local import DEV_SECRETS, LocalStack, StackConfig  # noqa: E402
+
+
+def pct(values, q):
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
+
+
+def log(msg):
+    print(f"[bench] {msg}", flush=True)
+
+
+class Bench:
+    def __init__(self, tmp: Path, quick: bool):
+        self.tmp, self.quick = tmp, quick
+        self.config = StackConfig(state_dir=tmp / "stack", idp_port=free_port(), tiled_port=free_port(),
+                                  prefect_port=free_port(), worker_health_port=free_port(), ui=False,
+                                  worker_type="visitflow", live_per_visit=30)
+        self.stack = LocalStack(self.config)
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    # ------------------------------------------------------------------ setup
+    def up(self):
+        t0 = time.monotonic()
+        self.stack.up()
+        c = self.config
+        self.env = pstack.prefect_env(c.prefect_api, self.stack.state / "prefect")
+        self.api = PrefectAPI(c.prefect_api, timeout=30)
+        # A second pool served by Prefect's stock process worker, and a probe flow on both.
+        pstack.run_cli(["work-pool", "create", "bench-stock", "--type", "process", "--overwrite"], self.env)
+        pstack.run_cli(["work-pool", "set-concurrency-limit", pstack.POOL, "20"], self.env)  # P7: 20 at once
+        for pool in (pstack.POOL, "bench-stock"):
+            flow = self.api.request("POST", "/flows/", json={"name": "probe"})
+            self.api.request("POST", "/deployments/", json={
+                "name": pool, "flow_id": flow["id"], "entrypoint": "probe_flows.py:probe",
+                "path": str(REPO / "benchmarks"), "work_pool_name": pool, "enforce_parameter_schema": False,
+                "pull_steps": [{"prefect.deployments.steps.set_working_directory":
+                                {"directory": str(REPO / "benchmarks")}}]})
+        self.stock = pstack.start_worker(self.stack.state, self.env, health_port=free_port(), name="bench-stock",
+                                         client_secret=DEV_SECRETS["visitflow"], worker_type="process",
+                                         pool="bench-stock")
+        self.stock.wait_ready(120)
+        self.token_url = oauth.token_endpoint(c.issuer)
+        log(f"stack up in {time.monotonic() - t0:.0f}s")
+
+    def alice(self):
+        return oauth.password_login(self.token_url, "alice", "alice").access_token
+
+    def root(self, token=None, compression=False):
+        from visitflow.tiled.client import BearerAuth, connect
+
+        tok = token or self.alice()
+        return connect(self.config.tiled_uri, BearerAuth(lambda: tok), compression=compression)
+
+    def down(self):
+        try:
+            self.stock.stop()
+        finally:
+            self.stack.down()
+
+    # ------------------------------------------------------------------ helpers
+    def scan(self, num, shape, delay=0.0, subscribers=(), batch_size=1, seed=0):
+        import bluesky.plan_stubs as bps
+        from bluesky import RunEngine
+        from bluesky import preprocessors as bpp
+        from bluesky_tiled_plugins import TiledWriter
+
+        from visitflow.sim import make_devices
+
+        motor, det, saxs = make_devices(shape, seed=seed)
+        RE = RunEngine({}, context_managers=[])
+        writer = TiledWriter(self.root()["raw"]["a1"], batch_size=batch_size)
+        RE.subscribe(writer)
+        for cb in subscribers:
+            RE.subscribe(cb)
+
+        @bpp.run_decorator(md={"instrument_session": "a1"})
+        def plan():
+            for i in range(num):
+                yield from bps.mv(motor, -2 + 4 * i / max(num - 1, 1))
+                yield from bps.trigger_and_read([det, saxs, motor])
+                if delay:
+                    yield from bps.sleep(delay)
+
+        (uid,) = RE(plan())
+        return uid
+
+    def delegate(self, analysis, uid):
+        from visitflow.scopes import grant_scopes
+
+        grant = oauth.exchange(self.token_url, self.alice(), client_id="blueapi",
+                               client_secret=DEV_SECRETS["blueapi"], audience="visitflow",
+                               scope=str(grant_scopes(analysis, "a1", uid))).access_token
+        self.api.save_secret(grants.grant_secret_name(analysis, "a1", uid), grant)
+
+    def start_latency(self, deployment, n):
+        """create flow run → RUNNING (server's start_time), seconds."""
+        out = []
+        for _ in range(n):
+            t0 = time.time()
+            fr = self.api.create_flow_run(deployment, {}, idempotency_key=str(uuid.uuid4()))
+            done = self.api.wait_for_flow_run(fr["id"], timeout=120, interval=0.2)
+            assert done["state"]["type"] == "COMPLETED", done["state"]
+            start = dt.datetime.fromisoformat(done["start_time"].replace("Z", "+00:00")).timestamp()
+            out.append(start - t0)
+        return out
+
+    # ------------------------------------------------------------------ P1
+    def p1(self):
+        n = 5 if self.quick else 10
+        stock = self.start_latency("probe/bench-stock", n)
+        warm = self.start_latency(f"probe/{pstack.POOL}", n)
+        trig = self.trigger_overhead(3 if self.quick else 5)
+        self.rows.append(("P1 start doc → flow body running",
+                          f"stock {pct(stock, 50) + pct(trig, 50):.2f}s / p95 {pct(stock, 95) + pct(trig, 95):.2f}s",
+                          f"warm {pct(warm, 50) + pct(trig, 50):.2f}s / p95 {pct(warm, 95) + pct(trig, 95):.2f}s",
+                          f"{(pct(stock, 50) + pct(trig, 50)) / (pct(warm, 50) + pct(trig, 50)):.1f}× faster"))
+        self.details["P1"] = {"create_to_running_stock_s": stock, "create_to_running_warm_s": warm,
+                              "startdoc_to_created_s": trig}
+
+    def trigger_overhead(self, n):
+        """Start document → flow run created, through the real trigger (exchange, secret, create)."""
+        from visitflow.trigger import AnalysisTrigger, TriggerSettings
+
+        out = []
+        for i in range(n):
+            trig = AnalysisTrigger(TriggerSettings(issuer=self.config.issuer, prefect_api_url=self.config.prefect_api,
+                                                   client_secret=DEV_SECRETS["blueapi"], live=True, post_on=(),
+                                                   state_dir=self.tmp / f"trig-p1-{i}"), token=self.alice())
+            stamp = {}
+
+            def on_start(name, doc, stamp=stamp):
+                if name == "start":
+                    stamp["t"] = time.time()
+
+            uid = str(uuid.uuid4())
+            on_start("start", {})
+            trig("start", {"uid": uid, "analyses": ["peak_stats"], "instrument_session": "a1"})
+            assert trig.flush(30)
+            created = time.time()
+            out.append(created - stamp["t"])
+            req = trig.outbox.requests()[0]
+            trig.close()
+            self.api.request("POST", f"/flow_runs/{req.flow_run_id}/set_state",
+                             json={"state": {"type": "CANCELLED", "name": "Cancelled"}, "force": True})
+        return out
+
+    # ------------------------------------------------------------------ P2
+    def p2(self):
+        from visitflow.trigger import AnalysisTrigger, TriggerSettings
+
+        num, delay = (40, 0.1) if self.quick else (100, 0.1)
+        written: dict[int, float] = {}
+        seen: dict[int, float] = {}
+        state = {"uid": None, "n": 0, "stop": False}
+
+        def after_writer(name, doc):  # subscribed after TiledWriter: the frame is in Tiled
+            if name == "start":
+                state["uid"] = doc["uid"]
+            elif name == "event":
+                written[state["n"]] = time.time()
+                state["n"] += 1
+
+        trig = AnalysisTrigger(TriggerSettings(issuer=self.config.issuer, prefect_api_url=self.config.prefect_api,
+                                               client_secret=DEV_SECRETS["blueapi"], post_on=(),
+                                               state_dir=self.tmp / "trig-p2"), token=self.alice())
+        reader = self.root()
+
+        def watch():
+            while not state["stop"]:
+                uid = state["uid"]
+                if uid:
+                    try:
+                        done = reader[f"processed/a1/{uid}/saxs_average/live"].metadata.get("frames_processed", 0)
+                        now = time.time()
+                        for i in range(done):
+                            seen.setdefault(i, now)
+                    except KeyError:
+                        pass
+                time.sleep(0.02)
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        # uses_analyses-style metadata, only saxs_average
+        self.scan_with_md(num, (64, 64), delay, [after_writer, trig], {"analyses": ["saxs_average"]})
+        trig.flush(30)
+        fr_id = trig.outbox.requests()[0].flow_run_id
+        trig.close()
+        self.api.wait_for_flow_run(fr_id, timeout=180)
+        time.sleep(0.5)
+        state["stop"] = True
+        lags = [seen[i] - written[i] for i in written if i in seen]
+        first = min(seen.values()) if seen else float("inf")
+        steady = [seen[i] - written[i] for i in written if i in seen and written[i] >= first]
+        self.rows.append(("P2 live lag (frame written → result readable)",
+                          f"all frames p50 {pct(lags, 50):.2f}s p95 {pct(lags, 95):.2f}s",
+                          f"after live start p50 {pct(steady, 50):.2f}s p95 {pct(steady, 95):.2f}s",
+                          f"{len(lags)}/{num} frames seen"))
+        self.details["P2"] = {"lags_s": lags, "steady_s": steady}
+
+    def scan_with_md(self, num, shape, delay, subscribers, md):
+        import bluesky.plan_stubs as bps
+        from bluesky import RunEngine
+        from bluesky import preprocessors as bpp
+        from bluesky_tiled_plugins import TiledWriter
+
+        from visitflow.sim import make_devices
+
+        motor, det, saxs = make_devices(shape)
+        RE = RunEngine({}, context_managers=[])
+        RE.subscribe(TiledWriter(self.root()["raw"]["a1"], batch_size=1))
+        for cb in subscribers:
+            RE.subscribe(cb)
+
+        @bpp.run_decorator(md={"instrument_session": "a1", **md})
+        def plan():
+            for i in range(num):
+                yield from bps.mv(motor, -2 + 4 * i / max(num - 1, 1))
+                yield from bps.trigger_and_read([det, saxs, motor])
+                yield from bps.sleep(delay)
+
+        return RE(plan())[0]
+
+    # ------------------------------------------------------------------ P3
+    def p3(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from visitflow.tiled.rawrun import TiledRawRun
+
+        num, shape = (100, (256, 256)) if self.quick else (400, (256, 256))
+        t0 = time.monotonic()
+        uid = self.scan(num, shape, batch_size=50)
+        log(f"P3: wrote {num} frames of {shape} float32 in {time.monotonic() - t0:.0f}s")
+        mb = num * np.prod(shape) * 4 / 1e6
+
+        def naive():
+            return self.root(compression=True)[f"raw/a1/{uid}/primary/saxs"][:]
+
+        def best_plain():  # identity encoding, frame-chunked, 4 parallel requests
+            arr = self.root()[f"raw/a1/{uid}/primary/saxs"]
+            step = max(1, (8 << 20) // (np.prod(shape) * 4))
+            with ThreadPoolExecutor(4) as pool:
+                parts = list(pool.map(lambda a: arr[a:a + step], range(0, num, step)))
+            return np.concatenate(parts)
+
+        def ours():
+            src = TiledRawRun(self.root()[f"raw/a1/{uid}"], ("saxs",))
+            st = src.status()
+            return src.read(0, st.frames)["saxs"]
+
+        ref = None
+        times = {k: [] for k in ("naive", "ours", "best")}
+        for _ in range(2 if self.quick else 3):  # interleaved rounds
+            for name, fn in (("naive", naive), ("ours", ours), ("best", best_plain)):
+                t = time.perf_counter()
+                data = fn()
+                times[name].append(time.perf_counter() - t)
+                if ref is None:
+                    ref = data
+                assert np.array_equal(data, ref), name
+        thr = {k: mb / statistics.median(v) for k, v in times.items()}
+        self.rows.append(("P3 post read throughput", f"naive [:] {thr['naive']:.0f} MB/s",
+                          f"ours {thr['ours']:.0f} MB/s; best plain-tiled {thr['best']:.0f} MB/s",
+                          f"ours/naive {thr['ours'] / thr['naive']:.1f}×, ours/best {thr['ours'] / thr['best']:.2f}×"))
+        self.details["P3"] = {"MB": mb, "seconds": times}
+
+    # ------------------------------------------------------------------ P4 / P5
+    def probe(self, uid, variant, timeout=900):
+        out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "engine_probe.py"), self.config.tiled_uri,
+                              self.alice(), uid, variant], capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-2000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def p4(self):
+        """CPU of the analysis process (reads + compute + writes): live during a scan vs post after it."""
+        num = 300 if self.quick else 1000
+        state = {}
+
+        def scan():
+            self.scan(num, (64, 64), batch_size=1, subscribers=[
+                lambda n, d: state.setdefault("uid", d["uid"]) if n == "start" else None])
+
+        t = threading.Thread(target=scan)
+        t.start()
+        while "uid" not in state:
+            time.sleep(0.01)
+        live = self.probe(state["uid"], "live")
+        t.join()
+        post = self.probe(state["uid"], "post")
+        self.rows.append((f"P4 analysis CPU, {num} frames (64×64)", f"post {post['cpu_s']:.2f}s CPU",
+                          f"live {live['cpu_s']:.2f}s CPU (polling during the scan, {live['wall_s']:.0f}s)",
+                          f"live/post {live['cpu_s'] / post['cpu_s']:.1f}×"))
+        self.details["P4"] = {"live": live, "post": post}
+
+    def p5(self):
+        n = 300 if self.quick else 1000
+        rss = {}
+        for frames in (n, 10 * n):
+            t0 = time.monotonic()
+            uid = self.scan(frames, (32, 32), batch_size=500)
+            log(f"P5: wrote {frames} frames in {time.monotonic() - t0:.0f}s")
+            rss[frames] = self.probe(uid, "live")
+        a, b = rss[n], rss[10 * n]
+        self.rows.append((f"P5 live peak RSS, {n} vs {10 * n} frames (32×32)",
+                          f"{a['peak_mb']:.0f} MB (+{a['peak_mb'] - a['base_mb']:.0f} over imports)",
+                          f"{b['peak_mb']:.0f} MB (+{b['peak_mb'] - b['base_mb']:.0f} over imports)",
+                          f"10n/n {b['peak_mb'] / a['peak_mb']:.2f}× (data is 10×)"))
+        self.details["P5"] = rss
+
+    # ------------------------------------------------------------------ P6
+    def p6(self):
+        out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tiled_auth.py"), "--n",
+                              "100" if self.quick else "300", "--rounds", "2" if self.quick else "3"],
+                             capture_output=True, text=True, timeout=900, cwd=REPO)
+        if out.returncode != 0:
+            self.rows.append(("P6 authorised GET vs API-key GET", "failed", out.stderr[-300:], ""))
+            return
+        table = [line for line in out.stdout.splitlines() if line.startswith("|")]
+        self.details["P6"] = table
+        med = {}
+        for line in table:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells and cells[0] in ("apikey", "jwt"):
+                med[cells[0]] = cells
+        if "apikey" in med and "jwt" in med:
+            a, j = med["apikey"], med["jwt"]
+            self.rows.append(("P6 metadata GET: JWT+policy vs API key", f"api key {a[1]} ms median, {a[-1]} req/s",
+                              f"jwt {j[1]} ms median, {j[-1]} req/s",
+                              f"latency ×{float(j[1]) / float(a[1]):.2f}"))
+        else:
+            self.rows.append(("P6 authorised GET vs API-key GET", "see tiled_auth output", "", ""))
+
+    # ------------------------------------------------------------------ P7
+    def p7(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = 30 if self.quick else 100
+        dep = f"probe/{pstack.POOL}"
+        keys = [f"burst-{uuid.uuid4()}" for _ in range(n)]
+        t0 = time.time()
+        created = {}
+
+        from visitflow.prefect_api import PrefectUnavailable
+
+        retries = [0]
+
+        def create(key):  # as the trigger's outbox does: keep retrying while Prefect sheds load
+            while True:
+                try:
+                    return self.api.create_flow_run(dep, {"seconds": 2.0}, idempotency_key=key)
+                except PrefectUnavailable:
+                    retries[0] += 1
+                    time.sleep(1.0)
+
+        def send(key):  # every trigger request is sent twice (a retried/duplicated trigger)
+            a, b = create(key), create(key)
+            created[key] = (a["id"], b["id"], time.time())
+
+        with ThreadPoolExecutor(4) as pool:  # several blueapi instances sending at once
+            list(pool.map(send, keys))
+        ids = {v[0] for v in created.values()}
+        dupes = sum(1 for v in created.values() if v[0] != v[1])
+        finals = [self.api.wait_for_flow_run(i, timeout=600, interval=0.5) for i in ids]
+        completed = sum(1 for f in finals if f["state"]["type"] == "COMPLETED")
+        starts = [dt.datetime.fromisoformat(f["start_time"].replace("Z", "+00:00")).timestamp()
+                  - dt.datetime.fromisoformat(f["created"].replace("Z", "+00:00")).timestamp() for f in finals
+                  if f.get("start_time")]
+        total = time.time() - t0
+        self.rows.append((f"P7 burst: {n} triggers (each sent twice), 20 concurrent analyses",
+                          f"{len(ids)} flow runs, {completed} completed, {dupes} duplicates",
+                          f"start p50 {pct(starts, 50):.1f}s p95 {pct(starts, 95):.1f}s",
+                          f"all done in {total:.0f}s; {retries[0]} 503/timeouts retried"))
+        self.details["P7"] = {"starts_s": starts, "total_s": total}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        import psutil
+
+        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
+    except ImportError:
+        mem = "?"
+    return f"{platform.node()} · {os.cpu_count()} cores ({cpu}) · {mem} · Python {platform.python_version()}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    p.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    args = p.parse_args(argv)
+    only = {s.strip().upper() for s in args.only.split(",")}
+    t_all = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="vf-bench-") as tmp:
+        bench = Bench(Path(tmp), args.quick)
+        bench.details = {}
+        try:
+            if only - {"P6"}:
+                bench.up()
+            for name in ("P1", "P2", "P3", "P4", "P5", "P6", "P7"):
+                if name in only:
+                    t0 = time.monotonic()
+                    log(f"{name}...")
+                    try:
+                        getattr(bench, name.lower())()
+                    except Exception as exc:  # noqa: BLE001 - report, keep measuring the rest
+                        bench.rows.append((name, "FAILED", f"{type(exc).__name__}: {exc}"[:200], ""))
+                    log(f"{name} took {time.monotonic() - t0:.0f}s")
+        finally:
+            if only - {"P6"}:
+                bench.down()
+    header = ("| measure | baseline | visitflow | ratio |", "|---|---|---|---|")
+    lines = [*header, *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in bench.rows)]
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = "\n".join([f"# visitflow benchmarks", "", f"{stamp} · {machine()} · "
+                      f"{'quick' if args.quick else 'full'} run, {time.monotonic() - t_all:.0f}s", "",
+                      "Reproduce: `python -m benchmarks` (add `--quick` for a smoke run).", "", *lines, ""])
+    print("\n" + "\n".join(lines))
+    Path(args.out).write_text(text)
+    (Path(args.out).with_suffix(".json")).write_text(json.dumps(bench.details, indent=1, default=str))
+    log(f"wrote {args.out} ({time.monotonic() - t_all:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
