@@ -85,6 +85,32 @@ class Claims:
         return chain
 
 
+def decode_verified(token: str, key, *, issuer: str, audience: list[str] | None, leeway: float,
+                    require: Iterable[str]) -> dict:
+    """``jwt.decode`` with our fixed algorithms, every failure mapped to a safe reason.
+
+    Shared by :class:`TokenValidator` (keys from JWKS) and the dev IdP (its own keys)."""
+    try:
+        return jwt.decode(
+            token, key, algorithms=list(ALGORITHMS), audience=audience, issuer=issuer, leeway=leeway,
+            options={"require": list(require), "verify_aud": audience is not None},
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise InvalidToken("token has expired") from exc
+    except jwt.ImmatureSignatureError as exc:
+        raise InvalidToken("token is not yet valid") from exc
+    except jwt.InvalidAudienceError as exc:
+        raise InvalidToken(f"token audience is not {' or '.join(audience or [])}") from exc
+    except jwt.InvalidIssuerError as exc:
+        raise InvalidToken(f"token issuer is not {issuer}") from exc
+    except jwt.MissingRequiredClaimError as exc:
+        raise InvalidToken(f"token lacks required claim {exc.claim!r}") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise InvalidToken("token signature does not verify") from exc
+    except jwt.PyJWTError as exc:
+        raise InvalidToken(f"invalid token: {exc}") from exc
+
+
 def discover(issuer: str, *, client: httpx.Client | None = None, timeout: float = 10.0) -> dict:
     """Fetch the issuer's OIDC discovery document and check it names the same issuer."""
     url = issuer.rstrip("/") + "/.well-known/openid-configuration"
@@ -175,30 +201,8 @@ class TokenValidator:
             raise InvalidToken("token header has no key id (kid)")
         key = self._signing_key(kid)
         aud = self.audience if audience is None else ([audience] if isinstance(audience, str) else list(audience))
-        try:
-            claims = jwt.decode(
-                token,
-                key.key,
-                algorithms=list(ALGORITHMS),
-                audience=aud,
-                issuer=self.issuer,
-                leeway=self.leeway,
-                options={"require": list(REQUIRED_CLAIMS)},
-            )
-        except jwt.ExpiredSignatureError as exc:
-            raise InvalidToken("token has expired") from exc
-        except jwt.ImmatureSignatureError as exc:
-            raise InvalidToken("token is not yet valid") from exc
-        except jwt.InvalidAudienceError as exc:
-            raise InvalidToken(f"token audience is not {' or '.join(aud)}") from exc
-        except jwt.InvalidIssuerError as exc:
-            raise InvalidToken(f"token issuer is not {self.issuer}") from exc
-        except jwt.MissingRequiredClaimError as exc:
-            raise InvalidToken(f"token lacks required claim {exc.claim!r}") from exc
-        except jwt.InvalidSignatureError as exc:
-            raise InvalidToken("token signature does not verify") from exc
-        except jwt.PyJWTError as exc:
-            raise InvalidToken(f"invalid token: {exc}") from exc
+        claims = decode_verified(token, key.key, issuer=self.issuer, audience=aud, leeway=self.leeway,
+                                 require=REQUIRED_CLAIMS)
         if claims.get("iat", 0) > time.time() + self.leeway:
             raise InvalidToken("token is issued in the future")
         if str(claims.get("typ", "Bearer")).lower() not in ("bearer", "at+jwt"):
