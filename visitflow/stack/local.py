@@ -149,8 +149,9 @@ class LocalStack:
                                str(c.prefect_port)], f"{c.prefect_api}/health",
             env=pstack.prefect_env(c.prefect_api, self.state / "prefect",
                                    PREFECT_UI_ENABLED="true" if c.ui else "false",
-                                   PREFECT_API_DATABASE_CONNECTION_URL=
-                                   f"sqlite+aiosqlite:///{self.state / 'prefect' / 'prefect.db'}"),
+                                   PREFECT_API_DATABASE_CONNECTION_URL=os.environ.get(
+                                       "VISITFLOW_PREFECT_DATABASE_URL",
+                                       f"sqlite+aiosqlite:///{self.state / 'prefect' / 'prefect.db'}")),
             timeout=240)
         env = pstack.prefect_env(c.prefect_api, self.state / "prefect")
         worker_health = f"http://127.0.0.1:{c.worker_health_port}/health"
@@ -165,7 +166,8 @@ class LocalStack:
                                 "visitflow-local-worker", "--type", c.worker_type, "--with-healthcheck"],
                      worker_health,
                      env={**env, "VISITFLOW_CLIENT_SECRET": DEV_SECRETS["visitflow"],
-                          "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+                          "PREFECT_WORKER_QUERY_SECONDS": pstack.worker_query_seconds(c.worker_type),
+                          "PREFECT_WORKER_PREFETCH_SECONDS": "5",
                           "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
                           "PREFECT_WORKER_WEBSERVER_PORT": str(c.worker_health_port)}, timeout=120)
         self.record.issuer, self.record.tiled_uri, self.record.prefect_api = c.issuer, c.tiled_uri, c.prefect_api
