@@ -4,6 +4,8 @@ RunEngine, TiledWriter, IdP, Tiled and Prefect server + worker."""
 import json
 import time
 
+import numpy as np
+
 import pytest
 
 from visitflow.trigger import AnalysisTrigger, TriggerSettings
@@ -120,8 +122,17 @@ def test_scan_with_trigger_runs_each_analysis_live_and_post_once(tmp_path, idp, 
     processed = user_root(tiled_server.uri, idp.token("alice"))[f"processed/a1/{uid}"]
     assert set(processed) == set(ANALYSES)
     for a in ANALYSES:
-        assert processed[a].metadata["current"].startswith("post-")
-        assert set(k.split("-")[0] for k in processed[a]) == {"live", "post"}
+        node = processed[a]
+        assert node.metadata["current"].startswith("post-")
+        assert set(k.split("-")[0] for k in node) == {"live", "post"}
+        # live == post on real servers, for every shipped analysis
+        live, post = node["live"], node[node.metadata["current"]]
+        assert live.metadata["frames_processed"] == post.metadata["frames_processed"] == 12
+        for key in post.metadata["outputs"]:
+            got = live[key].read() if key in live else live.metadata["scalars"][key]
+            want = post[key].read() if key in post else post.metadata["scalars"][key]
+            np.testing.assert_allclose(np.asarray(got, dtype=float), np.asarray(want, dtype=float), rtol=1e-6,
+                                       err_msg=f"{a}.{key}")
 
 
 @pytest.mark.e2e
