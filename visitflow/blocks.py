@@ -55,7 +55,7 @@ class RunAccess:
 
     def processed_run(self):
         """The processed run container (created if missing: the data token may do that)."""
-        from .tiled.outputs import ensure_container
+        from .tiled.client import ensure_container
 
         visit_path = self.layout.processed.prefix(visit=self.visit)
         return ensure_container(self.processed_root[visit_path], self.run_id, {"run_id": self.run_id})

@@ -175,13 +175,31 @@ def processed_client(uri: str, auth: httpx.Auth, *, visit: str, run: str, layout
     template = _layout(layout).processed
     values = {**(extra or {}), "visit": visit}
     parent = connect(node_uri(uri, template.prefix(**values)), auth, **kwargs)
-    if run in parent:
-        return parent[run]
     if not create:
-        raise KeyError(f"no processed container for run {run!r} of visit {visit!r}")
+        node = child(parent, run)
+        if node is None:
+            raise KeyError(f"no processed container for run {run!r} of visit {visit!r}")
+        return node
+    return ensure_container(parent, run, {"visit": visit, "run": run})
+
+
+def child(container, key: str):
+    """``container[key]`` or None."""
     try:
-        return parent.create_container(key=run, metadata={"visit": visit, "run": run})
-    except Exception:
-        if run in parent:  # another writer created it first
-            return parent[run]
-        raise
+        return container[key]
+    except KeyError:
+        return None
+
+
+def ensure_container(parent, key: str, metadata: Optional[dict] = None):
+    """Return ``parent[key]``, creating it (a container) if missing; tolerate a racing creator."""
+    node = child(parent, key)
+    if node is not None:
+        return node
+    try:
+        return parent.create_container(key=key, metadata=metadata or {})
+    except Exception:  # noqa: BLE001 - another writer created it first (409): read theirs
+        node = child(parent, key)
+        if node is None:
+            raise
+        return node

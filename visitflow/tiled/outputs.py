@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from .client import child as _child
+from .client import ensure_container
+
 log = logging.getLogger("visitflow.outputs")
 
 
@@ -39,27 +42,6 @@ def _jsonable(value: Any):
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def _child(container, key):
-    try:
-        return container[key]
-    except KeyError:
-        return None
-
-
-def ensure_container(parent, key: str, metadata: dict | None = None):
-    """Return ``parent[key]``, creating it (a container) if missing; tolerate a racing creator."""
-    node = _child(parent, key)
-    if node is not None:
-        return node
-    try:
-        return parent.create_container(key=key, metadata=metadata or {})
-    except Exception:  # noqa: BLE001 - another writer created it first (409): read theirs
-        node = _child(parent, key)
-        if node is None:
-            raise
-        return node
 
 
 class TiledResultSink:
