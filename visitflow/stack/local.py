@@ -144,15 +144,9 @@ class LocalStack:
                                 c.visits)
         if created:
             say(f"tiled: created {', '.join(created)}")
-        server_started = self._ensure(
-            "prefect-server", [py, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                               str(c.prefect_port)], f"{c.prefect_api}/health",
-            env=pstack.prefect_env(c.prefect_api, self.state / "prefect",
-                                   PREFECT_UI_ENABLED="true" if c.ui else "false",
-                                   PREFECT_API_DATABASE_CONNECTION_URL=os.environ.get(
-                                       "VISITFLOW_PREFECT_DATABASE_URL",
-                                       f"sqlite+aiosqlite:///{self.state / 'prefect' / 'prefect.db'}")),
-            timeout=240)
+        argv, env, health = pstack.server_command(self.state, c.prefect_port, ui=c.ui,
+                                                  database_url=os.environ.get("VISITFLOW_PREFECT_DATABASE_URL"))
+        server_started = self._ensure("prefect-server", argv, health, env=env, timeout=240)
         env = pstack.prefect_env(c.prefect_api, self.state / "prefect")
         worker_health = f"http://127.0.0.1:{c.worker_health_port}/health"
         if server_started or not healthy(worker_health):
@@ -162,14 +156,9 @@ class LocalStack:
                              worker_type=c.worker_type)
             self._visit_limits()
             say(f"prefect: configured in {time.monotonic() - t0:.1f}s")
-        self._ensure("worker", [py, "-m", "prefect", "worker", "start", "--pool", pstack.POOL, "--name",
-                                "visitflow-local-worker", "--type", c.worker_type, "--with-healthcheck"],
-                     worker_health,
-                     env={**env, "VISITFLOW_CLIENT_SECRET": DEV_SECRETS["visitflow"],
-                          "PREFECT_WORKER_QUERY_SECONDS": pstack.worker_query_seconds(c.worker_type),
-                          "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-                          "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
-                          "PREFECT_WORKER_WEBSERVER_PORT": str(c.worker_health_port)}, timeout=120)
+        argv, wenv, _ = pstack.worker_command(env, health_port=c.worker_health_port,
+                                              client_secret=DEV_SECRETS["visitflow"], worker_type=c.worker_type)
+        self._ensure("worker", argv, worker_health, env=wenv, timeout=120)
         self.record.issuer, self.record.tiled_uri, self.record.prefect_api = c.issuer, c.tiled_uri, c.prefect_api
         self.record.save(self.state)
         return self.record

@@ -35,18 +35,23 @@ def prefect_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def start_server(state: Path, port: int, *, ui: bool = True, log_dir: Path | None = None,
-                 database_url: str | None = None) -> Service:
+def server_command(state: Path, port: int, *, ui: bool = True,
+                   database_url: str | None = None) -> tuple[list[str], dict, str]:
+    """(argv, env, health URL) of a Prefect server whose home is ``state/prefect``."""
     home = state / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     env = prefect_env(f"http://127.0.0.1:{port}/api", home,
                       PREFECT_UI_ENABLED="true" if ui else "false",
                       PREFECT_API_DATABASE_CONNECTION_URL=database_url
                       or f"sqlite+aiosqlite:///{home / 'prefect.db'}")
-    return start_service(
-        "prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                           "--port", str(port)],
-        log_dir=log_dir or state / "logs", env=env, health_url=f"http://127.0.0.1:{port}/api/health")
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return argv, env, f"http://127.0.0.1:{port}/api/health"
+
+
+def start_server(state: Path, port: int, *, ui: bool = True, log_dir: Path | None = None,
+                 database_url: str | None = None) -> Service:
+    argv, env, health = server_command(state, port, ui=ui, database_url=database_url)
+    return start_service("prefect-server", argv, log_dir=log_dir or state / "logs", env=env, health_url=health)
 
 
 def run_cli(args: list[str], env: dict, *, cwd: Path = REPO, timeout: float = 300) -> str:
@@ -96,23 +101,28 @@ def worker_query_seconds(worker_type: str | None) -> str:
     return "0.25" if worker_type == "visitflow" else "1"
 
 
-def start_worker(state: Path, env: dict, *, health_port: int, name: str = "visitflow-local-worker",
-                 client_secret: str, secret_env: str = "VISITFLOW_CLIENT_SECRET", log_dir: Path | None = None,
-                 worker_type: str | None = DEFAULT_WORKER_TYPE, extra_env: dict | None = None,
-                 pool: str = POOL) -> Service:
-    """A worker for the local pool; the client secret reaches flow runs via its environment.
+def worker_command(env: dict, *, health_port: int, name: str = "visitflow-local-worker", client_secret: str,
+                   secret_env: str = "VISITFLOW_CLIENT_SECRET", worker_type: str | None = DEFAULT_WORKER_TYPE,
+                   extra_env: dict | None = None, pool: str = POOL) -> tuple[list[str], dict, str]:
+    """(argv, env, health URL) of a worker for ``pool``; the client secret reaches flow runs
+    through its environment.
 
     Polls every 0.25 s (warm) or 1 s (stock); Prefect's default 10 s would be most of a live
-    analysis' start latency.  Readiness is
-    the worker's own health endpoint (``--with-healthcheck``)."""
-    args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
+    analysis' start latency.  Readiness is the worker's own health endpoint
+    (``--with-healthcheck``)."""
+    argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
             "--with-healthcheck"]
     if worker_type:
-        args += ["--type", worker_type]
-    return start_service(
-        name, args, log_dir=log_dir or state / "logs",
-        env={**env, secret_env: client_secret, "PREFECT_WORKER_QUERY_SECONDS": worker_query_seconds(worker_type),
-             "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONUNBUFFERED": "1",
-             "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(health_port),
-             **(extra_env or {})},
-        cwd=REPO, health_url=f"http://127.0.0.1:{health_port}/health")
+        argv += ["--type", worker_type]
+    env = {**env, secret_env: client_secret, "PREFECT_WORKER_QUERY_SECONDS": worker_query_seconds(worker_type),
+           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONUNBUFFERED": "1",
+           "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(health_port),
+           **(extra_env or {})}
+    return argv, env, f"http://127.0.0.1:{health_port}/health"
+
+
+def start_worker(state: Path, env: dict, *, log_dir: Path | None = None, name: str = "visitflow-local-worker",
+                 **kwargs) -> Service:
+    """Start :func:`worker_command` as a service (keyword arguments as there)."""
+    argv, wenv, health = worker_command(env, name=name, **kwargs)
+    return start_service(name, argv, log_dir=log_dir or state / "logs", env=wenv, cwd=REPO, health_url=health)
