@@ -424,3 +424,32 @@ def test_tiled_config_cli_renders_our_plugins(tmp_path):
     assert config["access_control"]["args"]["raw_template"] == "{instrument}/{visit}/{run}"
     assert config["catalog"]["writable_storage"][1].startswith("sqlite:///")
     assert config["uvicorn"]["port"] == 9000
+
+
+def test_bearer_auth_forces_a_caching_provider_to_renew_after_401():
+    """A provider that caches (like the block's DataTokenSource) is asked to *renew* after a
+    401, not just asked again (which would return the refused token)."""
+    import httpx as _httpx
+
+    class Caching:
+        def __init__(self):
+            self.token, self.forced = "old", 0
+
+        def __call__(self):
+            return self.token, None
+
+        def force_refresh(self):
+            self.forced += 1
+            self.token = "new"
+            return self.token, None
+
+    provider = Caching()
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers["Authorization"])
+        return _httpx.Response(200 if request.headers["Authorization"] == "Bearer new" else 401)
+
+    with _httpx.Client(transport=_httpx.MockTransport(handler), auth=BearerAuth(provider)) as client:
+        assert client.get("http://tiled.invalid/api/v1/").status_code == 200
+    assert seen == ["Bearer old", "Bearer new"] and provider.forced == 1

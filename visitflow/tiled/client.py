@@ -54,8 +54,10 @@ class BearerAuth(httpx.Auth):
         self._expires_at: Optional[float] = None
         self.fetches = 0  # how many times the provider was called (observability, tests)
 
-    def _fetch(self) -> None:
-        got = self.provider()
+    def _fetch(self, force: bool = False) -> None:
+        # A provider that caches (the block's DataTokenSource) offers force_refresh(): after a
+        # 401 its cached token is exactly what was refused, so asking it again would not help.
+        got = self.provider.force_refresh() if force and hasattr(self.provider, "force_refresh") else self.provider()
         token, expires_at = (got, None) if isinstance(got, str) else got
         if not token:
             raise RuntimeError("token provider returned no token")
@@ -79,7 +81,7 @@ class BearerAuth(httpx.Auth):
         """Called after a 401 for ``rejected``: fetch a new token unless another thread did."""
         with self._lock:
             if self._token == rejected:
-                self._fetch()
+                self._fetch(force=True)
             return self._token
 
     def auth_flow(self, request: httpx.Request):
