@@ -97,30 +97,18 @@ class Bench:
             self.stack.down()
 
     # ------------------------------------------------------------------ helpers
-    def scan(self, num, shape, delay=0.0, subscribers=(), batch_size=1, seed=0):
-        import bluesky.plan_stubs as bps
+    def scan(self, num, shape, delay=0.0, subscribers=(), batch_size=1, seed=0, md=None):
         from bluesky import RunEngine
-        from bluesky import preprocessors as bpp
         from bluesky_tiled_plugins import TiledWriter
 
-        from visitflow.sim import make_devices
+        from visitflow.sim import make_devices, motor_scan
 
         motor, det, saxs = make_devices(shape, seed=seed)
         RE = RunEngine({}, context_managers=[])
-        writer = TiledWriter(self.root()["raw"]["a1"], batch_size=batch_size)
-        RE.subscribe(writer)
+        RE.subscribe(TiledWriter(self.root()["raw"]["a1"], batch_size=batch_size))
         for cb in subscribers:
             RE.subscribe(cb)
-
-        @bpp.run_decorator(md={"instrument_session": "a1"})
-        def plan():
-            for i in range(num):
-                yield from bps.mv(motor, -2 + 4 * i / max(num - 1, 1))
-                yield from bps.trigger_and_read([det, saxs, motor])
-                if delay:
-                    yield from bps.sleep(delay)
-
-        (uid,) = RE(plan())
+        (uid,) = RE(motor_scan([det, saxs], motor, num, delay=delay, md={"instrument_session": "a1", **(md or {})}))
         return uid
 
     def delegate(self, analysis, uid):
@@ -223,7 +211,7 @@ class Bench:
         t = threading.Thread(target=watch, daemon=True)
         t.start()
         # uses_analyses-style metadata, only saxs_average
-        self.scan_with_md(num, (64, 64), delay, [after_writer, trig], {"analyses": ["saxs_average"]})
+        self.scan(num, (64, 64), delay, [after_writer, trig], md={"analyses": ["saxs_average"]})
         trig.flush(30)
         fr_id = trig.outbox.requests()[0].flow_run_id
         trig.close()
@@ -238,29 +226,6 @@ class Bench:
                           f"after live start p50 {pct(steady, 50):.2f}s p95 {pct(steady, 95):.2f}s",
                           f"{len(lags)}/{num} frames seen"))
         self.details["P2"] = {"lags_s": lags, "steady_s": steady}
-
-    def scan_with_md(self, num, shape, delay, subscribers, md):
-        import bluesky.plan_stubs as bps
-        from bluesky import RunEngine
-        from bluesky import preprocessors as bpp
-        from bluesky_tiled_plugins import TiledWriter
-
-        from visitflow.sim import make_devices
-
-        motor, det, saxs = make_devices(shape)
-        RE = RunEngine({}, context_managers=[])
-        RE.subscribe(TiledWriter(self.root()["raw"]["a1"], batch_size=1))
-        for cb in subscribers:
-            RE.subscribe(cb)
-
-        @bpp.run_decorator(md={"instrument_session": "a1", **md})
-        def plan():
-            for i in range(num):
-                yield from bps.mv(motor, -2 + 4 * i / max(num - 1, 1))
-                yield from bps.trigger_and_read([det, saxs, motor])
-                yield from bps.sleep(delay)
-
-        return RE(plan())[0]
 
     # ------------------------------------------------------------------ P3
     def p3(self):

@@ -5,33 +5,15 @@ from __future__ import annotations
 import threading
 import time
 
-import bluesky.plans as bp
-import bluesky.plan_stubs as bps
 from bluesky import RunEngine
-from bluesky import preprocessors as bpp
 from bluesky_tiled_plugins import TiledWriter
 
-from visitflow.sim import make_devices
+from visitflow.sim import make_devices, motor_scan
 from visitflow.tiled.client import BearerAuth, connect
 
 
 def user_root(tiled_uri: str, token: str):
     return connect(tiled_uri, BearerAuth(lambda: token))
-
-
-def slow_scan(dets, motor, start, stop, num, delay, md=None):
-    """``bp.scan`` with a pause per point, so live analysis sees frames trickle in."""
-
-    @bpp.run_decorator(md=md)
-    @bpp.stage_decorator(dets + [motor])
-    def inner():
-        for i in range(num):
-            yield from bps.mv(motor, start + (stop - start) * i / max(num - 1, 1))
-            yield from bps.trigger_and_read(dets + [motor])
-            if delay:
-                yield from bps.sleep(delay)
-
-    return (yield from inner())
 
 
 def run_scan(tiled_uri: str, token: str, visit: str = "a1", num: int = 20, shape=(16, 16), delay: float = 0.0,
@@ -44,7 +26,7 @@ def run_scan(tiled_uri: str, token: str, visit: str = "a1", num: int = 20, shape
     for cb in subscribers:
         RE.subscribe(cb)
     md = {"instrument_session": visit, **(md or {})}
-    plan = plan(det, saxs, motor, md) if plan else slow_scan([det, saxs], motor, -2, 2, num, delay, md=md)
+    plan = plan(det, saxs, motor, md) if plan else motor_scan([det, saxs], motor, num, delay=delay, md=md)
     (uid,) = RE(plan)
     return uid
 

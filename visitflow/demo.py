@@ -24,22 +24,12 @@ from .stack.local import DEV_SECRETS, LocalStack, StackConfig, say
 
 
 def _plan(num: int, delay: float, md: dict):
-    import bluesky.plan_stubs as bps
-    from bluesky import preprocessors as bpp
-
+    from .sim import motor_scan
     from .trigger.plans import uses_analyses
 
     @uses_analyses("saxs_average", "peak_stats")
     def demo_scan(dets, motor):
-        @bpp.run_decorator(md={"plan_name": "demo_scan", **md})
-        @bpp.stage_decorator(dets + [motor])
-        def inner():
-            for i in range(num):
-                yield from bps.mv(motor, -2 + 4 * i / max(num - 1, 1))
-                yield from bps.trigger_and_read(dets + [motor])
-                if delay:
-                    yield from bps.sleep(delay)
-        return (yield from inner())
+        return (yield from motor_scan(dets, motor, num, delay=delay, md={"plan_name": "demo_scan", **md}))
 
     return demo_scan
 

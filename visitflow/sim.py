@@ -29,3 +29,22 @@ def make_devices(shape: tuple[int, int] = (64, 64), seed: int = 0, motor_delay: 
 
     saxs = SynSignal(func=image, name="saxs", labels={"detectors"})
     return motor, det, saxs
+
+
+def motor_scan(dets, motor, num: int, *, start: float = -2.0, stop: float = 2.0, delay: float = 0.0,
+               md: dict | None = None):
+    """A step scan of ``motor`` reading ``dets`` at each point, with an optional pause per
+    point so live analysis sees frames trickle in (``bp.scan`` has no per-point delay)."""
+    import bluesky.plan_stubs as bps
+    from bluesky import preprocessors as bpp
+
+    @bpp.run_decorator(md=md)
+    @bpp.stage_decorator(list(dets) + [motor])
+    def inner():
+        for i in range(num):
+            yield from bps.mv(motor, start + (stop - start) * i / max(num - 1, 1))
+            yield from bps.trigger_and_read(list(dets) + [motor])
+            if delay:
+                yield from bps.sleep(delay)
+
+    return (yield from inner())
