@@ -43,6 +43,15 @@ def drive_live(flow_obj, data, batches, sink=None, settings_=FAST):
     return out, run, sink
 
 
+def live_and_post(flow_obj, data, batches):
+    """Drive live over ``batches`` and post over the finished run; assert they agree."""
+    live, run, _ = drive_live(flow_obj, data, batches)
+    n = len(next(iter(data.values())))
+    post = engine.run_post(flow_obj.spec, MemoryRun(data, visible=n, finished=True), MemorySink())
+    assert_same(live, post)
+    return live, post, run
+
+
 def assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
@@ -54,9 +63,7 @@ def assert_same(a, b):
 @given(n=st.integers(1, 60), batches=st.lists(st.integers(1, 20), min_size=1, max_size=30), seed=st.integers(0, 99))
 def test_saxs_live_equals_post_equals_numpy(n, batches, seed):
     data = saxs_data(n, seed)
-    live, run, _ = drive_live(saxs_average, data, batches)
-    post = engine.run_post(saxs_average.spec, MemoryRun(data, visible=n, finished=True), MemorySink())
-    assert_same(live, post)
+    live, post, run = live_and_post(saxs_average, data, batches)
     np.testing.assert_allclose(live["average"], data["saxs"].mean(axis=0), rtol=1e-12)
     # Every frame was read exactly once, in order, in batches no larger than max_batch.
     assert [f for a, b in run.reads_log for f in range(a, b)] == list(range(n))
@@ -67,9 +74,7 @@ def test_saxs_live_equals_post_equals_numpy(n, batches, seed):
 @given(n=st.integers(2, 80), batches=st.lists(st.integers(1, 25), min_size=1, max_size=30), seed=st.integers(0, 99))
 def test_peak_live_equals_post_equals_numpy(n, batches, seed):
     data = peak_data(n, seed)
-    live, _, _ = drive_live(peak_stats, data, batches)
-    post = engine.run_post(peak_stats.spec, MemoryRun(data, visible=n, finished=True), MemorySink())
-    assert_same(live, post)
+    live, post, _ = live_and_post(peak_stats, data, batches)
     x, y = data["motor"], data["det"]
     w = np.clip(y, 0, None)
     if w.sum() == 0:  # no positive signal at all: centroid and width are undefined
