@@ -110,21 +110,54 @@ class TiledResultSink:
             self._point_current(final, meta)
 
     def _point_current(self, final: bool, meta: dict) -> None:
-        current = self.analysis_node.metadata.get("current")
-        if self.variant == "live" and current and current.startswith("post-") and \
-                self.analysis_node.metadata.get("status") == "complete":
+        if self.variant == "live":
+            self._point_current_live(final, meta)
+            return
+        self._set_pointer({"current": self.key, **self.provenance, **meta}, refresh=True)
+        for key in list(self.analysis_node):
+            if key.startswith("post-") and key != self.key:
+                try:
+                    self.analysis_node[key].delete(recursive=True, external_only=False)
+                except Exception as exc:  # noqa: BLE001 - stale copies are harmless
+                    log.warning("could not delete stale result %s: %s", key, exc)
+
+    def _point_current_live(self, final: bool, meta: dict) -> None:
+        """Point ``current`` at live unless a complete post result exists — race-free.
+
+        Live and post of one run often finish within a second of each other, and Tiled has
+        no compare-and-swap on metadata.  So: re-read the pointer (the client caches node
+        metadata from when it was fetched, and ``update_metadata`` diffs against that copy),
+        point at live, then look again for a complete post
+        child and hand the pointer back if one appeared.  Post marks its child complete
+        *before* moving the pointer, so either that second look sees it, or post's pointer
+        write lands after ours; in both cases post wins.
+        """
+        current = self.analysis_node.refresh().metadata.get("current")
+        if current and current.startswith("post-") and self.analysis_node.metadata.get("status") == "complete":
             return  # a complete post result outranks live
-        if self.variant == "live" and not final and current == self.key:
+        if not final and current == self.key:
             return  # already pointing here; avoid a catalog write per batch
-        self.analysis_node.update_metadata(
-            {"current": self.key, **self.provenance, **meta}, drop_revision=True)
-        if self.variant == "post" and final:
-            for key in list(self.analysis_node):
-                if key.startswith("post-") and key != self.key:
-                    try:
-                        self.analysis_node[key].delete(recursive=True, external_only=False)
-                    except Exception as exc:  # noqa: BLE001 - stale copies are harmless
-                        log.warning("could not delete stale result %s: %s", key, exc)
+        self._set_pointer({"current": self.key, **self.provenance, **meta})
+        if final:
+            post = self._newest_complete_post()
+            if post is not None:
+                self._set_pointer({"current": post.item["id"], **dict(post.metadata)}, refresh=True)
+
+    def _set_pointer(self, metadata: dict, *, refresh: bool = False) -> None:
+        # update_metadata sends a JSON Patch computed against the client's cached copy: a
+        # stale cache drops keys whose cached value happens to equal the new one (so a
+        # "current" that another writer moved would silently not be moved back).
+        if refresh:
+            self.analysis_node.refresh()
+        self.analysis_node.update_metadata(metadata, drop_revision=True)
+
+    def _newest_complete_post(self):
+        best = None
+        for key, node in self.analysis_node.items():
+            if key.startswith("post-") and node.metadata.get("status") == "complete":
+                if best is None or str(node.metadata.get("updated", "")) > str(best.metadata.get("updated", "")):
+                    best = node
+        return best
 
     def fail(self, reason: str) -> None:
         """Record a failure on the variant node (the previous ``current`` result stays)."""
