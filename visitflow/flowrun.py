@@ -69,38 +69,59 @@ def variant_from_deployment(explicit: str | None) -> str:
     return name if name in ("live", "post") else "post"
 
 
-def _png_data_uri(image: np.ndarray, max_side: int = 256) -> str | None:
+def _png_data_uri(image: np.ndarray, side: int = 256) -> str | None:
+    """A 2-D output as a PNG data URI about ``side`` pixels on its long edge.
+
+    The Prefect UI shows markdown images at their native size, so a 64×64 detector
+    average would be a thumbnail: small images are enlarged by an integer factor (nearest
+    neighbour, so pixels stay honest), large ones subsampled.  Contrast is the 1–99th
+    percentile, robust to hot pixels."""
     try:
         from PIL import Image
     except ImportError:
         return None
     img = np.asarray(image, dtype=float)
-    if img.ndim != 2 or not np.isfinite(img).any():
+    if img.ndim != 2 or not img.size or not np.isfinite(img).any():
         return None
-    step = max(1, int(np.ceil(max(img.shape) / max_side)))
+    step = max(1, int(np.ceil(max(img.shape) / side)))
     img = img[::step, ::step]
     lo, hi = np.nanpercentile(img, [1, 99])
-    scaled = np.clip((img - lo) / ((hi - lo) or 1), 0, 1)
+    scaled = np.nan_to_num(np.clip((img - lo) / ((hi - lo) or 1), 0, 1))
+    pil = Image.fromarray((scaled * 255).astype(np.uint8))
+    zoom = side // max(img.shape)
+    if zoom > 1:
+        pil = pil.resize((img.shape[1] * zoom, img.shape[0] * zoom), Image.NEAREST)
     buf = io.BytesIO()
-    Image.fromarray((scaled * 255).astype(np.uint8)).save(buf, format="PNG")
+    pil.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(value) -> str:
+    value = np.asarray(value).item()
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def result_markdown(spec: AnalysisSpec, outputs: dict, *, visit: str, run_id: str, variant: str,
                     frames: int, result_uri: str) -> str:
+    """The result artifact: scalars as a name/value table, arrays as a statistics table,
+    and each 2-D array as an image (what staff see in the Prefect UI without Tiled)."""
     lines = [f"# {spec.name} ({variant}) — visit {visit}, run {run_id[:8]}", "",
-             f"{frames} frames processed. Result in Tiled: `{result_uri}`", "",
-             "| output | shape | dtype | min | mean | max |", "|---|---|---|---|---|---|"]
+             f"{frames} frames processed. Result in Tiled: `{result_uri}`", ""]
+    scalars = {k: v for k, v in outputs.items() if np.ndim(v) == 0}
+    arrays = {k: np.asarray(v) for k, v in outputs.items() if np.ndim(v) > 0}
+    if scalars:
+        lines += ["| output | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()] + [""]
     images = []
-    for key, value in outputs.items():
-        arr = np.asarray(value)
-        stats = (f"{np.nanmin(arr):.4g} | {np.nanmean(arr):.4g} | {np.nanmax(arr):.4g}"
-                 if arr.size and arr.dtype.kind in "fiu" else " | | ")
-        lines.append(f"| {key} | {arr.shape or 'scalar'} | {arr.dtype} | {stats} |")
-        if arr.ndim == 2:
-            uri = _png_data_uri(arr)
-            if uri:
-                images.append(f"### {key}\n\n![{key}]({uri})")
+    if arrays:
+        lines += ["| array | shape | dtype | min | mean | max |", "|---|---|---|---|---|---|"]
+        for key, arr in arrays.items():
+            stats = (f"{np.nanmin(arr):.4g} | {np.nanmean(arr):.4g} | {np.nanmax(arr):.4g}"
+                     if arr.size and arr.dtype.kind in "fiu" else " | | ")
+            lines.append(f"| {key} | {arr.shape} | {arr.dtype} | {stats} |")
+            if arr.ndim == 2:
+                uri = _png_data_uri(arr)
+                if uri:
+                    images.append(f"### {key}\n\n![{key}]({uri})")
     return "\n".join(lines + [""] + images)
 
 
