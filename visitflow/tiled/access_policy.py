@@ -18,6 +18,10 @@ Rules (non-admin; ``visitflow:admin`` may do everything):
 * a run container and everything below it: read/write as the scopes allow; writing implies
   reading (a writer must be able to find what it writes); deleting only in processed runs
   (analyses replace their outputs; raw data is only ever added to);
+* ``register`` (pointing a node at detector files) inside a run the principal may write,
+  only in stores with a configured data directory (``file_roots``), and only when every
+  file lies in *that visit's* directory (:mod:`.file_roots`); a registration that fails
+  that check is refused with a 403 naming the file — for admin too;
 * anything the layout does not place, or a node whose path cannot be known: admin only.
 
 Listings are filtered with :class:`DirectChildren`, a query that also restricts *deep*
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
+from fastapi import HTTPException
 from tiled.access_control.access_policies import NO_ACCESS
 from tiled.access_control.protocols import AccessPolicy, normalize_access_tags
 from tiled.access_control.scopes import ALL_SCOPES
@@ -50,6 +55,7 @@ from ..scopes import (
     valid_name,
 )
 from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
+from .file_roots import FileRoots
 from .request_context import REQUEST, RequestInfo
 
 logger = logging.getLogger(__name__)
@@ -91,12 +97,15 @@ def _parse(scopes: frozenset) -> ScopeSet:
 
 class VisitflowAccessPolicy(AccessPolicy):
     """Config (tiled ``access_control.args``): ``raw_template``, ``processed_template``
-    (``null``/empty for a server holding only one store), ``admin_scope``."""
+    (``null``/empty for a server holding only one store), ``admin_scope``, ``file_roots``
+    (``{store: "/data/{visit}"}``: where that store's detector files may be registered)."""
 
     def __init__(self, raw_template: Optional[str] = DEFAULT_RAW_TEMPLATE,
                  processed_template: Optional[str] = DEFAULT_PROCESSED_TEMPLATE,
-                 admin_scope: str = ADMIN_SCOPE, path_cache_size: int = 65536):
+                 admin_scope: str = ADMIN_SCOPE, path_cache_size: int = 65536,
+                 file_roots: Optional[dict] = None):
         self.layout = Layout.from_templates(raw_template or None, processed_template or None)
+        self.file_roots = FileRoots(file_roots, self.layout)
         self.admin_scope = admin_scope
         self._path_cache: OrderedDict = OrderedDict()
         self._path_cache_size = path_cache_size
@@ -188,7 +197,19 @@ class VisitflowAccessPolicy(AccessPolicy):
                 result |= READ_SCOPES | WRITE_SCOPES
                 if store == "processed":   # outputs get replaced; raw is append-only
                     result |= DELETE_SCOPES
+                if store in self.file_roots.stores and request is not None:
+                    result.add("register")  # the files themselves are checked in registration_refusal
         return frozenset(result)
+
+    def registration_refusal(self, request: Optional[RequestInfo]) -> Optional[str]:
+        """Why this request's file registration is refused (None: not one, or fine)."""
+        if request is None or not request.registers_files:
+            return None
+        if request.asset_uris is None:
+            return "could not read the registration body (JSON under 16 MiB expected)"
+        if not self.file_roots:
+            return "this server registers no external files" if request.asset_uris else None
+        return self.file_roots.refusal(request.registered_node_path, request.asset_uris)
 
     def visible_children(self, path: tuple[str, ...], scopes: ScopeSet) -> tuple[bool, Optional[set[str]]]:
         """(whole subtree visible?, keys of visible children or None for all children)."""
@@ -226,13 +247,18 @@ class VisitflowAccessPolicy(AccessPolicy):
     async def allowed_scopes(self, node, principal, authn_access_tags, authn_scopes):
         if principal is None:
             return NONE
+        request = REQUEST.get()
+        refusal = self.registration_refusal(request)
+        if refusal is not None:
+            # After authentication (principal is known), before Tiled touches the catalog.
+            raise HTTPException(status_code=403, detail=f"registration refused: {refusal}")
         scopes = self.scopes_of(authn_scopes)
         if self.is_admin(scopes):
             return ALL_SCOPES
         path = await self.node_path(node)
         if path is None:
             return NONE
-        return self.scopes_at(path, scopes, REQUEST.get())
+        return self.scopes_at(path, scopes, request)
 
     async def filters(self, node, principal, authn_access_tags, authn_scopes, scopes):
         if principal is None:

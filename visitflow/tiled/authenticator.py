@@ -60,8 +60,9 @@ def derive_tiled_scopes(scopes: ScopeSet, *, admin_scope: str = ADMIN_SCOPE,
     """Tiled's coarse, per-request scopes implied by ours.
 
     They only open the door; which node may be read or written is the access policy's
-    decision.  ``register`` (pointing nodes at existing files) is withheld by default:
-    a writer could otherwise register another visit's files from the shared storage.
+    decision.  ``register`` (pointing nodes at existing files) is withheld unless the server
+    has per-visit data directories (``file_roots``, which turn ``grant_register`` on): the
+    policy then confines each registration to its visit's directory (:mod:`.file_roots`).
     Deleting is derived only from write scopes on the processed store.
     """
     out: set[str] = set()

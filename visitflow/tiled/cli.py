@@ -23,6 +23,9 @@ def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> 
     parser.add_argument("--processed-template", default=DEFAULT_PROCESSED_TEMPLATE,
                         help="node path of processed output ('' if this server holds no processed store)")
     parser.add_argument("--audience", default="tiled")
+    parser.add_argument("--file-root", action="append", default=[], metavar="STORE=TEMPLATE",
+                        help="let writers register detector files of a visit found under TEMPLATE, "
+                             "e.g. raw=/dls/i22/data/{year}/{visit} (repeatable, one per store)")
     parser.add_argument("--tabular-storage", default=None,
                         help="SQL URI for TiledWriter's tables (default sqlite file in the state dir)")
 
@@ -34,7 +37,18 @@ def _render(args):
         issuer=args.issuer, state_dir=args.state_dir, host=args.host, port=args.port,
         raw_template=args.raw_template or None, processed_template=args.processed_template or None,
         audience=args.audience, tabular_storage=args.tabular_storage,
+        file_roots=_file_roots(args.file_root),
     )
+
+
+def _file_roots(items: list[str]) -> dict[str, str] | None:
+    out = {}
+    for item in items or []:
+        store, sep, template = item.partition("=")
+        if not sep or not store or not template:
+            raise SystemExit(f"--file-root wants STORE=TEMPLATE, e.g. raw=/data/{{visit}}; got {item!r}")
+        out[store] = template
+    return out or None
 
 
 # -- visitflow tiled-config ---------------------------------------------------------------

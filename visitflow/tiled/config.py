@@ -40,6 +40,7 @@ def render_config(
     catalog_uri: Optional[str] = None,
     authn_database_uri: Optional[str] = None,
     grant_register: bool = False,
+    file_roots: Optional[dict[str, str]] = None,
 ) -> dict[str, Any]:
     """A tiled config dict (``tiled serve config`` accepts it as YAML).
 
@@ -49,8 +50,15 @@ def render_config(
     directory.  Not tiled's in-memory default: with shared-cache in-memory SQLite,
     concurrent requests fail with "cannot commit transaction - SQL statements in progress"
     (500s, found by benchmarks/tiled_auth.py).  Use PostgreSQL for several Tiled processes.
+
+    ``file_roots`` (e.g. ``{"raw": "/dls/i22/data/{year}/{visit}"}``) lets writers register
+    detector files that lie in their visit's directory (see :mod:`.file_roots`): it turns
+    on the ``register`` scope and makes the roots readable by Tiled.
     """
-    Layout.from_templates(raw_template or None, processed_template or None)  # validate early
+    from .file_roots import FileRoots
+
+    layout = Layout.from_templates(raw_template or None, processed_template or None)  # validate early
+    roots = FileRoots(file_roots, layout)
     state = Path(state_dir).resolve()
     data_dir = state / "data"
     return {
@@ -63,7 +71,7 @@ def render_config(
                         "issuer": issuer.rstrip("/"),
                         "audience": audience,
                         "admin_scope": admin_scope,
-                        "grant_register": grant_register,
+                        "grant_register": bool(grant_register or roots),
                     },
                 }
             ],
@@ -79,6 +87,7 @@ def render_config(
                 "raw_template": raw_template or None,
                 "processed_template": processed_template or None,
                 "admin_scope": admin_scope,
+                **({"file_roots": {r.store: r.template for r in roots.roots.values()}} if roots else {}),
             },
         },
         "catalog": {
@@ -87,6 +96,7 @@ def render_config(
                 str(data_dir),
                 tabular_storage or f"sqlite:///{state / 'tables.sqlite'}",
             ],
+            **({"readable_storage": roots.readable_storage()} if roots else {}),
             "init_if_not_exists": True,
         },
         "uvicorn": {"host": host, "port": int(port)},

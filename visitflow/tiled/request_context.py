@@ -8,6 +8,10 @@ around the Tiled app by ``visitflow tiled serve``, reads the ``id`` of ``POST
 /api/v1/{metadata,register}/<path>`` bodies (small JSON documents; the body is replayed to
 Tiled unchanged) and publishes it in a context variable for the policy.
 
+It also lists the ``assets[].data_uri`` of file registrations (``POST /register``, ``PUT
+/data_source``), so the policy can confine them to the visit's data directory (see
+:mod:`.file_roots`).  The middleware only extracts facts; every decision is the policy's.
+
 Without the middleware (e.g. plain ``tiled serve config``) :data:`REQUEST` stays ``None``
 and the policy fails closed: only visit-wide writers may create runs.
 """
@@ -18,7 +22,11 @@ import json
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from .file_roots import asset_uris
+
 CREATE_ROUTES = ("metadata", "register")
+#: (method, route) of requests that point nodes at files.
+REGISTER_ROUTES = (("POST", "register"), ("PUT", "data_source"))
 API_MARKER = "/api/v1/"
 
 
@@ -28,9 +36,22 @@ class RequestInfo:
     route: str                 # first path segment after /api/v1/ ("metadata", "array", ...)
     path: tuple[str, ...]      # node path the request targets
     new_key: str | None = None  # the "id" of a node being created, if given and readable
+    #: for a file registration, the data URIs of its assets; None if the body was unreadable
+    asset_uris: tuple[str, ...] | None = None
 
     def creates_child_of(self, path: tuple[str, ...] | list[str]) -> bool:
         return self.method == "POST" and self.route in CREATE_ROUTES and self.path == tuple(path)
+
+    @property
+    def registers_files(self) -> bool:
+        return (self.method, self.route) in REGISTER_ROUTES
+
+    @property
+    def registered_node_path(self) -> tuple[str, ...]:
+        """The node whose files are registered (the new child, for ``POST /register``)."""
+        if self.method == "POST":
+            return self.path + (self.new_key or "_",)
+        return self.path
 
 
 #: The current request, as seen by the middleware; ``None`` when it is not installed.
@@ -47,16 +68,20 @@ def parse_target(method: str, url_path: str) -> RequestInfo | None:
     return RequestInfo(method.upper(), route, tuple(s for s in tail.split("/") if s))
 
 
-def key_from_body(body: bytes, content_type: str) -> str | None:
+def parse_body(body: bytes, content_type: str):
+    """The decoded JSON (or msgpack) body, or None if it cannot be decoded."""
     try:
         if "msgpack" in content_type:
             import msgpack
 
-            doc = msgpack.unpackb(body)
-        else:
-            doc = json.loads(body)
+            return msgpack.unpackb(body)
+        return json.loads(body)
     except Exception:
         return None
+
+
+def key_from_body(body: bytes, content_type: str) -> str | None:
+    doc = parse_body(body, content_type)
     key = doc.get("id") if isinstance(doc, dict) else None
     return key if isinstance(key, str) else None
 
@@ -72,7 +97,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         info = parse_target(scope["method"], scope.get("path", ""))
-        if info is not None and info.method == "POST" and info.route in CREATE_ROUTES:
+        if info is not None and ((info.method == "POST" and info.route in CREATE_ROUTES) or info.registers_files):
             chunks, size, more = [], 0, True
             messages = []
             while more:
@@ -88,8 +113,10 @@ class RequestContextMiddleware:
                     break
             if not more and size <= self.max_body:
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-                key = key_from_body(b"".join(chunks), headers.get("content-type", ""))
-                info = RequestInfo(info.method, info.route, info.path, key)
+                doc = parse_body(b"".join(chunks), headers.get("content-type", ""))
+                key = doc.get("id") if isinstance(doc, dict) and isinstance(doc.get("id"), str) else None
+                uris = tuple(asset_uris(doc)) if info.registers_files and doc is not None else None
+                info = RequestInfo(info.method, info.route, info.path, key, uris)
             pending = list(messages)
 
             async def replay():
