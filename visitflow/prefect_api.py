@@ -45,13 +45,18 @@ class PrefectAPI:
     auth_string: str | None = None
     attempts: int = 6
     backoff: float = 0.25
-    timeout: float = 10.0
+    #: read timeout.  Long on purpose: Prefect on SQLite can hold its write lock for up to a
+    #: minute under load (its own services then log "database is locked"); a request that
+    #: waits for the lock is slow, not lost.  Connecting stays quick (5 s) so a server that
+    #: is down is noticed at once.  Prefect's own client waits 60 s.
+    timeout: float = 30.0
 
     def __post_init__(self):
         headers = {}
         if self.auth_string:
             headers["Authorization"] = "Basic " + base64.b64encode(self.auth_string.encode()).decode()
-        self._client = httpx.Client(base_url=self.api_url.rstrip("/"), headers=headers, timeout=self.timeout)
+        self._client = httpx.Client(base_url=self.api_url.rstrip("/"), headers=headers,
+                                   timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)))
         self._ids: dict[str, str] = {}
 
     def close(self) -> None:

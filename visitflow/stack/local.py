@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import httpx
 
@@ -38,6 +39,8 @@ class StackConfig:
     live_per_visit: int = 4      # live runs at once, per visit (global concurrency limit)
     ui: bool = True
     worker_type: str = pstack.DEFAULT_WORKER_TYPE   # "visitflow" (warm) or "process" (stock)
+    #: where detectors write a visit's files, e.g. /data/{visit} (see visitflow.tiled.file_roots)
+    raw_file_root: Optional[str] = field(default_factory=lambda: os.environ.get("VISITFLOW_RAW_FILE_ROOT") or None)
 
     @property
     def issuer(self) -> str:
@@ -137,7 +140,9 @@ class LocalStack:
                      f"{c.issuer}/health", timeout=60)
         self._ensure("tiled", [py, "-m", "visitflow.cli", "tiled", "serve", "--issuer", c.issuer,
                                "--state-dir", str(self.state / "tiled"), "--port", str(c.tiled_port),
-                               "--log-level", "warning"], f"{c.tiled_uri}/api/v1/", timeout=180)
+                               "--log-level", "warning",
+                               *(["--file-root", f"raw={c.raw_file_root}"] if c.raw_file_root else [])],
+                     f"{c.tiled_uri}/api/v1/", timeout=180)
         from ..tiled.admin import admin_auth, ensure_visits
 
         created = ensure_visits(c.tiled_uri, admin_auth(c.issuer, "visitflow-admin", DEV_SECRETS["visitflow-admin"]),
