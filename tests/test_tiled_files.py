@@ -112,8 +112,11 @@ def files_tiled(idp, tmp_path_factory, beamline):
         handle.service.stop()
 
 
-def detector_docs(h5: Path, frames: np.ndarray, visit: str = "a1", uri: str | None = None):
-    """The documents of a 1-point-per-frame scan whose detector writes ``h5`` itself."""
+def detector_docs(h5: Path, frames: np.ndarray, visit: str = "a1", uri: str | None = None, swmr: bool = False):
+    """The documents of a 1-point-per-frame scan whose detector writes ``h5`` itself.
+
+    ``swmr``: keep the file open in single-writer/multiple-reader mode and flush each frame,
+    as ophyd-async's HDF5 writer does; otherwise reopen and close the file per frame."""
     run = compose_run(metadata={"plan_name": "count", "instrument_session": visit})
     yield "start", run.start_doc
     n, h, w = frames.shape
@@ -125,18 +128,30 @@ def detector_docs(h5: Path, frames: np.ndarray, visit: str = "a1", uri: str | No
     res = run.compose_stream_resource(mimetype="application/x-hdf5", uri=uri or h5.as_uri(), data_key="saxs",
                                       parameters={"dataset": "/entry/data", "chunk_shape": [1, h, w]})
     yield "stream_resource", res.stream_resource_doc
-    with h5py.File(h5, "w") as f:
-        f.create_dataset("/entry/data", shape=(0, h, w), maxshape=(None, h, w), dtype=frames.dtype,
-                         chunks=(1, h, w))
-    for i in range(n):
-        with h5py.File(h5, "a") as f:
+    f = h5py.File(h5, "w", libver="latest")
+    f.create_dataset("/entry/data", shape=(0, h, w), maxshape=(None, h, w), dtype=frames.dtype, chunks=(1, h, w))
+    if swmr:
+        f.swmr_mode = True
+    else:
+        f.close()
+    try:
+        for i in range(n):
+            if not swmr:
+                f = h5py.File(h5, "a")
             ds = f["/entry/data"]
             ds.resize(i + 1, axis=0)
             ds[i] = frames[i]
-        yield "stream_datum", res.compose_stream_datum(indices={"start": i, "stop": i + 1},
-                                                       seq_nums={"start": i + 1, "stop": i + 2},
-                                                       descriptor=desc.descriptor_doc)
-        yield "event", desc.compose_event(data={"motor": float(i)}, timestamps={"motor": 0.0}, seq_num=i + 1)
+            if swmr:
+                ds.flush()
+            else:
+                f.close()
+            yield "stream_datum", res.compose_stream_datum(indices={"start": i, "stop": i + 1},
+                                                           seq_nums={"start": i + 1, "stop": i + 2},
+                                                           descriptor=desc.descriptor_doc)
+            yield "event", desc.compose_event(data={"motor": float(i)}, timestamps={"motor": 0.0}, seq_num=i + 1)
+    finally:
+        if swmr:
+            f.close()
     yield "stop", run.compose_stop(exit_status="success")
 
 
@@ -282,7 +297,8 @@ def test_default_server_registers_nothing(tiled_server, idp, beamline):
 
 
 def test_live_follows_a_detector_file_as_it_grows(files_tiled, idp, beamline):
-    """Live analysis while the detector is still appending to its HDF5 file."""
+    """Live analysis while the detector is still appending to its HDF5 file (kept open in
+    SWMR mode, as ophyd-async does)."""
     import threading
     import time
 
@@ -290,7 +306,7 @@ def test_live_follows_a_detector_file_as_it_grows(files_tiled, idp, beamline):
 
     frames = np.random.default_rng(11).integers(0, 4000, size=(20, *SHAPE)).astype("<u2")
     alice = idp.token("alice")
-    docs = detector_docs(beamline / "a1" / "growing.h5", frames)
+    docs = detector_docs(beamline / "a1" / "growing.h5", frames, swmr=True)
     name, start = next(docs)
     writer = TiledWriter(user_root(files_tiled.uri, alice)["raw"]["a1"], batch_size=1)
     writer(name, start)
