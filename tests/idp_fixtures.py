@@ -110,13 +110,13 @@ class IdPHandle:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def start_idp(tmp: Path) -> IdPHandle:
+def start_idp(tmp: Path, config: Path = IDP_CONFIG) -> IdPHandle:
     port = free_port()
     issuer = f"http://127.0.0.1:{port}"
     keys_dir = tmp / "idp-keys"
     KeyStore(keys_dir)  # create the key before the server so tests can sign with it
     service = start_service(
-        "idp", [sys.executable, "-m", "visitflow.cli", "idp", "--config", str(IDP_CONFIG),
+        "idp", [sys.executable, "-m", "visitflow.cli", "idp", "--config", str(config),
                 "--port", str(port), "--keys-dir", str(keys_dir), "--log-level", "warning"],
         log_dir=tmp / "logs", health_url=f"{issuer}/health",
     )

@@ -270,12 +270,7 @@ def short_idp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("short-idp")
     path = tmp / "idp.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    import tests.idp_fixtures as fx
-    saved, fx.IDP_CONFIG = fx.IDP_CONFIG, path
-    try:
-        handle = start_idp(tmp)
-    finally:
-        fx.IDP_CONFIG = saved
+    handle = start_idp(tmp, path)
     yield handle
     handle.service.stop()
 

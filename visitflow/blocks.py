@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from prefect.blocks.core import Block
 from prefect.blocks.system import Secret
@@ -66,7 +66,8 @@ class RunAccess:
 
         token, _ = self.tokens()
         claims = jwt.decode(token, options={"verify_signature": False})
-        return {"token_sub": claims.get("sub"), "token_act": claims.get("act"), "token_azp": claims.get("azp")}
+        return {"token_sub": claims.get("sub"), "token_act": claims.get("act"), "token_azp": claims.get("azp"),
+                "token_scope": claims.get("scope")}
 
 
 class ScopedCredentials(Block):
@@ -98,6 +99,10 @@ class ScopedCredentials(Block):
                                     description="Node path of an analysis result.")
     grant_prefix: str = Field(grants.PREFIX, description="Prefix of the per-run grant Secret names.")
     refresh_margin: float = Field(30.0, description="Refresh the data token this many seconds before expiry.")
+    grant_scope: Literal["run", "visit"] = Field(
+        "run", description="Scope of the data token: 'run' (one raw run and its processed node; needs an "
+                           "IdP that mints per-run scopes) or 'visit' (the visit's data; for IdPs with a "
+                           "fixed scope list such as Keycloak). Must match the trigger's grant_scope.")
 
     def secret(self) -> str:
         if self.client_secret is not None and self.client_secret.get_secret_value():
@@ -130,11 +135,14 @@ class ScopedCredentials(Block):
         grant = self.load_grant(analysis, visit, run_id)
         claims = check_grant(self.validator(), grant, analysis, visit, run_id)
         tokens = DataTokenSource(token_endpoint(self.issuer), grant, self.client_id, self.secret(),
-                                 visit, run_id, margin=self.refresh_margin)
+                                 visit, run_id, margin=self.refresh_margin, per=self.grant_scope)
         tokens()  # exchange now: refusals surface here, before any data access
         auth = BearerAuth(tokens, refresh_margin=self.refresh_margin)
         raw_root = connect(self.raw_uri, auth)
         processed_root = raw_root if not self.processed_uri or self.processed_uri == self.raw_uri \
             else connect(self.processed_uri, auth)
         log.info("acting for %s (via %s) on %s/%s", claims.sub, ",".join(claims.actor_chain()), visit, run_id)
+        if self.grant_scope == "visit":
+            log.warning("data token is visit-wide (grant_scope=visit: the IdP cannot narrow to one run); "
+                        "this flow reads only %s/%s", visit, run_id)
         return RunAccess(visit, run_id, analysis, claims, tokens, raw_root, processed_root, self.layout())

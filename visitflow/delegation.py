@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from . import oauth
-from .scopes import data_token_scopes, grant_scopes
+from .scopes import ScopeSet, data_token_scopes, grant_scopes
 from .tokens import Claims, InvalidToken, TokenValidator
 
 GRANT_AUDIENCE = "visitflow"
@@ -77,6 +77,7 @@ class DataTokenSource:
     visit: str
     run_id: str
     margin: float = 30.0
+    per: str = "run"          # "visit" where the IdP cannot mint per-run scopes (scopes.GRANT_SCOPE_MODES)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -86,7 +87,7 @@ class DataTokenSource:
 
     @property
     def scope(self) -> str:
-        return str(data_token_scopes(self.visit, self.run_id))
+        return str(data_token_scopes(self.visit, self.run_id, self.per))
 
     def _exchange(self) -> oauth.TokenResponse:
         try:
@@ -99,8 +100,25 @@ class DataTokenSource:
             if exc.error in ("invalid_scope", "access_denied"):
                 raise NotAuthorised(f"the IdP refused data access for {self.visit}/{self.run_id}: {exc}") from exc
             raise GrantInvalid(f"the IdP refused the delegation grant: {exc}") from exc
+        self._check_granted(resp)
         self.exchanges += 1
         return resp
+
+    def _check_granted(self, resp: oauth.TokenResponse) -> None:
+        """Some IdPs (Keycloak) silently *drop* requested scopes they cannot issue instead of
+        refusing: catch that here, with the fix in the message, rather than as a 403 from
+        Tiled half-way through an analysis."""
+        granted = resp.scope
+        if not granted:
+            import jwt
+
+            granted = jwt.decode(resp.access_token, options={"verify_signature": False}).get("scope", "")
+        missing = ScopeSet.lenient(granted).uncovered(data_token_scopes(self.visit, self.run_id, self.per))
+        if missing:
+            hint = (" — this IdP cannot issue per-run scopes; set grant_scope='visit' on the block and "
+                    "the trigger (docs/production.md §3)" if self.per == "run" else "")
+            raise NotAuthorised(f"the IdP issued a data token for {self.visit}/{self.run_id} without "
+                                f"{' '.join(map(str, missing))} (granted: {granted or 'nothing'}){hint}")
 
     def _renew(self) -> oauth.TokenResponse:
         cur = self._current

@@ -272,22 +272,33 @@ class ScopeSet:
         return [s for s in self if isinstance(s, DataScope)]
 
 
-def grant_scopes(analysis: str, visit: str, run: str) -> ScopeSet:
+#: How narrowly a delegation is scoped (the IdP decides what is possible):
+#:
+#: ``run``   one run — the design (ARCHITECTURE §2): T_grant/T_data name ``<visit>/<run>``.
+#:           Needs an IdP that mints per-run scopes (the dev IdP; an exchange service).
+#: ``visit`` the visit's data — for IdPs whose scopes are a fixed list, such as Keycloak's
+#:           client scopes (docs/production.md §3).  Tiled still stops the flow at the visit
+#:           boundary and the flow reads only its run by construction, but a compromised
+#:           analysis could read the visit's other runs.  Opt-in, recorded in provenance.
+GRANT_SCOPE_MODES = ("run", "visit")
+
+
+def _check_mode(per: str) -> str:
+    if per not in GRANT_SCOPE_MODES:
+        raise ScopeError(f"grant scope must be one of {GRANT_SCOPE_MODES}, not {per!r}")
+    return per
+
+
+def grant_scopes(analysis: str, visit: str, run: str, per: str = "run") -> ScopeSet:
     """T_grant's scopes (ARCHITECTURE §2 step 3): run the analysis, read the raw run, write
-    that run's processed data."""
-    return ScopeSet(
-        frozenset(
-            {
-                RunScope(analysis, visit),
-                DataScope("read", "raw", visit, run),
-                DataScope("write", "processed", visit, run),
-            }
-        )
-    )
+    that run's processed data (``per="visit"``: the visit's data, see GRANT_SCOPE_MODES)."""
+    return ScopeSet(frozenset({RunScope(analysis, visit), *data_token_scopes(visit, run, per)}))
 
 
-def data_token_scopes(visit: str, run: str) -> ScopeSet:
+def data_token_scopes(visit: str, run: str, per: str = "run") -> ScopeSet:
     """T_data's scopes (§2 step 5): the grant minus the right to start analyses."""
+    if _check_mode(per) == "visit":
+        return ScopeSet(frozenset({DataScope("read", "data", visit), DataScope("write", "data", visit)}))
     return ScopeSet(
         frozenset({DataScope("read", "raw", visit, run), DataScope("write", "processed", visit, run)})
     )

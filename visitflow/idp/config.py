@@ -70,6 +70,10 @@ class IdPConfig:
     audiences: dict = field(default_factory=dict)   # name -> Lifetimes
     clients: dict = field(default_factory=dict)     # id -> Client
     users: dict = field(default_factory=dict)       # name -> User
+    #: Emulate an IdP whose scopes are a fixed list (Keycloak's client scopes): at the token
+    #: exchange a requested scope is kept only if held literally, others are dropped — so
+    #: per-run scopes cannot be had (docs/production.md §3).  For testing grant_scope=visit.
+    fixed_scopes: bool = False
 
     def lifetimes_for(self, audience: str | list | None) -> Lifetimes:
         """Lifetimes of a token for ``audience``: the single audience's override, else defaults."""
@@ -84,7 +88,7 @@ class IdPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IdPConfig":
-        unknown = set(d) - {"issuer", "lifetimes", "audiences", "clients", "users"}
+        unknown = set(d) - {"issuer", "lifetimes", "audiences", "clients", "users", "fixed_scopes"}
         if unknown:
             raise ConfigError(f"unknown top-level keys {sorted(unknown)}")
         base = Lifetimes.from_dict(d.get("lifetimes"))
@@ -122,4 +126,5 @@ class IdPConfig:
             except ScopeError as exc:
                 raise ConfigError(f"user {name}: {exc}") from exc
             users[name] = User(name, str(u["password"]), scopes)
-        return cls(issuer=d.get("issuer"), lifetimes=base, audiences=audiences, clients=clients, users=users)
+        return cls(issuer=d.get("issuer"), lifetimes=base, audiences=audiences, clients=clients, users=users,
+                   fixed_scopes=bool(d.get("fixed_scopes", False)))

@@ -196,6 +196,16 @@ class IdP:
             raise invalid_scope(f"{what} does not cover: {' '.join(map(str, missing))}")
         return wanted
 
+    @staticmethod
+    def _keep_literal(granted: ScopeSet, requested: str | None) -> ScopeSet:
+        """``fixed_scopes`` mode, Keycloak's rule: a requested scope is kept only if the
+        subject holds that very scope; others are dropped silently, not refused (Keycloak
+        grants only existing client scopes the user has the role for)."""
+        if requested is None or not requested.strip():
+            return granted
+        held = {str(s) for s in granted}
+        return ScopeSet.lenient([s for s in requested.split() if s in held])
+
     # ---------------------------------------------------------------- validating our own tokens
     def validate(self, token: str, *, audience: str | None = None, check_revoked: bool = True) -> dict:
         """Validate a token this IdP issued (any audience unless given). Raises InvalidToken."""
@@ -294,7 +304,11 @@ class IdP:
                 raise OAuthError("invalid_target", f"unknown audience {aud!r}", 403)
             if aud not in client.exchange_audiences:
                 raise OAuthError("access_denied", f"client {client.client_id} may not exchange for audience {aud!r}", 403)
-        scopes = self._narrow(ScopeSet.lenient(subject.get("scope")), form.get("scope"), "the subject token's scope")
+        if self.config.fixed_scopes:
+            scopes = self._keep_literal(ScopeSet.lenient(subject.get("scope")), form.get("scope"))
+        else:
+            scopes = self._narrow(ScopeSet.lenient(subject.get("scope")), form.get("scope"),
+                                  "the subject token's scope")
         act = {"sub": client.client_id}
         if subject.get("act"):
             act["act"] = subject["act"]

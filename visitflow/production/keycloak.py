@@ -391,10 +391,12 @@ def limitations(realm: dict, idp_config: dict) -> list[str]:
         "run-specific scopes (read:raw:<visit>/<run>, write:processed:<visit>/<run>) and narrowing "
         "a wildcard (run:*:<visit>) to one analysis are not issuable: Keycloak only grants scopes "
         "that exist as client scopes (parameterized scopes are experimental and validate the "
-        "parameter's format only, not that the user's own scopes cover it)",
+        "parameter's format only, not that the user's own scopes cover it); deploy with "
+        "grant_scope=visit on the trigger and the block (visit-wide grants)",
         "a requested scope the user lacks is left out of the token rather than refused "
         "(Keycloak applies a role-gated client scope only to holders of its role; the dev IdP "
-        "answers invalid_scope): callers must check the granted `scope`",
+        "answers invalid_scope): callers must check the granted `scope` (the Block does, at the "
+        "grant and at each data-token exchange)",
     ]
     base = idp.lifetimes
     kc = {c["clientId"]: c for c in realm.get("clients") or []}

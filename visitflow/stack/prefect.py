@@ -64,11 +64,11 @@ def run_cli(args: list[str], env: dict, *, cwd: Path = REPO, timeout: float = 30
 
 
 def save_block_script(*, issuer: str, raw_uri: str, processed_uri: str | None, secret_env: str,
-                      name: str = BLOCK) -> str:
+                      name: str = BLOCK, grant_scope: str = "run") -> str:
     return (
         "from visitflow.blocks import ScopedCredentials\n"
         f"ScopedCredentials(issuer={issuer!r}, raw_uri={raw_uri!r}, processed_uri={processed_uri!r},"
-        f" client_secret_env={secret_env!r}).save({name!r}, overwrite=True)\n"
+        f" client_secret_env={secret_env!r}, grant_scope={grant_scope!r}).save({name!r}, overwrite=True)\n"
     )
 
 
@@ -87,7 +87,8 @@ def configure(env: dict, *, issuer: str, tiled_uri: str, processed_uri: str | No
             if "already exists" not in str(exc):
                 raise
     run_cli(["block", "register", "-m", "visitflow.blocks"], env)
-    script = save_block_script(issuer=issuer, raw_uri=tiled_uri, processed_uri=processed_uri, secret_env=secret_env)
+    script = save_block_script(issuer=issuer, raw_uri=tiled_uri, processed_uri=processed_uri, secret_env=secret_env,
+                               grant_scope=os.environ.get("VISITFLOW_GRANT_SCOPE", "run"))
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=120)
     if proc.returncode != 0:

@@ -17,6 +17,7 @@ Kept light: httpx, pyjwt, sqlite3 — no Prefect, no Tiled server stack (it runs
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Callable
 
 from .. import grants, oauth
 from ..prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
-from ..scopes import ScopeError, check_name, grant_scopes
+from ..scopes import GRANT_SCOPE_MODES, ScopeError, check_name, grant_scopes
 from .outbox import Outbox
 
 log = logging.getLogger("visitflow.trigger")
@@ -46,6 +47,9 @@ class TriggerSettings:
     post_on: tuple = ("success",)                       # stop exit_status values that start post
     grant_prefix: str = grants.PREFIX
     max_backoff: float = 60.0
+    #: "run" (the design) or "visit" (IdPs with a fixed scope list, e.g. Keycloak): see
+    #: scopes.GRANT_SCOPE_MODES.  Must match the ScopedCredentials block's grant_scope.
+    grant_scope: str = field(default_factory=lambda: os.environ.get("VISITFLOW_GRANT_SCOPE", "run"))
 
 
 def _visit_of(start: dict) -> str | None:
@@ -63,6 +67,8 @@ class AnalysisTrigger:
     """
 
     def __init__(self, settings: TriggerSettings, token: str | TokenSource, *, start_sender: bool = True):
+        if settings.grant_scope not in GRANT_SCOPE_MODES:
+            raise ValueError(f"grant_scope must be one of {GRANT_SCOPE_MODES}, not {settings.grant_scope!r}")
         self.settings = settings
         self._token: TokenSource = (lambda: token) if isinstance(token, str) else token
         self.outbox = Outbox(Path(settings.state_dir) / "outbox.sqlite")
@@ -228,7 +234,7 @@ class AnalysisTrigger:
                 self._token_url = oauth.token_endpoint(self.settings.issuer)
             resp = oauth.exchange(self._token_url, user_token, client_id=self.settings.client_id,
                                   client_secret=self.settings.client_secret, audience="visitflow",
-                                  scope=str(grant_scopes(g.analysis, g.visit, g.run)))
+                                  scope=str(grant_scopes(g.analysis, g.visit, g.run, self.settings.grant_scope)))
         except oauth.OAuthRefused as exc:
             self._decide("REFUSED %s for visit %s run %s: the IdP says %s — no flow run", g.analysis, g.visit,
                          g.run, exc)

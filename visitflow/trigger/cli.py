@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     who.add_argument("--user", help="dev IdP only: log in with this user (password from --password-env)")
     p.add_argument("--password-env", default="VISITFLOW_PASSWORD")
     p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--grant-scope", choices=["run", "visit"], default=os.environ.get("VISITFLOW_GRANT_SCOPE", "run"),
+                   help="'visit' for IdPs that cannot issue per-run scopes (Keycloak); must match the block")
 
 
 def run(args) -> int:
@@ -50,7 +52,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         trigger = AnalysisTrigger(TriggerSettings(issuer=args.issuer, prefect_api_url=args.prefect_api,
                                                   client_id=args.client_id, client_secret=secret,
-                                                  state_dir=Path(tmp)), token=token)
+                                                  state_dir=Path(tmp), grant_scope=args.grant_scope), token=token)
         try:
             trigger.request(args.analysis, args.visit, args.run, variants)
             trigger.flush(args.timeout)

@@ -1,0 +1,139 @@
+"""``grant_scope="visit"``: delegation with an IdP whose scopes are a fixed list (Keycloak).
+
+Keycloak grants only scopes that exist as client scopes and *drops* the rest
+(docs/production.md §3), so per-run scopes (``read:raw:a1/<run>``) cannot be had.  A dev
+IdP started with ``fixed_scopes: true`` applies that rule at the token exchange; against it:
+
+* the design's per-run request yields a grant without the data scopes, and the Block's
+  pre-flight check refuses it *before any data access* (Keycloak limit 3);
+* ``grant_scope="visit"`` works end to end: trigger-side exchange, Block (``for_run``, with
+  the grant stored in a real Prefect Secret), Tiled reads and writes — and the trade-off is
+  asserted, not hidden: the data token can read the visit's other runs, never another visit.
+"""
+
+from __future__ import annotations
+
+import jwt
+import numpy as np
+import pytest
+import yaml
+
+from tests.idp_fixtures import IDP_CONFIG, start_idp
+from tests.scans import run_scan
+from tests.tiled_fixtures import VISITS, start_tiled
+from visitflow import grants
+from visitflow.delegation import DataTokenSource, NotAuthorised, check_grant
+from visitflow.oauth import token_endpoint
+from visitflow.scopes import ScopeError, ScopeSet, data_token_scopes, grant_scopes
+from visitflow.tiled.client import BearerAuth, processed_client, raw_client
+from visitflow.tokens import TokenValidator
+
+CLIENT_SECRET = "visitflow-dev-secret"
+
+
+# ------------------------------------------------------------------ pure logic
+def test_visit_mode_scopes():
+    assert grant_scopes("saxs_average", "a1", "r1", "visit") == ScopeSet.parse(
+        "run:saxs_average:a1 read:data:a1 write:data:a1")
+    assert data_token_scopes("a1", "r1", "visit") == ScopeSet.parse("read:data:a1 write:data:a1")
+    assert data_token_scopes("a1", "r1") == ScopeSet.parse("read:raw:a1/r1 write:processed:a1/r1")
+    # a visit-wide grant covers everything a run needs, so the Block's check is the same in both modes
+    assert grant_scopes("saxs_average", "a1", "r1", "visit").uncovered(grant_scopes("saxs_average", "a1", "r1")) == []
+    with pytest.raises(ScopeError):
+        grant_scopes("saxs_average", "a1", "r1", "beamline")
+
+
+# ------------------------------------------------------------------ real servers
+@pytest.fixture(scope="module")
+def fixed(tmp_path_factory):
+    from visitflow.tiled.admin import admin_auth, ensure_visits
+
+    tmp = tmp_path_factory.mktemp("fixed-idp")
+    config = yaml.safe_load(IDP_CONFIG.read_text())
+    config["fixed_scopes"] = True
+    (tmp / "idp.yaml").write_text(yaml.safe_dump(config))
+    idp = start_idp(tmp, tmp / "idp.yaml")
+    try:
+        tiled = start_tiled(idp, tmp_path_factory.mktemp("fixed-tiled"))
+        try:
+            ensure_visits(tiled.uri, admin_auth(idp.issuer, "visitflow-admin", "admin-dev-secret"), VISITS,
+                          layout=tiled.layout)
+            yield idp, tiled
+        finally:
+            tiled.service.stop()
+    finally:
+        idp.service.stop()
+
+
+def scope_of(token: str) -> ScopeSet:
+    return ScopeSet.parse(jwt.decode(token, options={"verify_signature": False}).get("scope", ""))
+
+
+def test_per_run_request_loses_its_data_scopes_and_the_block_check_refuses(fixed):
+    idp, tiled = fixed
+    uid = run_scan(tiled.uri, idp.token("alice"), num=3)
+    grant = idp.exchange(idp.token("alice"), "blueapi", audience="visitflow",
+                         scope=str(grant_scopes("saxs_average", "a1", uid)))["access_token"]
+    assert scope_of(grant) == ScopeSet.parse("run:saxs_average:a1"), "dropped silently, as Keycloak does"
+    with pytest.raises(NotAuthorised, match=f"read:raw:a1/{uid}"):
+        check_grant(TokenValidator(idp.issuer, "visitflow"), grant, "saxs_average", "a1", uid)
+
+
+def test_visit_grant_end_to_end_through_the_block(fixed, prefect_stack):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from visitflow.blocks import ScopedCredentials
+
+    idp, tiled = fixed
+    alice = idp.token("alice")
+    uid = run_scan(tiled.uri, alice, num=5, seed=1)
+    other = run_scan(tiled.uri, alice, num=2, seed=2)
+    grant = idp.exchange(alice, "blueapi", audience="visitflow",
+                         scope=str(grant_scopes("saxs_average", "a1", uid, "visit")))["access_token"]
+    assert scope_of(grant) == grant_scopes("saxs_average", "a1", uid, "visit")
+    prefect_stack.api.save_secret(grants.grant_secret_name("saxs_average", "a1", uid), grant)
+    block = ScopedCredentials(issuer=idp.issuer, client_secret=CLIENT_SECRET, raw_uri=tiled.uri,
+                              grant_scope="visit")
+    with temporary_settings(updates={PREFECT_API_URL: prefect_stack.api_url}):
+        access = block.for_run("a1", uid, "saxs_average")
+    assert access.tokens.per == "visit"
+    assert scope_of(access.tokens()[0]) == ScopeSet.parse("read:data:a1 write:data:a1")
+    assert access.token_identity()["token_scope"]
+    assert access.raw_run()["primary"]["saxs"].shape[0] == 5
+    out = access.processed_run()
+    ensured = out.create_container(key="saxs_average", metadata={})
+    ensured.write_array(np.arange(4.0), key="average")
+    np.testing.assert_array_equal(out["saxs_average"]["average"].read(), np.arange(4.0))
+    # the trade-off of grant_scope=visit, stated as a test: other runs of the visit are readable ...
+    data = access.tokens()[0]
+    assert tiled.get(f"metadata/raw/a1/{other}", data).status_code == 200
+    # ... another visit is not, and a2's processed data cannot be written
+    assert tiled.get("metadata/raw/a2", data).status_code in (403, 404)
+    r = tiled.request("POST", "metadata/processed/a2", data,
+                      json={"structure_family": "container", "metadata": {}, "specs": [], "data_sources": [],
+                            "id": "sneaky"})
+    assert r.status_code in (401, 403, 404), r.text
+
+
+def test_run_mode_block_against_a_fixed_scope_idp_fails_before_data(fixed, prefect_stack):
+    """The default mode with Keycloak's rule: a clear NotAuthorised, not a 500 or a 403 later."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from visitflow.blocks import ScopedCredentials
+
+    idp, tiled = fixed
+    uid = run_scan(tiled.uri, idp.token("alice"), num=2, seed=3)
+    grant = idp.exchange(idp.token("alice"), "blueapi", audience="visitflow",
+                         scope=str(grant_scopes("saxs_average", "a1", uid, "visit")))["access_token"]
+    # a visit grant passes the check, but the IdP drops the per-run scopes of the data token:
+    # refused at the exchange, with the fix named, before any read
+    source = DataTokenSource(token_endpoint(idp.issuer), grant, "visitflow", CLIENT_SECRET, "a1", uid)
+    with pytest.raises(NotAuthorised, match="cannot issue per-run scopes; set grant_scope='visit'"):
+        source()
+    prefect_stack.api.save_secret(grants.grant_secret_name("peak_stats", "a1", uid),
+                                  idp.exchange(idp.token("alice"), "blueapi", audience="visitflow",
+                                               scope=str(grant_scopes("peak_stats", "a1", uid)))["access_token"])
+    block = ScopedCredentials(issuer=idp.issuer, client_secret=CLIENT_SECRET, raw_uri=tiled.uri)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_stack.api_url}), \
+            pytest.raises(NotAuthorised, match="does not cover"):
+        block.for_run("a1", uid, "peak_stats")
