@@ -15,6 +15,7 @@ run.  Writes ``benchmarks/RESULTS.md`` with the machine and date.  ``--quick`` s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -397,7 +398,25 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     p.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    p.add_argument("--prefect-db", choices=["auto", "sqlite"], default="auto",
+                   help="auto: Prefect on a throwaway PostgreSQL when the server is installed "
+                        "(VISITFLOW_PREFECT_DATABASE_URL wins if set); sqlite: the dev default")
     args = p.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        if args.prefect_db == "auto" and not os.environ.get("VISITFLOW_PREFECT_DATABASE_URL") \
+                and not (set(args.only.upper().split(",")) <= {"P6"}):
+            from benchmarks.postgres import throwaway_prefect_database
+
+            url = stack.enter_context(throwaway_prefect_database(log))
+            if url:
+                os.environ["VISITFLOW_PREFECT_DATABASE_URL"] = url
+                log("Prefect runs on a throwaway PostgreSQL")
+        elif args.prefect_db == "sqlite":
+            os.environ.pop("VISITFLOW_PREFECT_DATABASE_URL", None)
+        return _run(args)
+
+
+def _run(args) -> int:
     only = {s.strip().upper() for s in args.only.split(",")}
     t_all = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vf-bench-") as tmp:

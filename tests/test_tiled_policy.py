@@ -135,3 +135,35 @@ def test_middleware_reads_the_key_and_replays_the_body(body, content_type, key):
     asyncio.run(RequestContextMiddleware(app)(scope, receive, None))
     assert seen["body"] == body
     assert seen["info"] == RequestInfo("POST", "metadata", ("processed", "a1"), key)
+
+
+def test_register_scope_only_with_file_roots_and_the_middleware():
+    import asyncio
+
+    from visitflow.tiled.request_context import REQUEST
+
+    plain = VisitflowAccessPolicy()
+    files = VisitflowAccessPolicy(file_roots={"raw": "/data/{visit}"})
+    register = RequestInfo("POST", "register", ("raw", "a1", "u1", "primary"), "saxs", ("file:///data/a1/x.h5",))
+    run_node = ("raw", "a1", "u1", "primary")
+    assert "register" not in plain.scopes_at(run_node, ALICE, register)
+    assert "register" in files.scopes_at(run_node, ALICE, register)
+    assert "register" not in files.scopes_at(run_node, ALICE, None)            # no middleware: no register
+    assert "register" not in files.scopes_at(("processed", "a1", "u1", "x"), ALICE, register)
+    assert "register" not in files.scopes_at(run_node, T_DATA, register)       # reads raw only
+    assert files.registration_refusal(register) is None
+    assert "outside" in files.registration_refusal(
+        RequestInfo("POST", "register", run_node, "saxs", ("file:///data/a2/x.h5",)))
+    assert "no external files" in plain.registration_refusal(register)
+    assert "could not read" in files.registration_refusal(RequestInfo("PUT", "data_source", run_node + ("saxs",)))
+
+    class Node:  # admin never reaches node_path
+        pass
+
+    admin = ["visitflow:admin"]
+    assert "register" not in asyncio.run(files.allowed_scopes(Node(), object(), None, admin))  # no middleware
+    token = REQUEST.set(RequestInfo("GET", "metadata", run_node))
+    try:
+        assert "register" in asyncio.run(files.allowed_scopes(Node(), object(), None, admin))
+    finally:
+        REQUEST.reset(token)

@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 META = frozenset({"read:metadata"})
 NONE: frozenset[str] = frozenset()
+ADMIN_WITHOUT_REGISTER = frozenset(ALL_SCOPES) - {"register"}
 _PROBE = "\x00probe"  # a segment no real key can be, to ask a template what comes next
 
 
@@ -254,7 +255,8 @@ class VisitflowAccessPolicy(AccessPolicy):
             raise HTTPException(status_code=403, detail=f"registration refused: {refusal}")
         scopes = self.scopes_of(authn_scopes)
         if self.is_admin(scopes):
-            return ALL_SCOPES
+            # Without the request middleware registrations cannot be checked: nobody registers.
+            return ALL_SCOPES if request is not None else ADMIN_WITHOUT_REGISTER
         path = await self.node_path(node)
         if path is None:
             return NONE
