@@ -80,12 +80,6 @@ def parse_body(body: bytes, content_type: str):
         return None
 
 
-def key_from_body(body: bytes, content_type: str) -> str | None:
-    doc = parse_body(body, content_type)
-    key = doc.get("id") if isinstance(doc, dict) else None
-    return key if isinstance(key, str) else None
-
-
 class RequestContextMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: it would run the app in another task)."""
 
