@@ -52,7 +52,8 @@ class TiledHandle:
 
 
 def start_tiled(idp, tmp: Path, *, raw_template: str | None = None,
-                processed_template: str | None = None, extra_args: tuple[str, ...] = ()) -> TiledHandle:
+                processed_template: str | None = None, extra_args: tuple[str, ...] = (),
+                env: dict | None = None) -> TiledHandle:
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "visitflow.cli", "tiled", "serve", "--issuer", idp.issuer,
@@ -62,7 +63,7 @@ def start_tiled(idp, tmp: Path, *, raw_template: str | None = None,
     if processed_template is not None:
         argv += ["--processed-template", processed_template]
     argv += list(extra_args)
-    service = start_service("tiled", argv, log_dir=tmp / "logs", health_url=f"{uri}/api/v1/")
+    service = start_service("tiled", argv, log_dir=tmp / "logs", health_url=f"{uri}/api/v1/", env=env)
     try:
         service.wait_ready(timeout=120)
     except Exception:

@@ -1,5 +1,5 @@
 """Token-endpoint calls every visitflow component makes: login (dev), RFC 8693 exchange,
-refresh.  Plain httpx form posts — small enough that a library (authlib's OAuth2Client)
+refresh; and RFC 7662 introspection / RFC 7009 revocation (Tiled's revocation check).  Plain httpx form posts — small enough that a library (authlib's OAuth2Client)
 would add an import and hide the error bodies we need to tell "refused, do not retry"
 (``invalid_scope``, ``access_denied``) from "try again" (5xx, connection errors).
 """
@@ -107,3 +107,45 @@ def password_login(url: str, username: str, password: str, *, client_id: str = "
     if scope:
         form["scope"] = scope
     return post_token(url, form, client_id=client_id, client=client)
+
+
+def _post_form(url: str, form: dict, *, client_id: str, client_secret: str,
+               client: httpx.Client | None, timeout: float) -> httpx.Response:
+    own = client is None
+    client = client or httpx.Client(timeout=timeout)
+    try:
+        return client.post(url, data=form, auth=(client_id, client_secret))
+    except httpx.HTTPError as exc:
+        raise OAuthUnavailable(f"{url} unreachable: {exc}") from exc
+    finally:
+        if own:
+            client.close()
+
+
+def introspect(url: str, token: str, *, client_id: str, client_secret: str,
+               client: httpx.Client | None = None, timeout: float = 5.0) -> dict:
+    """RFC 7662: the IdP's view of ``token`` (``{"active": false}`` once revoked or expired)."""
+    resp = _post_form(url, {"token": token}, client_id=client_id, client_secret=client_secret,
+                      client=client, timeout=timeout)
+    if resp.status_code == 200:
+        body = resp.json()
+        if not isinstance(body, dict) or "active" not in body:
+            raise OAuthUnavailable(f"introspection at {url} answered without 'active'")
+        return body
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise OAuthUnavailable(f"introspection endpoint answered {resp.status_code}")
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    raise OAuthRefused(body.get("error", f"http_{resp.status_code}"), body.get("error_description", ""),
+                       resp.status_code)
+
+
+def revoke(url: str, token: str, *, client_id: str, client_secret: str,
+           client: httpx.Client | None = None, timeout: float = 5.0) -> None:
+    """RFC 7009: revoke ``token`` (the IdP answers 200 even for unknown tokens)."""
+    resp = _post_form(url, {"token": token}, client_id=client_id, client_secret=client_secret,
+                      client=client, timeout=timeout)
+    if resp.status_code != 200:
+        raise OAuthRefused(f"http_{resp.status_code}", resp.text[:200], resp.status_code)

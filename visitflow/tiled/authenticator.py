@@ -182,7 +182,11 @@ class VisitflowAuthenticator(ProxiedOIDCAuthenticator):
     ``audience`` (default ``tiled``), ``client_id``, ``device_flow_client_id``,
     ``leeway``, ``admin_scope``, ``grant_register``, ``jwks_refresh_interval``,
     ``discovery_timeout`` (how long to wait for the IdP at server start),
-    ``cache_seconds`` (how long a validated token is remembered, capped by its exp).
+    ``cache_seconds`` (how long a validated token is remembered, capped by its exp),
+    ``introspect_client_id`` + ``introspect_secret_env`` (turn on revocation checks: each
+    token is also introspected at the IdP, RFC 7662, when it enters the cache — so a revoked
+    token is refused within ``cache_seconds`` instead of living to its expiry; fails closed
+    with a 503 if the IdP cannot answer).
     """
 
     configuration_schema = """
@@ -201,6 +205,8 @@ properties:
   discovery_timeout: {type: number}
   cache_seconds: {type: number}
   confirmation_message: {type: string}
+  introspect_client_id: {type: string}
+  introspect_secret_env: {type: string}
 """
 
     def __init__(
@@ -216,6 +222,8 @@ properties:
         discovery_timeout: float = 60.0,
         cache_seconds: float = 30.0,
         confirmation_message: str = "",
+        introspect_client_id: Optional[str] = None,
+        introspect_secret_env: str = "VISITFLOW_TILED_CLIENT_SECRET",
     ):
         self._issuer = issuer.rstrip("/")
         self._discovery_timeout = discovery_timeout
@@ -240,6 +248,18 @@ properties:
             refresh_interval=jwks_refresh_interval,
         )
         self.validator.fetch_keys()
+        self._introspection: Optional[tuple[str, str, str]] = None
+        if introspect_client_id:
+            import os
+
+            secret = os.environ.get(introspect_secret_env)
+            endpoint = self._config_from_oidc_url.get("introspection_endpoint")
+            if not secret or not endpoint:
+                raise RuntimeError(
+                    f"revocation checks need the IdP's introspection_endpoint ({endpoint or 'none advertised'}) "
+                    f"and the {introspect_client_id} client secret in ${introspect_secret_env}")
+            self._introspection = (endpoint, introspect_client_id, secret)
+            self._introspect_client = httpx.Client(timeout=5.0)
 
     @functools.cached_property
     def _config_from_oidc_url(self) -> dict[str, Any]:
@@ -316,7 +336,26 @@ properties:
             reason = "token could not be validated"
             raise HTTPException(status_code=401, detail=reason,
                                 headers={"WWW-Authenticate": _www_authenticate(reason)})
+        if self._introspection is not None:
+            self._check_active(id_token)
         return self.claims_for_tiled(claims)
+
+    def _check_active(self, token: str) -> None:
+        """RFC 7662 at the IdP: refuse a token that was revoked (or whose session was)."""
+        from .. import oauth
+
+        endpoint, client_id, secret = self._introspection
+        try:
+            answer = oauth.introspect(endpoint, token, client_id=client_id, client_secret=secret,
+                                      client=self._introspect_client)
+        except (oauth.OAuthUnavailable, oauth.OAuthRefused, ValueError) as exc:
+            logger.warning("token introspection failed: %s", exc)
+            # Fail closed, but say it is the IdP, not the token: clients should retry later.
+            raise HTTPException(status_code=503, detail=f"cannot confirm the token is still active: {exc}")
+        if not answer.get("active"):
+            reason = "token is no longer active (revoked at the IdP)"
+            raise HTTPException(status_code=401, detail=reason,
+                                headers={"WWW-Authenticate": _www_authenticate(reason)})
 
 
 __all__ = [

@@ -26,6 +26,12 @@ def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> 
     parser.add_argument("--file-root", action="append", default=[], metavar="STORE=TEMPLATE",
                         help="let writers register detector files of a visit found under TEMPLATE, "
                              "e.g. raw=/dls/i22/data/{year}/{visit} (repeatable, one per store)")
+    parser.add_argument("--introspect-client", default=None, metavar="CLIENT_ID",
+                        help="check each token at the IdP's introspection endpoint as this client "
+                             "(secret in $VISITFLOW_TILED_CLIENT_SECRET): revoked tokens stop working "
+                             "within --token-cache seconds")
+    parser.add_argument("--token-cache", type=float, default=None, metavar="SECONDS",
+                        help="how long a validated token is remembered (default 30)")
     parser.add_argument("--tabular-storage", default=None,
                         help="SQL URI for TiledWriter's tables (default sqlite file in the state dir)")
 
@@ -38,6 +44,7 @@ def _render(args):
         raw_template=args.raw_template or None, processed_template=args.processed_template or None,
         audience=args.audience, tabular_storage=args.tabular_storage,
         file_roots=_file_roots(args.file_root),
+        introspect_client_id=args.introspect_client, cache_seconds=args.token_cache,
     )
 
 

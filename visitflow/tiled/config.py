@@ -41,6 +41,8 @@ def render_config(
     authn_database_uri: Optional[str] = None,
     grant_register: bool = False,
     file_roots: Optional[dict[str, str]] = None,
+    introspect_client_id: Optional[str] = None,
+    cache_seconds: Optional[float] = None,
 ) -> dict[str, Any]:
     """A tiled config dict (``tiled serve config`` accepts it as YAML).
 
@@ -54,6 +56,9 @@ def render_config(
     ``file_roots`` (e.g. ``{"raw": "/dls/i22/data/{year}/{visit}"}``) lets writers register
     detector files that lie in their visit's directory (see :mod:`.file_roots`): it turns
     on the ``register`` scope and makes the roots readable by Tiled.
+
+    ``introspect_client_id`` (e.g. ``tiled``, secret in ``$VISITFLOW_TILED_CLIENT_SECRET``)
+    turns on revocation checks; ``cache_seconds`` bounds how long a revoked token still works.
     """
     from .file_roots import FileRoots
 
@@ -72,6 +77,8 @@ def render_config(
                         "audience": audience,
                         "admin_scope": admin_scope,
                         "grant_register": bool(grant_register or roots),
+                        **({"introspect_client_id": introspect_client_id} if introspect_client_id else {}),
+                        **({"cache_seconds": float(cache_seconds)} if cache_seconds is not None else {}),
                     },
                 }
             ],
