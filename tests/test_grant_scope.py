@@ -20,7 +20,7 @@ import yaml
 
 from tests.idp_fixtures import IDP_CONFIG, start_idp
 from tests.scans import run_scan
-from tests.tiled_fixtures import VISITS, start_tiled
+from tests.tiled_fixtures import running_tiled
 from visitflow import grants
 from visitflow.delegation import DataTokenSource, NotAuthorised, check_grant
 from visitflow.oauth import token_endpoint
@@ -46,21 +46,14 @@ def test_visit_mode_scopes():
 # ------------------------------------------------------------------ real servers
 @pytest.fixture(scope="module")
 def fixed(tmp_path_factory):
-    from visitflow.tiled.admin import admin_auth, ensure_visits
-
     tmp = tmp_path_factory.mktemp("fixed-idp")
     config = yaml.safe_load(IDP_CONFIG.read_text())
     config["fixed_scopes"] = True
     (tmp / "idp.yaml").write_text(yaml.safe_dump(config))
     idp = start_idp(tmp, tmp / "idp.yaml")
     try:
-        tiled = start_tiled(idp, tmp_path_factory.mktemp("fixed-tiled"))
-        try:
-            ensure_visits(tiled.uri, admin_auth(idp.issuer, "visitflow-admin", "admin-dev-secret"), VISITS,
-                          layout=tiled.layout)
+        with running_tiled(idp, tmp_path_factory.mktemp("fixed-tiled")) as tiled:
             yield idp, tiled
-        finally:
-            tiled.service.stop()
     finally:
         idp.service.stop()
 

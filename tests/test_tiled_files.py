@@ -17,7 +17,7 @@ from bluesky_tiled_plugins import TiledWriter
 from event_model import compose_run
 
 from tests.scans import user_root
-from tests.tiled_fixtures import VISITS, start_tiled
+from tests.tiled_fixtures import VISITS, running_tiled
 from visitflow import engine
 from visitflow.tiled.client import BearerAuth, processed_client, raw_client
 from visitflow.tiled.file_roots import FileRootError, FileRoots, asset_uris, file_path
@@ -98,18 +98,11 @@ def beamline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def files_tiled(idp, tmp_path_factory, beamline):
-    from visitflow.tiled.admin import admin_auth, ensure_visits
-
-    handle = start_tiled(idp, tmp_path_factory.mktemp("tiled-files"),
-                         extra_args=("--file-root", f"raw={beamline}/{{visit}}"))
-    try:
-        ensure_visits(handle.uri, admin_auth(idp.issuer, "visitflow-admin", "admin-dev-secret"), VISITS,
-                      layout=handle.layout)
+    with running_tiled(idp, tmp_path_factory.mktemp("tiled-files"),
+                       extra_args=("--file-root", f"raw={beamline}/{{visit}}")) as handle:
         for visit in VISITS:
             (beamline / visit).mkdir()
         yield handle
-    finally:
-        handle.service.stop()
 
 
 def detector_docs(h5: Path, frames: np.ndarray, visit: str = "a1", uri: str | None = None, swmr: bool = False):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.scans import run_scan
-from tests.tiled_fixtures import VISITS, start_tiled
+from tests.tiled_fixtures import running_tiled, start_tiled
 from visitflow import oauth
 from visitflow.tokens import discover
 
@@ -22,17 +22,10 @@ CACHE = 1.0
 
 @pytest.fixture(scope="module")
 def checked_tiled(idp, tmp_path_factory):
-    from visitflow.tiled.admin import admin_auth, ensure_visits
-
-    handle = start_tiled(idp, tmp_path_factory.mktemp("tiled-introspect"),
-                         extra_args=("--introspect-client", "tiled", "--token-cache", str(CACHE)),
-                         env={"VISITFLOW_TILED_CLIENT_SECRET": "tiled-dev-secret"})
-    try:
-        ensure_visits(handle.uri, admin_auth(idp.issuer, "visitflow-admin", "admin-dev-secret"), VISITS,
-                      layout=handle.layout)
+    with running_tiled(idp, tmp_path_factory.mktemp("tiled-introspect"),
+                       extra_args=("--introspect-client", "tiled", "--token-cache", str(CACHE)),
+                       env={"VISITFLOW_TILED_CLIENT_SECRET": "tiled-dev-secret"}) as handle:
         yield handle
-    finally:
-        handle.service.stop()
 
 
 @pytest.fixture(scope="module")

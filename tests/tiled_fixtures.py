@@ -7,6 +7,7 @@ visit containers ``raw|processed/{a1,a2}``.  Torn down by process group.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,14 +77,22 @@ def start_tiled(idp, tmp: Path, *, raw_template: str | None = None,
     return TiledHandle(uri, idp.issuer, tmp / "state", service, layout)
 
 
-@pytest.fixture(scope="session")
-def tiled_server(idp, tmp_path_factory):
+@contextlib.contextmanager
+def running_tiled(idp, tmp: Path, **kwargs):
+    """A Tiled server (``start_tiled`` options) with the visit containers created by the admin
+    step; stopped on exit.  Every fixture needing its own server uses this."""
     from visitflow.tiled.admin import admin_auth, ensure_visits
 
-    handle = start_tiled(idp, tmp_path_factory.mktemp("tiled"))
+    handle = start_tiled(idp, tmp, **kwargs)
     try:
         ensure_visits(handle.uri, admin_auth(idp.issuer, "visitflow-admin", "admin-dev-secret"), VISITS,
                       layout=handle.layout)
         yield handle
     finally:
         handle.service.stop()
+
+
+@pytest.fixture(scope="session")
+def tiled_server(idp, tmp_path_factory):
+    with running_tiled(idp, tmp_path_factory.mktemp("tiled")) as handle:
+        yield handle

@@ -57,31 +57,44 @@ def token_endpoint(issuer: str, client: httpx.Client | None = None) -> str:
     return discover(issuer, client=client)["token_endpoint"]
 
 
-def post_token(url: str, form: dict, *, client_id: str, client_secret: str | None = None,
-               client: httpx.Client | None = None, timeout: float = 10.0) -> TokenResponse:
-    """POST to the token endpoint (client_secret_basic for confidential clients)."""
+def _post_form(url: str, form: dict, *, client_id: str, client_secret: str | None,
+               client: httpx.Client | None, timeout: float) -> httpx.Response:
+    """POST a form as ``client_id`` (client_secret_basic when confidential, else client_id in
+    the body); an unreachable endpoint is :class:`OAuthUnavailable`."""
     own = client is None
     client = client or httpx.Client(timeout=timeout)
     try:
         if client_secret:
-            resp = client.post(url, data=form, auth=(client_id, client_secret))
-        else:
-            resp = client.post(url, data={**form, "client_id": client_id})
+            return client.post(url, data=form, auth=(client_id, client_secret))
+        return client.post(url, data={**form, "client_id": client_id})
     except httpx.HTTPError as exc:
-        raise OAuthUnavailable(f"token endpoint {url} unreachable: {exc}") from exc
+        raise OAuthUnavailable(f"{url} unreachable: {exc}") from exc
     finally:
         if own:
             client.close()
+
+
+def _json_or_raise(resp: httpx.Response, what: str) -> dict:
+    """A 200's JSON body; otherwise "try again" (5xx, 429) or "refused" (an RFC 6749 error)."""
     if resp.status_code == 200:
-        return TokenResponse.from_json(resp.json())
+        return resp.json()
     if resp.status_code >= 500 or resp.status_code == 429:
-        raise OAuthUnavailable(f"token endpoint answered {resp.status_code}")
+        raise OAuthUnavailable(f"{what} answered {resp.status_code}")
     try:
         body = resp.json()
     except ValueError:
         body = {}
+    if not isinstance(body, dict):
+        body = {}
     raise OAuthRefused(body.get("error", f"http_{resp.status_code}"), body.get("error_description", ""),
                        resp.status_code)
+
+
+def post_token(url: str, form: dict, *, client_id: str, client_secret: str | None = None,
+               client: httpx.Client | None = None, timeout: float = 10.0) -> TokenResponse:
+    """POST to the token endpoint (client_secret_basic for confidential clients)."""
+    resp = _post_form(url, form, client_id=client_id, client_secret=client_secret, client=client, timeout=timeout)
+    return TokenResponse.from_json(_json_or_raise(resp, "token endpoint"))
 
 
 def exchange(url: str, subject_token: str, *, client_id: str, client_secret: str, audience: str,
@@ -109,37 +122,15 @@ def password_login(url: str, username: str, password: str, *, client_id: str = "
     return post_token(url, form, client_id=client_id, client=client)
 
 
-def _post_form(url: str, form: dict, *, client_id: str, client_secret: str,
-               client: httpx.Client | None, timeout: float) -> httpx.Response:
-    own = client is None
-    client = client or httpx.Client(timeout=timeout)
-    try:
-        return client.post(url, data=form, auth=(client_id, client_secret))
-    except httpx.HTTPError as exc:
-        raise OAuthUnavailable(f"{url} unreachable: {exc}") from exc
-    finally:
-        if own:
-            client.close()
-
-
 def introspect(url: str, token: str, *, client_id: str, client_secret: str,
                client: httpx.Client | None = None, timeout: float = 5.0) -> dict:
     """RFC 7662: the IdP's view of ``token`` (``{"active": false}`` once revoked or expired)."""
     resp = _post_form(url, {"token": token}, client_id=client_id, client_secret=client_secret,
                       client=client, timeout=timeout)
-    if resp.status_code == 200:
-        body = resp.json()
-        if not isinstance(body, dict) or "active" not in body:
-            raise OAuthUnavailable(f"introspection at {url} answered without 'active'")
-        return body
-    if resp.status_code >= 500 or resp.status_code == 429:
-        raise OAuthUnavailable(f"introspection endpoint answered {resp.status_code}")
-    try:
-        body = resp.json()
-    except ValueError:
-        body = {}
-    raise OAuthRefused(body.get("error", f"http_{resp.status_code}"), body.get("error_description", ""),
-                       resp.status_code)
+    body = _json_or_raise(resp, "introspection endpoint")
+    if not isinstance(body, dict) or "active" not in body:
+        raise OAuthUnavailable(f"introspection at {url} answered without 'active'")
+    return body
 
 
 def revoke(url: str, token: str, *, client_id: str, client_secret: str,

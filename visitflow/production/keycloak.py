@@ -207,13 +207,16 @@ def _issues_refresh(idp: IdPConfig, client) -> bool:
         "password" in client.grants or client.exchange_refresh)
 
 
+def _only_on_one_side(kind: str, ours, realm) -> list[str]:
+    """Names the dev IdP has and the realm lacks, and the other way round."""
+    return ([f"{kind} {n}: in the dev IdP, missing from the realm" for n in sorted(set(ours) - set(realm))]
+            + [f"{kind} {n}: in the realm, not in the dev IdP" for n in sorted(set(realm) - set(ours))])
+
+
 def _compare_clients(realm: dict, idp: IdPConfig) -> list[str]:
     d = []
     kc = {c["clientId"]: c for c in realm.get("clients") or [] if c.get("clientId") not in BUILTIN_CLIENTS}
-    for cid in sorted(set(idp.clients) - set(kc)):
-        d.append(f"client {cid}: in the dev IdP, missing from the realm")
-    for cid in sorted(set(kc) - set(idp.clients)):
-        d.append(f"client {cid}: in the realm, not in the dev IdP")
+    d += _only_on_one_side("client", idp.clients, kc)
     for cid in sorted(set(idp.clients) & set(kc)):
         c, k = idp.clients[cid], kc[cid]
         p = f"client {cid}: "
@@ -290,10 +293,7 @@ def _compare_users(realm: dict, idp: IdPConfig) -> list[str]:
     d = []
     kc = {u["username"]: u for u in realm.get("users") or [] if not u.get("serviceAccountClientId")}
     clients = {c["clientId"]: c for c in realm.get("clients") or []}
-    for name in sorted(set(idp.users) - set(kc)):
-        d.append(f"user {name}: in the dev IdP, missing from the realm")
-    for name in sorted(set(kc) - set(idp.users)):
-        d.append(f"user {name}: in the realm, not in the dev IdP")
+    d += _only_on_one_side("user", idp.users, kc)
     for name in sorted(set(idp.users) & set(kc)):
         u, k = idp.users[name], kc[name]
         want = {str(s) for s in u.scopes}

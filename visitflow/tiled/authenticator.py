@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ import jwt
 from fastapi import HTTPException
 from tiled.authenticators import ProxiedOIDCAuthenticator
 
+from .. import oauth
 from ..scopes import OpaqueScope, ScopeSet
 from ..tokens import ACCESS_TOKEN_TYPES, Claims, InvalidToken, TokenValidator, discover
 
@@ -250,8 +252,6 @@ properties:
         self.validator.fetch_keys()
         self._introspection: Optional[tuple[str, str, str]] = None
         if introspect_client_id:
-            import os
-
             secret = os.environ.get(introspect_secret_env)
             endpoint = self._config_from_oidc_url.get("introspection_endpoint")
             if not secret or not endpoint:
@@ -342,8 +342,6 @@ properties:
 
     def _check_active(self, token: str) -> None:
         """RFC 7662 at the IdP: refuse a token that was revoked (or whose session was)."""
-        from .. import oauth
-
         endpoint, client_id, secret = self._introspection
         try:
             answer = oauth.introspect(endpoint, token, client_id=client_id, client_secret=secret,
