@@ -23,6 +23,7 @@ from pydantic import Field, SecretStr
 
 from . import grants
 from .delegation import DataTokenSource, GrantMissing, check_grant
+from .errors import ConfigError
 from .scopes import Layout
 from .tokens import Claims, TokenValidator
 
@@ -109,7 +110,7 @@ class ScopedCredentials(Block):
             return self.client_secret.get_secret_value()
         if self.client_secret_env and os.environ.get(self.client_secret_env):
             return os.environ[self.client_secret_env]
-        raise RuntimeError(
+        raise ConfigError(
             f"no client secret for {self.client_id}: set client_secret on the block or the "
             f"environment variable {self.client_secret_env} on the worker")
 

@@ -16,7 +16,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+import jwt
+
 from . import oauth
+from .errors import DelegationError, DelegationExpired, GrantInvalid, GrantMissing, NotAuthorised
 from .scopes import ScopeSet, data_token_scopes, grant_scopes
 from .tokens import Claims, InvalidToken, TokenValidator
 
@@ -24,32 +27,12 @@ GRANT_AUDIENCE = "visitflow"
 DATA_AUDIENCE = "tiled"
 
 
-class DelegationError(Exception):
-    """Base of the errors a flow run reports when it cannot act for the user."""
-
-
-class GrantMissing(DelegationError):
-    """No grant was stored for this (analysis, visit, run): the trigger never delegated."""
-
-
-class GrantInvalid(DelegationError):
-    """The stored grant is not a valid token for visitflow (bad signature, audience, issuer...)."""
-
-
-class DelegationExpired(DelegationError):
-    """The grant (and any refresh of the data token) has expired: re-trigger with a fresh login."""
-
-
-class NotAuthorised(DelegationError):
-    """The grant is valid but does not cover this analysis / visit / run."""
-
-
 def check_grant(validator: TokenValidator, grant: str, analysis: str, visit: str, run_id: str) -> Claims:
     """Steps 1–2: validate T_grant and check it covers exactly what this run needs."""
     try:
         claims = validator.validate(grant, audience=GRANT_AUDIENCE)
     except InvalidToken as exc:
-        if "expired" in exc.reason:
+        if exc.code == "expired":
             raise DelegationExpired(f"the delegation grant for {analysis} on {visit}/{run_id} has expired "
                                     "(re-trigger the analysis with a fresh login)") from exc
         raise GrantInvalid(f"the delegation grant for {analysis} on {visit}/{run_id} is not valid: "
@@ -60,6 +43,16 @@ def check_grant(validator: TokenValidator, grant: str, analysis: str, visit: str
             f"the delegation grant (sub={claims.sub}) does not cover {' '.join(map(str, missing))}; "
             f"it carries {claims.scopes or 'no scopes'}")
     return claims
+
+
+def _expired(token: str, now: float | None = None) -> bool:
+    """True if ``token``'s ``exp`` has passed.  Unverified on purpose: the grant was verified by
+    :func:`check_grant`; this only tells *why* the IdP refused it, whatever its wording."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return False
+    return isinstance(exp, (int, float)) and exp <= (time.time() if now is None else now)
 
 
 @dataclass
@@ -94,7 +87,7 @@ class DataTokenSource:
             resp = oauth.exchange(self.token_url, self.grant, client_id=self.client_id,
                                   client_secret=self.client_secret, audience=DATA_AUDIENCE, scope=self.scope)
         except oauth.OAuthRefused as exc:
-            if "expired" in exc.description:
+            if _expired(self.grant):  # decided by the grant's own exp, not the IdP's wording
                 raise DelegationExpired(f"cannot renew data access for {self.visit}/{self.run_id}: the "
                                         "delegation grant has expired") from exc
             if exc.error in ("invalid_scope", "access_denied"):
@@ -110,8 +103,6 @@ class DataTokenSource:
         Tiled half-way through an analysis."""
         granted = resp.scope
         if not granted:  # the response may omit scope (RFC 6749 §5.1): read the token's claim
-            import jwt
-
             try:  # unverified on purpose: Tiled verifies; this only reads what was issued
                 granted = jwt.decode(resp.access_token, options={"verify_signature": False}).get("scope", "")
             except jwt.PyJWTError:

@@ -18,30 +18,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from .spec import AnalysisSpec, check_outputs
+from .errors import LiveIdleTimeout, MissingField, RunAborted, RunError, RunNotFinished
+from .outputs import check_outputs
+
+if TYPE_CHECKING:  # annotations only: the engine is a leaf (no import of spec or flowrun)
+    from .spec import AnalysisSpec
 
 log = logging.getLogger("visitflow.engine")
-
-
-class RunNotFinished(TimeoutError):
-    """Post processing gave up waiting for the raw run's stop document."""
-
-
-class RunAborted(RuntimeError):
-    """The raw run ended without success; post refuses to analyse it."""
-
-
-class MissingField(KeyError):
-    """A field named in ``reads=`` is not in the raw run."""
-
-    def __str__(self):
-        return self.args[0] if self.args else "missing field"
-
-
-class LiveIdleTimeout(TimeoutError):
-    """Live processing saw neither new frames nor a stop document for too long."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +118,7 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
     while True:
         status = source.status()
         if status.frames < done:
-            raise RuntimeError(f"raw run shrank: {status.frames} frames < checkpoint {done}")
+            raise RunError(f"raw run shrank: {status.frames} frames < checkpoint {done}")
         if status.frames > done:
             last_progress = clock()
             if state is not None:

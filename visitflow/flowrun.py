@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib.metadata
 import io
 import logging
 import os
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
 
-from . import __version__, engine, grants
-from .spec import AnalysisSpec
+from . import engine, grants
+from .errors import UsageError
+
+if TYPE_CHECKING:  # annotations only: spec imports this module when an analysis is defined
+    from .spec import AnalysisSpec
 
 DEFAULT_BLOCK = "visitflow"
 
@@ -59,7 +64,16 @@ def code_version(path: str) -> str:
                                text=True, timeout=5).stdout.strip()
         return f"git:{sha}{'+dirty' if dirty else ''}"
     except Exception:  # noqa: BLE001 - not a git checkout (an image): fall back
-        return f"visitflow=={__version__}"
+        return f"visitflow=={_package_version()}"
+
+
+def _package_version() -> str:
+    # From the installed distribution, not ``visitflow.__version__``: importing the package
+    # here would close the loop visitflow -> spec -> flowrun -> visitflow.
+    try:
+        return importlib.metadata.version("visitflow")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def variant_from_deployment(explicit: str | None) -> str:
@@ -144,7 +158,7 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         logging.getLogger("visitflow").setLevel(logging.INFO)
         variant = variant_from_deployment(variant)
         if variant not in ("live", "post"):
-            raise ValueError(f"variant must be 'live' or 'post', not {variant!r}")
+            raise UsageError(f"variant must be 'live' or 'post', not {variant!r}")
         block_name = os.environ.get("VISITFLOW_CREDENTIALS_BLOCK", DEFAULT_BLOCK)
         creds = ScopedCredentials.load(block_name, _sync=True)
         access = creds.for_run(visit, run_id, spec.name)  # fails here, before any data access

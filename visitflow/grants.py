@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from .errors import UsageError
 from .scopes import check_name
 
 PREFIX = "vf-grant"
@@ -41,7 +42,7 @@ def flow_name(analysis: str) -> str:
 def deployment_name(analysis: str, variant: str) -> str:
     """``saxs-average/live`` — what the trigger asks Prefect to run."""
     if variant not in ("live", "post"):
-        raise ValueError(f"variant must be 'live' or 'post', not {variant!r}")
+        raise UsageError(f"variant must be 'live' or 'post', not {variant!r}")
     return f"{flow_name(analysis)}/{variant}"
 
 

@@ -11,23 +11,13 @@ from dataclasses import dataclass
 
 import httpx
 
+from .errors import OAuthRefused, OAuthUnavailable
+
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 #: OAuth errors that mean the IdP decided: retrying the same request cannot succeed.
 REFUSALS = {"invalid_scope", "access_denied", "invalid_target", "unauthorized_client", "invalid_grant",
             "invalid_token", "invalid_client", "invalid_request", "unsupported_grant_type"}
-
-
-class OAuthRefused(Exception):
-    """The IdP refused (4xx with an RFC 6749 error body): do not retry."""
-
-    def __init__(self, error: str, description: str, status: int):
-        super().__init__(f"{error}: {description}" if description else error)
-        self.error, self.description, self.status = error, description, status
-
-
-class OAuthUnavailable(Exception):
-    """The IdP could not be reached or answered 5xx/429: retry later."""
 
 
 @dataclass(frozen=True)

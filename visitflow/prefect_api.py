@@ -19,21 +19,10 @@ from typing import Any
 import httpx
 
 from . import grants
+from .errors import PrefectRefused, PrefectUnavailable
 
 log = logging.getLogger("visitflow.prefect_api")
 RETRY_STATUS = {429, 502, 503, 504}
-
-
-class PrefectUnavailable(Exception):
-    """Prefect could not be reached, or kept answering 5xx/429: try again later."""
-
-
-class PrefectRefused(Exception):
-    """Prefect answered 4xx: the request itself is wrong (e.g. no such deployment)."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -142,6 +131,15 @@ class PrefectAPI:
             if exc.status != 409:
                 raise
             self.request("PATCH", f"/v2/concurrency_limits/{name}", json={"limit": limit})
+
+    def ensure_work_queue(self, pool: str, name: str, limit: int | None = None) -> None:
+        """Create (or re-limit) work queue ``name`` of ``pool``; idempotent (409 = it exists)."""
+        try:
+            self.request("POST", f"/work_pools/{pool}/queues/", json={"name": name, "concurrency_limit": limit})
+        except PrefectRefused as exc:
+            if exc.status != 409:
+                raise
+            self.request("PATCH", f"/work_pools/{pool}/queues/{name}", json={"concurrency_limit": limit})
 
     # ------------------------------------------------------------------ flow runs
     def deployment(self, name: str) -> dict:

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Union
 
+from .errors import ScopeError
+
 ACTIONS = ("read", "write")
 STORES = ("data", "raw", "processed")
 CONCRETE_STORES = ("raw", "processed")
@@ -39,10 +41,6 @@ _RUN_RE = re.compile(rf"^run:(?P<analysis>\*|{_NAME}):(?P<visit>{_NAME})$")
 
 Action = Literal["read", "write"]
 Store = Literal["data", "raw", "processed"]
-
-
-class ScopeError(ValueError):
-    """A string that claims to be a visitflow scope but does not follow the grammar."""
 
 
 def valid_name(name: str) -> bool:

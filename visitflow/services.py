@@ -18,15 +18,13 @@ from pathlib import Path
 
 import httpx
 
+from .errors import ServiceFailed
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-class ServiceFailed(RuntimeError):
-    pass
 
 
 @dataclass

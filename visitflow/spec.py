@@ -28,12 +28,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .errors import AnalysisDefinitionError
 from .grants import flow_name
+from .outputs import check_outputs
 from .scopes import valid_name
-
-
-class AnalysisDefinitionError(TypeError):
-    """An ``@analysis`` definition that cannot work; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -81,17 +79,6 @@ def _check_accepts_reads(owner: str, fn: Callable, reads: tuple[str, ...]) -> No
             + ("; " if missing and extra else "")
             + (f"unexpected required {extra}" if extra else "")
         )
-
-
-def check_outputs(name: str, outputs: Any) -> dict:
-    """Outputs are ``{name: array or scalar}`` with names usable as Tiled keys."""
-    if not isinstance(outputs, dict) or not outputs:
-        raise AnalysisDefinitionError(
-            f"analysis {name} must return a non-empty dict of outputs, got {type(outputs).__name__}")
-    for key in outputs:
-        if not isinstance(key, str) or not valid_name(key):
-            raise AnalysisDefinitionError(f"analysis {name}: output name {key!r} is not a valid Tiled key")
-    return outputs
 
 
 def analysis(reads: list[str] | tuple[str, ...], *, incremental: type | None = None,

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import httpx
 import jwt
 
+from .errors import InsufficientScope, InvalidToken
 from .scopes import ScopeSet
 
 #: The only signing algorithms we accept.  Never derive this from the token header.
@@ -26,22 +27,6 @@ ALGORITHMS = ("RS256",)
 #: ``typ`` header values accepted for access tokens: RFC 9068 ``at+jwt``; Keycloak says ``JWT``.
 ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt", "jwt")
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat")
-
-
-class InvalidToken(Exception):
-    """A token that must be refused.  ``reason`` is safe to send back to the caller."""
-
-    def __init__(self, reason: str, *, status: int = 401):
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-
-class InsufficientScope(InvalidToken):
-    """The token is valid but does not carry the scope needed (HTTP 403)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason, status=403)
 
 
 @dataclass(frozen=True)
@@ -96,17 +81,17 @@ def decode_verified(token: str, key, *, issuer: str, audience: list[str] | None,
             options={"require": list(require), "verify_aud": audience is not None},
         )
     except jwt.ExpiredSignatureError as exc:
-        raise InvalidToken("token has expired") from exc
+        raise InvalidToken("token has expired", code="expired") from exc
     except jwt.ImmatureSignatureError as exc:
-        raise InvalidToken("token is not yet valid") from exc
+        raise InvalidToken("token is not yet valid", code="not_yet_valid") from exc
     except jwt.InvalidAudienceError as exc:
-        raise InvalidToken(f"token audience is not {' or '.join(audience or [])}") from exc
+        raise InvalidToken(f"token audience is not {' or '.join(audience or [])}", code="wrong_audience") from exc
     except jwt.InvalidIssuerError as exc:
-        raise InvalidToken(f"token issuer is not {issuer}") from exc
+        raise InvalidToken(f"token issuer is not {issuer}", code="wrong_issuer") from exc
     except jwt.MissingRequiredClaimError as exc:
-        raise InvalidToken(f"token lacks required claim {exc.claim!r}") from exc
+        raise InvalidToken(f"token lacks required claim {exc.claim!r}", code="missing_claim") from exc
     except jwt.InvalidSignatureError as exc:
-        raise InvalidToken("token signature does not verify") from exc
+        raise InvalidToken("token signature does not verify", code="bad_signature") from exc
     except jwt.PyJWTError as exc:
         raise InvalidToken(f"invalid token: {exc}") from exc
 
@@ -178,35 +163,36 @@ class TokenValidator:
         try:
             return self._jwks().get_signing_key(kid)
         except jwt.PyJWKClientConnectionError as exc:
-            raise InvalidToken(f"cannot fetch the issuer's signing keys: {exc}") from exc
+            raise InvalidToken(f"cannot fetch the issuer's signing keys: {exc}", code="keys_unavailable") from exc
         except jwt.PyJWKClientError as exc:
-            raise InvalidToken(f"unknown signing key id {kid!r}") from exc
+            raise InvalidToken(f"unknown signing key id {kid!r}", code="unknown_key") from exc
 
     def validate(self, token: str, *, audience: str | Iterable[str] | None = None) -> Claims:
         """Return the token's claims or raise :class:`InvalidToken` with the reason."""
         if not token or not isinstance(token, str):
-            raise InvalidToken("no token")
+            raise InvalidToken("no token", code="no_token")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:  # DecodeError, or InvalidTokenError for e.g. a non-string kid
-            raise InvalidToken(f"malformed token: {exc}") from exc
+            raise InvalidToken(f"malformed token: {exc}", code="malformed") from exc
         alg = header.get("alg")
         if alg not in ALGORITHMS:
-            raise InvalidToken(f"signing algorithm {alg!r} is not accepted (only {', '.join(ALGORITHMS)})")
+            raise InvalidToken(f"signing algorithm {alg!r} is not accepted (only {', '.join(ALGORITHMS)})",
+                               code="bad_algorithm")
         typ = str(header.get("typ", "")).lower()
         if self.require_typ and typ not in self.accepted_types:
-            raise InvalidToken(f"token type {header.get('typ')!r} is not an access token")
+            raise InvalidToken(f"token type {header.get('typ')!r} is not an access token", code="wrong_type")
         kid = header.get("kid")
         if not kid:
-            raise InvalidToken("token header has no key id (kid)")
+            raise InvalidToken("token header has no key id (kid)", code="unknown_key")
         key = self._signing_key(kid)
         aud = self.audience if audience is None else ([audience] if isinstance(audience, str) else list(audience))
         claims = decode_verified(token, key.key, issuer=self.issuer, audience=aud, leeway=self.leeway,
                                  require=REQUIRED_CLAIMS)
         if claims.get("iat", 0) > time.time() + self.leeway:
-            raise InvalidToken("token is issued in the future")
+            raise InvalidToken("token is issued in the future", code="not_yet_valid")
         if str(claims.get("typ", "Bearer")).lower() not in ("bearer", "at+jwt"):
             # Keycloak marks ID and refresh tokens with a typ claim; both are JWTs with our
             # key and issuer, and neither may be used as an access token.
-            raise InvalidToken(f"token is a {claims['typ']} token, not an access token")
+            raise InvalidToken(f"token is a {claims['typ']} token, not an access token", code="wrong_type")
         return Claims(raw=claims, token=token)

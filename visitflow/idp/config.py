@@ -12,14 +12,11 @@ from typing import Any
 
 import yaml
 
+from ..errors import ConfigError
 from ..scopes import ScopeError, ScopeSet
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 KNOWN_GRANTS = {"password", "client_credentials", "refresh_token", TOKEN_EXCHANGE}
-
-
-class ConfigError(ValueError):
-    """The IdP YAML is inconsistent; the message says where."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..errors import OAuthError
 from ..scopes import ScopeError, ScopeSet
 from ..tokens import ALGORITHMS, InvalidToken, decode_verified
 from .config import TOKEN_EXCHANGE, Client, IdPConfig
@@ -54,16 +55,10 @@ REFRESH_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:refresh_token"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 
 
-class OAuthError(Exception):
-    def __init__(self, error: str, description: str, status: int = 400, headers: dict | None = None):
-        super().__init__(f"{error}: {description}")
-        self.error, self.description, self.status, self.headers = error, description, status, headers
-
-    def response(self) -> JSONResponse:
-        headers = {"Cache-Control": "no-store", **(self.headers or {})}
-        return JSONResponse(
-            {"error": self.error, "error_description": self.description}, self.status, headers=headers
-        )
+def error_response(exc: OAuthError) -> JSONResponse:
+    """The RFC 6749 error body for a refusal, never cached."""
+    headers = {"Cache-Control": "no-store", **(exc.headers or {})}
+    return JSONResponse({"error": exc.error, "error_description": exc.description}, exc.status, headers=headers)
 
 
 def invalid_scope(description: str) -> OAuthError:
@@ -231,7 +226,7 @@ class IdP:
                 revoked = claims["jti"] in self.state.revoked_jti
                 session = self.state.sessions.get(claims.get("sid", ""))
             if revoked or (session is not None and session.revoked):
-                raise InvalidToken("token has been revoked")
+                raise InvalidToken("token has been revoked", code="revoked")
         return claims
 
     # ---------------------------------------------------------------- grants
@@ -430,7 +425,7 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str) -> Starlette:
             return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
         except OAuthError as exc:
             log.info("token refused: %s", exc)
-            return exc.response()
+            return error_response(exc)
 
     async def introspect(request: Request):
         try:
@@ -440,7 +435,7 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str) -> Starlette:
                 raise OAuthError("unauthorized_client", f"client {client.client_id} may not introspect", 403)
             return JSONResponse(idp.introspect(form.get("token", "")))
         except OAuthError as exc:
-            return exc.response()
+            return error_response(exc)
 
     async def revoke(request: Request):
         try:
@@ -449,7 +444,7 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str) -> Starlette:
             idp.revoke(client, form.get("token", ""))
             return JSONResponse({})
         except OAuthError as exc:
-            return exc.response()
+            return error_response(exc)
 
     async def userinfo(request: Request):
         header = request.headers.get("authorization", "")

@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..services import Service, start_service
+from ..prefect_api import PrefectAPI
+from ..services import Service, ServiceFailed, start_service
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "visitflow-local"
@@ -58,7 +59,7 @@ def run_cli(args: list[str], env: dict, *, cwd: Path = REPO, timeout: float = 30
     proc = subprocess.run([sys.executable, "-m", "prefect", *args], env={**os.environ, **env}, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"prefect {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+        raise ServiceFailed(f"prefect {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-3000:]}")
     return proc.stdout
 
@@ -77,22 +78,16 @@ def configure(env: dict, *, issuer: str, tiled_uri: str, processed_uri: str | No
               repo: Path = REPO, worker_type: str = DEFAULT_WORKER_TYPE) -> None:
     """Pool + queues, Block type and document, deployments from prefect.yaml (idempotent)."""
     run_cli(["work-pool", "create", POOL, "--type", worker_type, "--overwrite"], env)
-    for queue, limit in (("live", None), ("post", post_limit)):
-        args = ["work-queue", "create", queue, "--pool", POOL]
-        if limit:
-            args += ["--limit", str(limit)]
-        try:
-            run_cli(args, env)
-        except RuntimeError as exc:
-            if "already exists" not in str(exc):
-                raise
+    with PrefectAPI(env["PREFECT_API_URL"], env.get("PREFECT_API_AUTH_STRING")) as api:
+        for queue, limit in (("live", None), ("post", post_limit)):
+            api.ensure_work_queue(POOL, queue, limit or None)
     run_cli(["block", "register", "-m", "visitflow.blocks"], env)
     script = save_block_script(issuer=issuer, raw_uri=tiled_uri, processed_uri=processed_uri, secret_env=secret_env,
                                grant_scope=os.environ.get("VISITFLOW_GRANT_SCOPE", "run"))
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=120)
     if proc.returncode != 0:
-        raise RuntimeError(f"saving the ScopedCredentials block failed:\n{proc.stderr[-3000:]}")
+        raise ServiceFailed(f"saving the ScopedCredentials block failed:\n{proc.stderr[-3000:]}")
     run_cli(["--no-prompt", "deploy", "--all"], {**env, "VISITFLOW_ROOT": str(repo)}, cwd=repo)
 
 

@@ -28,13 +28,10 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 from urllib.parse import unquote, urlparse
 
+from ..errors import FileRootError
 from ..scopes import Layout, check_name
 
 _PLACEHOLDER = re.compile(r"^\{([a-z_]+)\}$")
-
-
-class FileRootError(ValueError):
-    """A configured root template is unusable."""
 
 
 @dataclass(frozen=True)

@@ -31,16 +31,13 @@ import anyio.abc
 from prefect.runner._process_manager import ProcessHandle, _PosixProcessGroupTerminationScope
 from prefect.settings import get_current_settings
 from prefect.utilities.processutils import sanitize_subprocess_env
+from ..errors import ZygoteDied
 from prefect.workers.process import (
     ProcessJobConfiguration,
     ProcessVariables,
     ProcessWorker,
     ProcessWorkerResult,
 )
-
-
-class ZygoteDied(RuntimeError):
-    pass
 
 
 @dataclass
