@@ -20,13 +20,18 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from .errors import LiveIdleTimeout, MissingField, RunAborted, RunError, RunNotFinished
+from .errors import EmptyRun, LiveIdleTimeout, MissingField, RunAborted, RunError, RunNotFinished
 from .outputs import check_outputs
 
 if TYPE_CHECKING:  # annotations only: the engine is a leaf (no import of spec or flowrun)
     from .spec import AnalysisSpec
 
 log = logging.getLogger("visitflow.engine")
+
+
+def _empty(spec: "AnalysisSpec", status: "RawStatus") -> EmptyRun:
+    return EmptyRun(f"raw run finished ({status.exit_status}) with no frames in {list(spec.reads)}: "
+                    f"nothing for {spec.name} to analyse")
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,8 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
             spec.compute(source.read(0, done)) if done else None)
     final_status = "complete" if status.exit_status == "success" else f"ended:{status.exit_status}"
     if outputs is None:
+        if status.exit_status == "success":
+            raise _empty(spec, status)
         raise RunAborted(f"raw run ended ({status.exit_status}) with no frames to analyse")
     sink.write(outputs, frames=done, status=final_status)
     progress(done, done, final_status)

@@ -9,7 +9,8 @@ The tree (``code`` of each class in brackets)::
     │   ├── ScopeError [scope]                  a string that is not a visitflow scope (ValueError)
     │   ├── ConfigError [config]                inconsistent or missing configuration (ValueError)
     │   ├── FileRootError [file_root]           an unusable detector-file root template (ValueError)
-    │   └── UsageError [usage]                  a call's arguments cannot work (ValueError)
+    │   ├── UsageError [usage]                  a call's arguments cannot work (ValueError)
+    │   └── OptionError [option]                an analysis option value or declaration (ValueError)
     ├── InvalidToken [invalid_token]            a token that must be refused (401); ``reason`` is safe
     │   │                                       to send back; ``code`` says which check failed:
     │   │                                       ``expired``, ``bad_signature``, ``wrong_audience``, …
@@ -29,6 +30,7 @@ The tree (``code`` of each class in brackets)::
     ├── RunError [run]                          the raw run cannot be analysed (as asked), e.g. it shrank
     │   ├── RunNotFinished [run_not_finished]   post gave up waiting for the stop document (TimeoutError)
     │   ├── RunAborted [run_aborted]            the run ended without success
+    │   ├── EmptyRun [empty_run]                the run finished with no frames: nothing to analyse
     │   ├── MissingField [missing_field]        a ``reads=`` field is not in the run (KeyError)
     │   └── LiveIdleTimeout [live_idle_timeout] live saw no new frames nor a stop document (TimeoutError)
     ├── ServiceError [service]                  a process visitflow started misbehaved (RuntimeError)
@@ -49,11 +51,12 @@ from __future__ import annotations
 __all__ = [
     "VisitflowError",
     "DefinitionError", "AnalysisDefinitionError", "ScopeError", "ConfigError", "FileRootError", "UsageError",
+    "OptionError",
     "InvalidToken", "InsufficientScope",
     "DelegationError", "GrantMissing", "GrantInvalid", "DelegationExpired", "NotAuthorised",
     "RemoteError", "Refused", "OAuthRefused", "PrefectRefused",
     "Unavailable", "OAuthUnavailable", "PrefectUnavailable",
-    "RunError", "RunNotFinished", "RunAborted", "MissingField", "LiveIdleTimeout",
+    "RunError", "RunNotFinished", "RunAborted", "EmptyRun", "MissingField", "LiveIdleTimeout",
     "ServiceError", "ServiceFailed", "ZygoteDied",
     "OAuthError",
 ]
@@ -103,6 +106,13 @@ class UsageError(DefinitionError, ValueError):
     """A call's arguments cannot work (an unknown variant, an empty analysis list, …)."""
 
     code = "usage"
+
+
+class OptionError(DefinitionError, ValueError):
+    """An analysis option value (from a plan) or declaration that cannot be used; the message
+    names the option and why (:mod:`visitflow.options`)."""
+
+    code = "option"
 
 
 # -- tokens --------------------------------------------------------------------------------
@@ -236,6 +246,14 @@ class RunAborted(RunError, RuntimeError):
     """The raw run ended without success; post refuses to analyse it."""
 
     code = "run_aborted"
+
+
+class EmptyRun(RunError, RuntimeError):
+    """The raw run finished successfully with no frames: there is nothing to analyse.  Post
+    and live end the same way (failed, this message), so an empty scan is never mistaken
+    for a result."""
+
+    code = "empty_run"
 
 
 class MissingField(RunError, KeyError):

@@ -1,8 +1,9 @@
 """The Prefect flow every analysis becomes: credentials → raw source → engine → results.
 
-One flow per analysis, taking exactly ``visit`` and ``run_id``; the variant (``live`` or
+One flow per analysis, taking ``visit`` and ``run_id`` and, if the analysis declares
+options (:mod:`visitflow.options`), one keyword parameter per option; the variant (``live`` or
 ``post``) comes from the deployment name, so the trigger's parameters stay ``{visit,
-run_id}``.  Tuning comes from the environment (deployment job variables), never from
+run_id, **options}``.  Tuning comes from the environment (deployment job variables), never from
 parameters: ``VISITFLOW_CREDENTIALS_BLOCK`` (default ``visitflow``),
 ``VISITFLOW_LIVE_POLL_INTERVAL``, ``VISITFLOW_LIVE_IDLE_TIMEOUT``,
 ``VISITFLOW_POST_WAIT_TIMEOUT``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import importlib.metadata
+import inspect
 import io
 import logging
 import os
@@ -28,6 +30,7 @@ from prefect.concurrency.sync import concurrency
 
 from . import engine, grants
 from .errors import UsageError
+from .options import docstring_args, flow_parameters
 
 if TYPE_CHECKING:  # annotations only: spec imports this module when an analysis is defined
     from .spec import AnalysisSpec
@@ -147,7 +150,7 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         return grants.flow_run_name(spec.name, variant_from_deployment(params.get("variant")),
                                     params.get("visit", "?"), params.get("run_id", "?"))
 
-    def body(visit: str, run_id: str, variant: str | None = None) -> dict:
+    def body(visit: str, run_id: str, variant: str | None = None, **options) -> dict:
         from .blocks import ScopedCredentials
         from .tiled.outputs import TiledResultSink
         from .tiled.rawrun import TiledRawRun
@@ -159,18 +162,20 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         variant = variant_from_deployment(variant)
         if variant not in ("live", "post"):
             raise UsageError(f"variant must be 'live' or 'post', not {variant!r}")
+        run_spec = spec.with_options(options)  # a bad option fails here, before any data access
         block_name = os.environ.get("VISITFLOW_CREDENTIALS_BLOCK", DEFAULT_BLOCK)
         creds = ScopedCredentials.load(block_name, _sync=True)
         access = creds.for_run(visit, run_id, spec.name)  # fails here, before any data access
         logger.info("acting for %s via %s on raw %s", access.grant_claims.sub,
                     " <- ".join(access.grant_claims.actor_chain()) or "?", access.raw_path)
-        source = TiledRawRun(access.raw_run(), spec.reads, spec.stream)
+        source = TiledRawRun(access.raw_run(), run_spec.reads, run_spec.stream)
         flow_run_id = str(runtime.flow_run.id or "")
         provenance = {
             "analysis": spec.name, "reads": list(spec.reads), "visit": visit, "run_id": run_id,
             "raw_uri": source.uri, "flow_run_id": flow_run_id, "flow_run_name": runtime.flow_run.name,
             "deployment": f"{spec.flow_name}/{runtime.deployment.name}" if runtime.deployment.name else None,
             "code_version": code_version(spec.function.__code__.co_filename),
+            "options": run_spec.option_values,
             **access.token_identity(),
         }
         sink = TiledResultSink(access.processed_run(), spec.name, variant, provenance, flow_run_id=flow_run_id)
@@ -192,9 +197,9 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
             if variant == "live":
                 # At most N live analyses per visit (limit created with the visit; absent = unlimited).
                 with concurrency(f"visitflow-live-{visit}", occupy=1, strict=False):
-                    outputs = engine.run_live(spec, source, sink, live_settings(), progress)
+                    outputs = engine.run_live(run_spec, source, sink, live_settings(), progress)
             else:
-                outputs = engine.run_post(spec, source, sink, post_settings(), progress)
+                outputs = engine.run_post(run_spec, source, sink, post_settings(), progress)
         except Exception as exc:
             sink.fail(f"{type(exc).__name__}: {exc}")
             raise
@@ -209,10 +214,16 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         return {"frames": frames, "result_uri": result_uri, "outputs": sorted(outputs)}
 
     body.__name__ = spec.name
-    body.__doc__ = spec.description or f"visitflow analysis {spec.name}"
+    # The options as real, typed keyword parameters (Prefect's parameter schema, UI form and
+    # validation all read the signature); ``**options`` receives them.
+    sig = inspect.signature(body)
+    fixed = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    body.__signature__ = sig.replace(parameters=fixed + flow_parameters(spec.options))
+    body.__doc__ = (spec.description or f"visitflow analysis {spec.name}") + docstring_args(spec.options)
     options = dict(name=spec.flow_name, flow_run_name=run_name, description=spec.description or None,
                    validate_parameters=True, persist_result=False, log_prints=True)
     options.update(flow_kwargs)
     prefect_flow = flow(**options)(body)
     prefect_flow.spec = spec  # the analyst's function and incremental form, for tests and tools
+    prefect_flow.function = spec.function  # the science function exactly as written (docs/analysts.md)
     return prefect_flow

@@ -25,7 +25,7 @@ so a typo fails when the worker loads the flow, not halfway through a beamtime.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from .errors import AnalysisDefinitionError
@@ -46,6 +46,8 @@ class AnalysisSpec:
     live_throttle: float = 2.0          # plain form: recompute at most this often while live
     description: str = ""
     extra: dict = field(default_factory=dict)
+    options: type | None = None         # a visitflow.options.Options subclass, or None
+    option_values: dict = field(default_factory=dict)  # resolved values this spec computes with
 
     @property
     def flow_name(self) -> str:
@@ -53,17 +55,32 @@ class AnalysisSpec:
 
     def compute(self, data: dict[str, Any]) -> dict:
         """Run the plain function on all the data at once (post, and plain-form live)."""
-        return check_outputs(self.name, self.function(**{k: data[k] for k in self.reads}))
+        return check_outputs(self.name, self.function(**{k: data[k] for k in self.reads}, **self.option_values))
 
     def start_incremental(self):
-        return self.incremental() if self.incremental else None
+        return self.incremental(**self.option_values) if self.incremental else None
+
+    def with_options(self, values: dict | None) -> "AnalysisSpec":
+        """This spec computing with ``values`` (validated, defaults filled in)."""
+        from .options import resolve
+
+        return replace(self, option_values=resolve(self.options, values, self.name))
+
+    def __call__(self, **fields_and_options) -> dict:
+        """The science, directly: ``peak_stats.spec(det=..., motor=..., background=10.0)``.
+        Options are validated and defaulted as in a flow run; no Prefect, no Tiled."""
+        data = {k: fields_and_options.pop(k) for k in self.reads if k in fields_and_options}
+        missing = [k for k in self.reads if k not in data]
+        if missing:
+            raise TypeError(f"{self.name}() needs the fields {missing} (reads={list(self.reads)})")
+        return self.with_options(fields_and_options).compute(data)
 
 
 def _params(fn: Callable) -> list[inspect.Parameter]:
     return list(inspect.signature(fn).parameters.values())
 
 
-def _check_accepts_reads(owner: str, fn: Callable, reads: tuple[str, ...]) -> None:
+def _check_accepts_reads(owner: str, fn: Callable, reads: tuple[str, ...], what: str = "the fields in reads=") -> None:
     params = [p for p in _params(fn) if p.name != "self"]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
@@ -74,7 +91,7 @@ def _check_accepts_reads(owner: str, fn: Callable, reads: tuple[str, ...]) -> No
              and p.kind not in (inspect.Parameter.VAR_POSITIONAL,)]
     if missing or extra:
         raise AnalysisDefinitionError(
-            f"{owner} must take exactly the fields in reads={list(reads)} as keyword arguments; "
+            f"{owner} must take exactly {what}{list(reads)} as keyword arguments; "
             + (f"missing {missing}" if missing else "")
             + ("; " if missing and extra else "")
             + (f"unexpected required {extra}" if extra else "")
@@ -82,13 +99,20 @@ def _check_accepts_reads(owner: str, fn: Callable, reads: tuple[str, ...]) -> No
 
 
 def analysis(reads: list[str] | tuple[str, ...], *, incremental: type | None = None,
-             name: str | None = None, stream: str = "primary", live_throttle: float = 2.0,
-             flow_kwargs: dict | None = None):
+             options: type | None = None, name: str | None = None, stream: str = "primary",
+             live_throttle: float = 2.0, flow_kwargs: dict | None = None):
     """Declare an analysis.  Returns a decorator that gives back a Prefect ``Flow``.
 
     ``reads``: the raw fields the function needs — what post reads, what live polls, and
     what least privilege is checked against.  ``incremental``: an optional class
-    (``__init__()``, ``update(**batch)``, ``result()``) for efficient live processing.
+    (``__init__(**options)``, ``update(**batch)``, ``result()``) for efficient live
+    processing.  ``options``: an optional :class:`visitflow.options.Options` subclass; each
+    of its fields is passed to the function (and the incremental class' ``__init__``) as a
+    keyword argument, is a flow parameter, and may be set per plan (:mod:`visitflow.options`).
+
+    The returned flow carries ``.spec`` (an :class:`AnalysisSpec`; call it with the fields
+    and options to run the science without Prefect or Tiled) and ``.function`` (the plain
+    function exactly as written).
     """
     if isinstance(reads, str) or not reads:
         raise AnalysisDefinitionError("reads= must be a non-empty list of field names, e.g. reads=['saxs']")
@@ -107,7 +131,16 @@ def analysis(reads: list[str] | tuple[str, ...], *, incremental: type | None = N
         analysis_name = name or fn.__name__
         if not valid_name(analysis_name):
             raise AnalysisDefinitionError(f"analysis name {analysis_name!r} is not valid")
-        _check_accepts_reads(f"analysis function {analysis_name}", fn, reads)
+        option_names: tuple[str, ...] = ()
+        if options is not None:
+            from .options import check_model
+
+            check_model(options, f"analysis {analysis_name}")
+            option_names = tuple(options.model_fields)
+        if set(option_names) & set(reads):
+            raise AnalysisDefinitionError(f"analysis {analysis_name}: an option has the name of a reads= field")
+        _check_accepts_reads(f"analysis function {analysis_name}", fn, reads + option_names,
+                             "the fields in reads= and the options ")
         if incremental is not None:
             if not inspect.isclass(incremental):
                 raise AnalysisDefinitionError("incremental= takes a class with update(**batch) and result()")
@@ -115,15 +148,21 @@ def analysis(reads: list[str] | tuple[str, ...], *, incremental: type | None = N
                 if not callable(getattr(incremental, method, None)):
                     raise AnalysisDefinitionError(f"incremental class {incremental.__name__} has no {method}()")
             _check_accepts_reads(f"{incremental.__name__}.update", incremental.update, reads)
-            required = [p for p in _params(incremental.__init__)[1:]
-                        if p.default is inspect.Parameter.empty
-                        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-            if required:
-                raise AnalysisDefinitionError(f"incremental class {incremental.__name__}() must take no arguments")
+            if option_names:
+                _check_accepts_reads(f"{incremental.__name__}.__init__", incremental.__init__, option_names,
+                                     "the options ")
+            else:
+                required = [p for p in _params(incremental.__init__)[1:]
+                            if p.default is inspect.Parameter.empty
+                            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+                if required:
+                    raise AnalysisDefinitionError(f"incremental class {incremental.__name__}() must take no arguments")
         spec = AnalysisSpec(
             name=analysis_name, reads=reads, function=fn, incremental=incremental, stream=stream,
-            live_throttle=live_throttle, description=inspect.getdoc(fn) or "",
+            live_throttle=live_throttle, description=inspect.getdoc(fn) or "", options=options,
         )
+        if options is not None:
+            spec = spec.with_options({})  # defaults: what a run without plan options computes
         from .flowrun import make_flow  # Prefect is imported only when an analysis is defined
 
         return make_flow(spec, **(flow_kwargs or {}))
