@@ -20,6 +20,8 @@ COMMANDS = {
     "status": ("visitflow.stack.cli", "say what runs where"),
     "demo": ("visitflow.demo", "run the seed's story end to end (starts the stack if needed)"),
     "trigger": ("visitflow.trigger.cli", "start an analysis of an existing run by hand, with your own token"),
+    "check": ("visitflow.check_cli", "check analyses without servers: post, live (random batches), resume"),
+    "new-analysis": ("visitflow.scaffold", "write flows/NAME.py, its deployments and its test"),
 }
 
 

@@ -95,6 +95,8 @@ def run_post(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
     if status.exit_status != "success":
         raise RunAborted(f"raw run ended with exit_status={status.exit_status!r}; post processing refuses "
                          "partial data (use the live variant's result, or re-run with a successful scan)")
+    if status.frames == 0:
+        raise _empty(spec, status)
     progress(0, status.frames, "reading")
     data = source.read(0, status.frames)
     outputs = spec.compute(data)
