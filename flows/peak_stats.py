@@ -24,7 +24,7 @@ FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
 class PeakOptions(Options):
-    background: float = Field(0.0, description="Counts subtracted from every detector value before the statistics.")
+    background: float = Field(0.0, ge=0, description="Counts subtracted from every detector value before the statistics.")
 
 
 def _clean(det, motor, background: float):

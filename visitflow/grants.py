@@ -46,9 +46,14 @@ def deployment_name(analysis: str, variant: str) -> str:
     return f"{flow_name(analysis)}/{variant}"
 
 
-def idempotency_key(analysis: str, variant: str, visit: str, run_id: str) -> str:
-    """One flow run per (analysis, variant, visit, run), however often the trigger retries."""
-    return f"{analysis}/{variant}/{visit}/{run_id}"
+def idempotency_key(analysis: str, variant: str, visit: str, run_id: str, options: dict | None = None) -> str:
+    """One flow run per (analysis, variant, visit, run, options), however often the trigger
+    retries; options (:mod:`visitflow.options`) add a short hash of their values, so other
+    values are another run."""
+    from .options import digest
+
+    suffix = digest(options)
+    return f"{analysis}/{variant}/{visit}/{run_id}" + (f"/opt-{suffix}" if suffix else "")
 
 
 def run_tags(analysis: str, visit: str, run_id: str, variant: str) -> list[str]:

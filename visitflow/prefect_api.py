@@ -160,12 +160,19 @@ class PrefectAPI:
             body["name"] = name
         return self.request("POST", f"/deployments/{dep_id}/create_flow_run", json=body)
 
-    def create_analysis_run(self, analysis: str, variant: str, visit: str, run_id: str) -> dict:
-        """The one way visitflow starts an analysis: parameters exactly ``{visit, run_id}``."""
+    def deployment_parameter_schema(self, name: str) -> dict:
+        """The deployment's parameter schema (Prefect generated it from the flow's signature,
+        options included); what the trigger checks plan options against."""
+        return self.request("GET", f"/deployments/name/{name}").get("parameter_openapi_schema") or {}
+
+    def create_analysis_run(self, analysis: str, variant: str, visit: str, run_id: str,
+                            options: dict | None = None) -> dict:
+        """The one way visitflow starts an analysis: parameters exactly ``{visit, run_id}``
+        plus the plan's option values, if any."""
         return self.create_flow_run(
             grants.deployment_name(analysis, variant),
-            {"visit": visit, "run_id": run_id},
-            idempotency_key=grants.idempotency_key(analysis, variant, visit, run_id),
+            {"visit": visit, "run_id": run_id, **(options or {})},
+            idempotency_key=grants.idempotency_key(analysis, variant, visit, run_id, options),
             tags=grants.run_tags(analysis, visit, run_id, variant),
             name=grants.flow_run_name(analysis, variant, visit, run_id),
         )

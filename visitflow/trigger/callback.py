@@ -11,7 +11,8 @@ errors.  A slow or dead Prefect never slows or breaks the scan.
 Refusals are final: if the IdP says the user may not run an analysis for this visit
 (``invalid_scope``), that analysis gets no flow run and a clear log line; nothing retries.
 
-Kept light: httpx, pyjwt, sqlite3 — no Prefect, no Tiled server stack (it runs in blueapi).
+Kept light: httpx, pyjwt, sqlite3 (and pydantic/jsonschema for plan options) — no Prefect, no
+Tiled server stack (it runs in blueapi).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import grants, oauth
+from ..options import OptionError, canonical, check_plan_values, schema_problem
 from ..prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
 from ..scopes import GRANT_SCOPE_MODES, ScopeError, check_name, grant_scopes
 from .outbox import Outbox
@@ -111,6 +113,21 @@ class AnalysisTrigger:
                 self._decide("skipping analysis %r: %s", n, exc)
         return list(dict.fromkeys(out))
 
+    def options_for(self, start: dict, analyses: list[str]) -> dict[str, dict]:
+        """The plan's option values per analysis (``analysis_options`` in the start
+        document, from ``uses_analyses(..., options=...)``); an analysis whose values are
+        malformed is dropped here, with the reason, before anything is queued."""
+        given = start.get("analysis_options") or {}
+        out = {}
+        for analysis in list(analyses):
+            try:
+                out[analysis] = check_plan_values(analysis, given.get(analysis) or {}) if isinstance(given, dict) \
+                    else check_plan_values(analysis, given)
+            except OptionError as exc:
+                self._decide("REFUSED %s for run %s: %s — no flow run", analysis, start.get("uid"), exc)
+                analyses.remove(analysis)
+        return out
+
     def _on_start(self, doc: dict) -> None:
         uid = doc["uid"]
         analyses = self.analyses_for(doc)
@@ -131,12 +148,15 @@ class AnalysisTrigger:
         except Exception as exc:  # noqa: BLE001
             self._decide("run %s: no user token (%s): not triggering", uid, exc)
             return
-        self._runs[uid] = {"visit": visit, "analyses": analyses}
+        options = self.options_for(doc, analyses)
+        if not analyses:
+            return
+        self._runs[uid] = {"visit": visit, "analyses": analyses, "options": options}
         for analysis in analyses:
-            self.outbox.add_grant(analysis, visit, uid)
+            self.outbox.add_grant(analysis, visit, uid, canonical(options[analysis]) if options[analysis] else None)
             if self.settings.live:
-                self.outbox.add_request(grants.idempotency_key(analysis, "live", visit, uid), analysis, "live",
-                                        visit, uid)
+                self.outbox.add_request(grants.idempotency_key(analysis, "live", visit, uid, options[analysis]),
+                                        analysis, "live", visit, uid)
         self._decide("run %s visit %s: queued %s for %s", uid, visit,
                      "live+post" if self.settings.live else "post", ", ".join(analyses))
         self._wake.set()
@@ -151,20 +171,21 @@ class AnalysisTrigger:
             self._decide("run %s ended %s: no post analysis", uid, status)
             return
         for analysis in run["analyses"]:
-            self.outbox.add_request(grants.idempotency_key(analysis, "post", run["visit"], uid), analysis, "post",
-                                    run["visit"], uid)
+            key = grants.idempotency_key(analysis, "post", run["visit"], uid, run.get("options", {}).get(analysis))
+            self.outbox.add_request(key, analysis, "post", run["visit"], uid)
         self._wake.set()
 
-    def request(self, analysis: str, visit: str, run: str, variants=("post",)) -> None:
+    def request(self, analysis: str, visit: str, run: str, variants=("post",), options: dict | None = None) -> None:
         """Queue an analysis by hand (``visitflow trigger``), with this trigger's token."""
         check_name(analysis, "analysis name")
         check_name(visit, "visit")
         check_name(run, "run id")
+        options = check_plan_values(analysis, options or {})
         self._user_tokens[run] = self._token()
-        self.outbox.add_grant(analysis, visit, run)
+        self.outbox.add_grant(analysis, visit, run, canonical(options) if options else None)
         for variant in variants:
-            self.outbox.add_request(grants.idempotency_key(analysis, variant, visit, run), analysis, variant,
-                                    visit, run)
+            self.outbox.add_request(grants.idempotency_key(analysis, variant, visit, run, options), analysis,
+                                    variant, visit, run)
         self._decide("requested %s %s for %s/%s", analysis, "+".join(variants), visit, run)
         self._wake.set()
 
@@ -212,6 +233,8 @@ class AnalysisTrigger:
 
     def send_once(self, api: PrefectAPI) -> None:
         for g in self.outbox.due_grants("exchange"):
+            if g.options and not self._options_fit(api, g):
+                continue
             self._exchange(g)
         for g in self.outbox.due_grants("store"):
             try:
@@ -222,6 +245,23 @@ class AnalysisTrigger:
                 self.outbox.set_grant(g, state="store", error=str(exc), retry_in=self._backoff(g.attempts))
         for r in self.outbox.due_requests():
             self._create(api, r)
+
+    def _options_fit(self, api: PrefectAPI, g) -> bool:
+        """Check the plan's option values against the deployment's parameter schema before
+        the grant exchange, so a bad option never reaches the IdP or a flow run.  If Prefect
+        cannot be asked now, go on: Prefect enforces the same schema when the run is created."""
+        try:
+            schema = api.deployment_parameter_schema(grants.deployment_name(g.analysis, "post"))
+        except (PrefectUnavailable, PrefectRefused) as exc:
+            log.info("visitflow trigger: options of %s not checked before the exchange (%s)", g.analysis, exc)
+            return True
+        problem = schema_problem(schema, g.option_values, g.analysis)
+        if problem is None:
+            return True
+        self._decide("REFUSED %s for visit %s run %s: %s — no flow run", g.analysis, g.visit, g.run, problem)
+        self.outbox.set_grant(g, state="refused", error=problem)
+        self._fail_requests(g, "refused", problem)
+        return False
 
     def _exchange(self, g) -> None:
         user_token = self._user_tokens.get(g.run)
@@ -249,7 +289,7 @@ class AnalysisTrigger:
 
     def _fail_requests(self, g, state: str, error: str) -> None:
         for variant in ("live", "post"):
-            key = grants.idempotency_key(g.analysis, variant, g.visit, g.run)
+            key = grants.idempotency_key(g.analysis, variant, g.visit, g.run, g.option_values)
             self.outbox.set_request(key, state=state, error=error)
 
     def _create(self, api: PrefectAPI, r) -> None:
@@ -260,12 +300,12 @@ class AnalysisTrigger:
         if g.state != "ready":
             return  # wait for the grant to be stored; the sender comes back
         try:
-            run = api.create_analysis_run(r.analysis, r.variant, r.visit, r.run)
+            run = api.create_analysis_run(r.analysis, r.variant, r.visit, r.run, g.option_values)
         except PrefectUnavailable as exc:
             self.outbox.set_request(r.key, state="pending", error=str(exc), retry_in=self._backoff(r.attempts))
             return
         except PrefectRefused as exc:
-            final = exc.status in (400, 404, 422)
+            final = exc.status in (400, 404, 409, 422)  # 409: Prefect's own parameter-schema check
             self._decide("Prefect refused %s: %s%s", r.key, exc, "" if final else " (will retry)")
             self.outbox.set_request(r.key, state="failed" if final else "pending", error=str(exc),
                                     retry_in=None if final else self._backoff(r.attempts))

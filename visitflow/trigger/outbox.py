@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS grants (
     attempts INTEGER DEFAULT 0,
     next_at REAL DEFAULT 0,
     created REAL, updated REAL,
+    options TEXT,                   -- the plan's option values (canonical JSON), or NULL
     PRIMARY KEY (analysis, visit, run)
 );
 CREATE TABLE IF NOT EXISTS requests (
@@ -54,6 +55,13 @@ class Grant:
     state: str
     token: str | None
     attempts: int
+    options: str | None = None      # canonical JSON of the plan's option values
+
+    @property
+    def option_values(self) -> dict:
+        import json
+
+        return json.loads(self.options) if self.options else {}
 
 
 @dataclass
@@ -80,6 +88,8 @@ class Outbox:
             os.chmod(self.path, 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        if "options" not in {row[1] for row in self._db.execute("PRAGMA table_info(grants)")}:
+            self._db.execute("ALTER TABLE grants ADD COLUMN options TEXT")  # an outbox from before options
 
     def close(self) -> None:
         with self._lock:
@@ -95,11 +105,11 @@ class Outbox:
             return self._db.execute(sql, args).rowcount == 1
 
     # ---------------------------------------------------------------- enqueue (RunEngine thread)
-    def add_grant(self, analysis: str, visit: str, run: str) -> bool:
+    def add_grant(self, analysis: str, visit: str, run: str, options: str | None = None) -> bool:
         now = time.time()
         return self._insert(
-            "INSERT OR IGNORE INTO grants (analysis, visit, run, state, created, updated) "
-            "VALUES (?, ?, ?, 'exchange', ?, ?)", (analysis, visit, run, now, now))
+            "INSERT OR IGNORE INTO grants (analysis, visit, run, state, created, updated, options) "
+            "VALUES (?, ?, ?, 'exchange', ?, ?, ?)", (analysis, visit, run, now, now, options))
 
     def add_request(self, key: str, analysis: str, variant: str, visit: str, run: str) -> bool:
         now = time.time()
@@ -109,12 +119,12 @@ class Outbox:
 
     # ---------------------------------------------------------------- sender thread
     def due_grants(self, state: str) -> list[Grant]:
-        rows = self._exec("SELECT analysis, visit, run, state, token, attempts FROM grants "
+        rows = self._exec("SELECT analysis, visit, run, state, token, attempts, options FROM grants "
                           "WHERE state = ? AND next_at <= ? ORDER BY created", (state, time.time()))
         return [Grant(*r) for r in rows]
 
     def grant(self, analysis: str, visit: str, run: str) -> Grant | None:
-        rows = self._exec("SELECT analysis, visit, run, state, token, attempts FROM grants "
+        rows = self._exec("SELECT analysis, visit, run, state, token, attempts, options FROM grants "
                           "WHERE analysis = ? AND visit = ? AND run = ?", (analysis, visit, run))
         return Grant(*rows[0]) if rows else None
 
