@@ -16,7 +16,16 @@ not atomic.  A re-run of post writes a *new* ``post-<id8>`` child completely, th
 the ``current`` pointer (one metadata update — atomic in the catalog), then deletes older
 post children.  A reader that follows ``current`` never sees a half-written result; a
 reader that is mid-way through an old version keeps a consistent (if stale) one until it
-is deleted.  Live writes in place to ``live`` (each array replaced whole) because it is
+is deleted.
+
+Concurrent post runs of one analysis and run (a manual re-run while the trigger's is still
+going, or options changed) need more, because Tiled has no compare-and-swap: the winner is
+the *newest complete* child by its ``completed`` time (ties by key), a rule every writer
+computes the same way.  Each writer, after completing its own child: points ``current`` at
+the newest complete child; deletes only complete or failed children *older than itself*
+that are not ``current`` (never one still running — that is another run's work in
+progress); then points again.  The last writer to act sees the final set of children, so
+the pointer ends on the newest complete result and never on a deleted one.  Live writes in place to ``live`` (each array replaced whole) because it is
 by nature a result-in-progress, and says so in ``status``.
 """
 
@@ -34,8 +43,14 @@ from .client import ensure_container
 log = logging.getLogger("visitflow.outputs")
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+def _now(timespec: str = "seconds") -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec=timespec)
+
+
+def _rank(key: str, metadata) -> tuple[str, str]:
+    """Order of complete post results: newest ``completed`` first, then key (a total order
+    every writer agrees on)."""
+    return str(metadata.get("completed") or metadata.get("updated") or ""), key
 
 
 def _jsonable(value: Any):
@@ -104,6 +119,8 @@ class TiledResultSink:
                 pd.DataFrame({k: [v] for k, v in scalars.items()}), key="scalars")
         meta = {"status": status, "frames_processed": int(frames), "updated": _now(),
                 "outputs": sorted(outputs), "scalars": scalars}
+        if final:
+            meta["completed"] = _now("microseconds")
         # Outputs first, then the checkpoint: a crash in between only makes a restart redo frames.
         self._variant_node().update_metadata(meta, drop_revision=True)
         if final or self.variant == "live":
@@ -113,13 +130,33 @@ class TiledResultSink:
         if self.variant == "live":
             self._point_current_live(final, meta)
             return
-        self._set_pointer({"current": self.key, **self.provenance, **meta}, refresh=True)
-        for key in list(self.analysis_node):
-            if key.startswith("post-") and key != self.key:
+        mine = _rank(self.key, meta)
+        self._point_at_newest_post()
+        current = self.analysis_node.metadata.get("current")
+        for key, node in self._posts().items():
+            if key == self.key or key == current or node.metadata.get("status") not in ("complete", "failed"):
+                continue  # ours, current, or another run's work in progress
+            if _rank(key, node.metadata) < mine:
                 try:
-                    self.analysis_node[key].delete(recursive=True, external_only=False)
+                    node.delete(recursive=True, external_only=False)
                 except Exception as exc:  # noqa: BLE001 - stale copies are harmless
                     log.warning("could not delete stale result %s: %s", key, exc)
+        self._point_at_newest_post()  # a writer racing our deletes may have pointed at one
+
+    def _posts(self) -> dict:
+        self.analysis_node.refresh()
+        return {key: node for key, node in self.analysis_node.items() if key.startswith("post-")}
+
+    def _point_at_newest_post(self) -> None:
+        """Point ``current`` at the newest complete post child, re-reading until it holds."""
+        for _ in range(10):
+            complete = {k: n for k, n in self._posts().items() if n.metadata.get("status") == "complete"}
+            if not complete:
+                return
+            best = max(complete, key=lambda k: _rank(k, complete[k].metadata))
+            if self.analysis_node.metadata.get("current") == best:
+                return
+            self._set_pointer({"current": best, **dict(complete[best].metadata)})
 
     def _point_current_live(self, final: bool, meta: dict) -> None:
         """Point ``current`` at live unless a complete post result exists — race-free.
@@ -152,12 +189,9 @@ class TiledResultSink:
         self.analysis_node.update_metadata(metadata, drop_revision=True)
 
     def _newest_complete_post(self):
-        best = None
-        for key, node in self.analysis_node.items():
-            if key.startswith("post-") and node.metadata.get("status") == "complete":
-                if best is None or str(node.metadata.get("updated", "")) > str(best.metadata.get("updated", "")):
-                    best = node
-        return best
+        complete = {k: n for k, n in self.analysis_node.items()
+                    if k.startswith("post-") and n.metadata.get("status") == "complete"}
+        return complete[max(complete, key=lambda k: _rank(k, complete[k].metadata))] if complete else None
 
     def fail(self, reason: str) -> None:
         """Record a failure on the variant node (the previous ``current`` result stays)."""
