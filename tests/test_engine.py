@@ -1,5 +1,5 @@
 """Engine logic with in-memory runs (pure logic; the same engine is driven against real
-Tiled in test_flows_tiled.py): live == post == numpy, batching, resume, timeouts."""
+Tiled in test_flows_e2e.py): live == post == numpy, batching, resume, timeouts."""
 
 import sys
 from pathlib import Path

@@ -7,7 +7,9 @@ variable (``client_secret_env``, default ``VISITFLOW_CLIENT_SECRET``) that the w
 environment provides (a Kubernetes Secret in production).  ``client_secret`` exists for
 single-machine setups and is stored encrypted-at-rest-as-Prefect-does, shown masked.
 
-``for_run`` is every analysis flow's first act (ARCHITECTURE §2 step 5).
+``for_run`` is every analysis flow's first act (ARCHITECTURE §2 step 5).  The documents each
+environment saves are defined, runnable and tested, in ``blocks/`` (``blocks/local.py``,
+``blocks/kubernetes.py``); :func:`save` is how they register and save.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from .scopes import Layout
 from .tokens import Claims, TokenValidator
 
 log = logging.getLogger("visitflow.blocks")
+
+REPOSITORY = "https://github.com/visitflow/visitflow"
+LOGO_PATH = "blocks/logo.png"
+LOGO_URL = f"https://raw.githubusercontent.com/visitflow/visitflow/main/{LOGO_PATH}"
 
 
 @dataclass
@@ -73,17 +79,29 @@ class RunAccess:
 
 class ScopedCredentials(Block):
     """Act for the user who triggered an analysis: load the run's delegation grant, check it,
-    exchange it for a short-lived, refreshing Tiled token limited to that one run."""
+    exchange it for a short-lived, refreshing Tiled token limited to that one run.
+
+    Example:
+        Load the saved document and get Tiled access for one run (a flow does this first):
+        ```python
+        from visitflow.blocks import ScopedCredentials
+
+        credentials = ScopedCredentials.load("BLOCK_NAME")
+        access = credentials.for_run("a1", "<run uid>", "saxs_average")
+        raw = access.raw_run()
+        ```
+    """
 
     _block_type_name = "Visitflow Scoped Credentials"
     _block_type_slug = "visitflow-scoped-credentials"
-    _logo_url = "https://raw.githubusercontent.com/bluesky/tiled/main/docs/source/_static/logo.svg"
+    #: blocks/logo.png in this repository, as the project's repository host serves it.
+    _logo_url = LOGO_URL
     _description = (
         "Delegated, narrowed data access for visitflow analyses: validates the per-run grant "
         "stored by the trigger, exchanges it (RFC 8693) for a Tiled token limited to one raw run "
         "and its processed results, and refreshes it while the analysis runs."
     )
-    _documentation_url = "https://github.com/visitflow/visitflow#scoped-credentials"
+    _documentation_url = f"{REPOSITORY}/blob/main/blocks/README.md"
 
     issuer: str = Field(..., description="OIDC issuer URL of the IdP (Keycloak realm URL in production).")
     client_id: str = Field("visitflow", description="OAuth client visitflow exchanges grants as.")
@@ -147,3 +165,10 @@ class ScopedCredentials(Block):
             log.warning("data token is visit-wide (grant_scope=visit: the IdP cannot narrow to one run); "
                         "this flow reads only %s/%s", visit, run_id)
         return RunAccess(visit, run_id, analysis, claims, tokens, raw_root, processed_root, self.layout())
+
+
+def save(block: Block, name: str) -> str:
+    """Register ``block``'s type (idempotent) and save it as ``name`` (overwriting); returns
+    the document id.  What every ``blocks/<environment>.py`` ends with."""
+    type(block).register_type_and_schema()
+    return str(block.save(name, overwrite=True))

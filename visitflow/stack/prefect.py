@@ -64,15 +64,6 @@ def run_cli(args: list[str], env: dict, *, cwd: Path = REPO, timeout: float = 30
     return proc.stdout
 
 
-def save_block_script(*, issuer: str, raw_uri: str, processed_uri: str | None, secret_env: str,
-                      name: str = BLOCK, grant_scope: str = "run") -> str:
-    return (
-        "from visitflow.blocks import ScopedCredentials\n"
-        f"ScopedCredentials(issuer={issuer!r}, raw_uri={raw_uri!r}, processed_uri={processed_uri!r},"
-        f" client_secret_env={secret_env!r}, grant_scope={grant_scope!r}).save({name!r}, overwrite=True)\n"
-    )
-
-
 def configure(env: dict, *, issuer: str, tiled_uri: str, processed_uri: str | None = None,
               secret_env: str = "VISITFLOW_CLIENT_SECRET", post_limit: int = 4,
               repo: Path = REPO, worker_type: str = DEFAULT_WORKER_TYPE) -> None:
@@ -81,11 +72,12 @@ def configure(env: dict, *, issuer: str, tiled_uri: str, processed_uri: str | No
     with PrefectAPI(env["PREFECT_API_URL"], env.get("PREFECT_API_AUTH_STRING")) as api:
         for queue, limit in (("live", None), ("post", post_limit)):
             api.ensure_work_queue(POOL, queue, limit or None)
-    run_cli(["block", "register", "-m", "visitflow.blocks"], env)
-    script = save_block_script(issuer=issuer, raw_uri=tiled_uri, processed_uri=processed_uri, secret_env=secret_env,
-                               grant_scope=os.environ.get("VISITFLOW_GRANT_SCOPE", "run"))
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=120)
+    # The Block document is defined, runnable and tested in blocks/local.py (it registers the type too).
+    argv = [sys.executable, str(repo / "blocks" / "local.py"), "--issuer", issuer, "--raw-uri", tiled_uri,
+            "--secret-env", secret_env, "--grant-scope", os.environ.get("VISITFLOW_GRANT_SCOPE", "run")]
+    if processed_uri:
+        argv += ["--processed-uri", processed_uri]
+    proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise ServiceFailed(f"saving the ScopedCredentials block failed:\n{proc.stderr[-3000:]}")
     run_cli(["--no-prompt", "deploy", "--all"], {**env, "VISITFLOW_ROOT": str(repo)}, cwd=repo)
