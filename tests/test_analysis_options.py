@@ -18,6 +18,8 @@ from .scans import run_scan, user_root
 from .test_numerics import peak_stats
 from .test_trigger import settings_for
 
+pytestmark = pytest.mark.analysts
+
 
 # ------------------------------------------------------------------ declaring options
 class Roi(Options):

@@ -20,6 +20,8 @@ from prefect.testing.standard_test_suites import BlockStandardTestSuite
 import visitflow
 from visitflow import blocks as vf_blocks
 
+pytestmark = pytest.mark.analysts
+
 REPO = Path(__file__).resolve().parents[1]
 
 

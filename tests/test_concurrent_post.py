@@ -15,6 +15,8 @@ from visitflow.tiled.outputs import TiledResultSink, _rank, read_result
 
 from .scans import run_scan, user_root
 
+pytestmark = pytest.mark.analysts
+
 WRITERS = 3
 ROUNDS = 5
 

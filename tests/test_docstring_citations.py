@@ -7,6 +7,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.analysts
+
 REPO = Path(__file__).resolve().parents[1]
 CITATION = re.compile(r"(?<![\w/.$-])((?:[\w.-]+/)*[\w-]+\.(?:py|md|yaml|yml|json|sh|txt|toml|png|cfg|ini))\b")
 #: Files a docstring names that are written at run time, not kept in git — and who writes them.

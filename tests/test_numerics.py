@@ -13,6 +13,8 @@ from visitflow.testing import MemoryRun, MemorySink, assert_check, load_analyses
 
 from .test_testing import REPO
 
+pytestmark = pytest.mark.analysts
+
 peak_stats = load_analyses(REPO / "flows/peak_stats.py")["peak_stats"]
 saxs_average = load_analyses(REPO / "flows/saxs_average.py")["saxs_average"]
 RTOL = 1e-10

@@ -14,6 +14,8 @@ from visitflow import grants
 from visitflow.spec import AnalysisDefinitionError
 from visitflow.testing import assert_check, load_analyses
 
+pytestmark = pytest.mark.analysts
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -113,19 +115,21 @@ def test_scaffold_deploy_trigger_both_variants_complete(tmp_path, idp, tiled_ser
 
         return scan()
 
-    token = idp.token("alice")
+    # bob may start any analysis on his visit a2 (run:*:a2); alice's roles name the shipped ones.
+    token = idp.token("bob")
     trig = AnalysisTrigger(settings_for(tmp_path, idp.issuer, prefect_stack.api_url), token=token)
-    uid = run_scan(tiled_server.uri, token, plan=plan, subscribers=[trig])
+    uid = run_scan(tiled_server.uri, token, visit="a2", plan=plan, subscribers=[trig])
     assert trig.flush(60), [(r.key, r.state, r.error) for r in trig.outbox.requests()]
     trig.close()
+    assert any(d.startswith(f"created {name}/live/a2/") for d in trig.decisions), trig.decisions
     runs = prefect_stack.api.flow_runs(tags=[f"run:{uid}"])
     assert sorted(r["name"].split()[0] for r in runs) == [f"{flow}/live", f"{flow}/post"]
     for r in runs:
         done = prefect_stack.api.wait_for_flow_run(r["id"], timeout=300)
         assert done["state"]["type"] == "COMPLETED", prefect_stack.logs(r["id"])
-    alice = user_root(tiled_server.uri, idp.token("alice"))
-    node = alice[f"processed/a1/{uid}/{name}"]
-    raw = alice[f"raw/a1/{uid}/primary"]
+    bob = user_root(tiled_server.uri, idp.token("bob"))
+    node = bob[f"processed/a2/{uid}/{name}"]
+    raw = bob[f"raw/a2/{uid}/primary"]
     got = read_result(node)
     assert node.metadata["current"].startswith("post-") and node["live"].metadata["status"] == "complete"
     for field in ("det", "motor"):

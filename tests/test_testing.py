@@ -14,6 +14,8 @@ from visitflow.testing import MemoryRun, MemorySink, assert_check, check, load_a
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.analysts
+
 RIGHT = '''
 import numpy as np
 from visitflow import analysis
