@@ -1,24 +1,18 @@
 """prefect.yaml and flows/ agree: every @analysis has a live and a post deployment, and no
 deployment passes parameters or secrets."""
 
-import importlib.util
 from pathlib import Path
 
 import yaml
+
+from visitflow.testing import load_analyses
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def analyses_in_flows():
-    found = {}
-    for path in sorted((REPO / "flows").glob("*.py")):
-        spec = importlib.util.spec_from_file_location(f"_flows_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        for name, obj in vars(module).items():
-            if hasattr(obj, "spec") and hasattr(obj, "fn"):
-                found[f"flows/{path.name}:{name}"] = obj
-    return found
+    return {f"flows/{path.name}:{name}": obj
+            for path in sorted((REPO / "flows").glob("*.py")) for name, obj in load_analyses(path).items()}
 
 
 def test_every_analysis_has_live_and_post():
