@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 IDP_CONFIG = REPO / "deployments" / "idp.yaml"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+REFRESH_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:refresh_token"
 SECRETS = {"blueapi": "blueapi-dev-secret", "visitflow": "visitflow-dev-secret",
            "tiled": "tiled-dev-secret", "visitflow-admin": "admin-dev-secret"}
 
@@ -65,9 +66,13 @@ class IdPHandle:
         return r.json()["access_token"]
 
     def exchange_response(self, subject_token: str, client_id: str, secret: str | None = None,
-                          audience: str | None = None, scope: str | None = None) -> httpx.Response:
+                          audience: str | None = None, scope: str | None = None,
+                          refresh: bool = False) -> httpx.Response:
+        """``refresh=True`` asks for a refresh token too (``requested_token_type``)."""
         form = {"grant_type": TOKEN_EXCHANGE, "subject_token": subject_token,
                 "subject_token_type": ACCESS_TOKEN_TYPE}
+        if refresh:
+            form["requested_token_type"] = REFRESH_TOKEN_TYPE
         if audience:
             form["audience"] = audience
         if scope:
@@ -75,8 +80,8 @@ class IdPHandle:
         return self.post(form, auth=(client_id, secret or SECRETS[client_id]))
 
     def exchange(self, subject_token: str, client_id: str, secret: str | None = None,
-                 audience: str | None = None, scope: str | None = None) -> dict:
-        r = self.exchange_response(subject_token, client_id, secret, audience, scope)
+                 audience: str | None = None, scope: str | None = None, refresh: bool = False) -> dict:
+        r = self.exchange_response(subject_token, client_id, secret, audience, scope, refresh)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -85,7 +90,7 @@ class IdPHandle:
         grant = self.exchange(user_token, "blueapi", audience="visitflow",
                               scope=f"run:{analysis}:{visit} read:raw:{visit}/{run} write:processed:{visit}/{run}")
         data = self.exchange(grant["access_token"], "visitflow", audience="tiled",
-                             scope=f"read:raw:{visit}/{run} write:processed:{visit}/{run}")
+                             scope=f"read:raw:{visit}/{run} write:processed:{visit}/{run}", refresh=True)
         return grant["access_token"], data["access_token"]
 
     def signing_key(self):

@@ -99,9 +99,9 @@ def test_two_hop_delegation(idp):
     assert set(g["scope"].split()) == set(GRANT.split())
     assert 86000 < g["exp"] - g["iat"] <= 86400, "T_grant lifetime comes from the visitflow audience"
     assert grant["issued_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
-    assert "refresh_token" not in grant, "blueapi does not get refreshable grants"
+    assert "refresh_token" not in grant, "a refresh token only when asked for (requested_token_type)"
 
-    data = idp.exchange(grant["access_token"], "visitflow", audience="tiled", scope=DATA)
+    data = idp.exchange(grant["access_token"], "visitflow", audience="tiled", scope=DATA, refresh=True)
     d = decode(data["access_token"])
     assert d["aud"] == "tiled" and d["sub"] == "alice" and d["act"] == {"sub": "visitflow", "act": {"sub": "blueapi"}}
     assert d["exp"] - d["iat"] == 300 and data["refresh_token"]
@@ -277,7 +277,7 @@ def short_idp(tmp_path_factory):
 
 def test_refresh_bounded_by_delegated_session(short_idp):
     grant, _ = short_idp.delegate(short_idp.token("alice"), "a1", UID)
-    data = short_idp.exchange(grant, "visitflow", audience="tiled", scope=DATA)
+    data = short_idp.exchange(grant, "visitflow", audience="tiled", scope=DATA, refresh=True)
     assert data["refresh_expires_in"] <= 3, "refresh may not outlive the grant it came from"
     time.sleep(4)
     r = short_idp.post({"grant_type": "refresh_token", "refresh_token": data["refresh_token"]},

@@ -191,9 +191,13 @@ def test_exchange_refresh_changed(realm, idp):
                for d in compare(realm, idp))
 
 
-def test_downscope_policy_missing(realm, idp):
-    realm["clientPolicies"]["policies"][0]["enabled"] = False
-    assert any("downscope-assertion-grant-enforcer" in d for d in compare(realm, idp))
+def test_downscope_policy_refused(realm, idp):
+    """The enforcer refuses every audience change (observed: tests/test_keycloak.py)."""
+    realm["clientProfiles"] = {"profiles": [{"name": "p", "executors": [
+        {"executor": "downscope-assertion-grant-enforcer", "configuration": {}}]}]}
+    realm["clientPolicies"] = {"policies": [{"name": "downscope", "enabled": True, "profiles": ["p"],
+                                             "conditions": [{"condition": "any-client", "configuration": {}}]}]}
+    assert any("downscope-assertion-grant-enforcer refuses every audience change" in d for d in compare(realm, idp))
 
 
 def test_full_scope_allowed(realm, idp):

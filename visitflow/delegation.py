@@ -77,6 +77,7 @@ class DataTokenSource:
         self._current: oauth.TokenResponse | None = None
         self.exchanges = 0
         self.refreshes = 0
+        self._want_refresh = True  # until the IdP says it will not add a refresh token
 
     @property
     def scope(self) -> str:
@@ -84,18 +85,36 @@ class DataTokenSource:
 
     def _exchange(self) -> oauth.TokenResponse:
         try:
-            resp = oauth.exchange(self.token_url, self.grant, client_id=self.client_id,
-                                  client_secret=self.client_secret, audience=DATA_AUDIENCE, scope=self.scope)
+            resp = self._call_exchange()
         except oauth.OAuthRefused as exc:
             if _expired(self.grant):  # decided by the grant's own exp, not the IdP's wording
                 raise DelegationExpired(f"cannot renew data access for {self.visit}/{self.run_id}: the "
                                         "delegation grant has expired") from exc
             if exc.error in ("invalid_scope", "access_denied"):
-                raise NotAuthorised(f"the IdP refused data access for {self.visit}/{self.run_id}: {exc}") from exc
+                hint = (" — this IdP cannot issue per-run scopes; set grant_scope='visit' on the block and "
+                        "the trigger (docs/production.md §3)" if exc.error == "invalid_scope" and self.per == "run"
+                        else "")
+                raise NotAuthorised(f"the IdP refused data access for {self.visit}/{self.run_id}: {exc}{hint}") from exc
             raise GrantInvalid(f"the IdP refused the delegation grant: {exc}") from exc
         self._check_granted(resp)
         self.exchanges += 1
         return resp
+
+    def _call_exchange(self) -> oauth.TokenResponse:
+        """Ask for a data token with a refresh token; if the IdP will not add one for this grant
+        (Keycloak: ``invalid_request`` unless the grant itself came with a refresh token), ask
+        for the access token alone from then on and re-exchange the grant when it expires."""
+        kwargs = dict(client_id=self.client_id, client_secret=self.client_secret, audience=DATA_AUDIENCE,
+                      scope=self.scope)
+        if self._want_refresh:
+            try:
+                return oauth.exchange(self.token_url, self.grant, requested_token_type=oauth.REFRESH_TOKEN_TYPE,
+                                      **kwargs)
+            except oauth.OAuthRefused as exc:
+                if exc.error != "invalid_request":
+                    raise
+                self._want_refresh = False
+        return oauth.exchange(self.token_url, self.grant, **kwargs)
 
     def _check_granted(self, resp: oauth.TokenResponse) -> None:
         """Some IdPs (Keycloak) silently *drop* requested scopes they cannot issue instead of

@@ -15,6 +15,8 @@ from .errors import OAuthRefused, OAuthUnavailable
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+#: Asking for this in an exchange (RFC 8693) is how Keycloak is told to add a refresh token.
+REFRESH_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:refresh_token"
 #: OAuth errors that mean the IdP decided: retrying the same request cannot succeed.
 REFUSALS = {"invalid_scope", "access_denied", "invalid_target", "unauthorized_client", "invalid_grant",
             "invalid_token", "invalid_client", "invalid_request", "unsupported_grant_type"}
@@ -88,11 +90,15 @@ def post_token(url: str, form: dict, *, client_id: str, client_secret: str | Non
 
 
 def exchange(url: str, subject_token: str, *, client_id: str, client_secret: str, audience: str,
-             scope: str, client: httpx.Client | None = None) -> TokenResponse:
-    """RFC 8693: trade ``subject_token`` for a token for ``audience`` with (narrower) ``scope``."""
+             scope: str, client: httpx.Client | None = None,
+             requested_token_type: str = ACCESS_TOKEN_TYPE) -> TokenResponse:
+    """RFC 8693: trade ``subject_token`` for a token for ``audience`` with (narrower) ``scope``.
+
+    ``requested_token_type=REFRESH_TOKEN_TYPE`` asks for an access token *and* a refresh token
+    (Keycloak issues a refresh token from an exchange only then)."""
     return post_token(url, {
         "grant_type": TOKEN_EXCHANGE, "subject_token": subject_token,
-        "subject_token_type": ACCESS_TOKEN_TYPE, "requested_token_type": ACCESS_TOKEN_TYPE,
+        "subject_token_type": ACCESS_TOKEN_TYPE, "requested_token_type": requested_token_type,
         "audience": audience, "scope": scope,
     }, client_id=client_id, client_secret=client_secret, client=client)
 

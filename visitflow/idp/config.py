@@ -67,9 +67,10 @@ class IdPConfig:
     audiences: dict = field(default_factory=dict)   # name -> Lifetimes
     clients: dict = field(default_factory=dict)     # id -> Client
     users: dict = field(default_factory=dict)       # name -> User
-    #: Emulate an IdP whose scopes are a fixed list (Keycloak's client scopes): at the token
-    #: exchange a requested scope is kept only if held literally, others are dropped — so
-    #: per-run scopes cannot be had (docs/production.md §3).  For testing grant_scope=visit.
+    #: Emulate Keycloak's token exchange as observed on 26.7.3 (:mod:`.keycloak_rules`): scopes
+    #: are a fixed list of client scopes, so run-specific ones are refused (``invalid_scope``)
+    #: and scopes the user lacks are dropped; no ``act``; refresh only on request.  For trying
+    #: grant_scope=visit without Keycloak (docs/production.md §3).
     fixed_scopes: bool = False
 
     def lifetimes_for(self, audience: str | list | None) -> Lifetimes:

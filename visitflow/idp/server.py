@@ -10,7 +10,8 @@ the requesting client must be in the subject token's ``aud``; ``audience`` picks
 requested scopes may only narrow (→ ``invalid_scope``, decided by :mod:`visitflow.scopes`);
 refresh tokens never outlive the session maximum.  Unlike Keycloak V2 we also set the RFC
 8693 ``act`` claim naming the requesting client (nested for chains), so provenance can say
-who acted for whom.
+who acted for whom.  With ``fixed_scopes: true`` the exchange follows what Keycloak 26.7.3
+was seen to do instead (:mod:`.keycloak_rules`, ``IdP._keycloak_exchange``).
 
 Why hand-rolled on Starlette + pyjwt rather than authlib's server: authlib's OAuth server
 integrations target Flask/Django, have no RFC 8693 grant, and its JWT access-token support
@@ -45,6 +46,7 @@ from starlette.routing import Route
 from ..errors import OAuthError
 from ..scopes import ScopeError, ScopeSet
 from ..tokens import ALGORITHMS, InvalidToken, decode_verified
+from . import keycloak_rules
 from .config import TOKEN_EXCHANGE, Client, IdPConfig
 from .keys import KeyStore
 
@@ -78,6 +80,7 @@ class Session:
     act: dict | None = None
     username: str | None = None
     revoked: bool = False
+    refreshable: bool = True  # Keycloak mode: an exchange session holds refresh tokens only on request
 
 
 @dataclass
@@ -114,9 +117,12 @@ class IdP:
         return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid, "typ": typ})
 
     def access_token(self, *, sub: str, client_id: str, aud: list, scopes: ScopeSet,
-                     sid: str | None = None, act: dict | None = None, extra: dict | None = None) -> tuple[str, int]:
+                     sid: str | None = None, act: dict | None = None, extra: dict | None = None,
+                     not_after: float | None = None) -> tuple[str, int]:
         now = int(time.time())
         lifetime = self.config.lifetimes_for(aud).access
+        if not_after is not None:  # Keycloak: no token outlives the user session
+            lifetime = max(0, min(lifetime, int(not_after) - now))
         claims = {
             "iss": self.issuer,
             "sub": sub,
@@ -162,6 +168,7 @@ class IdP:
             sub=session.sub, client_id=session.client_id, aud=session.aud, scopes=scopes,
             sid=session.sid, act=session.act,
             extra={"preferred_username": session.username} if session.username else None,
+            not_after=session.max_expiry if self.config.fixed_scopes else None,
         )
         body = {"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": str(scopes)}
         if issued_token_type:
@@ -190,16 +197,6 @@ class IdP:
         if missing:
             raise invalid_scope(f"{what} does not cover: {' '.join(map(str, missing))}")
         return wanted
-
-    @staticmethod
-    def _keep_literal(granted: ScopeSet, requested: str | None) -> ScopeSet:
-        """``fixed_scopes`` mode, Keycloak's rule: a requested scope is kept only if the
-        subject holds that very scope; others are dropped silently, not refused (Keycloak
-        grants only existing client scopes the user has the role for)."""
-        if requested is None or not requested.strip():
-            return granted
-        held = {str(s) for s in granted}
-        return ScopeSet.lenient([s for s in requested.split() if s in held])
 
     # ---------------------------------------------------------------- validating our own tokens
     def validate(self, token: str, *, audience: str | None = None, check_revoked: bool = True) -> dict:
@@ -300,10 +297,9 @@ class IdP:
             if aud not in client.exchange_audiences:
                 raise OAuthError("access_denied", f"client {client.client_id} may not exchange for audience {aud!r}", 403)
         if self.config.fixed_scopes:
-            scopes = self._keep_literal(ScopeSet.lenient(subject.get("scope")), form.get("scope"))
-        else:
-            scopes = self._narrow(ScopeSet.lenient(subject.get("scope")), form.get("scope"),
-                                  "the subject token's scope")
+            return self._keycloak_exchange(client, form, subject, audiences, requested_type)
+        scopes = self._narrow(ScopeSet.lenient(subject.get("scope")), form.get("scope"),
+                              "the subject token's scope")
         act = {"sub": client.client_id}
         if subject.get("act"):
             act["act"] = subject["act"]
@@ -315,8 +311,38 @@ class IdP:
             username=subject.get("preferred_username"),
         )
         log.info("exchange: client=%s sub=%s aud=%s scope=%r", client.client_id, subject["sub"], audiences, str(scopes))
-        return self._response(session, scopes, with_refresh=client.exchange_refresh,
+        # RFC 8693 (and Keycloak): a refresh token only when asked for, by a client enabled for it
+        return self._response(session, scopes,
+                              with_refresh=client.exchange_refresh and requested_type == REFRESH_TOKEN_TYPE,
                               issued_token_type=ACCESS_TOKEN_TYPE)
+
+    def _keycloak_exchange(self, client: Client, form, subject: dict, audiences: list, requested_type: str) -> dict:
+        """``fixed_scopes`` mode: what Keycloak 26.7.3 does (tests/test_keycloak_parity.py).
+
+        Scopes per :func:`.keycloak_rules.exchange_scopes` (unknown → ``invalid_scope``, not
+        held → dropped, not bounded by the subject token); no ``act``; every token ends with the
+        user's session; a refresh token only if asked for (``requested_token_type``), by a
+        client enabled for it, from a subject whose session can hold one (a login, or an
+        exchange that itself asked for a refresh token) — else ``invalid_request``."""
+        scopes, unknown = keycloak_rules.exchange_scopes(self.config, subject["sub"], form.get("scope"))
+        if unknown:
+            raise invalid_scope(f"Invalid scopes: {form.get('scope')}")
+        with self.state.lock:
+            parent = self.state.sessions.get(subject.get("sid", ""))
+        refresh = requested_type == REFRESH_TOKEN_TYPE
+        if refresh and not client.exchange_refresh:
+            raise OAuthError("invalid_request", "requested_token_type unsupported")
+        if refresh and (parent is None or not parent.refreshable):
+            raise OAuthError("invalid_request",
+                             "Refresh token not valid as requested_token_type because creating a new session is needed")
+        session = self._session(
+            sub=subject["sub"], client_id=client.client_id, scopes=scopes, aud=audiences,
+            max_expiry=parent.max_expiry if parent is not None else float(subject["exp"]),
+            username=subject.get("preferred_username"), refreshable=refresh,
+        )
+        log.info("exchange (Keycloak rules): client=%s sub=%s aud=%s scope=%r", client.client_id, subject["sub"],
+                 audiences, str(scopes))
+        return self._response(session, scopes, with_refresh=refresh, issued_token_type=requested_type)
 
     def introspect(self, token: str) -> dict:
         rec = self.state.refresh.get(token)

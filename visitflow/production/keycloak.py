@@ -359,24 +359,23 @@ def _compare_scope_definitions(realm: dict, idp: IdPConfig) -> list[str]:
 
 
 def _compare_exchange_policy(realm: dict, idp: IdPConfig) -> list[str]:
-    """The dev IdP only narrows in exchanges; Keycloak V2 needs a client policy for that."""
-    if not any(TOKEN_EXCHANGE in c.grants for c in idp.clients.values()):
-        return []
+    """No client policy may apply the downscope enforcer to token exchange.
+
+    Observed on Keycloak 26.7.3 (tests/test_keycloak.py): ``downscope-assertion-grant-enforcer``
+    also refuses every ``audience`` the subject token does not already carry ("Requested
+    audience not available"), so neither hop of the chain (aud blueapi -> visitflow -> tiled)
+    could work.  Narrowing is therefore the Block's job (it asks only for what the run needs
+    and checks what it got), bounded by Keycloak's own rules: the requester's optional client
+    scopes and the user's roles.
+    """
     profiles = {
         p["name"] for p in (realm.get("clientProfiles") or {}).get("profiles") or []
         if any(e.get("executor") == DOWNSCOPE_EXECUTOR for e in p.get("executors") or [])
     }
-    for policy in (realm.get("clientPolicies") or {}).get("policies") or []:
-        if not policy.get("enabled", True) or not set(policy.get("profiles") or []) & profiles:
-            continue
-        for cond in policy.get("conditions") or []:
-            cfg = cond.get("configuration") or {}
-            if cond.get("condition") == "any-client":
-                return []
-            if cond.get("condition") == "grant-type" and TOKEN_EXCHANGE in (cfg.get("grant_types") or []):
-                return []
-    return [f"no enabled client policy applies {DOWNSCOPE_EXECUTOR} to token exchange: "
-            "Keycloak V2 exchanges could add scopes the subject token does not have"]
+    return [f"client policy {policy.get('name')}: {DOWNSCOPE_EXECUTOR} refuses every audience change, "
+            "so no token exchange of the delegation chain would succeed"
+            for policy in (realm.get("clientPolicies") or {}).get("policies") or []
+            if policy.get("enabled", True) and set(policy.get("profiles") or []) & profiles]
 
 
 # ----------------------------------------------------------------------- limitations
@@ -390,13 +389,18 @@ def limitations(realm: dict, idp_config: dict) -> list[str]:
         "delegation; provenance falls back to `azp` (the requesting client)",
         "run-specific scopes (read:raw:<visit>/<run>, write:processed:<visit>/<run>) and narrowing "
         "a wildcard (run:*:<visit>) to one analysis are not issuable: Keycloak only grants scopes "
-        "that exist as client scopes (parameterized scopes are experimental and validate the "
-        "parameter's format only, not that the user's own scopes cover it); deploy with "
-        "grant_scope=visit on the trigger and the block (visit-wide grants)",
-        "a requested scope the user lacks is left out of the token rather than refused "
-        "(Keycloak applies a role-gated client scope only to holders of its role; the dev IdP "
-        "answers invalid_scope): callers must check the granted `scope` (the Block does, at the "
-        "grant and at each data-token exchange)",
+        "that exist as client scopes and answers invalid_scope for any other (observed on 26.7.3); "
+        "deploy with grant_scope=visit on the trigger and the block (visit-wide grants)",
+        "a requested client scope the user lacks the role for is left out of the token rather than "
+        "refused: callers must check the granted `scope` (the Block does, at the grant and at each "
+        "data-token exchange)",
+        "an exchange is bounded by the user's roles and the requester's optional client scopes, "
+        "not by the subject token: visitflow can obtain write:data:<visit> from a grant that only "
+        "says read:data:<visit> (the downscope-assertion-grant-enforcer that would prevent it also "
+        "refuses every audience change); the Block asks only for what the grant covers",
+        "a data token has a refresh token only if the grant was itself obtained with "
+        "requested_token_type=refresh_token (blueapi then holds a client session in the user's "
+        "session); otherwise visitflow re-exchanges the grant when the data token expires",
     ]
     base = idp.lifetimes
     kc = {c["clientId"]: c for c in realm.get("clients") or []}

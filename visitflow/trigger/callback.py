@@ -274,7 +274,10 @@ class AnalysisTrigger:
                 self._token_url = oauth.token_endpoint(self.settings.issuer)
             resp = oauth.exchange(self._token_url, user_token, client_id=self.settings.client_id,
                                   client_secret=self.settings.client_secret, audience="visitflow",
-                                  scope=str(grant_scopes(g.analysis, g.visit, g.run, self.settings.grant_scope)))
+                                  scope=str(grant_scopes(g.analysis, g.visit, g.run, self.settings.grant_scope)),
+                                  # Keycloak lets visitflow refresh its data tokens only if this
+                                  # exchange opened a blueapi client session (docs/production.md)
+                                  requested_token_type=oauth.REFRESH_TOKEN_TYPE)
         except oauth.OAuthRefused as exc:
             self._decide("REFUSED %s for visit %s run %s: the IdP says %s — no flow run", g.analysis, g.visit,
                          g.run, exc)
