@@ -29,16 +29,12 @@ SECRETS = {"blueapi": "blueapi-dev-secret", "visitflow": "visitflow-dev-secret",
            "tiled": "tiled-dev-secret", "visitflow-admin": "admin-dev-secret"}
 
 
-@dataclass
-class IdPHandle:
-    issuer: str
-    keys_dir: Path
-    service: Service
-    other_key: object = field(default_factory=new_rsa_key)
+class TokenCalls:
+    """OAuth calls a test makes at an IdP's token endpoint (``token_url``): the same for the
+    dev IdP and for Keycloak (tests/keycloak_fixtures.py), so tests can send both the same
+    requests."""
 
-    @property
-    def token_url(self) -> str:
-        return f"{self.issuer}/token"
+    token_url: str
 
     def post(self, form: dict, auth: tuple | None = None) -> httpx.Response:
         return httpx.post(self.token_url, data=form, auth=auth, timeout=10)
@@ -92,6 +88,18 @@ class IdPHandle:
         data = self.exchange(grant["access_token"], "visitflow", audience="tiled",
                              scope=f"read:raw:{visit}/{run} write:processed:{visit}/{run}", refresh=True)
         return grant["access_token"], data["access_token"]
+
+
+@dataclass
+class IdPHandle(TokenCalls):
+    issuer: str
+    keys_dir: Path
+    service: Service
+    other_key: object = field(default_factory=new_rsa_key)
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.issuer}/token"
 
     def signing_key(self):
         store = KeyStore(self.keys_dir)

@@ -222,6 +222,8 @@ def _compare_clients(realm: dict, idp: IdPConfig) -> list[str]:
         p = f"client {cid}: "
         if not k.get("enabled", True):
             d.append(p + "disabled in the realm")
+        if len(k.get("description") or "") > 255:
+            d.append(p + "description is longer than 255 characters: Keycloak's realm import fails on it")
         if bool(k.get("publicClient")) != c.public:
             d.append(p + f"publicClient={k.get('publicClient')} but dev IdP public={c.public}")
         if not c.public and not k.get("secret"):
