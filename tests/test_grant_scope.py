@@ -1,11 +1,12 @@
 """``grant_scope="visit"``: delegation with an IdP whose scopes are a fixed list (Keycloak).
 
-Keycloak grants only scopes that exist as client scopes and *drops* the rest
-(docs/production.md §3), so per-run scopes (``read:raw:a1/<run>``) cannot be had.  A dev
-IdP started with ``fixed_scopes: true`` applies that rule at the token exchange; against it:
+Keycloak grants only scopes that exist as client scopes and *refuses* an exchange asking for
+any other (``invalid_scope``; observed on 26.7.3, tests/test_keycloak.py), so per-run scopes
+(``read:raw:a1/<run>``) cannot be had.  A dev IdP started with ``fixed_scopes: true``
+applies Keycloak's rules at the token exchange (tests/test_keycloak_parity.py); against it:
 
-* the design's per-run request yields a grant without the data scopes, and the Block's
-  pre-flight check refuses it *before any data access* (Keycloak limit 3);
+* the design's per-run request is refused at the trigger's exchange, and a Block left in
+  run mode is refused its data token with the fix named, *before any data access*;
 * ``grant_scope="visit"`` works end to end: trigger-side exchange, Block (``for_run``, with
   the grant stored in a real Prefect Secret), Tiled reads and writes — and the trade-off is
   asserted, not hidden: the data token can read the visit's other runs, never another visit.
@@ -62,12 +63,16 @@ def scope_of(token: str) -> ScopeSet:
     return ScopeSet.parse(jwt.decode(token, options={"verify_signature": False}).get("scope", ""))
 
 
-def test_per_run_request_loses_its_data_scopes_and_the_block_check_refuses(fixed):
+def test_per_run_request_is_refused_and_a_narrower_grant_fails_the_block_check(fixed):
     idp, tiled = fixed
     uid = run_scan(tiled.uri, idp.token("alice"), num=3)
+    r = idp.exchange_response(idp.token("alice"), "blueapi", audience="visitflow",
+                              scope=str(grant_scopes("saxs_average", "a1", uid)))
+    assert r.json()["error"] == "invalid_scope", "refused, as Keycloak does"
+    # a grant that lacks the data scopes (a scope the user lacks is dropped, not refused)
     grant = idp.exchange(idp.token("alice"), "blueapi", audience="visitflow",
-                         scope=str(grant_scopes("saxs_average", "a1", uid)))["access_token"]
-    assert scope_of(grant) == ScopeSet.parse("run:saxs_average:a1"), "dropped silently, as Keycloak does"
+                         scope="run:saxs_average:a1 read:data:a2")["access_token"]
+    assert scope_of(grant) == ScopeSet.parse("run:saxs_average:a1")
     with pytest.raises(NotAuthorised, match=f"read:raw:a1/{uid}"):
         check_grant(TokenValidator(idp.issuer, "visitflow"), grant, "saxs_average", "a1", uid)
 
@@ -118,15 +123,16 @@ def test_run_mode_block_against_a_fixed_scope_idp_fails_before_data(fixed, prefe
     uid = run_scan(tiled.uri, idp.token("alice"), num=2, seed=3)
     grant = idp.exchange(idp.token("alice"), "blueapi", audience="visitflow",
                          scope=str(grant_scopes("saxs_average", "a1", uid, "visit")))["access_token"]
-    # a visit grant passes the check, but the IdP drops the per-run scopes of the data token:
+    # a visit grant passes the check, but the IdP refuses the per-run scopes of the data token:
     # refused at the exchange, with the fix named, before any read
     source = DataTokenSource(token_endpoint(idp.issuer), grant, "visitflow", CLIENT_SECRET, "a1", uid)
     with pytest.raises(NotAuthorised, match="cannot issue per-run scopes; set grant_scope='visit'"):
         source()
+    # the whole Block in run mode with that visit grant: the same refusal, before any data access
     prefect_stack.api.save_secret(grants.grant_secret_name("peak_stats", "a1", uid),
                                   idp.exchange(idp.token("alice"), "blueapi", audience="visitflow",
-                                               scope=str(grant_scopes("peak_stats", "a1", uid)))["access_token"])
+                                               scope=str(grant_scopes("peak_stats", "a1", uid, "visit")))["access_token"])
     block = ScopedCredentials(issuer=idp.issuer, client_secret=CLIENT_SECRET, raw_uri=tiled.uri)
     with temporary_settings(updates={PREFECT_API_URL: prefect_stack.api_url}), \
-            pytest.raises(NotAuthorised, match="does not cover"):
+            pytest.raises(NotAuthorised, match="cannot issue per-run scopes|does not cover"):
         block.for_run("a1", uid, "peak_stats")
