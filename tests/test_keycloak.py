@@ -105,6 +105,11 @@ def test_admin_service_account_token(keycloak):
     c = claims(token)
     assert c["aud"] == "tiled" and c["azp"] == "visitflow-admin" and "visitflow:admin" in c["scope"].split()
     assert uuid.UUID(c["sub"]), "the service account's user id (no profile scope: no preferred_username)"
+    r = keycloak.post({"grant_type": "client_credentials"}, auth=("visitflow-admin", "admin-dev-secret")).json()
+    assert r["expires_in"] == 300
+    # one access lifespan per client: blueapi's own tokens get T_grant's, capped at the SSO maximum
+    r = keycloak.post({"grant_type": "client_credentials"}, auth=("blueapi", "blueapi-dev-secret")).json()
+    assert r["expires_in"] == 36000 and claims(r["access_token"])["aud"] == "blueapi"
 
 
 # ------------------------------------------------------------------ the delegation chain
@@ -193,6 +198,35 @@ def test_audience_refusals(keycloak, case):
     _, client, audience, status, error = AUDIENCE_CASES[case]
     r = keycloak.exchange_response(keycloak.token("alice"), client, audience=audience, scope="read:data:a1")
     assert (r.status_code, r.json()["error"]) == (status, error), r.text
+
+
+def test_the_downscope_enforcer_would_break_the_chain(keycloak):
+    """Why realm.json has no downscope-assertion-grant-enforcer policy: applied to token
+    exchange it also refuses every audience the subject token lacks."""
+    admin = f"{keycloak.base}/admin/realms/visitflow"
+    headers = {"Authorization": f"Bearer {keycloak.admin_token()}"}
+    profiles = httpx.get(f"{admin}/client-policies/profiles", headers=headers, timeout=10).json()
+    policies = httpx.get(f"{admin}/client-policies/policies", headers=headers, timeout=10).json()
+    assert not policies.get("policies"), "the shipped realm has no client policy"
+    with_enforcer = {"profiles": [{"name": "downscope", "executors": [
+        {"executor": "downscope-assertion-grant-enforcer", "configuration": {}}]}]}
+    policy = {"policies": [{"name": "downscope", "enabled": True, "profiles": ["downscope"], "conditions": [
+        {"condition": "grant-type",
+         "configuration": {"grant_types": ["urn:ietf:params:oauth:grant-type:token-exchange"]}}]}]}
+    assert httpx.put(f"{admin}/client-policies/profiles", headers=headers, json=with_enforcer).status_code == 204
+    try:
+        assert httpx.put(f"{admin}/client-policies/policies", headers=headers, json=policy).status_code == 204
+        user = keycloak.token("alice")
+        r = keycloak.exchange_response(user, "blueapi", audience="visitflow", scope=VISIT_GRANT)
+        assert r.status_code == 400 and "Requested audience not available: visitflow" in r.json()["error_description"]
+        r = keycloak.exchange_response(user, "blueapi", scope=VISIT_GRANT)
+        assert r.status_code == 200 and "aud" not in claims(r.json()["access_token"])
+        r = keycloak.exchange_response(user, "blueapi", scope="read:raw:a1/r1")
+        assert r.status_code == 400 and "not present in the initial access token" in r.json()["error_description"]
+    finally:
+        httpx.put(f"{admin}/client-policies/policies", headers=headers, json=policies)
+        httpx.put(f"{admin}/client-policies/profiles", headers=headers, json=profiles)
+    assert keycloak.exchange(keycloak.token("alice"), "blueapi", audience="visitflow", scope=VISIT_GRANT)
 
 
 def test_per_run_grant_is_refused_so_visit_mode_is_needed(keycloak):
