@@ -61,7 +61,8 @@ def test_revoking_the_refresh_token_ends_every_token_of_that_session(checked_til
     grant, _ = idp.delegate(idp.token("alice"), "a1", uid)
     revocation, token_url = endpoints(idp)
     data = oauth.exchange(token_url, grant, client_id="visitflow", client_secret="visitflow-dev-secret",
-                          audience="tiled", scope=f"read:raw:a1/{uid} write:processed:a1/{uid}")
+                          audience="tiled", scope=f"read:raw:a1/{uid} write:processed:a1/{uid}",
+                          requested_token_type=oauth.REFRESH_TOKEN_TYPE)
     assert data.refresh_token
     path = f"metadata/raw/a1/{uid}"
     assert checked_tiled.get(path, data.access_token).status_code == 200
