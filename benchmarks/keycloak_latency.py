@@ -24,12 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.idp_fixtures import IDP_CONFIG, start_idp  # noqa: E402
+from tests.idp_fixtures import start_fixed_scopes_idp  # noqa: E402
 from tests.keycloak_fixtures import KeycloakHandle, start_keycloak  # noqa: E402
 
 GRANT = "run:saxs_average:a1 read:data:a1 write:data:a1"
@@ -76,11 +74,9 @@ def main() -> None:
         tmp = Path(tmp)
         url = os.environ.get("VISITFLOW_TEST_KEYCLOAK_URL")
         kc = KeycloakHandle(url.rstrip("/")) if url else start_keycloak(tmp / "kc")
-        cfg = yaml.safe_load(IDP_CONFIG.read_text())
-        cfg["fixed_scopes"] = True
-        (tmp / "idp.yaml").write_text(yaml.safe_dump(cfg))
         t0 = time.monotonic()
-        dev = start_idp(tmp / "dev", tmp / "idp.yaml")
+        (tmp / "dev").mkdir()
+        dev = start_fixed_scopes_idp(tmp / "dev")
         dev_start = time.monotonic() - t0
         try:
             rounds(kc, args.n)  # warm-up: the JIT, Keycloak's caches

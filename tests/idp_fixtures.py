@@ -137,6 +137,16 @@ def start_idp(tmp: Path, config: Path = IDP_CONFIG) -> IdPHandle:
     return IdPHandle(issuer, keys_dir, service)
 
 
+def start_fixed_scopes_idp(tmp: Path) -> IdPHandle:
+    """A dev IdP with ``fixed_scopes: true``: Keycloak's exchange rules (idp/keycloak_rules.py)."""
+    import yaml
+
+    config = yaml.safe_load(IDP_CONFIG.read_text())
+    config["fixed_scopes"] = True
+    (tmp / "idp.yaml").write_text(yaml.safe_dump(config))
+    return start_idp(tmp, tmp / "idp.yaml")
+
+
 @pytest.fixture(scope="session")
 def idp(tmp_path_factory):
     handle = start_idp(tmp_path_factory.mktemp("idp"))

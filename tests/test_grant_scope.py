@@ -17,9 +17,8 @@ from __future__ import annotations
 import jwt
 import numpy as np
 import pytest
-import yaml
 
-from tests.idp_fixtures import IDP_CONFIG, start_idp
+from tests.idp_fixtures import start_fixed_scopes_idp
 from tests.scans import run_scan
 from tests.tiled_fixtures import running_tiled
 from visitflow import grants
@@ -47,11 +46,7 @@ def test_visit_mode_scopes():
 # ------------------------------------------------------------------ real servers
 @pytest.fixture(scope="module")
 def fixed(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fixed-idp")
-    config = yaml.safe_load(IDP_CONFIG.read_text())
-    config["fixed_scopes"] = True
-    (tmp / "idp.yaml").write_text(yaml.safe_dump(config))
-    idp = start_idp(tmp, tmp / "idp.yaml")
+    idp = start_fixed_scopes_idp(tmp_path_factory.mktemp("fixed-idp"))
     try:
         with running_tiled(idp, tmp_path_factory.mktemp("fixed-tiled")) as tiled:
             yield idp, tiled

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import jwt
 import pytest
-import yaml
 
-from tests.idp_fixtures import IDP_CONFIG, start_idp
+from tests.idp_fixtures import start_fixed_scopes_idp
 
 pytestmark = pytest.mark.keycloak
 
@@ -26,11 +25,7 @@ PER_RUN = "run:saxs_average:a1 read:raw:a1/r1 write:processed:a1/r1"
 
 @pytest.fixture(scope="module")
 def emulation(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kc-emulation")
-    config = yaml.safe_load(IDP_CONFIG.read_text())
-    config["fixed_scopes"] = True
-    (tmp / "idp.yaml").write_text(yaml.safe_dump(config))
-    idp = start_idp(tmp, tmp / "idp.yaml")
+    idp = start_fixed_scopes_idp(tmp_path_factory.mktemp("kc-emulation"))
     yield idp
     idp.service.stop()
 
