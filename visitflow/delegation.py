@@ -25,6 +25,9 @@ from .tokens import Claims, InvalidToken, TokenValidator
 
 GRANT_AUDIENCE = "visitflow"
 DATA_AUDIENCE = "tiled"
+#: Said when an IdP will not give run-specific scopes (Keycloak refuses them: invalid_scope).
+PER_RUN_HINT = (" — this IdP cannot issue per-run scopes; set grant_scope='visit' on the block and "
+                "the trigger (docs/production.md §3)")
 
 
 def check_grant(validator: TokenValidator, grant: str, analysis: str, visit: str, run_id: str) -> Claims:
@@ -91,9 +94,7 @@ class DataTokenSource:
                 raise DelegationExpired(f"cannot renew data access for {self.visit}/{self.run_id}: the "
                                         "delegation grant has expired") from exc
             if exc.error in ("invalid_scope", "access_denied"):
-                hint = (" — this IdP cannot issue per-run scopes; set grant_scope='visit' on the block and "
-                        "the trigger (docs/production.md §3)" if exc.error == "invalid_scope" and self.per == "run"
-                        else "")
+                hint = PER_RUN_HINT if exc.error == "invalid_scope" and self.per == "run" else ""
                 raise NotAuthorised(f"the IdP refused data access for {self.visit}/{self.run_id}: {exc}{hint}") from exc
             raise GrantInvalid(f"the IdP refused the delegation grant: {exc}") from exc
         self._check_granted(resp)
@@ -117,9 +118,9 @@ class DataTokenSource:
         return oauth.exchange(self.token_url, self.grant, **kwargs)
 
     def _check_granted(self, resp: oauth.TokenResponse) -> None:
-        """Some IdPs (Keycloak) silently *drop* requested scopes they cannot issue instead of
-        refusing: catch that here, with the fix in the message, rather than as a 403 from
-        Tiled half-way through an analysis."""
+        """Some IdPs silently *drop* requested scopes they will not issue (Keycloak: a client
+        scope the user lacks the role for) instead of refusing: catch that here, with the fix
+        in the message, rather than as a 403 from Tiled half-way through an analysis."""
         granted = resp.scope
         if not granted:  # the response may omit scope (RFC 6749 §5.1): read the token's claim
             try:  # unverified on purpose: Tiled verifies; this only reads what was issued
@@ -128,8 +129,7 @@ class DataTokenSource:
                 return  # an opaque token: nothing to check here, Tiled will decide
         missing = ScopeSet.lenient(granted).uncovered(data_token_scopes(self.visit, self.run_id, self.per))
         if missing:
-            hint = (" — this IdP cannot issue per-run scopes; set grant_scope='visit' on the block and "
-                    "the trigger (docs/production.md §3)" if self.per == "run" else "")
+            hint = PER_RUN_HINT if self.per == "run" else ""
             raise NotAuthorised(f"the IdP issued a data token for {self.visit}/{self.run_id} without "
                                 f"{' '.join(map(str, missing))} (granted: {granted or 'nothing'}){hint}")
 
