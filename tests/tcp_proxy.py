@@ -17,6 +17,8 @@ class SwitchableProxy:
         self.port = self._server.getsockname()[1]
         self.refused = 0
         self._closed = False
+        self._open: set = set()       # sockets of the connections being forwarded now
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -34,11 +36,12 @@ class SwitchableProxy:
             except OSError:
                 client.close()
                 continue
+            with self._lock:
+                self._open |= {client, upstream}
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src, dst):
+    def _pipe(self, src, dst):
         try:
             while True:
                 data = src.recv(65536)
@@ -53,6 +56,20 @@ class SwitchableProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            with self._lock:
+                self._open -= {src, dst}
+
+    def cut(self):
+        """Switch off and drop the connections already open (kept-alive clients included)."""
+        self.enabled = False
+        with self._lock:
+            sockets, self._open = self._open, set()
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
     def close(self):
         self._closed = True

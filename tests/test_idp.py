@@ -295,3 +295,27 @@ def test_non_string_kid_is_a_401_not_a_500(idp):
         TokenValidator(idp.issuer, "tiled").validate(token)
     r = idp.exchange_response(token, "blueapi", audience="visitflow", scope=GRANT)
     assert r.status_code == 401, r.text
+
+
+def test_user_claims_reach_login_tokens_and_reserved_ones_are_refused(tmp_path):
+    """``claims`` per user (blueapi's ``fedid``) appear in login and refreshed tokens only."""
+    from visitflow.idp.config import ConfigError, IdPConfig
+
+    config = yaml.safe_load(IDP_CONFIG.read_text())
+    config["users"]["alice"]["claims"] = {"fedid": "ali12345"}
+    path = tmp_path / "idp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    handle = start_idp(tmp_path, config=path)
+    try:
+        body = handle.login("alice")
+        claims = jwt.decode(body["access_token"], options={"verify_signature": False})
+        assert claims["fedid"] == "ali12345" and claims["sub"] == "alice"
+        refreshed = handle.post({"grant_type": "refresh_token", "refresh_token": body["refresh_token"],
+                                 "client_id": "visitflow-cli"}).json()
+        assert jwt.decode(refreshed["access_token"], options={"verify_signature": False})["fedid"] == "ali12345"
+        assert "fedid" not in jwt.decode(handle.token("bob"), options={"verify_signature": False})
+    finally:
+        handle.service.stop()
+    config["users"]["alice"]["claims"] = {"sub": "mallory"}
+    with pytest.raises(ConfigError, match="set by the IdP"):
+        IdPConfig.from_dict(config)

@@ -136,3 +136,17 @@ def test_layout_blueapi_style():
 def test_layout_template_validation(bad):
     with pytest.raises(ScopeError):
         PathTemplate("raw", bad)
+
+
+def test_proposal_follows_from_a_blueapi_instrument_session():
+    """blueapi's layout needs {proposal}; a flow knows only (visit, run): cm12345-1 → cm12345."""
+    from visitflow.scopes import PathTemplate, implied_values
+
+    t = PathTemplate("raw", "i22/{proposal}/{visit}/{run}")
+    assert t.format(visit="cm12345-1", run="u1") == "i22/cm12345/cm12345-1/u1"
+    assert t.prefix(visit="cm12345-1") == "i22/cm12345/cm12345-1"
+    assert t.format(visit="cm12345-1", run="u1", proposal="other") == "i22/other/cm12345-1/u1"  # given wins
+    assert implied_values({"visit": "a1"}) == {"visit": "a1"}             # not a session name: nothing implied
+    with pytest.raises(KeyError, match="proposal"):
+        t.format(visit="a1", run="u1")
+    assert t.match(["i22", "cm12345", "cm12345-1", "u1"]).visit == "cm12345-1"

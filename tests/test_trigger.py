@@ -176,3 +176,97 @@ def test_user_without_run_scope_gets_no_flow_run(tmp_path, idp, tiled_server, pr
     refused = [d for d in trig.decisions if d.startswith("REFUSED")]
     assert len(refused) == 2 and all("invalid_scope" in d and "run:" in d for d in refused), trig.decisions
     assert states == {"refused"}
+
+
+# ------------------------------------------------------------------ user token lifetime
+def _sender_once(trig, prefect_url="http://127.0.0.1:9/api"):
+    from visitflow.prefect_api import PrefectAPI
+
+    with PrefectAPI(prefect_url, attempts=1) as api:
+        trig.send_once(api)
+
+
+def test_a_document_may_bring_its_own_token(tmp_path):
+    trig = AnalysisTrigger(settings_for(tmp_path), token="default", start_sender=False)
+    trig("start", {"uid": "u1", "analyses": ["peak_stats"], "visit": "a1"}, token="from-the-task")
+    trig("start", {"uid": "u2", "analyses": ["peak_stats"], "visit": "a1"})
+    assert trig.holds_token_for("u1") and trig._user_tokens == {"u1": "from-the-task", "u2": "default"}
+    trig.close()
+
+
+def test_user_token_dropped_once_the_runs_grants_are_obtained(tmp_path, idp):
+    """Real IdP; Prefect unreachable, so the grants wait on disk but the user token is gone."""
+    trig = AnalysisTrigger(settings_for(tmp_path, idp.issuer), token=idp.token("alice"), start_sender=False)
+    trig("start", {"uid": "u1", "analyses": list(ANALYSES), "instrument_session": "a1"})
+    assert trig.holds_token_for("u1")
+    _sender_once(trig)
+    assert {trig.outbox.grant(a, "a1", "u1").state for a in ANALYSES} == {"store"}   # exchanged, not stored
+    assert not trig.holds_token_for("u1"), "the user's token outlived the exchange"
+    assert {r.state for r in trig.outbox.requests()} == {"pending"}   # the flow runs still get made
+    trig.close()
+
+
+def test_user_token_dropped_when_the_exchange_is_finally_refused(tmp_path, idp):
+    trig = AnalysisTrigger(settings_for(tmp_path, idp.issuer), token=idp.token("carol"), start_sender=False)
+    trig("start", {"uid": "u1", "analyses": list(ANALYSES), "instrument_session": "a1"})
+    _sender_once(trig)
+    assert not trig.holds_token_for("u1")
+    assert {r.state for r in trig.outbox.requests()} == {"refused"}
+    trig.close()
+
+
+def test_user_token_kept_while_the_idp_cannot_answer(tmp_path, idp):
+    """An unreachable IdP is retried: the token is still needed, so it stays (in memory)."""
+    trig = AnalysisTrigger(settings_for(tmp_path, "http://127.0.0.1:9"), token=idp.token("alice"), start_sender=False)
+    trig("start", {"uid": "u1", "analyses": ["peak_stats"], "instrument_session": "a1"})
+    _sender_once(trig)
+    assert trig.holds_token_for("u1") and trig.outbox.pending_count() == 2
+    trig.close()
+
+
+def test_manual_request_is_a_new_key_each_time(tmp_path):
+    trig = AnalysisTrigger(settings_for(tmp_path), token="t", start_sender=False)
+    first = trig.request("peak_stats", "a1", "r1", ("post",))
+    second = trig.request("peak_stats", "a1", "r1", ("post",))
+    base = "peak_stats/post/a1/r1"
+    assert first != second and all(k.startswith(base + "/rerun-") for k in first + second)
+    assert len(trig.outbox.requests("pending")) == 2 and trig.outbox.grant("peak_stats", "a1", "r1").state == "exchange"
+    trig.close()
+
+
+def test_light_distribution_ships_everything_the_trigger_imports():
+    """visitflow-trigger/pyproject.toml lists source files; the trigger's visitflow imports
+    (transitively, at module level or inside functions) must all be in it, and none heavy."""
+    import ast
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((repo / "visitflow-trigger" / "pyproject.toml").read_text())
+    shipped = set()
+    for src in config["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]:
+        path = (repo / "visitflow-trigger" / src).resolve()
+        shipped |= set(path.glob("*.py")) if path.is_dir() else {path}
+    todo, seen, third_party = sorted((repo / "visitflow" / "trigger").glob("*.py")), set(), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = path.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                parts = (node.module or "").split(".") if node.module else []
+                targets = [base.joinpath(*parts)] if parts else [base / a.name for a in node.names]
+                for t in targets:
+                    for cand in (t.with_suffix(".py"), t / "__init__.py"):
+                        if cand.exists():
+                            todo.append(cand)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                third_party |= {n.split(".")[0] for n in names if n}
+    missing = sorted(str(p.relative_to(repo)) for p in seen - shipped)
+    assert missing == [], f"the trigger imports files visitflow-trigger does not ship: {missing}"
+    assert not third_party & {"prefect", "tiled", "fastapi", "starlette", "uvicorn", "authlib"}, third_party

@@ -176,6 +176,7 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
             "deployment": f"{spec.flow_name}/{runtime.deployment.name}" if runtime.deployment.name else None,
             "code_version": code_version(spec.function.__code__.co_filename),
             "options": run_spec.option_values,
+            "user": (source.run.metadata.get("start") or {}).get("user"),   # blueapi: the caller's fedid
             **access.token_identity(),
         }
         sink = TiledResultSink(access.processed_run(), spec.name, variant, provenance, flow_run_id=flow_run_id)

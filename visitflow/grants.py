@@ -56,6 +56,15 @@ def idempotency_key(analysis: str, variant: str, visit: str, run_id: str, option
     return f"{analysis}/{variant}/{visit}/{run_id}" + (f"/opt-{suffix}" if suffix else "")
 
 
+def rerun_key(analysis: str, variant: str, visit: str, run_id: str, options: dict | None = None,
+              rerun_id: str | None = None) -> str:
+    """A by-hand re-run's key: the trigger's key plus a re-run id (fresh by default), so each
+    ``visitflow trigger`` is a new flow run while the trigger's own runs stay one per key."""
+    import uuid
+
+    return f"{idempotency_key(analysis, variant, visit, run_id, options)}/rerun-{rerun_id or uuid.uuid4().hex[:12]}"
+
+
 def run_tags(analysis: str, visit: str, run_id: str, variant: str) -> list[str]:
     return [f"visit:{visit}", f"run:{run_id}", f"analysis:{analysis}", f"variant:{variant}", "visitflow"]
 

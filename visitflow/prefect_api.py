@@ -166,13 +166,14 @@ class PrefectAPI:
         return self.request("GET", f"/deployments/name/{name}").get("parameter_openapi_schema") or {}
 
     def create_analysis_run(self, analysis: str, variant: str, visit: str, run_id: str,
-                            options: dict | None = None) -> dict:
+                            options: dict | None = None, *, idempotency_key: str | None = None) -> dict:
         """The one way visitflow starts an analysis: parameters exactly ``{visit, run_id}``
-        plus the plan's option values, if any."""
+        plus the plan's option values, if any.  The key defaults to the trigger's
+        one-run-per-(analysis, variant, visit, run, options) key."""
         return self.create_flow_run(
             grants.deployment_name(analysis, variant),
             {"visit": visit, "run_id": run_id, **(options or {})},
-            idempotency_key=grants.idempotency_key(analysis, variant, visit, run_id, options),
+            idempotency_key=idempotency_key or grants.idempotency_key(analysis, variant, visit, run_id, options),
             tags=grants.run_tags(analysis, visit, run_id, variant),
             name=grants.flow_run_name(analysis, variant, visit, run_id),
         )

@@ -327,6 +327,20 @@ class Location:
     inside_run: bool = False
 
 
+#: blueapi's instrument sessions (``cm12345-1``): proposal ``cm12345``, then the visit number.
+_INSTRUMENT_SESSION_RE = re.compile(r"^(?P<proposal>[a-z]{2}\d+)-\d+$")
+
+
+def implied_values(values: dict) -> dict:
+    """Template values implied by others: ``{proposal}`` from an instrument-session
+    ``{visit}`` (``cm12345-1`` → ``cm12345``, blueapi's own rule), so a flow that knows only
+    (visit, run) finds a run in blueapi's ``{instrument}/{proposal}/{visit}/{run}`` layout."""
+    if "proposal" in values or "visit" not in values:
+        return values
+    m = _INSTRUMENT_SESSION_RE.match(str(values["visit"]))
+    return {**values, "proposal": m["proposal"]} if m else values
+
+
 @dataclass(frozen=True)
 class PathTemplate:
     """A node-path template such as ``raw/{visit}/{run}`` or
@@ -376,6 +390,7 @@ class PathTemplate:
         )
 
     def format(self, **values: str) -> str:
+        values = implied_values(values)
         out = []
         for seg in self.segments:
             m = _PLACEHOLDER.match(seg)
@@ -389,6 +404,7 @@ class PathTemplate:
 
     def prefix(self, **values: str) -> str:
         """Format as far as values are given (e.g. the visit container path)."""
+        values = implied_values(values)
         out = []
         for seg in self.segments:
             m = _PLACEHOLDER.match(seg)

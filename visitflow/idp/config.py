@@ -58,6 +58,13 @@ class User:
     username: str
     password: str
     scopes: ScopeSet
+    #: Extra claims in the user's login tokens, e.g. ``{fedid: abc12345}`` (blueapi takes a
+    #: task's ``user`` from ``fedid``).  Registered claims cannot be set this way.
+    claims: dict = field(default_factory=dict)
+
+
+RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "scope", "azp", "client_id",
+                             "sid", "act", "typ", "preferred_username"})
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,11 @@ class IdPConfig:
                 scopes = ScopeSet.parse(u.get("scopes", []))
             except ScopeError as exc:
                 raise ConfigError(f"user {name}: {exc}") from exc
-            users[name] = User(name, str(u["password"]), scopes)
+            claims = u.get("claims") or {}
+            if not isinstance(claims, dict) or not all(isinstance(v, str) for v in claims.values()):
+                raise ConfigError(f"user {name}: claims must map names to strings")
+            if set(claims) & RESERVED_CLAIMS:
+                raise ConfigError(f"user {name}: claims {sorted(set(claims) & RESERVED_CLAIMS)} are set by the IdP")
+            users[name] = User(name, str(u["password"]), scopes, dict(claims))
         return cls(issuer=d.get("issuer"), lifetimes=base, audiences=audiences, clients=clients, users=users,
                    fixed_scopes=bool(d.get("fixed_scopes", False)))

@@ -79,6 +79,7 @@ class Session:
     max_expiry: float
     act: dict | None = None
     username: str | None = None
+    claims: dict | None = None      # the user's extra claims (config), on login sessions only
     revoked: bool = False
     refreshable: bool = True  # Keycloak mode: an exchange session holds refresh tokens only on request
 
@@ -167,7 +168,7 @@ class IdP:
         token, lifetime = self.access_token(
             sub=session.sub, client_id=session.client_id, aud=session.aud, scopes=scopes,
             sid=session.sid, act=session.act,
-            extra={"preferred_username": session.username} if session.username else None,
+            extra={**({"preferred_username": session.username} if session.username else {}), **(session.claims or {})},
             not_after=session.max_expiry if self.config.fixed_scopes else None,
         )
         body = {"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": str(scopes)}
@@ -236,7 +237,7 @@ class IdP:
         session = self._session(
             sub=user.username, client_id=client.client_id, scopes=scopes, aud=list(client.audiences),
             max_expiry=time.time() + self.config.lifetimes_for(list(client.audiences)).session_max,
-            username=user.username,
+            username=user.username, claims=user.claims,
         )
         return self._response(session, scopes, with_refresh="refresh_token" in client.grants,
                               id_token=scopes.covers("openid"))

@@ -66,8 +66,9 @@ def run_cli(args: list[str], env: dict, *, cwd: Path = REPO, timeout: float = 30
 
 def configure(env: dict, *, issuer: str, tiled_uri: str, processed_uri: str | None = None,
               secret_env: str = "VISITFLOW_CLIENT_SECRET", post_limit: int = 4,
-              repo: Path = REPO, worker_type: str = DEFAULT_WORKER_TYPE) -> None:
-    """Pool + queues, Block type and document, deployments from prefect.yaml (idempotent)."""
+              repo: Path = REPO, worker_type: str = DEFAULT_WORKER_TYPE, block_fields: dict | None = None) -> None:
+    """Pool + queues, Block type and document, deployments from prefect.yaml (idempotent).
+    ``block_fields``: more ScopedCredentials fields (e.g. ``raw_template``)."""
     run_cli(["work-pool", "create", POOL, "--type", worker_type, "--overwrite"], env)
     with PrefectAPI(env["PREFECT_API_URL"], env.get("PREFECT_API_AUTH_STRING")) as api:
         for queue, limit in (("live", None), ("post", post_limit)):
@@ -77,6 +78,8 @@ def configure(env: dict, *, issuer: str, tiled_uri: str, processed_uri: str | No
             "--secret-env", secret_env, "--grant-scope", os.environ.get("VISITFLOW_GRANT_SCOPE", "run")]
     if processed_uri:
         argv += ["--processed-uri", processed_uri]
+    for key, value in (block_fields or {}).items():   # e.g. raw_template for blueapi's layout
+        argv += [f"--{key.replace('_', '-')}", value]
     proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise ServiceFailed(f"saving the ScopedCredentials block failed:\n{proc.stderr[-3000:]}")

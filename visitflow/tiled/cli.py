@@ -32,6 +32,9 @@ def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> 
                              "within --token-cache seconds")
     parser.add_argument("--token-cache", type=float, default=None, metavar="SECONDS",
                         help="how long a validated token is remembered (default 30)")
+    parser.add_argument("--allow-anonymous", action="store_true",
+                        help="let unauthenticated requests in (the policy gives them nothing); needed by "
+                             "clients that only pass a bearer header through, e.g. blueapi 1.21.1")
     parser.add_argument("--tabular-storage", default=None,
                         help="SQL URI for TiledWriter's tables (default sqlite file in the state dir)")
 
@@ -45,6 +48,7 @@ def _render(args):
         audience=args.audience, tabular_storage=args.tabular_storage,
         file_roots=_file_roots(args.file_root),
         introspect_client_id=args.introspect_client, cache_seconds=args.token_cache,
+        allow_anonymous=args.allow_anonymous,
     )
 
 

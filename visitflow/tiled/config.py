@@ -8,7 +8,8 @@ One function, :func:`render_config`, so ``visitflow tiled-config`` (print it),
   ``TiledWriter`` writes event streams as appendable tables, which need a SQL storage
   (``sqlite:``/``duckdb:`` locally, ``postgresql:`` in production);
 * authentication: one provider, :class:`~visitflow.tiled.authenticator.VisitflowAuthenticator`,
-  no anonymous access;
+  no anonymous access (unless ``allow_anonymous``: anonymous requests then get in and are
+  given no scopes by the policy — for pass-through clients, see :func:`render_config`);
 * access control: :class:`~visitflow.tiled.access_policy.VisitflowAccessPolicy` with the
   path templates.
 """
@@ -43,6 +44,7 @@ def render_config(
     file_roots: Optional[dict[str, str]] = None,
     introspect_client_id: Optional[str] = None,
     cache_seconds: Optional[float] = None,
+    allow_anonymous: bool = False,
 ) -> dict[str, Any]:
     """A tiled config dict (``tiled serve config`` accepts it as YAML).
 
@@ -59,6 +61,12 @@ def render_config(
 
     ``introspect_client_id`` (e.g. ``tiled``, secret in ``$VISITFLOW_TILED_CLIENT_SECRET``)
     turns on revocation checks; ``cache_seconds`` bounds how long a revoked token still works.
+
+    ``allow_anonymous``: tell clients authentication is not *required*.  tiled[client] 0.2.18
+    (blueapi 1.21.1's pin), given only a pass-through ``Authorization`` header, asks the server
+    whether login is required and, if so, starts an interactive device login instead of
+    sending the header.  With this on, anonymous requests get in and the access policy gives
+    them nothing (no scopes, no visible nodes); a bad token is still a 401.
     """
     from .file_roots import FileRoots
 
@@ -82,7 +90,7 @@ def render_config(
                     },
                 }
             ],
-            "allow_anonymous_access": False,
+            "allow_anonymous_access": bool(allow_anonymous),
         },
         "database": {
             "uri": authn_database_uri or f"sqlite:///{state / 'authn.sqlite'}",

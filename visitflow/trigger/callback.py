@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import httpx
+
 from .. import grants, oauth
 from ..options import OptionError, canonical, check_plan_values, schema_problem
 from ..prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
@@ -65,7 +67,11 @@ class AnalysisTrigger:
     """Subscribe to a RunEngine: ``RE.subscribe(AnalysisTrigger(settings, token=...))``.
 
     ``token`` is the caller's bearer token (blueapi has it from the request's
-    ``Authorization`` header) or a callable returning a current one.
+    ``Authorization`` header) or a callable returning a current one.  One trigger can serve
+    many callers: a document may bring its own (``trigger(name, doc, token=...)``).
+
+    A user token is held in memory only until its run's grants are obtained (or their
+    exchange finally failed): then it is dropped.
     """
 
     def __init__(self, settings: TriggerSettings, token: str | TokenSource, *, start_sender: bool = True):
@@ -75,6 +81,7 @@ class AnalysisTrigger:
         self._token: TokenSource = (lambda: token) if isinstance(token, str) else token
         self.outbox = Outbox(Path(settings.state_dir) / "outbox.sqlite")
         self._user_tokens: dict[str, str] = {}     # run -> T_user, in memory only
+        self._tokens_lock = threading.Lock()        # a run's token and its grant rows appear together
         self._runs: dict[str, dict] = {}            # run uid -> {visit, analyses}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -85,10 +92,10 @@ class AnalysisTrigger:
             self.start()
 
     # ---------------------------------------------------------------- bluesky callback
-    def __call__(self, name: str, doc: dict) -> None:
+    def __call__(self, name: str, doc: dict, token: str | None = None) -> None:
         try:
             if name == "start":
-                self._on_start(doc)
+                self._on_start(doc, token)
             elif name == "stop":
                 self._on_stop(doc)
         except Exception:  # noqa: BLE001 - never raise into the RunEngine
@@ -128,7 +135,7 @@ class AnalysisTrigger:
                 analyses.remove(analysis)
         return out
 
-    def _on_start(self, doc: dict) -> None:
+    def _on_start(self, doc: dict, token: str | None = None) -> None:
         uid = doc["uid"]
         analyses = self.analyses_for(doc)
         if not analyses:
@@ -144,7 +151,7 @@ class AnalysisTrigger:
             self._decide("run %s: %s: not triggering", uid, exc)
             return
         try:
-            self._user_tokens[uid] = self._token()
+            token = token or self._token()
         except Exception as exc:  # noqa: BLE001
             self._decide("run %s: no user token (%s): not triggering", uid, exc)
             return
@@ -152,8 +159,11 @@ class AnalysisTrigger:
         if not analyses:
             return
         self._runs[uid] = {"visit": visit, "analyses": analyses, "options": options}
+        with self._tokens_lock:
+            self._user_tokens[uid] = token
+            for analysis in analyses:
+                self.outbox.add_grant(analysis, visit, uid, canonical(options[analysis]) if options[analysis] else None)
         for analysis in analyses:
-            self.outbox.add_grant(analysis, visit, uid, canonical(options[analysis]) if options[analysis] else None)
             if self.settings.live:
                 self.outbox.add_request(grants.idempotency_key(analysis, "live", visit, uid, options[analysis]),
                                         analysis, "live", visit, uid)
@@ -175,19 +185,26 @@ class AnalysisTrigger:
             self.outbox.add_request(key, analysis, "post", run["visit"], uid)
         self._wake.set()
 
-    def request(self, analysis: str, visit: str, run: str, variants=("post",), options: dict | None = None) -> None:
-        """Queue an analysis by hand (``visitflow trigger``), with this trigger's token."""
+    def request(self, analysis: str, visit: str, run: str, variants=("post",), options: dict | None = None) -> list[str]:
+        """Queue an analysis by hand (``visitflow trigger``), with this trigger's token.
+
+        Each call is a new flow run per variant: its idempotency key is the trigger's plus a
+        fresh re-run id (the trigger's own key would hand back the run it made).  Returns
+        the keys."""
         check_name(analysis, "analysis name")
         check_name(visit, "visit")
         check_name(run, "run id")
         options = check_plan_values(analysis, options or {})
-        self._user_tokens[run] = self._token()
-        self.outbox.add_grant(analysis, visit, run, canonical(options) if options else None)
-        for variant in variants:
-            self.outbox.add_request(grants.idempotency_key(analysis, variant, visit, run, options), analysis,
-                                    variant, visit, run)
+        token = self._token()
+        with self._tokens_lock:
+            self._user_tokens[run] = token
+            self.outbox.reset_grant(analysis, visit, run, canonical(options) if options else None)
+        keys = [grants.rerun_key(analysis, variant, visit, run, options) for variant in variants]
+        for key, variant in zip(keys, variants):
+            self.outbox.add_request(key, analysis, variant, visit, run)
         self._decide("requested %s %s for %s/%s", analysis, "+".join(variants), visit, run)
         self._wake.set()
+        return keys
 
     # ---------------------------------------------------------------- sender
     def start(self) -> None:
@@ -236,6 +253,7 @@ class AnalysisTrigger:
             if g.options and not self._options_fit(api, g):
                 continue
             self._exchange(g)
+            self._forget_token_when_done(g.run)
         for g in self.outbox.due_grants("store"):
             try:
                 api.save_secret(grants.grant_secret_name(g.analysis, g.visit, g.run, self.settings.grant_prefix),
@@ -284,16 +302,24 @@ class AnalysisTrigger:
             self.outbox.set_grant(g, state="refused", error=str(exc))
             self._fail_requests(g, "refused", str(exc))
             return
-        except (oauth.OAuthUnavailable, ValueError, OSError) as exc:
+        except (oauth.OAuthUnavailable, httpx.HTTPError, ValueError, OSError) as exc:  # discovery too: retried
             self.outbox.set_grant(g, state="exchange", error=str(exc), retry_in=self._backoff(g.attempts))
             return
         self.outbox.set_grant(g, state="store", token=resp.access_token)
         self._decide("delegated %s on %s/%s", g.analysis, g.visit, g.run)
 
+    def _forget_token_when_done(self, run: str) -> None:
+        """Drop the run's user token once no grant of that run still needs exchanging."""
+        with self._tokens_lock:
+            if run in self._user_tokens and not self.outbox.exchanges_pending(run):
+                del self._user_tokens[run]
+
+    def holds_token_for(self, run: str) -> bool:
+        return run in self._user_tokens
+
     def _fail_requests(self, g, state: str, error: str) -> None:
-        for variant in ("live", "post"):
-            key = grants.idempotency_key(g.analysis, variant, g.visit, g.run, g.option_values)
-            self.outbox.set_request(key, state=state, error=error)
+        for r in self.outbox.requests_for(g.analysis, g.visit, g.run, state="pending"):
+            self.outbox.set_request(r.key, state=state, error=error)
 
     def _create(self, api: PrefectAPI, r) -> None:
         g = self.outbox.grant(r.analysis, r.visit, r.run)
@@ -303,7 +329,7 @@ class AnalysisTrigger:
         if g.state != "ready":
             return  # wait for the grant to be stored; the sender comes back
         try:
-            run = api.create_analysis_run(r.analysis, r.variant, r.visit, r.run, g.option_values)
+            run = api.create_analysis_run(r.analysis, r.variant, r.visit, r.run, g.option_values, idempotency_key=r.key)
         except PrefectUnavailable as exc:
             self.outbox.set_request(r.key, state="pending", error=str(exc), retry_in=self._backoff(r.attempts))
             return

@@ -27,7 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     who.add_argument("--token-env", help="environment variable holding your access token")
     who.add_argument("--user", help="dev IdP only: log in with this user (password from --password-env)")
     p.add_argument("--password-env", default="VISITFLOW_PASSWORD")
-    p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the flow runs to be created")
+    p.add_argument("--wait", action="store_true", help="wait for the flow runs to finish; print their final state")
+    p.add_argument("--wait-timeout", type=float, default=1800, help="seconds --wait waits for each run")
+    p.add_argument("--prefect-ui", default=os.environ.get("PREFECT_UI_URL"),
+                   help="Prefect UI base URL for the printed links (default: the API URL without /api)")
     p.add_argument("--grant-scope", choices=["run", "visit"], default=os.environ.get("VISITFLOW_GRANT_SCOPE", "run"),
                    help="'visit' for IdPs that cannot issue per-run scopes (Keycloak); must match the block")
 
@@ -56,11 +60,32 @@ def run(args) -> int:
         try:
             trigger.request(args.analysis, args.visit, args.run, variants)
             trigger.flush(args.timeout)
-            ok = True
-            for r in trigger.outbox.requests():
-                print(f"{r.key}: {r.state}" + (f" flow run {r.flow_run_id}" if r.flow_run_id else "")
-                      + (f" ({r.error})" if r.error and r.state != "done" else ""))
-                ok &= r.state == "done"
+            requests = trigger.outbox.requests()
         finally:
             trigger.close()
+    return report(requests, args)
+
+
+def ui_base(args) -> str:
+    api = args.prefect_api.rstrip("/")
+    return (args.prefect_ui or (api[: -len("/api")] if api.endswith("/api") else api)).rstrip("/")
+
+
+def report(requests, args) -> int:
+    """One line per requested flow run: its name, state and UI link; with --wait, the final
+    state.  Exit 0 only if every run was created (and, with --wait, completed)."""
+    from ..prefect_api import PrefectAPI
+
+    ok = True
+    with PrefectAPI(args.prefect_api, os.environ.get("PREFECT_API_AUTH_STRING")) as api:
+        for r in requests:
+            if r.state != "done":
+                print(f"{r.key}: {r.state}" + (f" ({r.error})" if r.error else ""))
+                ok = False
+                continue
+            run = api.wait_for_flow_run(r.flow_run_id, timeout=args.wait_timeout) if args.wait \
+                else api.flow_run(r.flow_run_id)
+            state = (run.get("state") or {}).get("type", "?")
+            print(f"{run.get('name')}: {state}  flow run {r.flow_run_id}  -> {ui_base(args)}/runs/flow-run/{r.flow_run_id}")
+            ok &= state == "COMPLETED" if args.wait else True
     return 0 if ok else 1

@@ -139,6 +139,23 @@ class Outbox:
             self._exec("UPDATE grants SET token = NULL WHERE analysis = ? AND visit = ? AND run = ?",
                        (g.analysis, g.visit, g.run))
 
+    def reset_grant(self, analysis: str, visit: str, run: str, options: str | None = None) -> None:
+        """Exchange again (a by-hand re-run brings a new user token; the old grant may be gone)."""
+        if not self.add_grant(analysis, visit, run, options):
+            self._exec("UPDATE grants SET state = 'exchange', token = NULL, error = NULL, attempts = 0, "
+                       "next_at = 0, options = ?, updated = ? WHERE analysis = ? AND visit = ? AND run = ?",
+                       (options, time.time(), analysis, visit, run))
+
+    def exchanges_pending(self, run: str) -> int:
+        """How many of ``run``'s grants still wait for their exchange at the IdP."""
+        return self._exec("SELECT COUNT(*) FROM grants WHERE run = ? AND state = 'exchange'", (run,))[0][0]
+
+    def requests_for(self, analysis: str, visit: str, run: str, state: str | None = None) -> list[Request]:
+        rows = self._exec("SELECT key, analysis, variant, visit, run, state, attempts, flow_run_id, error FROM requests "
+                          "WHERE analysis = ? AND visit = ? AND run = ? AND (? IS NULL OR state = ?) ORDER BY created",
+                          (analysis, visit, run, state, state))
+        return [Request(*r) for r in rows]
+
     def due_requests(self) -> list[Request]:
         rows = self._exec("SELECT key, analysis, variant, visit, run, state, attempts, flow_run_id, error "
                           "FROM requests WHERE state = 'pending' AND next_at <= ? ORDER BY created", (time.time(),))
