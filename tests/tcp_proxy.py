@@ -17,6 +17,7 @@ class SwitchableProxy:
         self.port = self._server.getsockname()[1]
         self.refused = 0
         self._closed = False
+        self._open: set = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -34,6 +35,7 @@ class SwitchableProxy:
             except OSError:
                 client.close()
                 continue
+            self._open.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -53,6 +55,16 @@ class SwitchableProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def cut(self):
+        """Switch off and drop the connections already open (keep-alive clients notice)."""
+        self.enabled = False
+        for s in list(self._open):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._open.clear()
 
     def close(self):
         self._closed = True
