@@ -109,4 +109,23 @@ def token_service(tmp_path_factory, facility, opa):
     handle.service.stop()
 
 
-__all__ = ["facility", "token_service", "start_token_service", "TS_SECRETS", "TS_ENV"]
+
+
+@pytest.fixture(scope="session")
+def facility_tiled(tmp_path_factory, token_service, facility, opa):
+    """Tiled as at the facility: run tokens from the token service (their scopes decide),
+    users' own tokens from the facility IdP (OPA decides, cached 2 s); visits a1, a2."""
+    from tests.tiled_fixtures import VISITS, start_tiled
+    from visitflow.tiled.admin import admin_auth, ensure_visits
+
+    handle = start_tiled(token_service, tmp_path_factory.mktemp("facility-tiled"), extra_args=(
+        "--user-issuer", facility.issuer, "--authority-url", opa.url, "--authority-cache", "2"))
+    try:
+        ensure_visits(handle.uri, admin_auth(token_service.issuer, "visitflow-admin", TS_SECRETS["visitflow-admin"]),
+                      VISITS, layout=handle.layout)
+        yield handle
+    finally:
+        handle.service.stop()
+
+
+__all__ = ["facility", "token_service", "facility_tiled", "start_token_service", "TS_SECRETS", "TS_ENV"]

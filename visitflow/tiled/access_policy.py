@@ -55,6 +55,7 @@ from ..scopes import (
     valid_name,
 )
 from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
+from . import facility_users
 from .file_roots import FileRoots
 from .request_context import REQUEST, RequestInfo
 
@@ -99,12 +100,17 @@ def _parse(scopes: frozenset) -> ScopeSet:
 class VisitflowAccessPolicy(AccessPolicy):
     """Config (tiled ``access_control.args``): ``raw_template``, ``processed_template``
     (``null``/empty for a server holding only one store), ``admin_scope``, ``file_roots``
-    (``{store: "/data/{visit}"}``: where that store's detector files may be registered)."""
+    (``{store: "/data/{visit}"}``: where that store's detector files may be registered),
+    ``authority`` (``{kind: opa, url, cache_seconds}``: decides for facility users' own
+    tokens, see :mod:`.facility_users`; without it such tokens get nothing)."""
 
     def __init__(self, raw_template: Optional[str] = DEFAULT_RAW_TEMPLATE,
                  processed_template: Optional[str] = DEFAULT_PROCESSED_TEMPLATE,
                  admin_scope: str = ADMIN_SCOPE, path_cache_size: int = 65536,
-                 file_roots: Optional[dict] = None):
+                 file_roots: Optional[dict] = None, authority: Optional[dict] = None):
+        from ..authority import authority_from_config
+
+        self.authority = authority_from_config(authority) if authority else None
         self.layout = Layout.from_templates(raw_template or None, processed_template or None)
         self.file_roots = FileRoots(file_roots, self.layout)
         self.admin_scope = admin_scope
@@ -117,6 +123,15 @@ class VisitflowAccessPolicy(AccessPolicy):
 
     def is_admin(self, scopes: ScopeSet) -> bool:
         return scopes.covers(OpaqueScope(self.admin_scope))
+
+    async def _effective_scopes(self, principal, authn_scopes, path, *, listing: bool) -> ScopeSet:
+        """A run token's own scopes; for a facility user, the authority's answer as scopes."""
+        if not facility_users.is_facility_user(authn_scopes):
+            return self.scopes_of(authn_scopes)
+        if self.authority is None:
+            return ScopeSet()
+        locations = [loc for _t, loc in self._locations(path) if loc.visit is None or self._names_ok(loc)]
+        return await facility_users.scopes_for(self.authority, principal, locations, listing=listing)
 
     async def node_path(self, node) -> Optional[tuple[str, ...]]:
         """The node's path from the catalog root (or, for a node that is not in the
@@ -260,6 +275,7 @@ class VisitflowAccessPolicy(AccessPolicy):
         path = await self.node_path(node)
         if path is None:
             return NONE
+        scopes = await self._effective_scopes(principal, authn_scopes, path, listing=False)
         return self.scopes_at(path, scopes, request)
 
     async def filters(self, node, principal, authn_access_tags, authn_scopes, scopes):
@@ -271,6 +287,7 @@ class VisitflowAccessPolicy(AccessPolicy):
         path = await self.node_path(node)
         if path is None:
             return NO_ACCESS
+        ours = await self._effective_scopes(principal, authn_scopes, path, listing=True)
         whole, keys = self.visible_children(path, ours)
         if whole:
             return []

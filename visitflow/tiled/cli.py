@@ -32,6 +32,12 @@ def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> 
                              "within --token-cache seconds")
     parser.add_argument("--token-cache", type=float, default=None, metavar="SECONDS",
                         help="how long a validated token is remembered (default 30)")
+    parser.add_argument("--user-issuer", default=None, metavar="URL",
+                        help="the facility IdP: accept users' own tokens from it, decided by --authority-url")
+    parser.add_argument("--authority-url", default=None, metavar="URL",
+                        help="OPA server deciding facility users' access (policy deployments/opa/authz.rego)")
+    parser.add_argument("--authority-cache", type=float, default=5.0, metavar="SECONDS",
+                        help="how long an authority decision is reused (default 5)")
     parser.add_argument("--tabular-storage", default=None,
                         help="SQL URI for TiledWriter's tables (default sqlite file in the state dir)")
 
@@ -45,6 +51,9 @@ def _render(args):
         audience=args.audience, tabular_storage=args.tabular_storage,
         file_roots=_file_roots(args.file_root),
         introspect_client_id=args.introspect_client, cache_seconds=args.token_cache,
+        user_issuer=args.user_issuer,
+        authority=({"kind": "opa", "url": args.authority_url, "cache_seconds": args.authority_cache}
+                   if args.authority_url else None),
     )
 
 

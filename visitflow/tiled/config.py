@@ -43,6 +43,8 @@ def render_config(
     file_roots: Optional[dict[str, str]] = None,
     introspect_client_id: Optional[str] = None,
     cache_seconds: Optional[float] = None,
+    user_issuer: Optional[str] = None,
+    authority: Optional[dict] = None,
 ) -> dict[str, Any]:
     """A tiled config dict (``tiled serve config`` accepts it as YAML).
 
@@ -59,6 +61,10 @@ def render_config(
 
     ``introspect_client_id`` (e.g. ``tiled``, secret in ``$VISITFLOW_TILED_CLIENT_SECRET``)
     turns on revocation checks; ``cache_seconds`` bounds how long a revoked token still works.
+
+    ``user_issuer`` (the facility IdP) + ``authority`` (e.g. ``{kind: opa, url: ...}``): users'
+    own tokens from that issuer are accepted and the authority decides their visit access
+    (:mod:`.facility_users`); ``issuer`` is then the token service, whose run tokens' scopes decide.
     """
     from .file_roots import FileRoots
 
@@ -79,6 +85,7 @@ def render_config(
                         "grant_register": bool(grant_register or roots),
                         **({"introspect_client_id": introspect_client_id} if introspect_client_id else {}),
                         **({"cache_seconds": float(cache_seconds)} if cache_seconds is not None else {}),
+                        **({"user_issuer": user_issuer.rstrip("/")} if user_issuer else {}),
                     },
                 }
             ],
@@ -95,6 +102,7 @@ def render_config(
                 "processed_template": processed_template or None,
                 "admin_scope": admin_scope,
                 **({"file_roots": {r.store: r.template for r in roots.roots.values()}} if roots else {}),
+                **({"authority": dict(authority)} if authority else {}),
             },
         },
         "catalog": {
