@@ -81,6 +81,7 @@ def _spawn(config_path: Path, state_dir: Path, port: int) -> Service:
 def start_token_service(tmp: Path, facility_issuer: str, opa_url: str, **kw) -> TokenServiceHandle:
     from visitflow.idp.keys import KeyStore
 
+    tmp.mkdir(parents=True, exist_ok=True)
     config_path = tmp / "token-service.yaml"
     config_path.write_text(yaml.safe_dump(token_service_config(facility_issuer, opa_url, **kw)))
     state_dir = tmp / "state"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+import jwt
 import pytest
 
 from tests.federation_fixtures import TS_SECRETS
@@ -106,6 +107,32 @@ def test_alice_live_and_post_complete_across_a_token_service_restart(tmp_path, f
     for path in (f"processed/a1/{uid}", f"raw/a1/{uid}", "processed/a1"):
         assert facility_tiled.get(f"metadata/{path}", bob).status_code in (403, 404), path
     assert "a1" not in facility_tiled.keys("processed", bob)
+    # grant hygiene: the runs have ended, so the sweep deletes the grant and revokes it
+    from visitflow import grant_hygiene, grants
+
+    name = grants.grant_secret_name("saxs_average", "a1", uid)
+    (doc,) = [d for d in grant_hygiene.grant_secrets(api) if d["name"] == name]
+    grant = doc["data"]["value"]
+    kid, key = token_service.signing_key()
+    now = int(time.time())
+
+    def fake_grant(run, exp):
+        return jwt.encode({"iss": token_service.issuer, "sub": "alice", "aud": "visitflow", "exp": exp, "iat": now,
+                           "jti": f"g-{run}", "scope": f"run:saxs_average:a1 read:raw:a1/{run} write:processed:a1/{run}"},
+                          key, algorithm="RS256", headers={"kid": kid, "typ": "at+jwt"})
+    api.save_secret(grants.grant_secret_name("saxs_average", "a1", "r-expired"), fake_grant("r-expired", now - 5))
+    api.save_secret(grants.grant_secret_name("saxs_average", "a1", "r-queued"), fake_grant("r-queued", now + 600))
+    api.save_secret(grants.grant_secret_name("saxs_average", "a1", "r-junk"), "not-a-jwt")
+    result = grant_hygiene.sweep(api, revoke=grant_hygiene.revoker(token_service.issuer, "visitflow",
+                                                                   TS_SECRETS["visitflow"]))
+    assert result.deleted.get(name) == "its runs have ended", result
+    assert result.deleted.get(grants.grant_secret_name("saxs_average", "a1", "r-expired")) == "expired"
+    assert result.deleted.get(grants.grant_secret_name("saxs_average", "a1", "r-junk")) == "not a readable visitflow grant"
+    assert grants.grant_secret_name("saxs_average", "a1", "r-queued") not in result.deleted, "its post run is still to come"
+    assert all(d["name"] != name for d in grant_hygiene.grant_secrets(api))
+    r = token_service.exchange_response(grant, "visitflow", audience="tiled",
+                                        scope=f"read:raw:a1/{uid} write:processed:a1/{uid}")
+    assert r.status_code == 401 and "revoked" in r.json()["error_description"], r.text
 
 
 def _live_output_exists(tiled, token) -> bool:
