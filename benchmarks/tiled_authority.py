@@ -37,6 +37,7 @@ from tests.idp_fixtures import start_idp  # noqa: E402
 from tests.opa_fixtures import start_opa  # noqa: E402
 from visitflow.scopes import data_token_scopes, grant_scopes  # noqa: E402
 from visitflow.services import free_port, start_service  # noqa: E402
+from visitflow.tiled.client import BearerAuth  # noqa: E402
 from visitflow.tiled.config import prepare_state_dir, render_config, write_config  # noqa: E402
 
 
@@ -91,16 +92,18 @@ def main(argv=None) -> int:
         run = uids["user+opa"]
         grant = ts.exchange(alice, "blueapi", audience="visitflow",
                             scope=str(grant_scopes("saxs_average", "a1", run)))["access_token"]
-        data = ts.exchange(grant, "visitflow", audience="tiled", scope=str(data_token_scopes("a1", run)))["access_token"]
+        # Tokens live 5 minutes: refresh them as real clients do (BearerAuth, before expiry).
+        user_auth = BearerAuth(lambda: facility.token("alice"))
+        data_auth = BearerAuth(lambda: ts.exchange(grant, "visitflow", audience="tiled",
+                                                   scope=str(data_token_scopes("a1", run)))["access_token"])
         variants = {
-            "apikey": (servers["apikey"], {"Authorization": f"Apikey {API_KEY}"}, uids["apikey"]),
-            "user+opa": (servers["user+opa"], {"Authorization": f"Bearer {alice}"}, run),
-            "user+opa-nocache": (servers["user+opa-nocache"], {"Authorization": f"Bearer {alice}"},
-                                 uids["user+opa-nocache"]),
-            "run-token": (servers["user+opa"], {"Authorization": f"Bearer {data}"}, run),
+            "apikey": (servers["apikey"], {"Authorization": f"Apikey {API_KEY}"}, None, uids["apikey"]),
+            "user+opa": (servers["user+opa"], {}, user_auth, run),
+            "user+opa-nocache": (servers["user+opa-nocache"], {}, user_auth, uids["user+opa-nocache"]),
+            "run-token": (servers["user+opa"], {}, data_auth, run),
         }
-        clients = {m: httpx.Client(headers=h) for m, (_u, h, _r) in variants.items()}
-        urls = {m: f"{u}/api/v1/metadata/raw/a1/{r}" for m, (u, _h, r) in variants.items()}
+        clients = {m: httpx.Client(headers=h, auth=a) for m, (_u, h, a, _r) in variants.items()}
+        urls = {m: f"{u}/api/v1/metadata/raw/a1/{r}" for m, (u, _h, _a, r) in variants.items()}
         for m in variants:
             measure(clients[m], urls[m], 30)  # warm up
         lat = {m: [] for m in variants}

@@ -94,3 +94,25 @@ def test_opa_down_user_decisions_are_503_run_tokens_unaffected(facility_tiled, f
     finally:
         opa.up()
     assert t.get(f"metadata/raw/a1/{scans['r1']}", alice).status_code == 200
+
+
+def test_nodes_carry_where_they_were_created_as_tags(facility_tiled, facility, scans):
+    """(store, visit, run) recorded at creation (Tiled access tags), kept across TiledWriter's
+    metadata update at the stop document; a client cannot choose them."""
+    t = facility_tiled
+    alice = facility.token("alice")
+    run = scans["r1"]
+
+    def tags(path):
+        r = t.get(f"metadata/{path}", alice)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]["attributes"]["access_tags"]
+
+    assert tags("raw/a1") == ["visitflow:raw:a1"]
+    assert tags(f"raw/a1/{run}") == [f"visitflow:raw:a1/{run}"]
+    assert tags(f"raw/a1/{run}/primary") == [f"visitflow:raw:a1/{run}"]
+    r = t.request("POST", "metadata/processed/a1", alice, json={
+        "id": "chosen-tags", "structure_family": "container", "metadata": {}, "specs": [], "data_sources": [],
+        "access_tags": ["visitflow:processed:a2/x"]})
+    assert r.status_code == 200, r.text
+    assert tags("processed/a1/chosen-tags") == ["visitflow:processed:a1/chosen-tags"]

@@ -55,9 +55,9 @@ from ..scopes import (
     valid_name,
 )
 from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
-from . import facility_users
+from . import facility_users, node_tags
 from .file_roots import FileRoots
-from .request_context import REQUEST, RequestInfo
+from .request_context import CREATE_ROUTES, REQUEST, RequestInfo
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class VisitflowAccessPolicy(AccessPolicy):
         self.layout = Layout.from_templates(raw_template or None, processed_template or None)
         self.file_roots = FileRoots(file_roots, self.layout)
         self.admin_scope = admin_scope
+        self.tag_rows = node_tags.TagRows()
         self._path_cache: OrderedDict = OrderedDict()
         self._path_cache_size = path_cache_size
 
@@ -165,6 +166,15 @@ class VisitflowAccessPolicy(AccessPolicy):
                 self._path_cache.popitem(last=False)
         _LAST_CATALOG_PATH.set(path)
         return path
+
+    def new_node_tags(self, request: Optional[RequestInfo]) -> list[str]:
+        """Our tags for the node a create request makes (none if its key is not known)."""
+        if request is None or request.method != "POST" or request.route not in CREATE_ROUTES:
+            return []
+        if request.new_key is None or not valid_name(request.new_key):
+            return []
+        locs = [loc for _t, loc in self._locations(request.path + (request.new_key,))]
+        return sorted({t for t in map(node_tags.tag_for, locs) if t})
 
     def _locations(self, path: tuple[str, ...]) -> list[tuple[object, Location]]:
         out = []
@@ -254,11 +264,18 @@ class VisitflowAccessPolicy(AccessPolicy):
 
     # -- tiled protocol -------------------------------------------------------------------
     async def init_node(self, principal, authn_access_tags, authn_scopes, access_tags=None):
-        """Access tags are not used: where a node lives decides who may see it."""
-        return (bool(access_tags), normalize_access_tags())
+        """Record (store, visit, run) on the new node as our tags (:mod:`.node_tags`);
+        tags a client asks for are ignored — where a node lives decides who may see it."""
+        tags = self.new_node_tags(REQUEST.get())
+        if tags and not await self.tag_rows.ensure(tags):
+            tags = []
+        return (bool(access_tags) or bool(tags), normalize_access_tags(tags))
 
     async def modify_node(self, node, principal, authn_access_tags, authn_scopes, access_tags):
-        return (bool(access_tags), normalize_access_tags())
+        """A node's tags say where it was created; nobody changes them (e.g. TiledWriter's
+        metadata update at the stop document keeps them)."""
+        current = normalize_access_tags(getattr(node, "access_tags", None) or ())
+        return (access_tags is not None and normalize_access_tags(access_tags) != current, current)
 
     async def allowed_scopes(self, node, principal, authn_access_tags, authn_scopes):
         if principal is None:
