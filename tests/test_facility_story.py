@@ -12,6 +12,7 @@ on real RunEngine scans written with the user's own token (as blueapi does).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import jwt
@@ -68,26 +69,53 @@ def trigger_for(tmp_path, token_service, api, user_token):
     return AnalysisTrigger(settings, token=user_token)
 
 
+def held_scan(hold: threading.Event, num: int = 16, at: int = 4):
+    """A step scan that pauses after frame ``at`` until ``hold`` is set (at most 5 min), so
+    the test can restart the token service while the scan is certainly running."""
+    import bluesky.plan_stubs as bps
+    from bluesky import preprocessors as bpp
+
+    def plan(det, saxs, motor, md):
+        @bpp.run_decorator(md=md)
+        @bpp.stage_decorator([det, saxs, motor])
+        def inner():
+            for i in range(num):
+                yield from bps.mv(motor, -2 + 4 * i / (num - 1))
+                yield from bps.trigger_and_read([det, saxs, motor])
+                waited = 0.0
+                while i == at and not hold.is_set() and waited < 300:
+                    yield from bps.sleep(0.5)
+                    waited += 0.5
+                yield from bps.sleep(0.2)
+        return (yield from inner())
+
+    return plan
+
+
 def test_alice_live_and_post_complete_across_a_token_service_restart(tmp_path, facility, token_service,
                                                                      facility_tiled, facility_prefect):
     api = facility_prefect
     alice = facility.token("alice")
     trig = trigger_for(tmp_path, token_service, api, alice)
-    thread, out = start_scan_thread(facility_tiled.uri, alice, num=16, delay=1.0, md={"analyses": ["saxs_average"]},
-                                    subscribers=[trig])
+    hold = threading.Event()
+    started: dict = {}
+    thread, out = start_scan_thread(facility_tiled.uri, alice, plan=held_scan(hold),
+                                    md={"analyses": ["saxs_average"]},
+                                    subscribers=[trig, lambda n, d: started.setdefault("uid", d["uid"])
+                                                 if n == "start" else None])
     try:
-        deadline = time.monotonic() + 120
-        while "uid" not in out and time.monotonic() < deadline:  # the live run has written: it exchanged
-            runs = [d for d in trig.decisions if d.startswith("created")]
-            if runs and _live_output_exists(facility_tiled, alice):
-                break
-            time.sleep(0.3)
+        deadline = time.monotonic() + 240
+        while not _live_output_exists(facility_tiled, alice, started.get("uid")):  # live exchanged and wrote
+            assert time.monotonic() < deadline and "uid" not in out, ("live never wrote", trig.decisions, out)
+            time.sleep(0.5)
         restarted_mid_scan = "uid" not in out
         token_service.restart()
-        thread.join(180)
+        hold.set()
+        thread.join(300)
         assert "uid" in out, out
         assert trig.flush(60), [(r.key, r.state, r.error) for r in trig.outbox.requests()]
     finally:
+        hold.set()
         trig.close()
     uid = out["uid"]
     assert restarted_mid_scan, "the scan ended before the live run wrote: restart was not mid-scan"
@@ -135,14 +163,8 @@ def test_alice_live_and_post_complete_across_a_token_service_restart(tmp_path, f
     assert r.status_code == 401 and "revoked" in r.json()["error_description"], r.text
 
 
-def _live_output_exists(tiled, token) -> bool:
-    r = tiled.get("search/processed/a1", token, params={"fields": ""})
-    if r.status_code != 200:
-        return False
-    for item in r.json()["data"]:
-        if tiled.get(f"metadata/processed/a1/{item['id']}/saxs_average/live", token).status_code == 200:
-            return True
-    return False
+def _live_output_exists(tiled, token, uid) -> bool:
+    return uid is not None and tiled.get(f"metadata/processed/a1/{uid}/saxs_average/live", token).status_code == 200
 
 
 def test_carol_is_refused_at_the_exchange_and_gets_no_flow_run(tmp_path, facility, token_service,
