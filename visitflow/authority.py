@@ -205,21 +205,28 @@ class OPAAuthority:
             raise AuthorityUnavailable(f"the authority (OPA) has no rule {rule} (is the policy loaded?)")
         return body["result"]
 
+    # A query is idempotent, so a transport error is retried once at once: a pooled keep-alive
+    # connection that OPA (or a proxy) closed meanwhile must not turn into a 503.
     def _query(self, rule: str, inp: dict) -> Any:
-        try:
-            resp = self._client.post(self._endpoint(rule), json={"input": inp})
-        except httpx.HTTPError as exc:
-            raise AuthorityUnavailable(f"the authority (OPA at {self.url}) cannot be reached: {type(exc).__name__}") from exc
-        return self._result(rule, resp)
+        for attempt in (1, 2):
+            try:
+                return self._result(rule, self._client.post(self._endpoint(rule), json={"input": inp}))
+            except httpx.TransportError as exc:
+                if attempt == 2:
+                    raise self._unreachable(exc) from exc
 
     async def _aquery(self, rule: str, inp: dict) -> Any:
         if self._aclient is None:
             self._aclient = httpx.AsyncClient(timeout=self.timeout)
-        try:
-            resp = await self._aclient.post(self._endpoint(rule), json={"input": inp})
-        except httpx.HTTPError as exc:
-            raise AuthorityUnavailable(f"the authority (OPA at {self.url}) cannot be reached: {type(exc).__name__}") from exc
-        return self._result(rule, resp)
+        for attempt in (1, 2):
+            try:
+                return self._result(rule, await self._aclient.post(self._endpoint(rule), json={"input": inp}))
+            except httpx.TransportError as exc:
+                if attempt == 2:
+                    raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: Exception) -> AuthorityUnavailable:
+        return AuthorityUnavailable(f"the authority (OPA at {self.url}) cannot be reached: {type(exc).__name__}")
 
     # -- answers -----------------------------------------------------------------------
     @staticmethod
