@@ -19,6 +19,7 @@ COMMANDS = {
     "down": ("visitflow.stack.cli", "stop what `visitflow up` started"),
     "status": ("visitflow.stack.cli", "say what runs where"),
     "demo": ("visitflow.demo", "run the seed's story end to end (starts the stack if needed)"),
+    "grants-sweep": ("visitflow.grant_hygiene", "delete (and revoke) delegation grants whose runs ended or expired"),
     "trigger": ("visitflow.trigger.cli", "start an analysis of an existing run by hand, with your own token"),
     "check": ("visitflow.check_cli", "check analyses without servers: post, live (random batches), resume"),
     "new-analysis": ("visitflow.scaffold", "write flows/NAME.py, its deployments and its test"),

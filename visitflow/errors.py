@@ -26,7 +26,8 @@ The tree (``code`` of each class in brackets)::
     │   │   └── PrefectRefused [prefect_refused]    Prefect's 4xx; ``status`` is the HTTP status
     │   └── Unavailable [unavailable]           not reachable, 5xx or 429: try again later
     │       ├── OAuthUnavailable [oauth_unavailable]
-    │       └── PrefectUnavailable [prefect_unavailable]
+    │       ├── PrefectUnavailable [prefect_unavailable]
+    │       └── AuthorityUnavailable [authority_unavailable]  the authority (OPA) gave no decision: fail closed (503)
     ├── RunError [run]                          the raw run cannot be analysed (as asked), e.g. it shrank
     │   ├── RunNotFinished [run_not_finished]   post gave up waiting for the stop document (TimeoutError)
     │   ├── RunAborted [run_aborted]            the run ended without success
@@ -55,7 +56,7 @@ __all__ = [
     "InvalidToken", "InsufficientScope",
     "DelegationError", "GrantMissing", "GrantInvalid", "DelegationExpired", "NotAuthorised",
     "RemoteError", "Refused", "OAuthRefused", "PrefectRefused",
-    "Unavailable", "OAuthUnavailable", "PrefectUnavailable",
+    "Unavailable", "OAuthUnavailable", "PrefectUnavailable", "AuthorityUnavailable",
     "RunError", "RunNotFinished", "RunAborted", "EmptyRun", "MissingField", "LiveIdleTimeout",
     "ServiceError", "ServiceFailed", "ZygoteDied",
     "OAuthError",
@@ -226,6 +227,13 @@ class PrefectUnavailable(Unavailable):
     """Prefect could not be reached, or kept answering 5xx/429: try again later."""
 
     code = "prefect_unavailable"
+
+
+class AuthorityUnavailable(Unavailable):
+    """The authority (an OPA server) could not be asked or gave no usable decision.  Callers
+    fail closed: nothing is allowed, and the answer is a 503 saying why, never a 500."""
+
+    code = "authority_unavailable"
 
 
 # -- the raw run ---------------------------------------------------------------------------

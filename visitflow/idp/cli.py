@@ -1,4 +1,5 @@
-"""``visitflow idp``: run the dev IdP, or rotate its signing key."""
+"""``visitflow idp``: run the dev IdP or, with a production config (``deployments/token-service.yaml``),
+the token service; or rotate its signing key."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--issuer", default=None, help="issuer URL (default http://HOST:PORT)")
     p.add_argument("--keys-dir", default=None,
                    help="directory of signing keys (PEM); tokens survive restarts. Default: in memory")
+    p.add_argument("--state-dir", default=None,
+                   help="persistent state: signing keys (unless --keys-dir) and revocations; required in production")
     p.add_argument("--rotate-keys", action="store_true",
                    help="add a new signing key to --keys-dir and exit; a running IdP picks it up")
     p.add_argument("--log-level", default="info")
@@ -25,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .keys import KeyStore
+    from .revocations import RevocationLog
+
+    if args.state_dir and not args.keys_dir:
+        args.keys_dir = str(Path(args.state_dir) / "keys")
 
     if args.rotate_keys:
         if not args.keys_dir:
@@ -40,9 +47,13 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = IdPConfig.load(args.config)
+    if config.production and not args.state_dir:
+        raise SystemExit("production mode needs --state-dir: signing keys and revocations must survive restarts")
     issuer = args.issuer or config.issuer or f"http://{args.host}:{args.port}"
-    app = create_app(config, KeyStore(args.keys_dir), issuer)
-    print(f"visitflow idp: issuer {issuer}", flush=True)
+    revocations = RevocationLog(Path(args.state_dir) / "revocations.jsonl" if args.state_dir else None)
+    app = create_app(config, KeyStore(args.keys_dir), issuer, revocations)
+    mode = "token service (production: federated, no users)" if config.production else "dev IdP"
+    print(f"visitflow idp: {mode}, issuer {issuer}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 

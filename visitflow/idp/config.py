@@ -6,6 +6,7 @@ The same clients, audiences and scopes are described for production in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ class IdPConfig:
     #: and scopes the user lacks are dropped; no ``act``; refresh only on request.  For trying
     #: grant_scope=visit without Keycloak (docs/production.md §3).
     fixed_scopes: bool = False
+    #: The token service's production mode (:mod:`.federation`): no users, no password grant;
+    #: subject tokens from the trusted facility IdP, decisions by the authority.
+    production: bool = False
+    federation: dict | None = None
 
     def lifetimes_for(self, audience: str | list | None) -> Lifetimes:
         """Lifetimes of a token for ``audience``: the single audience's override, else defaults."""
@@ -93,7 +98,8 @@ class IdPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IdPConfig":
-        unknown = set(d) - {"issuer", "lifetimes", "audiences", "clients", "users", "fixed_scopes"}
+        unknown = set(d) - {"issuer", "lifetimes", "audiences", "clients", "users", "fixed_scopes",
+                            "production", "federation"}
         if unknown:
             raise ConfigError(f"unknown top-level keys {sorted(unknown)}")
         base = Lifetimes.from_dict(d.get("lifetimes"))
@@ -105,9 +111,15 @@ class IdPConfig:
             bad = grants - KNOWN_GRANTS
             if bad:
                 raise ConfigError(f"client {cid}: unknown grants {sorted(bad)}")
+            secret = c.pop("secret", None)
+            secret_env = c.pop("secret_env", None)  # production: the secret comes from the environment
+            if secret_env:
+                secret = os.environ.get(secret_env)
+                if not secret:
+                    raise ConfigError(f"client {cid}: ${secret_env} is not set")
             client = Client(
                 client_id=cid,
-                secret=c.pop("secret", None),
+                secret=secret,
                 public=bool(c.pop("public", False)),
                 grants=grants,
                 audiences=tuple(c.pop("audiences", [])),
@@ -136,5 +148,15 @@ class IdPConfig:
             if set(claims) & RESERVED_CLAIMS:
                 raise ConfigError(f"user {name}: claims {sorted(set(claims) & RESERVED_CLAIMS)} are set by the IdP")
             users[name] = User(name, str(u["password"]), scopes, dict(claims))
+        production = bool(d.get("production", False))
+        if production:
+            if users:
+                raise ConfigError("production mode has no users: they log in at the facility IdP")
+            for client in clients.values():
+                if "password" in client.grants:
+                    raise ConfigError(f"client {client.client_id}: production mode has no password grant")
+            if not d.get("federation"):
+                raise ConfigError("production mode needs federation (the facility IdP it trusts, the authority)")
         return cls(issuer=d.get("issuer"), lifetimes=base, audiences=audiences, clients=clients, users=users,
-                   fixed_scopes=bool(d.get("fixed_scopes", False)))
+                   fixed_scopes=bool(d.get("fixed_scopes", False)), production=production,
+                   federation=d.get("federation"))

@@ -39,6 +39,7 @@ from urllib.parse import unquote_plus
 
 import jwt
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -48,7 +49,9 @@ from ..scopes import ScopeError, ScopeSet
 from ..tokens import ALGORITHMS, InvalidToken, decode_verified
 from . import keycloak_rules
 from .config import TOKEN_EXCHANGE, Client, IdPConfig
+from .federation import Federation, identity_extra
 from .keys import KeyStore
+from .revocations import RevocationLog
 
 log = logging.getLogger("visitflow.idp")
 
@@ -82,6 +85,10 @@ class Session:
     claims: dict | None = None      # the user's extra claims (config), on login sessions only
     revoked: bool = False
     refreshable: bool = True  # Keycloak mode: an exchange session holds refresh tokens only on request
+    #: Production: the subject's identity claims, to ask the authority again at refresh.
+    subject: dict | None = None
+    #: Access tokens of this session never outlive ``max_expiry`` (minted from our own token).
+    cap: bool = False
 
 
 @dataclass
@@ -94,22 +101,32 @@ class RefreshRecord:
 
 @dataclass
 class State:
-    """In-memory IdP state: sessions, refresh tokens, revoked jtis (dev server; lost on restart)."""
+    """IdP state: sessions and refresh tokens in memory; revoked jtis and sessions also in
+    the :class:`RevocationLog` when one is configured (so they survive a restart)."""
 
     sessions: dict = field(default_factory=dict)
     refresh: dict = field(default_factory=dict)
     revoked_jti: dict = field(default_factory=dict)  # jti -> exp
+    revoked_sid: dict = field(default_factory=dict)  # sid -> exp
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class IdP:
     """Token logic, independent of HTTP so it reads top to bottom."""
 
-    def __init__(self, config: IdPConfig, keys: KeyStore, issuer: str):
+    def __init__(self, config: IdPConfig, keys: KeyStore, issuer: str, revocations: RevocationLog | None = None):
         self.config = config
         self.keys = keys
         self.issuer = issuer.rstrip("/")
         self.state = State()
+        self.revocations = revocations or RevocationLog(None)
+        self.state.revoked_jti, self.state.revoked_sid = self.revocations.load()
+        self.federation = Federation.from_config(config.federation) if config.federation else None
+
+    def _revoke_session(self, session: Session) -> None:
+        session.revoked = True
+        self.state.revoked_sid[session.sid] = session.max_expiry
+        self.revocations.append("sid", session.sid, max(session.max_expiry, time.time() + 86400))
 
     # ---------------------------------------------------------------- issuing
     def _sign(self, claims: dict, typ: str = "at+jwt") -> str:
@@ -122,7 +139,7 @@ class IdP:
                      not_after: float | None = None) -> tuple[str, int]:
         now = int(time.time())
         lifetime = self.config.lifetimes_for(aud).access
-        if not_after is not None:  # Keycloak: no token outlives the user session
+        if not_after is not None:  # never outlive the user session / the subject token it came from
             lifetime = max(0, min(lifetime, int(not_after) - now))
         claims = {
             "iss": self.issuer,
@@ -168,8 +185,9 @@ class IdP:
         token, lifetime = self.access_token(
             sub=session.sub, client_id=session.client_id, aud=session.aud, scopes=scopes,
             sid=session.sid, act=session.act,
-            extra={**({"preferred_username": session.username} if session.username else {}), **(session.claims or {})},
-            not_after=session.max_expiry if self.config.fixed_scopes else None,
+            extra={**({"preferred_username": session.username} if session.username else {}),
+                   **(session.claims or {}), **identity_extra(session.subject or {})},
+            not_after=session.max_expiry if (self.config.fixed_scopes or session.cap) else None,
         )
         body = {"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": str(scopes)}
         if issued_token_type:
@@ -221,7 +239,7 @@ class IdP:
                                  require=("iss", "sub", "aud", "exp", "iat", "jti"))
         if check_revoked:
             with self.state.lock:
-                revoked = claims["jti"] in self.state.revoked_jti
+                revoked = claims["jti"] in self.state.revoked_jti or claims.get("sid") in self.state.revoked_sid
                 session = self.state.sessions.get(claims.get("sid", ""))
             if revoked or (session is not None and session.revoked):
                 raise InvalidToken("token has been revoked", code="revoked")
@@ -229,6 +247,8 @@ class IdP:
 
     # ---------------------------------------------------------------- grants
     def password(self, client: Client, form) -> dict:
+        if self.config.production:
+            raise OAuthError("unsupported_grant_type", "no password grant here: log in at the facility IdP")
         user = self.config.users.get(form.get("username", ""))
         if user is None or not hmac.compare_digest(user.password, form.get("password", "")):
             raise OAuthError("invalid_grant", "invalid username or password")
@@ -258,7 +278,7 @@ class IdP:
             rec = self.state.refresh.get(token)
             if rec is not None and rec.used:
                 # Reuse of a rotated refresh token: someone copied it. Kill the session.
-                rec.session.revoked = True
+                self._revoke_session(rec.session)
             ok = rec is not None and not rec.used
             if ok:
                 rec.used = True
@@ -272,6 +292,8 @@ class IdP:
             raise OAuthError("invalid_grant", "refresh token has expired (session maximum reached)"
                              if time.time() >= rec.session.max_expiry else "refresh token has expired")
         scopes = self._narrow(rec.scopes, form.get("scope"), "the refresh token's scope")
+        if self.federation is not None and rec.session.subject is not None:
+            self.federation.recheck(rec.session.subject, scopes)
         return self._response(rec.session, scopes, with_refresh=True)
 
     def token_exchange(self, client: Client, form) -> dict:
@@ -283,8 +305,15 @@ class IdP:
         requested_type = form.get("requested_token_type", ACCESS_TOKEN_TYPE)
         if requested_type not in (ACCESS_TOKEN_TYPE, REFRESH_TOKEN_TYPE):
             raise OAuthError("invalid_request", f"unsupported requested_token_type {requested_type!r}")
+        token, federated = form.get("subject_token", ""), False
         try:
-            subject = self.validate(form.get("subject_token", ""))
+            if self.federation is not None:
+                subject_issuer = self.federation.issuer_of(token)
+                federated = subject_issuer != self.issuer
+            if federated:  # the facility IdP's token (production): verified by its JWKS
+                subject = self.federation.validate_subject(token, subject_issuer, client.client_id)
+            else:
+                subject = self.validate(token)
         except InvalidToken as exc:
             raise OAuthError("invalid_token", f"subject_token: {exc.reason}", 401) from exc
         subject_aud = [subject["aud"]] if isinstance(subject["aud"], str) else list(subject["aud"])
@@ -297,19 +326,28 @@ class IdP:
                 raise OAuthError("invalid_target", f"unknown audience {aud!r}", 403)
             if aud not in client.exchange_audiences:
                 raise OAuthError("access_denied", f"client {client.client_id} may not exchange for audience {aud!r}", 403)
-        if self.config.fixed_scopes:
+        if federated:  # identity only: the authority decides what is minted
+            scopes = self.federation.mint_scopes(subject, form.get("scope"))
+        elif self.config.fixed_scopes:
             return self._keycloak_exchange(client, form, subject, audiences, requested_type)
-        scopes = self._narrow(ScopeSet.lenient(subject.get("scope")), form.get("scope"),
-                              "the subject token's scope")
+        else:
+            scopes = self._narrow(ScopeSet.lenient(subject.get("scope")), form.get("scope"),
+                                  "the subject token's scope")
+        if self.federation is not None and not federated:
+            self.federation.recheck(subject, scopes)
         act = {"sub": client.client_id}
         if subject.get("act"):
             act["act"] = subject["act"]
         lifetimes = self.config.lifetimes_for(audiences)
         session = self._session(
             sub=subject["sub"], client_id=client.client_id, scopes=scopes, aud=audiences, act=act,
-            # A delegated session cannot outlive the authority it was delegated from.
-            max_expiry=min(time.time() + lifetimes.session_max, float(subject["exp"])),
+            # A delegated session cannot outlive the authority it was delegated from — except
+            # a grant minted on the authority's answer (federation module docstring).
+            max_expiry=(time.time() + lifetimes.session_max if federated
+                        else min(time.time() + lifetimes.session_max, float(subject["exp"]))),
             username=subject.get("preferred_username"),
+            subject={"sub": subject["sub"], **identity_extra(subject)} if self.federation else None,
+            cap=self.federation is not None and not federated,
         )
         log.info("exchange: client=%s sub=%s aud=%s scope=%r", client.client_id, subject["sub"], audiences, str(scopes))
         # RFC 8693 (and Keycloak): a refresh token only when asked for, by a client enabled for it
@@ -361,15 +399,19 @@ class IdP:
         with self.state.lock:
             rec = self.state.refresh.get(token)
             if rec is not None and rec.session.client_id == client.client_id:
-                rec.session.revoked = True
+                self._revoke_session(rec.session)
                 return
         try:
             claims = self.validate(token, check_revoked=False)
         except InvalidToken:
             return  # RFC 7009: invalid tokens are not an error
-        if claims.get("azp") == client.client_id or client.introspect:
+        aud = [claims["aud"]] if isinstance(claims["aud"], str) else list(claims["aud"])
+        # The client it was issued to, its audience (visitflow revokes a grant it is done
+        # with), or a client trusted to introspect.
+        if claims.get("azp") == client.client_id or client.client_id in aud or client.introspect:
             with self.state.lock:
                 self.state.revoked_jti[claims["jti"]] = claims["exp"]
+            self.revocations.append("jti", claims["jti"], float(claims["exp"]))
 
 
 # -------------------------------------------------------------------- HTTP layer
@@ -406,14 +448,16 @@ def authenticate_client(idp: IdP, request: Request, form) -> Client:
     return client
 
 
-def create_app(config: IdPConfig, keys: KeyStore, issuer: str) -> Starlette:
-    idp = IdP(config, keys, issuer)
+def create_app(config: IdPConfig, keys: KeyStore, issuer: str, revocations: RevocationLog | None = None) -> Starlette:
+    idp = IdP(config, keys, issuer, revocations)
     grants = {
         "password": idp.password,
         "client_credentials": idp.client_credentials,
         "refresh_token": idp.refresh,
         TOKEN_EXCHANGE: idp.token_exchange,
     }
+    if config.production:
+        del grants["password"]
 
     async def discovery(request: Request):
         base = idp.issuer
@@ -448,7 +492,8 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str) -> Starlette:
                 raise OAuthError("unsupported_grant_type", f"unsupported grant_type {grant!r}")
             if grant not in client.grants:
                 raise OAuthError("unauthorized_client", f"client {client.client_id} may not use {grant}", 403)
-            body = handler(client, form)
+            # Off the event loop: federation may fetch a JWKS and ask the authority (OPA).
+            body = await run_in_threadpool(handler, client, form)
             return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
         except OAuthError as exc:
             log.info("token refused: %s", exc)

@@ -55,8 +55,9 @@ from ..scopes import (
     valid_name,
 )
 from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
+from . import facility_users, node_tags
 from .file_roots import FileRoots
-from .request_context import REQUEST, RequestInfo
+from .request_context import CREATE_ROUTES, REQUEST, RequestInfo
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,21 @@ def _parse(scopes: frozenset) -> ScopeSet:
 class VisitflowAccessPolicy(AccessPolicy):
     """Config (tiled ``access_control.args``): ``raw_template``, ``processed_template``
     (``null``/empty for a server holding only one store), ``admin_scope``, ``file_roots``
-    (``{store: "/data/{visit}"}``: where that store's detector files may be registered)."""
+    (``{store: "/data/{visit}"}``: where that store's detector files may be registered),
+    ``authority`` (``{kind: opa, url, cache_seconds}``: decides for facility users' own
+    tokens, see :mod:`.facility_users`; without it such tokens get nothing)."""
 
     def __init__(self, raw_template: Optional[str] = DEFAULT_RAW_TEMPLATE,
                  processed_template: Optional[str] = DEFAULT_PROCESSED_TEMPLATE,
                  admin_scope: str = ADMIN_SCOPE, path_cache_size: int = 65536,
-                 file_roots: Optional[dict] = None):
+                 file_roots: Optional[dict] = None, authority: Optional[dict] = None):
+        from ..authority import authority_from_config
+
+        self.authority = authority_from_config(authority) if authority else None
         self.layout = Layout.from_templates(raw_template or None, processed_template or None)
         self.file_roots = FileRoots(file_roots, self.layout)
         self.admin_scope = admin_scope
+        self.tag_rows = node_tags.TagRows()
         self._path_cache: OrderedDict = OrderedDict()
         self._path_cache_size = path_cache_size
 
@@ -117,6 +124,15 @@ class VisitflowAccessPolicy(AccessPolicy):
 
     def is_admin(self, scopes: ScopeSet) -> bool:
         return scopes.covers(OpaqueScope(self.admin_scope))
+
+    async def _effective_scopes(self, principal, authn_scopes, path, *, listing: bool) -> ScopeSet:
+        """A run token's own scopes; for a facility user, the authority's answer as scopes."""
+        if not facility_users.is_facility_user(authn_scopes):
+            return self.scopes_of(authn_scopes)
+        if self.authority is None:
+            return ScopeSet()
+        locations = [loc for _t, loc in self._locations(path) if loc.visit is None or self._names_ok(loc)]
+        return await facility_users.scopes_for(self.authority, principal, locations, listing=listing)
 
     async def node_path(self, node) -> Optional[tuple[str, ...]]:
         """The node's path from the catalog root (or, for a node that is not in the
@@ -150,6 +166,15 @@ class VisitflowAccessPolicy(AccessPolicy):
                 self._path_cache.popitem(last=False)
         _LAST_CATALOG_PATH.set(path)
         return path
+
+    def new_node_tags(self, request: Optional[RequestInfo]) -> list[str]:
+        """Our tags for the node a create request makes (none if its key is not known)."""
+        if request is None or request.method != "POST" or request.route not in CREATE_ROUTES:
+            return []
+        if request.new_key is None or not valid_name(request.new_key):
+            return []
+        locs = [loc for _t, loc in self._locations(request.path + (request.new_key,))]
+        return sorted({t for t in map(node_tags.tag_for, locs) if t})
 
     def _locations(self, path: tuple[str, ...]) -> list[tuple[object, Location]]:
         out = []
@@ -239,11 +264,18 @@ class VisitflowAccessPolicy(AccessPolicy):
 
     # -- tiled protocol -------------------------------------------------------------------
     async def init_node(self, principal, authn_access_tags, authn_scopes, access_tags=None):
-        """Access tags are not used: where a node lives decides who may see it."""
-        return (bool(access_tags), normalize_access_tags())
+        """Record (store, visit, run) on the new node as our tags (:mod:`.node_tags`);
+        tags a client asks for are ignored — where a node lives decides who may see it."""
+        tags = self.new_node_tags(REQUEST.get())
+        if tags and not await self.tag_rows.ensure(tags):
+            tags = []
+        return (bool(access_tags) or bool(tags), normalize_access_tags(tags))
 
     async def modify_node(self, node, principal, authn_access_tags, authn_scopes, access_tags):
-        return (bool(access_tags), normalize_access_tags())
+        """A node's tags say where it was created; nobody changes them (e.g. TiledWriter's
+        metadata update at the stop document keeps them)."""
+        current = normalize_access_tags(getattr(node, "access_tags", None) or ())
+        return (access_tags is not None and normalize_access_tags(access_tags) != current, current)
 
     async def allowed_scopes(self, node, principal, authn_access_tags, authn_scopes):
         if principal is None:
@@ -260,6 +292,7 @@ class VisitflowAccessPolicy(AccessPolicy):
         path = await self.node_path(node)
         if path is None:
             return NONE
+        scopes = await self._effective_scopes(principal, authn_scopes, path, listing=False)
         return self.scopes_at(path, scopes, request)
 
     async def filters(self, node, principal, authn_access_tags, authn_scopes, scopes):
@@ -271,6 +304,7 @@ class VisitflowAccessPolicy(AccessPolicy):
         path = await self.node_path(node)
         if path is None:
             return NO_ACCESS
+        ours = await self._effective_scopes(principal, authn_scopes, path, listing=True)
         whole, keys = self.visible_children(path, ours)
         if whole:
             return []

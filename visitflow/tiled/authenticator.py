@@ -40,6 +40,7 @@ from fastapi import HTTPException
 from tiled.authenticators import ProxiedOIDCAuthenticator
 
 from .. import oauth
+from . import facility_users
 from ..scopes import OpaqueScope, ScopeSet
 from ..tokens import ACCESS_TOKEN_TYPES, Claims, InvalidToken, TokenValidator, discover
 
@@ -172,6 +173,15 @@ class BackgroundJWKSValidator(TokenValidator):
         raise InvalidToken(f"unknown signing key id {kid!r}")
 
 
+def _issuer_of(token: str) -> Optional[str]:
+    """``iss`` read unverified, only to pick the validator that then verifies the token."""
+    try:
+        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except Exception:  # noqa: BLE001 - garbage goes to the main validator, which says why
+        return None
+    return iss.rstrip("/") if isinstance(iss, str) else None
+
+
 def _www_authenticate(reason: str, error: str = "invalid_token") -> str:
     safe = reason.replace("\\", "").replace('"', "'")
     return f'Bearer error="{error}", error_description="{safe}"'
@@ -209,6 +219,8 @@ properties:
   confirmation_message: {type: string}
   introspect_client_id: {type: string}
   introspect_secret_env: {type: string}
+  user_issuer: {type: string}
+  user_audience: {type: string}
 """
 
     def __init__(
@@ -226,6 +238,8 @@ properties:
         confirmation_message: str = "",
         introspect_client_id: Optional[str] = None,
         introspect_secret_env: str = "VISITFLOW_TILED_CLIENT_SECRET",
+        user_issuer: Optional[str] = None,
+        user_audience: str = "tiled",
     ):
         self._issuer = issuer.rstrip("/")
         self._discovery_timeout = discovery_timeout
@@ -260,6 +274,13 @@ properties:
                     f"and the {introspect_client_id} client secret in ${introspect_secret_env}")
             self._introspection = (endpoint, introspect_client_id, secret)
             self._introspect_client = httpx.Client(timeout=5.0)
+        # Production: users' own tokens from the facility IdP (see facility_users).
+        self.user_validator: Optional[BackgroundJWKSValidator] = None
+        if user_issuer:
+            self.user_validator = BackgroundJWKSValidator(
+                user_issuer.rstrip("/"), user_audience, leeway=leeway, accepted_types=ACCESS_TOKEN_TYPES,
+                refresh_interval=jwks_refresh_interval)
+            self.user_validator.fetch_keys()
 
     @functools.cached_property
     def _config_from_oidc_url(self) -> dict[str, Any]:
@@ -322,6 +343,8 @@ properties:
         return dict(out)
 
     def _decode(self, id_token: str) -> dict[str, Any]:
+        if self.user_validator is not None and _issuer_of(id_token) == self.user_validator.issuer:
+            return self._decode_user(id_token)
         try:
             claims = self.validator.validate(id_token)
         except InvalidToken as exc:
@@ -339,6 +362,15 @@ properties:
         if self._introspection is not None:
             self._check_active(id_token)
         return self.claims_for_tiled(claims)
+
+    def _decode_user(self, id_token: str) -> dict[str, Any]:
+        """A facility user's token: identity only; the access policy asks the authority."""
+        try:
+            claims = self.user_validator.validate(id_token)
+        except InvalidToken as exc:
+            raise HTTPException(status_code=401, detail=exc.reason,
+                                headers={"WWW-Authenticate": _www_authenticate(exc.reason)})
+        return facility_users.claims_for_tiled(claims, principal_uuid(self.user_validator.issuer, claims.sub))
 
     def _check_active(self, token: str) -> None:
         """RFC 7662 at the IdP: refuse a token that was revoked (or whose session was)."""

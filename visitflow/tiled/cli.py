@@ -35,6 +35,12 @@ def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> 
     parser.add_argument("--allow-anonymous", action="store_true",
                         help="let unauthenticated requests in (the policy gives them nothing); needed by "
                              "clients that only pass a bearer header through, e.g. blueapi 1.21.1")
+    parser.add_argument("--user-issuer", default=None, metavar="URL",
+                        help="the facility IdP: accept users' own tokens from it, decided by --authority-url")
+    parser.add_argument("--authority-url", default=None, metavar="URL",
+                        help="OPA server deciding facility users' access (policy deployments/opa/authz.rego)")
+    parser.add_argument("--authority-cache", type=float, default=5.0, metavar="SECONDS",
+                        help="how long an authority decision is reused (default 5)")
     parser.add_argument("--tabular-storage", default=None,
                         help="SQL URI for TiledWriter's tables (default sqlite file in the state dir)")
 
@@ -49,6 +55,9 @@ def _render(args):
         file_roots=_file_roots(args.file_root),
         introspect_client_id=args.introspect_client, cache_seconds=args.token_cache,
         allow_anonymous=args.allow_anonymous,
+        user_issuer=args.user_issuer,
+        authority=({"kind": "opa", "url": args.authority_url, "cache_seconds": args.authority_cache}
+                   if args.authority_url else None),
     )
 
 

@@ -45,6 +45,8 @@ def render_config(
     introspect_client_id: Optional[str] = None,
     cache_seconds: Optional[float] = None,
     allow_anonymous: bool = False,
+    user_issuer: Optional[str] = None,
+    authority: Optional[dict] = None,
 ) -> dict[str, Any]:
     """A tiled config dict (``tiled serve config`` accepts it as YAML).
 
@@ -67,6 +69,10 @@ def render_config(
     whether login is required and, if so, starts an interactive device login instead of
     sending the header.  With this on, anonymous requests get in and the access policy gives
     them nothing (no scopes, no visible nodes); a bad token is still a 401.
+
+    ``user_issuer`` (the facility IdP) + ``authority`` (e.g. ``{kind: opa, url: ...}``): users'
+    own tokens from that issuer are accepted and the authority decides their visit access
+    (:mod:`.facility_users`); ``issuer`` is then the token service, whose run tokens' scopes decide.
     """
     from .file_roots import FileRoots
 
@@ -87,6 +93,7 @@ def render_config(
                         "grant_register": bool(grant_register or roots),
                         **({"introspect_client_id": introspect_client_id} if introspect_client_id else {}),
                         **({"cache_seconds": float(cache_seconds)} if cache_seconds is not None else {}),
+                        **({"user_issuer": user_issuer.rstrip("/")} if user_issuer else {}),
                     },
                 }
             ],
@@ -103,6 +110,7 @@ def render_config(
                 "processed_template": processed_template or None,
                 "admin_scope": admin_scope,
                 **({"file_roots": {r.store: r.template for r in roots.roots.values()}} if roots else {}),
+                **({"authority": dict(authority)} if authority else {}),
             },
         },
         "catalog": {

@@ -19,7 +19,11 @@ def build_app(config: dict[str, Any]):
     from tiled.server.app import build_app_from_config
 
     parsed = Config.model_validate(config)
-    return RequestContextMiddleware(build_app_from_config(parsed))
+    app = build_app_from_config(parsed)
+    rows = getattr(getattr(app.state, "access_policy", None), "tag_rows", None)
+    if rows is not None:  # the policy records node tags through the catalog's own session
+        rows.catalog = getattr(app.state, "root_tree", None)
+    return RequestContextMiddleware(app)
 
 
 def serve(config: dict[str, Any], *, log_level: str = "info") -> None:

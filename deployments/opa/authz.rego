@@ -1,0 +1,99 @@
+# visitflow's authority at a facility: who may run which analysis on which session, and who
+# may read or write which store of a session.  Asked by the token service (before it mints a
+# delegation grant or a data token) and by Tiled (for users' own tokens), through
+# visitflow.authority.OPAAuthority:
+#
+#   POST /v1/data/visitflow/authz/decision  {"input": {subject, action, store, visit, run, analysis}}
+#     -> {"result": {"allow": bool, "reason": str}}
+#   POST /v1/data/visitflow/authz/readable_visits  {"input": {subject}}
+#     -> {"result": ["a1", ...]}          (what a user's Tiled listing shows)
+#
+# `subject` holds the *verified* claims of the caller's token (the token service and Tiled
+# validate it against the issuer's JWKS first); the user is its `fedid`, else
+# `preferred_username`, else `sub` — as DLS keys its user office data by fedid.
+# Membership comes from the data bundle (data.json, built from the user office database):
+#   facility.subjects[fedid], facility.sessions[visit] = {proposal, beamline, members,
+#   analysts, analyses}, facility.proposals[proposal], facility.beamlines[bl].staff.
+package visitflow.authz
+
+import rego.v1
+
+user := input.subject.fedid if input.subject.fedid
+else := input.subject.preferred_username if input.subject.preferred_username
+else := input.subject.sub
+
+session := data.facility.sessions[input.visit]
+
+visit_label := sprintf("%s (proposal %s, beamline %s)", [input.visit, session.proposal, session.beamline])
+
+member if user in session.members
+
+analyst if user in session.analysts
+
+staff if user in data.facility.beamlines[session.beamline].staff
+
+refusals contains "the token carries no subject" if not user
+
+refusals contains sprintf("%s is not known to the user office", [user]) if {
+	user
+	not data.facility.subjects[user]
+}
+
+refusals contains sprintf("%s is disabled in the user office", [user]) if data.facility.subjects[user].disabled
+
+refusals contains sprintf("session %s does not exist", [input.visit]) if not session
+
+refusals contains sprintf("unknown action %v (run, read or write)", [input.action]) if {
+	not input.action in {"run", "read", "write"}
+}
+
+refusals contains sprintf("unknown store %v (raw or processed)", [input.store]) if {
+	input.action in {"read", "write"}
+	not input.store in {"raw", "processed"}
+}
+
+refusals contains sprintf("%s may not start analyses on session %s: not an analyst of the session", [user, visit_label]) if {
+	input.action == "run"
+	session
+	not analyst
+}
+
+refusals contains sprintf("analysis %v is not enabled for session %s", [input.analysis, visit_label]) if {
+	input.action == "run"
+	session
+	not input.analysis in session.analyses
+}
+
+refusals contains sprintf("%s is neither a member of session %s nor staff of its beamline", [user, visit_label]) if {
+	input.action == "read"
+	session
+	not member
+	not staff
+}
+
+refusals contains sprintf("%s is not a member of session %s", [user, visit_label]) if {
+	input.action == "write"
+	session
+	not member
+}
+
+what := sprintf("run %v", [input.analysis]) if input.action == "run"
+else := sprintf("%s %s", [input.action, input.store])
+
+default decision := {"allow": false, "reason": "the policy could not decide (malformed input)"}
+
+decision := {"allow": true, "reason": sprintf("%s may %s on session %s", [user, what, visit_label])} if {
+	count(refusals) == 0
+}
+
+decision := {"allow": false, "reason": concat("; ", sort(refusals))} if count(refusals) > 0
+
+# Sessions whose data the subject may read (members and beamline staff).
+readable_visits := sort([visit |
+	some visit, s in data.facility.sessions
+	readable(s)
+])
+
+readable(s) if user in s.members
+
+readable(s) if user in data.facility.beamlines[s.beamline].staff

@@ -1,0 +1,83 @@
+# Rego unit tests of authz.rego against data.json (`opa test deployments/opa -v`; run by
+# tests/test_opa.py so they count in the pytest summary).
+package visitflow.authz_test
+
+import rego.v1
+
+import data.visitflow.authz
+
+alice := {"sub": "0b7c-uuid-alice", "preferred_username": "alice"}
+
+ask(subject, action, store, visit, analysis) := d if {
+	d := authz.decision with input as {
+		"subject": subject, "action": action, "store": store, "visit": visit, "run": "r1", "analysis": analysis,
+	}
+}
+
+test_alice_may_run_an_enabled_analysis_on_her_session if {
+	d := ask(alice, "run", null, "a1", "saxs_average")
+	d.allow
+	contains(d.reason, "alice may run saxs_average on session a1")
+}
+
+test_alice_may_read_and_write_both_stores_of_her_session if {
+	every action in ["read", "write"] {
+		every store in ["raw", "processed"] {
+			ask(alice, action, store, "a1", null).allow
+		}
+	}
+}
+
+test_fedid_claim_names_the_user if {
+	ask({"sub": "x", "fedid": "alice", "preferred_username": "someone-else"}, "read", "raw", "a1", null).allow
+	not ask({"sub": "x", "fedid": "mallory2", "preferred_username": "alice"}, "read", "raw", "a1", null).allow
+}
+
+test_carol_is_a_member_but_no_analyst if {
+	d := ask({"preferred_username": "carol"}, "run", null, "a1", "saxs_average")
+	not d.allow
+	contains(d.reason, "carol may not start analyses on session a1")
+	ask({"preferred_username": "carol"}, "read", "raw", "a1", null).allow
+}
+
+test_analysis_not_enabled if {
+	d := ask(alice, "run", null, "a1", "rm_rf")
+	not d.allow
+	contains(d.reason, "analysis rm_rf is not enabled for session a1")
+}
+
+test_bob_cannot_touch_alices_session if {
+	d := ask({"preferred_username": "bob"}, "read", "raw", "a1", null)
+	not d.allow
+	contains(d.reason, "bob is neither a member of session a1")
+	not ask({"preferred_username": "bob"}, "write", "processed", "a1", null).allow
+	not ask({"preferred_username": "bob"}, "run", null, "a1", "saxs_average").allow
+}
+
+test_beamline_staff_read_but_do_not_write if {
+	ask({"preferred_username": "dave"}, "read", "processed", "a1", null).allow
+	not ask({"preferred_username": "dave"}, "write", "processed", "a1", null).allow
+}
+
+test_unknown_and_disabled_subjects_and_sessions if {
+	contains(ask({"preferred_username": "eve"}, "read", "raw", "a1", null).reason, "eve is not known")
+	contains(ask({"preferred_username": "mallory"}, "read", "raw", "a1", null).reason, "mallory is disabled")
+	contains(ask(alice, "read", "raw", "zz9", null).reason, "session zz9 does not exist")
+	not ask({}, "read", "raw", "a1", null).allow
+}
+
+test_malformed_questions_are_refused if {
+	not ask(alice, "delete", "raw", "a1", null).allow
+	contains(ask(alice, "read", "data", "a1", null).reason, "unknown store")
+	not authz.decision.allow with input as {}
+}
+
+test_membership_change_takes_effect if {
+	not ask(alice, "read", "raw", "a1", null).allow with data.facility.sessions.a1.members as ["carol"]
+}
+
+test_readable_visits if {
+	authz.readable_visits == ["a1"] with input as {"subject": alice}
+	authz.readable_visits == ["a1", "a2"] with input as {"subject": {"preferred_username": "dave"}}
+	authz.readable_visits == [] with input as {"subject": {"preferred_username": "eve"}}
+}

@@ -1,0 +1,86 @@
+"""Facility users in Tiled: their own tokens come from the facility IdP and carry identity,
+not visit scopes, so the authority decides what they may see and write (ARCHITECTURE §4).
+
+Two kinds of bearer token reach a production Tiled:
+
+* **run tokens** (T_data) from the token service: their scopes *are* the authority's answer,
+  given when the grant was minted; the policy checks them as before;
+* **user tokens** from the facility IdP (Keycloak), e.g. Alice browsing her session or
+  blueapi's TiledWriter writing with her token: validated against that issuer's JWKS (audience
+  ``tiled``), marked with :data:`USER_SCOPE`, and on each node the policy asks the authority
+  (:mod:`visitflow.authority`) "may this user read/write store T of visit V?" — cached
+  briefly, so a membership change takes effect within ``cache_seconds``; an authority that
+  cannot answer is a 503, never an allow.
+
+The answer is turned into visit-wide data scopes (``read:raw:a1``...), so the one set of
+node rules in :mod:`.access_policy` applies to both kinds of token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from fastapi import HTTPException
+
+from ..authority import Authority, Subject
+from ..errors import AuthorityUnavailable
+from ..scopes import DataScope, Location, ScopeSet
+from ..tokens import Claims
+
+#: Put by the authenticator on principals whose token came from the facility IdP (never
+#: taken from a token: the authenticator passes on only data scopes and the admin scope).
+USER_SCOPE = "visitflow:facility-user"
+#: Tiled's coarse scopes for facility users: they open the door; the policy decides per node.
+USER_TILED_SCOPES = frozenset({"read:metadata", "read:data", "write:metadata", "write:data", "create:node"})
+
+
+def user_name(claims: dict) -> str:
+    """The user office identifier, with the policy's precedence: fedid, username, sub."""
+    return str(claims.get("fedid") or claims.get("preferred_username") or claims["sub"])
+
+
+def claims_for_tiled(claims: Claims, subject_uuid: str) -> dict[str, Any]:
+    """The decoded-token dict Tiled consumes for a facility user (cf. the authenticator's)."""
+    raw = claims.raw
+    out = {"sub": subject_uuid, "user": user_name(raw), "scope": " ".join(sorted(USER_TILED_SCOPES | {USER_SCOPE})),
+           "iss": raw.get("iss"), "exp": raw.get("exp"), "iat": raw.get("iat")}
+    for k in ("azp", "jti"):
+        if k in raw:
+            out[k] = raw[k]
+    return out
+
+
+def is_facility_user(authn_scopes: Optional[Iterable[str]]) -> bool:
+    return USER_SCOPE in set(authn_scopes or ())
+
+
+def subject_of(principal) -> Subject:
+    identities = getattr(principal, "identities", None) or []
+    return Subject({"preferred_username": identities[0].id}) if identities else Subject({})
+
+
+def _unavailable(exc: AuthorityUnavailable) -> HTTPException:
+    return HTTPException(status_code=503, detail=f"cannot ask the authority: {exc}", headers={"Retry-After": "5"})
+
+
+async def scopes_for(authority: Authority, principal, locations: list[Location], *, listing: bool) -> ScopeSet:
+    """The facility user's rights at these node locations, as visit-wide data scopes.
+
+    Visit-level questions only: session members may see every run of their session.  With
+    ``listing`` above the visit level, the visits the user may read (to filter a listing).
+    """
+    subject = subject_of(principal)
+    out: set = set()
+    try:
+        for loc in locations:
+            if loc.visit is None:
+                if listing:
+                    for visit in await authority.areadable_visits(subject):
+                        out.add(DataScope("read", loc.store, visit))
+                continue
+            for action in ("read", "write"):
+                if (await authority.amay_access(subject, action, loc.store, loc.visit)).allow:
+                    out.add(DataScope(action, loc.store, loc.visit))
+    except AuthorityUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return ScopeSet(frozenset(out))
