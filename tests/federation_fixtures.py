@@ -53,8 +53,9 @@ class TokenServiceHandle(IdPHandle):
     state_dir: Path = None
     port: int = 0
 
-    def exchange_response(self, subject_token, client_id, secret=None, audience=None, scope=None):
-        return super().exchange_response(subject_token, client_id, secret or TS_SECRETS[client_id], audience, scope)
+    def exchange_response(self, subject_token, client_id, secret=None, audience=None, scope=None, refresh=False):
+        return super().exchange_response(subject_token, client_id, secret or TS_SECRETS[client_id], audience, scope,
+                                         refresh=refresh)
 
     def client_token(self, client_id, secret=None, scope=None):
         return super().client_token(client_id, secret or TS_SECRETS[client_id], scope)

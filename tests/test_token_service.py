@@ -28,7 +28,9 @@ def grant_for(ts, user_token: str, visit="a1", run="r1", analysis="saxs_average"
 
 
 def data_for(ts, grant: str, visit="a1", run="r1"):
-    return ts.exchange_response(grant, "visitflow", audience="tiled", scope=str(data_token_scopes(visit, run)))
+    """As the Block asks (RFC 8693 ``requested_token_type``): a data token and its refresh token."""
+    return ts.exchange_response(grant, "visitflow", audience="tiled", scope=str(data_token_scopes(visit, run)),
+                                refresh=True)
 
 
 def refusal(r, status: int, error: str, *fragments: str):
