@@ -40,7 +40,7 @@ def test_live_by_push_equals_numpy(idp, tiled_server, analysis):
     assert "error" not in out
     assert sink.writes[-1][1:] == (25, "complete")
     assert_same(outputs, numpy_answer(spec, tiled_server.uri, alice, "a1", cap.uid))
-    assert stats["push_reads"] > 0 and stats["http_reads"] == 0, stats
+    assert stats["push_reads"] > 0 and stats["http_reads"] <= 2, stats   # HTTP at most for a catch-up at start
     # polling is only the reconciliation: far fewer HTTP looks than frames
     assert stats["http_polls"] < 25, stats
 
@@ -235,7 +235,7 @@ def test_redis_streaming_cache_across_two_tiled_processes(idp, tmp_path_factory,
             assert "error" not in out
             assert sink.writes[-1][1:] == (20, "complete")
             assert_same(outputs, numpy_answer(spec, writer_uri, alice, "a1", cap.uid))
-            assert stats["push_reads"] > 0 and stats["http_reads"] == 0, stats
+            assert stats["push_reads"] > 0 and stats["http_reads"] <= 2, stats   # HTTP at most for a catch-up at start
         finally:
             reader.stop()
     finally:

@@ -17,10 +17,7 @@ ends (close code 4001, with the reason) when its token expires or — with intro
 is revoked, within the validation cache window (``--token-cache``): no data flows on a
 token the HTTP path would refuse.  A client reconnects with a fresh token and resumes.
 
-:func:`fix_websocket_principal` works around a tiled 0.2.20 bug: with an external (proxied
-OIDC) token in ``?access_token=``, tiled's websocket principal dependency reads
-``session.principal`` off what is already a principal and answers 500.  We override that
-one dependency (FastAPI's ``dependency_overrides``) with the HTTP path's logic.
+(``?access_token=`` needs :mod:`.principals` too: tiled 0.2.20 answers it with a 500.)
 """
 
 from __future__ import annotations
@@ -30,16 +27,7 @@ import logging
 from typing import Optional
 from urllib.parse import parse_qs
 
-from fastapi import Depends, HTTPException, Query, WebSocket
-from tiled.server import schemas
-from tiled.server.authentication import (
-    get_api_key_websocket,
-    get_current_principal_websocket,
-    get_decoded_access_token_websocket,
-    get_or_create_principal,
-)
-from tiled.server.connection_pool import get_database_session_factory
-from tiled.server.settings import get_settings
+from fastapi import HTTPException
 
 logger = logging.getLogger(__name__)
 
@@ -129,30 +117,3 @@ class AuthGate:
             return await send(message)
 
         return await self.app(scope, gated_receive, gated_send)
-
-
-def fix_websocket_principal(app) -> None:
-    """Make ``?access_token=<external JWT>`` on a websocket resolve the principal as HTTP does.
-
-    (Module-level imports: FastAPI resolves the string annotations of ``from __future__
-    import annotations`` against this module's globals.)"""
-    async def principal_websocket(
-        websocket: WebSocket,
-        api_key: Optional[str] = Depends(get_api_key_websocket),
-        access_token: Optional[str] = Query(None),
-        decoded_access_token: Optional[dict] = Depends(get_decoded_access_token_websocket),
-        settings=Depends(get_settings),
-        db_factory=Depends(get_database_session_factory),
-    ):
-        if api_key is None and decoded_access_token is not None and "sub_typ" not in decoded_access_token:
-            identity = decoded_access_token.get("user") or decoded_access_token["sub"]
-            provider = websocket.app.state.provider
-            async with db_factory() as db:
-                principal = await get_or_create_principal(db, provider, identity)
-            return schemas.Principal(uuid=principal.uuid, type=schemas.PrincipalType.user,
-                                     identities=[schemas.Identity(id=identity, provider=provider)],
-                                     access_token=access_token)
-        return await get_current_principal_websocket(websocket, api_key, access_token, decoded_access_token,
-                                                     settings, db_factory)
-
-    app.dependency_overrides[get_current_principal_websocket] = principal_websocket

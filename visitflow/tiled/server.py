@@ -4,7 +4,8 @@ Why not ``tiled serve config``: the access policy needs to know which key a crea
 carries (see :mod:`.request_context`), and only the process that builds the app can wrap
 it.  Building the app ourselves also skips a subprocess and a YAML round trip.  The same
 goes for :class:`~.auth_gate.AuthGate`, which validates tokens asynchronously before Tiled's
-synchronous ``decode_token`` sees them and re-checks websocket subscriptions.
+synchronous ``decode_token`` sees them and re-checks websocket subscriptions, and for
+:mod:`.principals` (cached principal lookups; websocket ``?access_token=`` fixed).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .auth_gate import AuthGate, fix_websocket_principal
+from . import principals
+from .auth_gate import AuthGate
 from .request_context import RequestContextMiddleware
 
 
@@ -26,7 +28,7 @@ def build_app(config: dict[str, Any]):
     rows = getattr(getattr(app.state, "access_policy", None), "tag_rows", None)
     if rows is not None:  # the policy records node tags through the catalog's own session
         rows.catalog = getattr(app.state, "root_tree", None)
-    fix_websocket_principal(app)
+    principals.install(app)
     wrapped = RequestContextMiddleware(app)
     authenticators = list((parsed.authentication.authenticators or {}).values()) if parsed.authentication else []
     gate = next((a for a in authenticators if hasattr(a, "prevalidate")), None)
