@@ -24,7 +24,7 @@ from visitflow.tokens import discover
 
 from .scans import run_scan
 from .stream_helpers import scan_in_thread
-from .tiled_fixtures import running_tiled
+from .test_tiled_revocation import CACHE, checked_tiled  # noqa: F401 - the introspecting Tiled fixture
 
 pytestmark = pytest.mark.stream
 
@@ -140,23 +140,12 @@ def _wait_for_saxs(uri, uid, token, duration, stop_after=None):
         time.sleep(0.2)
 
 
-CACHE = 1.0
-
-
-@pytest.fixture(scope="module")
-def introspecting_tiled(idp, tmp_path_factory):
-    with running_tiled(idp, tmp_path_factory.mktemp("tiled-stream-introspect"),
-                       extra_args=("--introspect-client", "tiled", "--token-cache", str(CACHE)),
-                       env={"VISITFLOW_TILED_CLIENT_SECRET": "tiled-dev-secret"}) as handle:
-        yield handle
-
-
-def test_access_revoked_mid_stream_ends_the_subscription(idp, introspecting_tiled):
+def test_access_revoked_mid_stream_ends_the_subscription(idp, checked_tiled):
     """Documented behaviour: with revocation checks on, a subscription whose token is revoked
     at the IdP is closed (4001, "no longer active") at the first message after the validation
     cache window; nothing is delivered after that.  (Without revocation checks a revoked
     token, like on HTTP, works until it expires, and expiry ends the subscription.)"""
-    tiled = introspecting_tiled
+    tiled = checked_tiled
     alice = idp.token("alice")
     cap, thread, out = scan_in_thread(tiled.uri, alice, num=50, delay=0.15)
     _, data = idp.delegate(alice, "a1", cap.uid)
