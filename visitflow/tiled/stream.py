@@ -249,6 +249,7 @@ class PushRawRun:
         self._lock = threading.Lock()
         self._subs: dict[str, NodeSubscription] = {}
         self._feeds: dict[str, _Feed] = {}          # field -> feed (several fields may share one)
+        self._feed_of: dict[NodeSubscription, _Feed] = {}
         self._http_frames: dict[str, int] = {}
         self._reconcile = True
         self._last_http = -float("inf")
@@ -264,10 +265,15 @@ class PushRawRun:
         return self.poll.uri
 
     # -- subscriptions --------------------------------------------------------------------
-    def _subscribe(self, uri: str, on_message) -> NodeSubscription:
+    def _subscribe(self, uri: str, on_message, feed: tuple[tuple[str, ...], str] | None = None) -> NodeSubscription:
         sub = self._subs.get(uri)
         if sub is None:
             sub = NodeSubscription(stream_url(uri), self.token, on_message, self._on_change)
+            if feed is not None:  # registered before the thread starts: no message can miss it
+                fields, kind = feed
+                self._feed_of[sub] = _Feed(sub, fields, kind, self.max_cache_bytes)
+                for f in fields:
+                    self._feeds[f] = self._feed_of[sub]
             self._subs[uri] = sub
             sub.start()
         return sub
@@ -282,7 +288,7 @@ class PushRawRun:
 
     def _on_feed(self, sub, message) -> None:
         kind = message.get("type")
-        feed = next((f for f in self._feeds.values() if f.sub is sub), None)
+        feed = self._feed_of.get(sub)
         if feed is None:
             return
         try:
@@ -362,12 +368,8 @@ class PushRawRun:
                 fields, kind = tuple(f for f in missing if f in columns), "table"
             else:
                 continue
-            if not fields:
-                continue
-            sub = self._subscribe(child.uri, self._on_feed)
-            feed = _Feed(sub, fields, kind, self.max_cache_bytes)
-            for f in fields:
-                self._feeds[f] = feed
+            if fields:
+                self._subscribe(child.uri, self._on_feed, (fields, kind))
 
     # -- RawSource ------------------------------------------------------------------------
     def _push_live(self) -> bool:
@@ -421,7 +423,7 @@ class PushRawRun:
                 out[f] = self._read_http(f, start, stop)
         self._consumed = max(self._consumed, stop)
         with self._lock:
-            for feed in set(self._feeds.values()):
+            for feed in list(self._feed_of.values()):
                 for cache in feed.caches.values():
                     cache.prune(start)
         return out
