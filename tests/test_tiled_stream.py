@@ -106,8 +106,9 @@ def _serve(idp, state, port, *extra, name="tiled"):
     return uri, service
 
 
-def _pausing_scan(pause_at: int, pause: float, num: int):
-    """A scan that stops writing for ``pause`` seconds after ``pause_at`` points."""
+def _pausing_scan(pause_at: int, resume, num: int):
+    """A scan that stops writing after ``pause_at`` points until ``resume`` (an Event) is set:
+    TiledWriter sends nothing while Tiled is away (Tiled's start can take 30 s on a busy box)."""
     import bluesky.plan_stubs as bps
     from bluesky import preprocessors as bpp
 
@@ -118,7 +119,9 @@ def _pausing_scan(pause_at: int, pause: float, num: int):
             for i in range(num):
                 yield from bps.mv(motor, -1 + 2 * i / (num - 1))
                 yield from bps.trigger_and_read([det, saxs, motor])
-                yield from bps.sleep(pause if i + 1 == pause_at else 0.05)
+                yield from bps.sleep(0.05)
+                while i + 1 == pause_at and not resume.is_set():
+                    yield from bps.sleep(0.2)
 
         return (yield from inner())
 
@@ -135,12 +138,15 @@ def test_tiled_restart_mid_live_completes_exactly_once(idp, tmp_path_factory):
     spec = spec_of("saxs_average")
     tmp = tmp_path_factory.mktemp("tiled-restart")
     port = free_port()
+    import threading
+
+    resume = threading.Event()
     uri, service = _serve(idp, tmp / "state", port)
     try:
         ensure_visits(uri, admin_auth(idp.issuer, "visitflow-admin", "admin-dev-secret"), ["a1"])
         alice = idp.token("alice")
         num, pause_at = 30, 12
-        cap, thread, out = scan_in_thread(uri, alice, plan=_pausing_scan(pause_at, 12.0, num))
+        cap, thread, out = scan_in_thread(uri, alice, plan=_pausing_scan(pause_at, resume, num))
         _, data = idp.delegate(alice, "a1", cap.uid)
         root = connect(uri, BearerAuth(lambda: data))
         processed = ensure_container(root["processed/a1"], cap.uid, {"run_id": cap.uid})
@@ -155,8 +161,6 @@ def test_tiled_restart_mid_live_completes_exactly_once(idp, tmp_path_factory):
                     result["error"] = exc
                 result["stats"] = source.stats()
 
-        import threading
-
         follower = threading.Thread(target=live)
         follower.start()
         deadline = time.monotonic() + 60
@@ -166,6 +170,8 @@ def test_tiled_restart_mid_live_completes_exactly_once(idp, tmp_path_factory):
         service.stop()
         time.sleep(1.0)
         uri2, service = _serve(idp, tmp / "state", port)
+        time.sleep(2.0)   # let the live analysis notice the new server before frames flow again
+        resume.set()
         thread.join(120)
         follower.join(180)
         assert "error" not in out, out
@@ -177,6 +183,7 @@ def test_tiled_restart_mid_live_completes_exactly_once(idp, tmp_path_factory):
         subs = result["stats"]["subscriptions"].values()
         assert any(s["connects"] >= 2 for s in subs), result["stats"]   # it really reconnected
     finally:
+        resume.set()
         service.stop()
 
 
