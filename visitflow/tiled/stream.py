@@ -41,6 +41,7 @@ import time
 from bisect import bisect_right, insort
 from typing import Any, Callable
 
+import httpx
 import msgpack
 import numpy as np
 
@@ -390,7 +391,16 @@ class PushRawRun:
         ended = bool(self._subs) and all(s.ended for s in self._subs.values())
         if self._reconcile or due or not self._push_live() or ended:
             self._reconcile = False
-            status = self.poll.status()  # may raise MissingField after the stop document: as polling does
+            try:
+                status = self.poll.status()  # may raise MissingField after the stop document: as polling does
+            except httpx.TransportError as exc:
+                if self._http_status is None:
+                    raise
+                # Tiled is away (a restart): keep following by what we know; the engine's
+                # idle timeout bounds how long it may stay away.
+                log.warning("Tiled unreachable (%s): retrying", exc)
+                self._reconcile = True
+                return RawStatus(self._http_status.frames, False, None)
             self.http_polls += 1
             self._last_http = time.monotonic()
             for f, arr in self.poll._fields.items():
@@ -428,7 +438,18 @@ class PushRawRun:
                     cache.prune(start)
         return out
 
-    def _read_http(self, field: str, start: int, stop: int) -> np.ndarray:
+    def _read_http(self, field: str, start: int, stop: int, patience: float = 120.0) -> np.ndarray:
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return self._read_http_once(field, start, stop)
+            except httpx.TransportError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("Tiled unreachable (%s): retrying the read", exc)
+                time.sleep(1.0)
+
+    def _read_http_once(self, field: str, start: int, stop: int) -> np.ndarray:
         arr = self.poll._fields.get(field)
         if arr is None or int(arr.shape[0]) < stop:
             self.poll.status()  # refresh shapes: the frames exist (a message said so)
