@@ -125,7 +125,12 @@ def _live_run_on_start(stack, idp, analysis, created):
     return callback
 
 
+@pytest.mark.stream
 def test_live_during_scan_matches_post(idp, tiled_server, prefect_stack):
+    """The deployed live flow follows the scan by push (Tiled's websocket stream): live ==
+    post == numpy, and the frames came from the stream's messages, not HTTP reads."""
+    import re
+
     created = {}
     alice = idp.token("alice")
     thread, out = start_scan_thread(tiled_server.uri, alice, num=30, delay=0.3,
@@ -141,7 +146,14 @@ def test_live_during_scan_matches_post(idp, tiled_server, prefect_stack):
     live_meta = node["live"].metadata
     assert live_meta["frames_processed"] == 30 and live_meta["status"] == "complete"
     np.testing.assert_allclose(node["live"]["average"].read(), read_result(node)["average"], rtol=1e-6)
+    assert_outputs_equal({"average": node["live"]["average"].read()},
+                         expected("saxs_average", root[f"raw/a1/{uid}/primary"]))
     assert node.metadata["current"].startswith("post-"), "a complete post result outranks live"
+    source = re.search(r"live source: (\{.*\})", prefect_stack.logs(live["id"], wait_for="live source:"))
+    assert source, "the live flow did not report its source"
+    push_reads = int(re.search(r"'push_reads': (\d+)", source.group(1)).group(1))
+    http_reads = int(re.search(r"'http_reads': (\d+)", source.group(1)).group(1))
+    assert push_reads > 0 and push_reads > http_reads, source.group(1)   # HTTP only for a catch-up at start
 
 
 def test_live_killed_mid_scan_resumes_from_checkpoint(idp, tiled_server, prefect_stack):

@@ -11,6 +11,9 @@ Live guarantees:
   no frame is lost or counted twice, even if the crash came between outputs and checkpoint.
 - It finishes after the stop document plus a final drain; it fails after ``idle_timeout``
   seconds without new frames or a stop document (a run that never ends).
+- A source that is told of changes (push, :mod:`visitflow.tiled.stream`) offers
+  ``wait_for_change(timeout)``: the idle wait then ends as soon as something arrives, and
+  the poll interval (with its backoff) is only the fallback.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
     if done and state is not None:
         log.info("resuming live %s from checkpoint: replaying %d frames", spec.name, done)
         feed(0, done)
+    wait_for_change = getattr(source, "wait_for_change", None)
     last_compute = -float("inf")
     last_progress = clock()
     interval = settings.poll_interval
@@ -147,7 +151,10 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
         if clock() - last_progress > settings.idle_timeout:
             raise LiveIdleTimeout(f"no new frames and no stop document for {settings.idle_timeout:.0f}s "
                                   f"after {done} frames")
-        sleep(interval)
+        if wait_for_change is not None:
+            wait_for_change(interval)
+        else:
+            sleep(interval)
         interval = min(interval * 1.5, settings.max_poll_interval)
 
     if outputs is None:  # zero frames, or plain form whose last compute is already current

@@ -6,12 +6,14 @@ options (:mod:`visitflow.options`), one keyword parameter per option; the varian
 run_id, **options}``.  Tuning comes from the environment (deployment job variables), never from
 parameters: ``VISITFLOW_CREDENTIALS_BLOCK`` (default ``visitflow``),
 ``VISITFLOW_LIVE_POLL_INTERVAL``, ``VISITFLOW_LIVE_IDLE_TIMEOUT``,
-``VISITFLOW_POST_WAIT_TIMEOUT``.
+``VISITFLOW_POST_WAIT_TIMEOUT``; ``VISITFLOW_LIVE_PUSH=0`` makes live poll only (it follows
+the run by Tiled's websocket stream by default, polling as fallback: :mod:`.tiled.stream`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import importlib.metadata
 import inspect
@@ -54,6 +56,23 @@ def live_settings() -> engine.LiveSettings:
 
 def post_settings() -> engine.PostSettings:
     return engine.PostSettings(wait_timeout=_env_float("VISITFLOW_POST_WAIT_TIMEOUT", 3600.0))
+
+
+@contextlib.contextmanager
+def live_source(poll, access):
+    """The live variant's source: push (websocket) over ``poll``, unless turned off."""
+    if os.environ.get("VISITFLOW_LIVE_PUSH", "1") in ("0", "false", "no"):
+        yield poll
+        return
+    from .tiled.stream import PushRawRun
+
+    push = PushRawRun(poll, lambda: access.tokens()[0],
+                      reconcile_interval=_env_float("VISITFLOW_LIVE_RECONCILE_INTERVAL", 5.0))
+    try:
+        yield push
+    finally:
+        push.close()
+        logging.getLogger("visitflow.stream").info("live source: %s", push.stats())
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,8 +216,9 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         try:
             if variant == "live":
                 # At most N live analyses per visit (limit created with the visit; absent = unlimited).
-                with concurrency(f"visitflow-live-{visit}", occupy=1, strict=False):
-                    outputs = engine.run_live(run_spec, source, sink, live_settings(), progress)
+                with concurrency(f"visitflow-live-{visit}", occupy=1, strict=False), \
+                        live_source(source, access) as live:
+                    outputs = engine.run_live(run_spec, live, sink, live_settings(), progress)
             else:
                 outputs = engine.run_post(run_spec, source, sink, post_settings(), progress)
         except Exception as exc:

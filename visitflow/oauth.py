@@ -129,6 +129,19 @@ def introspect(url: str, token: str, *, client_id: str, client_secret: str,
     return body
 
 
+async def introspect_async(url: str, token: str, *, client_id: str, client_secret: str,
+                           client: httpx.AsyncClient) -> dict:
+    """:func:`introspect` for an event loop (Tiled's authenticator): same answers, same errors."""
+    try:
+        resp = await client.post(url, data={"token": token}, auth=(client_id, client_secret))
+    except httpx.HTTPError as exc:
+        raise OAuthUnavailable(f"{url} unreachable: {exc!r}") from exc
+    body = _json_or_raise(resp, "introspection endpoint")
+    if not isinstance(body, dict) or "active" not in body:
+        raise OAuthUnavailable(f"introspection at {url} answered without 'active'")
+    return body
+
+
 def revoke(url: str, token: str, *, client_id: str, client_secret: str,
            client: httpx.Client | None = None, timeout: float = 5.0) -> None:
     """RFC 7009: revoke ``token`` (the IdP answers 200 even for unknown tokens)."""

@@ -19,13 +19,20 @@ inherit the type and replace what it does:
   are never passed through.
 * ``authenticate`` (authorization-code login) is disabled: Tiled never mints sessions here.
 
-``decode_token`` is synchronous and runs on the event loop, so signing keys come from a
-cache refreshed in a background thread; only an unknown ``kid`` may wait, briefly and at
-most once per cooldown, for a refresh (that is how key rotation reaches us).
+``decode_token`` is synchronous and Tiled calls it on its event loop, so it must never wait
+on the network.  :meth:`VisitflowAuthenticator.prevalidate` does the network parts
+asynchronously *before* Tiled sees the request — an unknown ``kid`` awaits one rate-limited
+JWKS refresh, introspection is one bounded, single-flight request per token — and caches the
+outcome (accepted or refused); ``decode_token`` then only reads that cache.  The ASGI
+:class:`~visitflow.tiled.auth_gate.AuthGate` that ``visitflow tiled serve`` wraps around
+Tiled calls it for every HTTP request and websocket.  Without the gate (plain ``tiled
+serve``) ``decode_token`` falls back to validating inline, blocking as before.  Signing keys
+that merely age are refreshed in a background thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -122,17 +129,38 @@ class BackgroundJWKSValidator(TokenValidator):
         try:
             resp = httpx.get(self.jwks_uri, timeout=self.fetch_timeout)
             resp.raise_for_status()
-            keys = {}
-            for jwk in resp.json().get("keys", []):
-                if jwk.get("use", "sig") != "sig" or not jwk.get("kid"):
-                    continue
-                try:
-                    keys[jwk["kid"]] = jwt.PyJWK(jwk)
-                except jwt.PyJWTError as exc:  # an unusable key must not hide the others
-                    logger.warning("skipping JWKS key %s: %s", jwk.get("kid"), exc)
-            self._keys = keys
-            self._fetched_at = time.monotonic()
+            self._install(resp.json())
         except Exception as exc:  # network, JSON, discovery: keep serving the cached keys
+            logger.warning("could not refresh signing keys from %s: %s", self._jwks_uri, exc)
+
+    def _install(self, jwks: dict) -> None:
+        keys = {}
+        for jwk in jwks.get("keys", []):
+            if jwk.get("use", "sig") != "sig" or not jwk.get("kid"):
+                continue
+            try:
+                keys[jwk["kid"]] = jwt.PyJWK(jwk)
+            except jwt.PyJWTError as exc:  # an unusable key must not hide the others
+                logger.warning("skipping JWKS key %s: %s", jwk.get("kid"), exc)
+        self._keys = keys
+        self._fetched_at = time.monotonic()
+
+    def has_key(self, kid: str) -> bool:
+        return kid in self._keys
+
+    async def refresh_async(self, client: httpx.AsyncClient) -> None:
+        """One JWKS fetch on the event loop, bounded by ``fetch_timeout`` and rate-limited by
+        ``min_refetch_interval`` (shared with the background refresh); keeps the old keys on
+        failure."""
+        with self._state_lock:
+            if self._inflight is not None or time.monotonic() - self._attempted_at < self._min_refetch:
+                return
+            self._attempted_at = time.monotonic()
+        try:
+            resp = await client.get(self.jwks_uri, timeout=self.fetch_timeout)
+            resp.raise_for_status()
+            self._install(resp.json())
+        except Exception as exc:  # noqa: BLE001 - keep serving the cached keys
             logger.warning("could not refresh signing keys from %s: %s", self._jwks_uri, exc)
 
     def _refresh_in_background(self) -> threading.Event | None:
@@ -246,7 +274,13 @@ properties:
         self.admin_scope = admin_scope
         self.grant_register = grant_register
         self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, dict]] = {}
+        #: token -> (valid until, decoded dict or the HTTPException refusing it)
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._pending: dict[str, asyncio.Future] = {}
+        self._aclient: Optional[httpx.AsyncClient] = None
+        self._introspect_slots: Optional[asyncio.Semaphore] = None
+        self.max_concurrent_introspections = 16
+        self.gated = False  # set by AuthGate: every request was prevalidated
         # The parent's __init__ reads the discovery document (authorization endpoint etc.).
         super().__init__(
             audience=audience,
@@ -332,17 +366,81 @@ properties:
         # Tiled decodes the bearer token twice per request (principal and scopes are
         # separate dependencies), so a validated token is remembered briefly: until its exp
         # and at most ``cache_seconds``, which bounds how long a JWKS key removal lags.
-        now = time.time()
-        hit = self._cache.get(id_token)
-        if hit is not None and now < hit[0]:
-            return dict(hit[1])
+        hit = self._cached(id_token)
+        if hit is not None:
+            if isinstance(hit, HTTPException):
+                raise hit
+            return dict(hit)
+        if self.gated:
+            logger.warning("a bearer token reached decode_token without prevalidation: validating inline")
         out = self._decode(id_token)
-        if len(self._cache) >= 4096:
-            self._cache.clear()
-        self._cache[id_token] = (min(float(out["exp"]), now + self.cache_seconds), out)
+        self._remember(id_token, out)
         return dict(out)
 
-    def _decode(self, id_token: str) -> dict[str, Any]:
+    def _cached(self, token: str):
+        hit = self._cache.get(token)
+        if hit is not None and time.time() < hit[0]:
+            return hit[1]
+        return None
+
+    def _remember(self, token: str, result) -> None:
+        now = time.time()
+        if isinstance(result, HTTPException):
+            # A refusal is remembered briefly (a retry storm with a bad token costs nothing);
+            # "IdP cannot answer" (503) only for a second: the IdP may be back.
+            until = now + (1.0 if result.status_code >= 500 else min(5.0, self.cache_seconds))
+        else:
+            until = min(float(result["exp"]), now + self.cache_seconds)
+        if len(self._cache) >= 4096:
+            for key in [k for k, (t, _) in self._cache.items() if t <= now] or list(self._cache)[:1024]:
+                self._cache.pop(key, None)
+        self._cache[token] = (until, result)
+
+    async def prevalidate(self, token: str) -> None:
+        """Validate ``token`` off the blocking path and cache the outcome for ``decode_token``.
+
+        Never raises for a bad token (Tiled then refuses it, with our reason, from the
+        cache).  Concurrent requests with the same new token share one validation."""
+        if self._cached(token) is not None:
+            return
+        pending = self._pending.get(token)
+        if pending is None:
+            pending = self._pending[token] = asyncio.ensure_future(self._prevalidate(token))
+            pending.add_done_callback(lambda _f: self._pending.pop(token, None))
+        await asyncio.shield(pending)
+
+    async def _prevalidate(self, token: str) -> None:
+        if self._aclient is None:
+            self._aclient = httpx.AsyncClient(timeout=5.0)
+            self._introspect_slots = asyncio.Semaphore(self.max_concurrent_introspections)
+        if self.user_validator is not None and _issuer_of(token) == self.user_validator.issuer:
+            try:  # facility users' tokens: their own path (see _decode_user), unchanged
+                self._remember(token, self._decode(token))
+            except HTTPException as refusal:
+                self._remember(token, refusal)
+            return
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            kid = None
+        if isinstance(kid, str) and not self.validator.has_key(kid):
+            await self.validator.refresh_async(self._aclient)  # key rotation reaches us here
+            if not self.validator.has_key(kid):
+                reason = f"unknown signing key id {kid!r}"
+                self._remember(token, HTTPException(status_code=401, detail=reason,
+                                                    headers={"WWW-Authenticate": _www_authenticate(reason)}))
+                return
+        try:
+            out = self._decode(token, introspect=False)
+            if self._introspection is not None:
+                async with self._introspect_slots:
+                    await self._check_active_async(token)
+        except HTTPException as refusal:
+            self._remember(token, refusal)
+            return
+        self._remember(token, out)
+
+    def _decode(self, id_token: str, introspect: bool = True) -> dict[str, Any]:
         if self.user_validator is not None and _issuer_of(id_token) == self.user_validator.issuer:
             return self._decode_user(id_token)
         try:
@@ -359,7 +457,7 @@ properties:
             reason = "token could not be validated"
             raise HTTPException(status_code=401, detail=reason,
                                 headers={"WWW-Authenticate": _www_authenticate(reason)})
-        if self._introspection is not None:
+        if introspect and self._introspection is not None:
             self._check_active(id_token)
         return self.claims_for_tiled(claims)
 
@@ -379,9 +477,26 @@ properties:
             answer = oauth.introspect(endpoint, token, client_id=client_id, client_secret=secret,
                                       client=self._introspect_client)
         except (oauth.OAuthUnavailable, oauth.OAuthRefused, ValueError) as exc:
-            logger.warning("token introspection failed: %s", exc)
-            # Fail closed, but say it is the IdP, not the token: clients should retry later.
-            raise HTTPException(status_code=503, detail=f"cannot confirm the token is still active: {exc}")
+            raise self._introspection_failed(exc)
+        self._refuse_inactive(answer)
+
+    async def _check_active_async(self, token: str) -> None:
+        endpoint, client_id, secret = self._introspection
+        try:
+            answer = await oauth.introspect_async(endpoint, token, client_id=client_id, client_secret=secret,
+                                                  client=self._aclient)
+        except (oauth.OAuthUnavailable, oauth.OAuthRefused, ValueError) as exc:
+            raise self._introspection_failed(exc)
+        self._refuse_inactive(answer)
+
+    @staticmethod
+    def _introspection_failed(exc: Exception) -> HTTPException:
+        logger.warning("token introspection failed: %s", exc)
+        # Fail closed, but say it is the IdP, not the token: clients should retry later.
+        return HTTPException(status_code=503, detail=f"cannot confirm the token is still active: {exc}")
+
+    @staticmethod
+    def _refuse_inactive(answer: dict) -> None:
         if not answer.get("active"):
             reason = "token is no longer active (revoked at the IdP)"
             raise HTTPException(status_code=401, detail=reason,

@@ -41,6 +41,10 @@ def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> 
                         help="OPA server deciding facility users' access (policy deployments/opa/authz.rego)")
     parser.add_argument("--authority-cache", type=float, default=5.0, metavar="SECONDS",
                         help="how long an authority decision is reused (default 5)")
+    parser.add_argument("--streaming-cache", default="memory", metavar="memory|redis://HOST:PORT/DB|none",
+                        help="where Tiled keeps the appends it pushes to websocket subscribers (live "
+                             "analyses follow runs by push): memory for one process, Redis when several "
+                             "Tiled processes share a catalog, none to turn streaming off (live polls)")
     parser.add_argument("--tabular-storage", default=None,
                         help="SQL URI for TiledWriter's tables (default sqlite file in the state dir)")
 
@@ -58,6 +62,7 @@ def _render(args):
         user_issuer=args.user_issuer,
         authority=({"kind": "opa", "url": args.authority_url, "cache_seconds": args.authority_cache}
                    if args.authority_url else None),
+        streaming_cache=None if args.streaming_cache in ("", "none") else args.streaming_cache,
     )
 
 

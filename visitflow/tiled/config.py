@@ -11,7 +11,12 @@ One function, :func:`render_config`, so ``visitflow tiled-config`` (print it),
   no anonymous access (unless ``allow_anonymous``: anonymous requests then get in and are
   given no scopes by the policy — for pass-through clients, see :func:`render_config`);
 * access control: :class:`~visitflow.tiled.access_policy.VisitflowAccessPolicy` with the
-  path templates.
+  path templates;
+* a ``streaming_cache`` (tiled#437): Tiled publishes every append to websocket subscribers
+  (``/api/v1/stream/single/<path>``), which is how live analyses follow a run by push
+  (:mod:`visitflow.tiled.stream`).  ``memory`` for one process (the default), a
+  ``redis://`` URI when several Tiled processes serve the same catalog (a subscriber on one
+  process then sees appends made through another).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def render_config(
     allow_anonymous: bool = False,
     user_issuer: Optional[str] = None,
     authority: Optional[dict] = None,
+    streaming_cache: Optional[str] = "memory",
 ) -> dict[str, Any]:
     """A tiled config dict (``tiled serve config`` accepts it as YAML).
 
@@ -73,6 +79,9 @@ def render_config(
     ``user_issuer`` (the facility IdP) + ``authority`` (e.g. ``{kind: opa, url: ...}``): users'
     own tokens from that issuer are accepted and the authority decides their visit access
     (:mod:`.facility_users`); ``issuer`` is then the token service, whose run tokens' scopes decide.
+
+    ``streaming_cache``: ``"memory"`` (default), a ``redis://host:port/db`` URI, or ``None``
+    / ``""`` for no websocket stream (live analyses then poll).
     """
     from .file_roots import FileRoots
 
@@ -122,8 +131,20 @@ def render_config(
             **({"readable_storage": roots.readable_storage()} if roots else {}),
             "init_if_not_exists": True,
         },
+        **({"streaming_cache": streaming_cache_config(streaming_cache)} if streaming_cache else {}),
         "uvicorn": {"host": host, "port": int(port)},
     }
+
+
+def streaming_cache_config(uri: str) -> dict[str, Any]:
+    """Tiled's ``streaming_cache`` section for ``memory`` or a ``redis://`` URI.
+
+    ``data_ttl``: how long a published append can be replayed to a (re)connecting
+    subscriber; an hour covers a Tiled or network hiccup during a scan (older frames are
+    read over HTTP anyway)."""
+    if uri != "memory" and not uri.startswith(("redis://", "rediss://")):
+        raise ValueError(f"streaming cache must be 'memory' or a redis:// URI, not {uri!r}")
+    return {"uri": uri, "data_ttl": 3600}
 
 
 def prepare_state_dir(state_dir: str | Path) -> Path:

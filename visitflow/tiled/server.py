@@ -2,7 +2,10 @@
 
 Why not ``tiled serve config``: the access policy needs to know which key a create request
 carries (see :mod:`.request_context`), and only the process that builds the app can wrap
-it.  Building the app ourselves also skips a subprocess and a YAML round trip.
+it.  Building the app ourselves also skips a subprocess and a YAML round trip.  The same
+goes for :class:`~.auth_gate.AuthGate`, which validates tokens asynchronously before Tiled's
+synchronous ``decode_token`` sees them and re-checks websocket subscriptions, and for
+:mod:`.principals` (cached principal lookups; websocket ``?access_token=`` fixed).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from . import principals
+from .auth_gate import AuthGate
 from .request_context import RequestContextMiddleware
 
 
@@ -23,7 +28,11 @@ def build_app(config: dict[str, Any]):
     rows = getattr(getattr(app.state, "access_policy", None), "tag_rows", None)
     if rows is not None:  # the policy records node tags through the catalog's own session
         rows.catalog = getattr(app.state, "root_tree", None)
-    return RequestContextMiddleware(app)
+    principals.install(app)
+    wrapped = RequestContextMiddleware(app)
+    authenticators = list((parsed.authentication.authenticators or {}).values()) if parsed.authentication else []
+    gate = next((a for a in authenticators if hasattr(a, "prevalidate")), None)
+    return AuthGate(wrapped, gate) if gate is not None else wrapped
 
 
 def serve(config: dict[str, Any], *, log_level: str = "info") -> None:
