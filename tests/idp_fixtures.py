@@ -138,7 +138,7 @@ def start_idp(tmp: Path, config: Path = IDP_CONFIG) -> IdPHandle:
 
 
 def start_fixed_scopes_idp(tmp: Path) -> IdPHandle:
-    """A dev IdP with ``fixed_scopes: true``: Keycloak's exchange rules (idp/keycloak_rules.py)."""
+    """A dev IdP with ``fixed_scopes: true``: Keycloak's exchange rules (visitflow/idp/keycloak_rules.py)."""
     import yaml
 
     config = yaml.safe_load(IDP_CONFIG.read_text())

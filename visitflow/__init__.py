@@ -5,6 +5,8 @@ pull in Prefect or Tiled's server stack.  The analyst's API (``visitflow.analysi
 loaded on first use.
 """
 
+__all__ = ["analysis"]  # loaded on first use (below)
+
 __version__ = "0.1.0"
 
 

@@ -29,6 +29,10 @@ from .errors import ConfigError
 from .scopes import Layout
 from .tokens import Claims, TokenValidator
 
+__all__ = [
+    'ConfigError', 'REPOSITORY', 'LOGO_PATH', 'LOGO_URL', 'RunAccess', 'ScopedCredentials', 'save',
+]
+
 log = logging.getLogger("visitflow.blocks")
 
 REPOSITORY = "https://github.com/visitflow/visitflow"

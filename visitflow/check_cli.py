@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+__all__ = ['add_arguments', 'run']
+
 
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, _, dims = text.partition("=")

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+__all__ = ['COMMANDS', 'main']
+
 #: name -> (module with add_arguments/run, help)
 COMMANDS = {
     "idp": ("visitflow.idp.cli", "run the dev OIDC token service (or rotate its key)"),

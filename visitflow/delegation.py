@@ -23,6 +23,11 @@ from .errors import DelegationError, DelegationExpired, GrantInvalid, GrantMissi
 from .scopes import ScopeSet, data_token_scopes, grant_scopes
 from .tokens import Claims, InvalidToken, TokenValidator
 
+__all__ = [
+    'DelegationError', 'DelegationExpired', 'GrantInvalid', 'GrantMissing', 'NotAuthorised',
+    'GRANT_AUDIENCE', 'DATA_AUDIENCE', 'PER_RUN_HINT', 'check_grant', 'DataTokenSource',
+]
+
 GRANT_AUDIENCE = "visitflow"
 DATA_AUDIENCE = "tiled"
 #: Said when an IdP will not give run-specific scopes (Keycloak refuses them: invalid_scope).

@@ -22,6 +22,8 @@ import numpy as np
 from . import oauth
 from .stack.local import DEV_SECRETS, LocalStack, StackConfig, say
 
+__all__ = ['run_user_scan', 'main', 'add_arguments', 'run']
+
 
 def _plan(num: int, delay: float, md: dict):
     from .sim import motor_scan

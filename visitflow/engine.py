@@ -29,6 +29,12 @@ from .outputs import check_outputs
 if TYPE_CHECKING:  # annotations only: the engine is a leaf (no import of spec or flowrun)
     from .spec import AnalysisSpec
 
+__all__ = [
+    'EmptyRun', 'LiveIdleTimeout', 'MissingField', 'RunAborted', 'RunError', 'RunNotFinished',
+    'RawStatus', 'RawSource', 'ResultSink', 'LiveSettings', 'PostSettings', 'wait_for_stop',
+    'run_post', 'run_live',
+]
+
 log = logging.getLogger("visitflow.engine")
 
 

@@ -37,6 +37,11 @@ from .options import docstring_args, flow_parameters
 if TYPE_CHECKING:  # annotations only: spec imports this module when an analysis is defined
     from .spec import AnalysisSpec
 
+__all__ = [
+    'UsageError', 'DEFAULT_BLOCK', 'live_settings', 'post_settings', 'live_source', 'code_version',
+    'variant_from_deployment', 'result_markdown', 'make_flow',
+]
+
 DEFAULT_BLOCK = "visitflow"
 
 

@@ -32,6 +32,8 @@ from . import grants
 from .prefect_api import PrefectAPI
 from .scopes import RunScope, ScopeSet
 
+__all__ = ['FINAL', 'SweepResult', 'grant_secrets', 'sweep', 'revoker', 'add_arguments', 'run']
+
 log = logging.getLogger("visitflow.grants")
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")

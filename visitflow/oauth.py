@@ -13,6 +13,12 @@ import httpx
 
 from .errors import OAuthRefused, OAuthUnavailable
 
+__all__ = [
+    'OAuthRefused', 'OAuthUnavailable', 'TOKEN_EXCHANGE', 'ACCESS_TOKEN_TYPE',
+    'REFRESH_TOKEN_TYPE', 'REFUSALS', 'TokenResponse', 'token_endpoint', 'post_token', 'exchange',
+    'refresh', 'password_login', 'introspect', 'introspect_async', 'revoke',
+]
+
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 #: Asking for this in an exchange (RFC 8693) is how Keycloak is told to add a refresh token.

@@ -21,6 +21,8 @@ import httpx
 from . import grants
 from .errors import PrefectRefused, PrefectUnavailable
 
+__all__ = ['PrefectRefused', 'PrefectUnavailable', 'RETRY_STATUS', 'PrefectAPI']
+
 log = logging.getLogger("visitflow.prefect_api")
 RETRY_STATUS = {429, 502, 503, 504}
 

@@ -24,6 +24,11 @@ from pathlib import Path
 from .scopes import valid_name
 from .spec import AnalysisDefinitionError
 
+__all__ = [
+    'FLOW', 'INCREMENTAL', 'TEST', 'DEPLOYMENTS', 'render', 'new_analysis',
+    'add_new_analysis_arguments', 'run_new_analysis',
+]
+
 FLOW = '''"""{title}
 
 Written by ``visitflow new-analysis``: replace the body of ``{name}`` with your science

@@ -28,6 +28,13 @@ from typing import Iterable, Literal, Union
 
 from .errors import ScopeError
 
+__all__ = [
+    'ScopeError', 'ACTIONS', 'STORES', 'CONCRETE_STORES', 'valid_name', 'check_name', 'DataScope',
+    'RunScope', 'OpaqueScope', 'parse_scope', 'split_scope_string', 'ScopeSet',
+    'GRANT_SCOPE_MODES', 'grant_scopes', 'data_token_scopes', 'DEFAULT_RAW_TEMPLATE',
+    'DEFAULT_PROCESSED_TEMPLATE', 'Location', 'implied_values', 'PathTemplate', 'Layout',
+]
+
 ACTIONS = ("read", "write")
 STORES = ("data", "raw", "processed")
 CONCRETE_STORES = ("raw", "processed")

@@ -20,6 +20,8 @@ import httpx
 
 from .errors import ServiceFailed
 
+__all__ = ['ServiceFailed', 'free_port', 'Service', 'stop_group', 'start_service']
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:

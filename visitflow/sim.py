@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from ophyd.sim import SynAxis, SynGauss, SynSignal
 
+__all__ = ['make_devices', 'motor_scan']
+
 
 def make_devices(shape: tuple[int, int] = (64, 64), seed: int = 0, motor_delay: float = 0.0,
                  dtype: str = "float32"):

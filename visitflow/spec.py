@@ -33,6 +33,8 @@ from .grants import flow_name
 from .outputs import check_outputs
 from .scopes import valid_name
 
+__all__ = ['AnalysisDefinitionError', 'AnalysisSpec', 'analysis']
+
 
 @dataclass(frozen=True)
 class AnalysisSpec:

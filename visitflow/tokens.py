@@ -22,6 +22,11 @@ import jwt
 from .errors import InsufficientScope, InvalidToken
 from .scopes import ScopeSet
 
+__all__ = [
+    'InsufficientScope', 'InvalidToken', 'ALGORITHMS', 'ACCESS_TOKEN_TYPES', 'REQUIRED_CLAIMS',
+    'Claims', 'decode_verified', 'discover', 'TokenValidator',
+]
+
 #: The only signing algorithms we accept.  Never derive this from the token header.
 ALGORITHMS = ("RS256",)
 #: ``typ`` header values accepted for access tokens: RFC 9068 ``at+jwt``; Keycloak says ``JWT``.

@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+__all__ = ['DEFAULT_CONFIG', 'add_arguments', 'run', 'main']
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deployments" / "idp.yaml"
 
 

@@ -16,6 +16,11 @@ import yaml
 from ..errors import ConfigError
 from ..scopes import ScopeError, ScopeSet
 
+__all__ = [
+    'ConfigError', 'TOKEN_EXCHANGE', 'KNOWN_GRANTS', 'Lifetimes', 'Client', 'User',
+    'RESERVED_CLAIMS', 'IdPConfig',
+]
+
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 KNOWN_GRANTS = {"password", "client_credentials", "refresh_token", TOKEN_EXCHANGE}
 

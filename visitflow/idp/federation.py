@@ -41,6 +41,11 @@ from ..errors import AuthorityUnavailable, ConfigError, InvalidToken, OAuthError
 from ..scopes import ScopeError, ScopeSet
 from ..tokens import TokenValidator
 
+__all__ = [
+    'AuthorityUnavailable', 'ConfigError', 'InvalidToken', 'OAuthError', 'IDENTITY_CLAIMS',
+    'TrustedIssuer', 'unavailable', 'Federation', 'identity_extra',
+]
+
 log = logging.getLogger("visitflow.idp.federation")
 
 #: Identity claims carried from the facility token into T_grant and T_data (provenance, and

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+__all__ = ['SigningKey', 'new_rsa_key', 'KeyStore']
+
 
 @dataclass(frozen=True)
 class SigningKey:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+__all__ = ['RevocationLog']
+
 
 class RevocationLog:
     """``append`` then ``load``; ``path=None`` keeps nothing (the dev server's default)."""

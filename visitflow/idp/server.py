@@ -53,6 +53,12 @@ from .federation import Federation, identity_extra
 from .keys import KeyStore
 from .revocations import RevocationLog
 
+__all__ = [
+    'OAuthError', 'ACCESS_TOKEN_TYPE', 'REFRESH_TOKEN_TYPE', 'JWT_TOKEN_TYPE', 'error_response',
+    'invalid_scope', 'Session', 'RefreshRecord', 'State', 'IdP', 'authenticate_client',
+    'create_app',
+]
+
 log = logging.getLogger("visitflow.idp")
 
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"

@@ -13,3 +13,5 @@ what ``docs/production.md`` claims:
 
 Nothing here is imported by the running system (trigger, flows, servers).
 """
+
+__all__ = []

@@ -51,6 +51,11 @@ from typing import Any, Iterable
 from ..idp.config import TOKEN_EXCHANGE, IdPConfig
 from ..scopes import OpaqueScope, ScopeError, parse_scope
 
+__all__ = [
+    'BUILTIN_CLIENTS', 'EXCHANGE_ENABLED', 'EXCHANGE_REFRESH', 'DOWNSCOPE_EXECUTOR',
+    'client_audiences', 'exchange_audiences', 'token_scopes_for_roles', 'compare', 'limitations',
+]
+
 #: Clients Keycloak creates in every realm; not part of our configuration.
 BUILTIN_CLIENTS = frozenset({
     "account", "account-console", "admin-cli", "broker", "realm-management",

@@ -19,6 +19,10 @@ import copy
 from ..scopes import OpaqueScope, ScopeError, parse_scope
 from .keycloak import client_audiences
 
+__all__ = [
+    'LOGIN_CLIENT', 'LOGIN_AUDIENCES', 'per_visit_parts', 'identity_realm', 'identity_problems',
+]
+
 LOGIN_CLIENT = "visitflow-cli"
 LOGIN_AUDIENCES = ("blueapi", "tiled")
 

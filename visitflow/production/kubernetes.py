@@ -40,6 +40,13 @@ import copy
 import json
 from typing import Any
 
+__all__ = [
+    'POOL_NAME', 'NAMESPACE', 'FLOW_SERVICE_ACCOUNT', 'WORKER_SERVICE_ACCOUNT', 'DEFAULT_IMAGE',
+    'RUN_AS_UID', 'SECRET_ENV', 'SUPPRESSED_WORKER_SETTINGS', 'POD_ENV', 'VARIABLE_DEFAULTS',
+    'ACTIVE_DEADLINE_DEFAULT', 'secret_env_entries', 'build_base_job_template', 'container_env',
+    'secret_env_problems', 'render_job_manifest', 'main',
+]
+
 POOL_NAME = "visitflow-k8s"
 NAMESPACE = "visitflow"
 FLOW_SERVICE_ACCOUNT = "visitflow-flow-runner"

@@ -18,6 +18,8 @@ import yaml
 
 from .kubernetes import POOL_NAME
 
+__all__ = ['retarget', 'main']
+
 
 class _PlainDumper(yaml.SafeDumper):
     """No ``&id001`` anchors: the loader shares merged lists between deployments."""

@@ -7,6 +7,11 @@ from pathlib import Path
 
 from .local import LocalStack, StackConfig
 
+__all__ = [
+    'add_up_arguments', 'run_up', 'add_down_arguments', 'run_down', 'add_status_arguments',
+    'run_status',
+]
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None, help="state, logs and stack.json (default .visitflow or $VISITFLOW_STATE)")

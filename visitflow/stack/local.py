@@ -22,6 +22,8 @@ import httpx
 from ..services import ServiceFailed, start_service, stop_group
 from . import prefect as pstack
 
+__all__ = ['DEV_SECRETS', 'StackConfig', 'Record', 'healthy', 'alive', 'say', 'LocalStack']
+
 DEV_SECRETS = {"visitflow": "visitflow-dev-secret", "visitflow-admin": "admin-dev-secret",
                "blueapi": "blueapi-dev-secret"}
 

@@ -15,6 +15,12 @@ from pathlib import Path
 from ..prefect_api import PrefectAPI
 from ..services import Service, ServiceFailed, start_service
 
+__all__ = [
+    'REPO', 'POOL', 'BLOCK', 'DEFAULT_WORKER_TYPE', 'prefect_env', 'server_command',
+    'start_server', 'run_cli', 'configure', 'worker_query_seconds', 'worker_command',
+    'start_worker',
+]
+
 REPO = Path(__file__).resolve().parents[2]
 POOL = "visitflow-local"
 BLOCK = "visitflow"

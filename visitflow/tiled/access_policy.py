@@ -59,6 +59,11 @@ from . import facility_users, node_tags
 from .file_roots import FileRoots
 from .request_context import CREATE_ROUTES, REQUEST, RequestInfo
 
+__all__ = [
+    'META', 'NONE', 'ADMIN_WITHOUT_REGISTER', '_LAST_CATALOG_PATH', 'DirectChildren',
+    'VisitflowAccessPolicy',
+]
+
 logger = logging.getLogger(__name__)
 
 META = frozenset({"read:metadata"})

@@ -18,6 +18,8 @@ from ..scopes import Layout, PathTemplate, check_name
 from .authenticator import ADMIN_SCOPE
 from .client import BearerAuth, ClientCredentials, connect, node_uri
 
+__all__ = ['admin_auth', 'ensure_visits']
+
 
 def admin_auth(issuer: str, client_id: str = "visitflow-admin", client_secret: str = "",
                scope: str = ADMIN_SCOPE) -> BearerAuth:

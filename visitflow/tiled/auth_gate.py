@@ -29,6 +29,8 @@ from urllib.parse import parse_qs
 
 from fastapi import HTTPException
 
+__all__ = ['TOKEN_ENDED', 'AuthGate']
+
 logger = logging.getLogger(__name__)
 
 #: Close code for "your token is no longer good" (4000-4999: application codes).

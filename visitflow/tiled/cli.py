@@ -12,6 +12,11 @@ import sys
 
 from ..scopes import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE
 
+__all__ = [
+    'add_tiled_config_arguments', 'run_tiled_config', 'add_tiled_arguments', 'serve_tiled',
+    'ensure_visits_cmd', 'run_tiled',
+]
+
 
 def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> None:
     parser.add_argument("--issuer", required=True, help="OIDC issuer URL (discovery at <issuer>/.well-known/...)")

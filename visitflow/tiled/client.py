@@ -20,6 +20,11 @@ from typing import Callable, Iterable, Optional, Union
 import httpx
 import jwt
 
+__all__ = [
+    'token_expiry', 'BearerAuth', 'ClientCredentials', 'IDENTITY_HEADERS', 'node_uri', 'connect',
+    'raw_client', 'processed_client', 'child', 'ensure_container',
+]
+
 TokenAndExpiry = tuple[str, Optional[float]]
 TokenProvider = Callable[[], Union[str, TokenAndExpiry]]
 

@@ -29,6 +29,11 @@ import yaml
 from ..scopes import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout
 from .authenticator import ADMIN_SCOPE
 
+__all__ = [
+    'PROVIDER', 'render_config', 'streaming_cache_config', 'prepare_state_dir', 'to_yaml',
+    'write_config',
+]
+
 PROVIDER = "visitflow"
 
 

@@ -27,6 +27,11 @@ from ..errors import AuthorityUnavailable
 from ..scopes import DataScope, Location, ScopeSet
 from ..tokens import Claims
 
+__all__ = [
+    'AuthorityUnavailable', 'USER_SCOPE', 'USER_TILED_SCOPES', 'user_name', 'claims_for_tiled',
+    'is_facility_user', 'subject_of', 'scopes_for',
+]
+
 #: Put by the authenticator on principals whose token came from the facility IdP (never
 #: taken from a token: the authenticator passes on only data scopes and the admin scope).
 USER_SCOPE = "visitflow:facility-user"

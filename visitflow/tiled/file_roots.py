@@ -31,6 +31,8 @@ from urllib.parse import unquote, urlparse
 from ..errors import FileRootError
 from ..scopes import Layout, check_name
 
+__all__ = ['FileRootError', 'FileRoot', 'file_path', 'FileRoots', 'asset_uris']
+
 _PLACEHOLDER = re.compile(r"^\{([a-z_]+)\}$")
 
 

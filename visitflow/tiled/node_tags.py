@@ -20,6 +20,8 @@ from typing import Iterable, Optional
 
 from ..scopes import Location, valid_name
 
+__all__ = ['PREFIX', 'tag_for', 'locations_from_tags', 'TagRows']
+
 PREFIX = "visitflow:"
 
 

@@ -40,6 +40,8 @@ import numpy as np
 from .client import child as _child
 from .client import ensure_container
 
+__all__ = ['TiledResultSink', 'read_result']
+
 log = logging.getLogger("visitflow.outputs")
 
 

@@ -40,6 +40,8 @@ from tiled.server.authentication import (
 from tiled.server.connection_pool import get_database_session_factory
 from tiled.server.settings import get_settings
 
+__all__ = ['PrincipalCache', 'install']
+
 
 def _external(api_key, decoded) -> bool:
     """A token from our authenticator (not an API key, not a Tiled-minted session token)."""

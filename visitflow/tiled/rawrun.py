@@ -17,6 +17,8 @@ import numpy as np
 
 from ..engine import MissingField, RawStatus
 
+__all__ = ['TiledRawRun']
+
 
 class TiledRawRun:
     def __init__(self, run_node, reads: tuple[str, ...], stream: str = "primary", read_workers: int = 4,

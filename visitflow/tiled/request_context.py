@@ -24,6 +24,11 @@ from dataclasses import dataclass
 
 from .file_roots import asset_uris
 
+__all__ = [
+    'CREATE_ROUTES', 'REGISTER_ROUTES', 'API_MARKER', 'RequestInfo', 'REQUEST', 'parse_target',
+    'parse_body', 'RequestContextMiddleware',
+]
+
 CREATE_ROUTES = ("metadata", "register")
 #: (method, route) of requests that point nodes at files.
 REGISTER_ROUTES = (("POST", "register"), ("PUT", "data_source"))

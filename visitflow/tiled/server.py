@@ -17,6 +17,8 @@ from . import principals
 from .auth_gate import AuthGate
 from .request_context import RequestContextMiddleware
 
+__all__ = ['build_app', 'serve']
+
 
 def build_app(config: dict[str, Any]):
     """The Tiled ASGI app for a config dict (see :func:`.config.render_config`), wrapped."""

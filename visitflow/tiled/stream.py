@@ -48,6 +48,8 @@ import numpy as np
 from ..engine import RawStatus
 from .rawrun import TiledRawRun
 
+__all__ = ['END_OF_STREAM', 'stream_url', 'FrameCache', 'NodeSubscription', 'PushRawRun']
+
 log = logging.getLogger("visitflow.stream")
 
 #: Close code and reason Tiled uses when the producer closed the node's stream.

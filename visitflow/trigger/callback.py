@@ -33,6 +33,8 @@ from ..prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
 from ..scopes import GRANT_SCOPE_MODES, ScopeError, check_name, grant_scopes
 from .outbox import Outbox
 
+__all__ = ['TriggerSettings', 'AnalysisTrigger', 'subscribe_for']
+
 log = logging.getLogger("visitflow.trigger")
 
 TokenSource = Callable[[], str]

@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+__all__ = ['add_arguments', 'run', 'ui_base', 'report']
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analysis", required=True, help="e.g. saxs_average")

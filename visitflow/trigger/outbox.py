@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+__all__ = ['SCHEMA', 'Grant', 'Request', 'Outbox']
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS grants (
     analysis TEXT, visit TEXT, run TEXT,

@@ -14,6 +14,8 @@ from bluesky import preprocessors as bpp
 from ..options import check_plan_values
 from ..scopes import check_name
 
+__all__ = ['uses_analyses']
+
 
 def uses_analyses(*names: str, options: dict[str, dict] | None = None):
     """Decorate a plan function: its runs start ``names`` (e.g. ``"saxs_average"``).

@@ -39,6 +39,8 @@ from prefect.workers.process import (
     ProcessWorkerResult,
 )
 
+__all__ = ['ZygoteDied', 'ForkedChild', 'Zygote', 'ZygoteStarter', 'VisitflowWorker']
+
 
 @dataclass
 class ForkedChild:

@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 
+__all__ = ['PRELOAD', 'run_flow_run', 'main']
+
 PRELOAD = (
     "numpy", "httpx", "jwt", "prefect", "prefect.flow_engine", "prefect.engine", "prefect.blocks.system",
     "prefect.artifacts", "prefect.concurrency.sync", "tiled.client", "visitflow.flowrun", "visitflow.blocks",
