@@ -49,7 +49,7 @@ from tiled.authenticators import ProxiedOIDCAuthenticator
 from .. import oauth
 from . import facility_users
 from ..scopes import OpaqueScope, ScopeSet
-from ..tokens import ACCESS_TOKEN_TYPES, Claims, InvalidToken, TokenValidator, discover
+from ..tokens import ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, InvalidToken, TokenValidator, discover
 
 logger = logging.getLogger(__name__)
 
@@ -420,10 +420,13 @@ properties:
                 self._remember(token, refusal)
             return
         try:
-            kid = jwt.get_unverified_header(token).get("kid")
+            header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            kid = None
-        if isinstance(kid, str) and not self.validator.has_key(kid):
+            header = {}
+        kid = header.get("kid")
+        # Only a token we could ever accept may make us refetch the JWKS: an HS512 Keycloak
+        # refresh token (or alg none) is refused below by its algorithm, with that reason.
+        if header.get("alg") in ALGORITHMS and isinstance(kid, str) and not self.validator.has_key(kid):
             await self.validator.refresh_async(self._aclient)  # key rotation reaches us here
             if not self.validator.has_key(kid):
                 reason = f"unknown signing key id {kid!r}"
