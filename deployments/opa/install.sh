@@ -8,12 +8,19 @@ set -euo pipefail
 VERSION="${VISITFLOW_OPA_VERSION:-v1.22.3}"
 ROOT="${VISITFLOW_OPA_CACHE:-/opt/visitflow-cache/opa}"
 BIN="$ROOT/$VERSION/opa"
-if [ -x "$BIN" ] && "$BIN" version 2>/dev/null | grep -q "^Version: ${VERSION#v}$"; then
+# `opa version | grep -q` under pipefail fails at random (grep exits early, opa gets SIGPIPE)
+# and made every few calls rebuild: read the whole output first.
+is_pinned() { local out; out=$("$1" version 2>/dev/null) && grep -q "^Version: ${VERSION#v}$" <<<"$out"; }
+if [ -x "$BIN" ] && is_pinned "$BIN"; then
     echo "$BIN"; exit 0
 fi
 command -v go >/dev/null || { echo "building OPA $VERSION needs the Go toolchain (go)" >&2; exit 1; }
 mkdir -p "$ROOT/$VERSION"
 echo "building OPA $VERSION (go install, a few minutes) ..." >&2
-GOBIN="$ROOT/$VERSION" GOFLAGS="${GOFLAGS:-} -trimpath" go install "github.com/open-policy-agent/opa@$VERSION" >&2
-"$BIN" version | grep -q "^Version: ${VERSION#v}$" || { echo "built $BIN is not OPA $VERSION" >&2; exit 1; }
+# Build beside the cache and rename into place: two concurrent installs never see half a binary.
+tmp=$(mktemp -d "$ROOT/$VERSION/.build.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+GOBIN="$tmp" GOFLAGS="${GOFLAGS:-} -trimpath" go install "github.com/open-policy-agent/opa@$VERSION" >&2
+is_pinned "$tmp/opa" || { echo "built $tmp/opa is not OPA $VERSION" >&2; exit 1; }
+mv -f "$tmp/opa" "$BIN"
 echo "$BIN"
