@@ -400,9 +400,11 @@ class PushRawRun:
                     raise
                 # Tiled is away (a restart): keep following by what we know; the engine's
                 # idle timeout bounds how long it may stay away.
+                # The last HTTP status may be older than what push delivered and the engine
+                # consumed (CI once saw "raw run shrank: 9 < checkpoint 12" here): never less.
                 log.warning("Tiled unreachable (%s): retrying", exc)
                 self._reconcile = True
-                return RawStatus(self._http_status.frames, False, None)
+                return RawStatus(max(self._http_status.frames, self._consumed), False, None)
             self.http_polls += 1
             self._last_http = time.monotonic()
             for f, arr in self.poll._fields.items():
