@@ -205,6 +205,17 @@ class HATopology:
         if svc is not None and svc.process is not None:
             svc.process.wait(10)
 
+    def alive(self, name: str) -> bool:
+        """Whether anything of that service's process group is left."""
+        svc = self.services.get(name)
+        if svc is not None and svc.process is not None and svc.process.poll() is not None:
+            return False
+        try:
+            os.killpg(self.record["pgids"][name], 0)
+            return True
+        except ProcessLookupError:
+            return False
+
     def kill_host(self, host: Host) -> None:
         """SIGKILL every process on a host (its worker, the zygote, every flow-run child)."""
         _kill_netns(host.netns)
