@@ -67,11 +67,28 @@ def p7(api: PrefectAPI, n: int = 100, seconds: float = 2.0) -> dict:
     done = sum(f["state"]["type"] == "COMPLETED" for f in finals)
     starts = [ts(f["start_time"]) - ts(f["created"]) for f in finals if f.get("start_time")]
     end = max(ts(f["end_time"]) for f in finals if f.get("end_time"))
-    return {"completed": done, "makespan": end - t0, "ideal": n * seconds / 20, "start_p50": pct(starts, 50),
+    waits, forks = [], []   # created → first Pending (waiting for a slot + pick-up), Pending → Running
+    for f in finals:
+        first = {}
+        for st in sorted(api.request("GET", "/flow_run_states/", params={"flow_run_id": f["id"]}),
+                         key=lambda x: x["timestamp"]):
+            first.setdefault(st["type"], ts(st["timestamp"]))
+        if "PENDING" in first and "RUNNING" in first:
+            waits.append(first["PENDING"] - ts(f["created"]))
+            forks.append(first["RUNNING"] - first["PENDING"])
+    return {"to_pending_p50": pct(waits, 50), "to_pending_p95": pct(waits, 95), "pending_to_running_p50": pct(forks, 50),
+            "pending_to_running_p95": pct(forks, 95), "run_seconds_p50": pct(
+                [ts(f["end_time"]) - ts(f["start_time"]) for f in finals if f.get("end_time") and f.get("start_time")], 50),
+            "completed": done, "makespan": end - t0, "ideal": n * seconds / 20, "start_p50": pct(starts, 50),
             "start_p95": pct(starts, 95)}
 
 
-def p1(api: PrefectAPI, n: int = 10) -> list[float]:
+BREAKDOWN: dict[str, list[tuple[float, float]]] = {}
+
+
+def p1(api: PrefectAPI, n: int = 10, label: str = "") -> list[float]:
+    """create → RUNNING; BREAKDOWN[label] gets (created → Pending, Pending → Running) from the
+    run's state history: the worker's pick-up and submission vs the fork and the child's start."""
     out = []
     for _ in range(n):
         t0 = time.time()
@@ -79,13 +96,24 @@ def p1(api: PrefectAPI, n: int = 10) -> list[float]:
         done = api.wait_for_flow_run(fr["id"], timeout=120, interval=0.1)
         assert done["state"]["type"] == "COMPLETED", done["state"]
         out.append(ts(done["start_time"]) - t0)
+        states = api.request("GET", "/flow_run_states/", params={"flow_run_id": fr["id"]})
+        first = {}
+        for st in sorted(states, key=lambda x: x["timestamp"]):
+            first.setdefault(st["type"], ts(st["timestamp"]))
+        BREAKDOWN.setdefault(label, []).append((first["PENDING"] - t0, first["RUNNING"] - first["PENDING"]))
     return out
+
+
+def _split(label: str) -> str:
+    rows = BREAKDOWN.get(label, [])
+    return (f"pick-up+submit p50 {pct([a for a, _ in rows], 50):.2f}s, fork+child start p50 "
+            f"{pct([b for _, b in rows], 50):.2f}s")
 
 
 class LiveLoad:
     """Two live saxs_average analyses following two real scans (RunEngine + TiledWriter)."""
 
-    def __init__(self, topo: HATopology, api: PrefectAPI, frames: int = 400, delay: float = 0.1):
+    def __init__(self, topo: HATopology, api: PrefectAPI, frames: int = 60, delay: float = 0.1):
         self.topo, self.api, self.frames, self.delay = topo, api, frames, delay
         self.runs: list[str] = []
         self.threads: list[threading.Thread] = []
@@ -174,10 +202,10 @@ def main(argv=None) -> int:
         res = {}
         for name, api in (("single", single_api), ("HA", ha_api)):
             p1(api, 2)  # warm-up (first run imports the flow in the zygote's child)
-            res[name, "p1_idle"] = p1(api)
+            res[name, "p1_idle"] = p1(api, label=f"{name} idle")
             log(f"{name} P1 idle p50 {pct(res[name, 'p1_idle'], 50):.2f}s")
             with LiveLoad(topo, api) as load:
-                res[name, "p1_busy"] = p1(api)
+                res[name, "p1_busy"] = p1(api, label=f"{name} busy")
                 busy_ok = load.still_busy()
             log(f"{name} P1 busy p95 {pct(res[name, 'p1_busy'], 95):.2f}s (live still running: {busy_ok})")
             res[name, "p7"] = p7(api)
@@ -186,12 +214,15 @@ def main(argv=None) -> int:
             r7 = res[name, "p7"]
             rows.append((f"P7 {name}: 100 triggers, 20 × 2 s", f"makespan {r7['makespan']:.1f}s (ideal {r7['ideal']:.0f}s, "
                          f"{r7['makespan'] / r7['ideal']:.1f}× ideal; target ≤ 2×)",
-                         f"start p50 {r7['start_p50']:.1f}s p95 {r7['start_p95']:.1f}s", f"{r7['completed']}/100 completed"))
+                         f"start p50 {r7['start_p50']:.1f}s p95 {r7['start_p95']:.1f}s", f"{r7['completed']}/100 completed; created→Pending p50 {r7['to_pending_p50']:.1f}s "
+                         f"p95 {r7['to_pending_p95']:.1f}s, Pending→Running p50 {r7['pending_to_running_p50']:.1f}s "
+                         f"p95 {r7['pending_to_running_p95']:.1f}s, Running→end p50 {r7['run_seconds_p50']:.1f}s"))
         for name in ("single", "HA"):
             idle, busy = res[name, "p1_idle"], res[name, "p1_busy"]
             rows.append((f"P1 {name}: create → flow body running", f"idle p50 {pct(idle, 50):.2f}s p95 {pct(idle, 95):.2f}s "
                          "(target p50 ≤ 0.5 s)", f"2 live busy p50 {pct(busy, 50):.2f}s p95 {pct(busy, 95):.2f}s "
-                         "(target p95 ≤ 1 s)", f"busy/idle p50 ×{pct(busy, 50) / pct(idle, 50):.1f}"))
+                         "(target p95 ≤ 1 s)", f"busy/idle p50 ×{pct(busy, 50) / pct(idle, 50):.1f}; idle: {_split(name + ' idle')}; "
+                         f"busy: {_split(name + ' busy')}"))
     finally:
         for svc in (worker, server):
             if svc is not None:

@@ -10,6 +10,7 @@ one brought up by ``deployments/ha/up.sh`` (and leaves it running).  When a part
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,4 @@ def ha(tmp_path_factory):
     finally:
         helpers.api.close()
         topo.down()
+        shutil.rmtree(topo.state, ignore_errors=True)

@@ -58,8 +58,8 @@ def test_api_server_killed_during_burst(ha):
     deadline = time.monotonic() + 240
 
     def send(key):
-        a = _create(api, PROBE_DEPLOYMENT, {"seconds": 0.5}, key, [tag], deadline)
-        b = _create(api, PROBE_DEPLOYMENT, {"seconds": 0.5}, key, [tag], deadline)
+        a = _create(api, PROBE_DEPLOYMENT, {"seconds": 0.2}, key, [tag], deadline)
+        b = _create(api, PROBE_DEPLOYMENT, {"seconds": 0.2}, key, [tag], deadline)
         created[key] = (a["id"], b["id"])
         if killed.is_set():
             after_kill.append(key)
