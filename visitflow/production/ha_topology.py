@@ -173,6 +173,9 @@ class HATopology:
 
     def __post_init__(self):
         self.state = Path(self.state)
+        routes = _sh("ip", "-4", "route", check=False).stdout if shutil.which("ip") else ""
+        while not self.record.get("tag") and f"10.{self.subnet // 100 + 200}.{self.subnet % 100}." in routes:
+            self.subnet = random.randrange(10, 250)    # that /24 is taken here: pick another
         self.net = f"10.{self.subnet // 100 + 200}.{self.subnet % 100}"   # 10.20x.y.0/24
         self.bridge = f"{PREFIX}{self.tag}br"
         self.control = Host("control", f"{self.net}.1")
