@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import threading
 import time
@@ -190,6 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS-ha.md"))
     args = p.parse_args(argv)
     t_all = time.monotonic()
+    load0 = os.getloadavg()[0]
     topo = HATopology(Path("/tmp/placeholder"))
     topo.state = Path(f"/tmp/{PREFIX}-{topo.tag}")
     rows = []
@@ -231,7 +233,9 @@ def main(argv=None) -> int:
     lines = ["| measure | a | b | c |", "|---|---|---|---|", *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)]
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join(["# visitflow benchmarks: HA topology vs single server", "",
-                      f"{stamp} · run took {time.monotonic() - t_all:.0f}s", "",
+                      f"{stamp} · {os.cpu_count()} cores · load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end "
+                      f"(the machine is shared: absolute seconds inflate with load) · run took "
+                      f"{time.monotonic() - t_all:.0f}s", "",
                       "Reproduce (root): `python -m benchmarks.ha`", "", *lines, ""])
     print(text)
     Path(args.out).write_text(text)
