@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shutil
 import sys
 import threading
 import time
@@ -230,6 +231,7 @@ def main(argv=None) -> int:
             if svc is not None:
                 svc.stop()
         topo.down()
+        shutil.rmtree(topo.state, ignore_errors=True)
     lines = ["| measure | a | b | c |", "|---|---|---|---|", *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)]
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join(["# visitflow benchmarks: HA topology vs single server", "",
