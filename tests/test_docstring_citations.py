@@ -17,6 +17,7 @@ CITATION = re.compile(r"(?<![\w/.$-])((?:[\w.-]+/)*[\w-]+\.(?:py|md|yaml|yml|jso
 GENERATED = {
     ".visitflow/prefect-k8s.yaml": "deployments/kubernetes/use-k8s-pool.sh",
     "stack.json": "visitflow up (the stack's state file)",
+    "topology.json": "visitflow/production/ha_topology.py (the HA topology's record)",
 }
 
 
