@@ -10,7 +10,9 @@ The tree (``code`` of each class in brackets)::
     │   ├── ConfigError [config]                inconsistent or missing configuration (ValueError)
     │   ├── FileRootError [file_root]           an unusable detector-file root template (ValueError)
     │   ├── UsageError [usage]                  a call's arguments cannot work (ValueError)
-    │   └── OptionError [option]                an analysis option value or declaration (ValueError)
+    │   ├── OptionError [option]                an analysis option value or declaration (ValueError)
+    │   └── PrefectIncompatible [prefect_incompatible]  the installed Prefect lacks a private name
+    │                                           the warm worker relies on (ImportError)
     ├── InvalidToken [invalid_token]            a token that must be refused (401); ``reason`` is safe
     │   │                                       to send back; ``code`` says which check failed:
     │   │                                       ``expired``, ``bad_signature``, ``wrong_audience``, …
@@ -37,7 +39,8 @@ The tree (``code`` of each class in brackets)::
     ├── ServiceError [service]                  a process visitflow started misbehaved (RuntimeError)
     │   ├── ServiceFailed [service_failed]      a server did not come up or died
     │   └── ZygoteDied [zygote_died]            the warm worker's pre-imported parent died
-    └── OAuthError [oauth_error]                the dev IdP's own error answer (RFC 6749 body)
+    ├── OAuthError [oauth_error]                the dev IdP's own error answer (RFC 6749 body)
+    └── PrefectVersionWarning [prefect_version]  a warning: Prefect outside the tested range (UserWarning)
 
 Each class keeps the standard base that callers used before (``TimeoutError``, ``KeyError``,
 ``ValueError``, …), and each stays importable from the module that raises it
@@ -52,14 +55,14 @@ from __future__ import annotations
 __all__ = [
     "VisitflowError",
     "DefinitionError", "AnalysisDefinitionError", "ScopeError", "ConfigError", "FileRootError", "UsageError",
-    "OptionError",
+    "OptionError", "PrefectIncompatible",
     "InvalidToken", "InsufficientScope",
     "DelegationError", "GrantMissing", "GrantInvalid", "DelegationExpired", "NotAuthorised",
     "RemoteError", "Refused", "OAuthRefused", "PrefectRefused",
     "Unavailable", "OAuthUnavailable", "PrefectUnavailable", "AuthorityUnavailable",
     "RunError", "RunNotFinished", "RunAborted", "EmptyRun", "MissingField", "LiveIdleTimeout",
     "ServiceError", "ServiceFailed", "ZygoteDied",
-    "OAuthError",
+    "OAuthError", "PrefectVersionWarning",
 ]
 
 
@@ -114,6 +117,14 @@ class OptionError(DefinitionError, ValueError):
     names the option and why (:mod:`visitflow.options`)."""
 
     code = "option"
+
+
+class PrefectIncompatible(DefinitionError, ImportError):
+    """The installed Prefect lacks a private name the warm worker relies on
+    (:mod:`visitflow.worker.prefect_compat`); the message names each one, the installed
+    version and the tested range."""
+
+    code = "prefect_incompatible"
 
 
 # -- tokens --------------------------------------------------------------------------------
@@ -309,3 +320,13 @@ class OAuthError(VisitflowError):
     def __init__(self, error: str, description: str, status: int = 400, headers: dict | None = None):
         super().__init__(f"{error}: {description}")
         self.error, self.description, self.status, self.headers = error, description, status, headers
+
+
+# -- warnings ------------------------------------------------------------------------------
+
+class PrefectVersionWarning(VisitflowError, UserWarning):
+    """Prefect is outside the range the warm worker was tested on, though every private name
+    it relies on is still there (:mod:`visitflow.worker.prefect_compat`).  Turn it into an
+    error with ``-W error::visitflow.errors.PrefectVersionWarning``."""
+
+    code = "prefect_version"

@@ -153,13 +153,17 @@ class PrefectAPI:
         return {"id": self._ids[key]}
 
     def create_flow_run(self, deployment: str, parameters: dict, *, idempotency_key: str,
-                        tags: list[str] | None = None, name: str | None = None) -> dict:
-        """Create a flow run of ``deployment``; the same idempotency key returns the same run."""
+                        tags: list[str] | None = None, name: str | None = None, state: dict | None = None) -> dict:
+        """Create a flow run of ``deployment``; the same idempotency key returns the same run.
+        ``state`` (a StateCreate, e.g. ``{"type": "FAILED", "message": …}``) creates it in
+        that state instead of Scheduled: how the trigger records a run it could not start."""
         dep_id = self.deployment(deployment)["id"]
         body: dict[str, Any] = {"parameters": parameters, "idempotency_key": idempotency_key,
                                 "tags": tags or []}
         if name:
             body["name"] = name
+        if state:
+            body["state"] = state
         return self.request("POST", f"/deployments/{dep_id}/create_flow_run", json=body)
 
     def deployment_parameter_schema(self, name: str) -> dict:
@@ -168,7 +172,8 @@ class PrefectAPI:
         return self.request("GET", f"/deployments/name/{name}").get("parameter_openapi_schema") or {}
 
     def create_analysis_run(self, analysis: str, variant: str, visit: str, run_id: str,
-                            options: dict | None = None, *, idempotency_key: str | None = None) -> dict:
+                            options: dict | None = None, *, idempotency_key: str | None = None,
+                            state: dict | None = None) -> dict:
         """The one way visitflow starts an analysis: parameters exactly ``{visit, run_id}``
         plus the plan's option values, if any.  The key defaults to the trigger's
         one-run-per-(analysis, variant, visit, run, options) key."""
@@ -178,6 +183,7 @@ class PrefectAPI:
             idempotency_key=idempotency_key or grants.idempotency_key(analysis, variant, visit, run_id, options),
             tags=grants.run_tags(analysis, visit, run_id, variant),
             name=grants.flow_run_name(analysis, variant, visit, run_id),
+            state=state,
         )
 
     def flow_run(self, flow_run_id: str) -> dict:

@@ -10,6 +10,9 @@ errors.  A slow or dead Prefect never slows or breaks the scan.
 
 Refusals are final: if the IdP says the user may not run an analysis for this visit
 (``invalid_scope``), that analysis gets no flow run and a clear log line; nothing retries.
+An IdP that cannot be *reached* is retried while the user's token lives; after that each
+flow run the trigger would have made is recorded in Prefect as a Failed run with the reason
+and the way to recover (:mod:`visitflow.trigger.outage`).
 
 Kept light: httpx, pyjwt, sqlite3 (and pydantic/jsonschema for plan options) — no Prefect, no
 Tiled server stack (it runs in blueapi).
@@ -31,6 +34,7 @@ from .. import grants, oauth
 from ..options import OptionError, canonical, check_plan_values, schema_problem
 from ..prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
 from ..scopes import GRANT_SCOPE_MODES, ScopeError, check_name, grant_scopes
+from . import outage
 from .outbox import Outbox
 
 __all__ = ['TriggerSettings', 'AnalysisTrigger', 'subscribe_for']
@@ -53,6 +57,9 @@ class TriggerSettings:
     post_on: tuple = ("success",)                       # stop exit_status values that start post
     grant_prefix: str = grants.PREFIX
     max_backoff: float = 60.0
+    #: how long to retry an unreachable IdP for a user token whose life cannot be read (not a
+    #: JWT); a JWT's own ``exp`` bounds the retries otherwise (visitflow/trigger/outage.py)
+    exchange_window: float = 900.0
     #: "run" (the design) or "visit" (IdPs with a fixed scope list, e.g. Keycloak): see
     #: scopes.GRANT_SCOPE_MODES.  Must match the ScopedCredentials block's grant_scope.
     grant_scope: str = field(default_factory=lambda: os.environ.get("VISITFLOW_GRANT_SCOPE", "run"))
@@ -265,6 +272,8 @@ class AnalysisTrigger:
                 self.outbox.set_grant(g, state="store", error=str(exc), retry_in=self._backoff(g.attempts))
         for r in self.outbox.due_requests():
             self._create(api, r)
+        for r in self.outbox.due_requests("report"):
+            self._record_failure(api, r)
 
     def _options_fit(self, api: PrefectAPI, g) -> bool:
         """Check the plan's option values against the deployment's parameter schema before
@@ -286,8 +295,12 @@ class AnalysisTrigger:
     def _exchange(self, g) -> None:
         user_token = self._user_tokens.get(g.run)
         if user_token is None:
-            self.outbox.set_grant(g, state="failed", error="user token no longer available (trigger restarted)")
-            self._fail_requests(g, "failed", "no grant: the user's token was lost before the exchange")
+            self._give_up(g, outage.lost_token_reason(analysis=g.analysis, visit=g.visit, run=g.run,
+                                                      options=g.option_values))
+            return
+        expires_at = outage.token_expiry(user_token) or (g.created or time.time()) + self.settings.exchange_window
+        if g.attempts and expires_at <= time.time():
+            self._give_up(g, self._unreachable(g, expires_at))   # died while the IdP was away
             return
         try:
             if self._token_url is None:
@@ -299,16 +312,37 @@ class AnalysisTrigger:
                                   # exchange opened a blueapi client session (docs/production.md)
                                   requested_token_type=oauth.REFRESH_TOKEN_TYPE)
         except oauth.OAuthRefused as exc:
+            if g.attempts and expires_at - time.time() < outage.CLOCK_SKEW:  # refused as expired, after the outage
+                self._give_up(g, self._unreachable(g, expires_at))
+                return
             self._decide("REFUSED %s for visit %s run %s: the IdP says %s — no flow run", g.analysis, g.visit,
                          g.run, exc)
             self.outbox.set_grant(g, state="refused", error=str(exc))
             self._fail_requests(g, "refused", str(exc))
             return
         except (oauth.OAuthUnavailable, httpx.HTTPError, ValueError, OSError) as exc:  # discovery too: retried
-            self.outbox.set_grant(g, state="exchange", error=str(exc), retry_in=self._backoff(g.attempts))
+            delay = outage.retry_in(self._backoff(g.attempts), expires_at)
+            if delay is None:   # the user's token dies before the next try could reach the IdP
+                g.attempts, g.error = g.attempts + 1, str(exc)
+                self._give_up(g, self._unreachable(g, expires_at))
+            else:
+                self.outbox.set_grant(g, state="exchange", error=str(exc), retry_in=delay)
             return
         self.outbox.set_grant(g, state="store", token=resp.access_token)
         self._decide("delegated %s on %s/%s", g.analysis, g.visit, g.run)
+
+    def _unreachable(self, g, expires_at: float) -> str:
+        return outage.unreachable_reason(
+            issuer=self.settings.issuer, since=g.created or time.time(), attempts=g.attempts,
+            last_error=g.error or "", expires_at=expires_at, analysis=g.analysis, visit=g.visit, run=g.run,
+            options=g.option_values, secrets=(self.settings.client_secret, self.settings.prefect_auth_string or ""))
+
+    def _give_up(self, g, reason: str) -> None:
+        """No grant will come: each of its flow runs is to be recorded in Prefect as Failed."""
+        self._decide("FAILED %s for visit %s run %s: %s (recorded in Prefect as Failed flow runs)", g.analysis,
+                     g.visit, g.run, reason)
+        self.outbox.set_grant(g, state="failed", error=reason)
+        self._fail_requests(g, "report", reason)
 
     def _forget_token_when_done(self, run: str) -> None:
         """Drop the run's user token once no grant of that run still needs exchanging."""
@@ -325,7 +359,10 @@ class AnalysisTrigger:
 
     def _create(self, api: PrefectAPI, r) -> None:
         g = self.outbox.grant(r.analysis, r.visit, r.run)
-        if g is None or g.state in ("refused", "failed"):
+        if g is not None and g.state == "failed":   # e.g. a post request queued after the exchange gave up
+            self.outbox.set_request(r.key, state="report", error=g.error)   # recorded in this same pass
+            return
+        if g is None or g.state == "refused":
             self.outbox.set_request(r.key, state=g.state if g else "failed", error="no delegation grant")
             return
         if g.state != "ready":
@@ -343,6 +380,26 @@ class AnalysisTrigger:
             return
         self.outbox.set_request(r.key, state="done", flow_run_id=run["id"])
         self._decide("created %s flow run %s (%s)", r.key, run["id"], run.get("name"))
+
+    def _record_failure(self, api: PrefectAPI, r) -> None:
+        """Create ``r``'s flow run directly in a Failed state carrying the reason (its own
+        idempotency key: once, however often this is retried); Prefect down: retried."""
+        g = self.outbox.grant(r.analysis, r.visit, r.run)
+        try:
+            run = api.create_analysis_run(r.analysis, r.variant, r.visit, r.run, g.option_values if g else {},
+                                          idempotency_key=r.key, state=outage.failed_state(r.error or "no grant"))
+        except PrefectUnavailable as exc:
+            self.outbox.set_request(r.key, state="report", error=r.error, retry_in=self._backoff(r.attempts))
+            log.info("visitflow trigger: recording the failure of %s waits for Prefect (%s)", r.key, exc)
+            return
+        except PrefectRefused as exc:
+            final = exc.status in (400, 404, 409, 422)
+            self._decide("Prefect refused to record the failure of %s: %s%s", r.key, exc, "" if final else " (will retry)")
+            self.outbox.set_request(r.key, state="failed" if final else "report", error=r.error,
+                                    retry_in=None if final else self._backoff(r.attempts))
+            return
+        self.outbox.set_request(r.key, state="failed", flow_run_id=run["id"], error=r.error)
+        self._decide("recorded %s as Failed flow run %s (%s)", r.key, run["id"], run.get("name"))
 
 
 def subscribe_for(settings: TriggerSettings, token: str | TokenSource, run_engine) -> AnalysisTrigger:

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ['add_arguments', 'run', 'ui_base', 'report']
+__all__ = ['add_arguments', 'run', 'parse_options', 'ui_base', 'report']
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--visit", required=True)
     p.add_argument("--run", required=True, help="run id (start document uid)")
     p.add_argument("--variant", choices=["post", "live", "both"], default="post")
+    p.add_argument("--options", default=None, metavar="JSON",
+                   help='the analysis\'s options as a JSON object, e.g. \'{"background": 2.0}\' (or @file.json); '
+                        "checked against the analysis's declared options, as a plan's are")
     p.add_argument("--issuer", default=os.environ.get("VISITFLOW_ISSUER", "http://127.0.0.1:8180"))
     p.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api"))
     p.add_argument("--client-id", default="blueapi", help="client that may exchange user tokens (default blueapi)")
@@ -40,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from .. import oauth
+    from ..errors import OptionError, ScopeError
     from .callback import AnalysisTrigger, TriggerSettings
 
     secret = os.environ.get(args.client_secret_env)
@@ -54,18 +58,44 @@ def run(args) -> int:
     else:
         password = os.environ.get(args.password_env, args.user)
         token = oauth.password_login(oauth.token_endpoint(args.issuer), args.user, password).access_token
+    try:
+        options = parse_options(args.options)
+    except ValueError as exc:
+        print(f"--options: {exc}")
+        return 2
     variants = ("live", "post") if args.variant == "both" else (args.variant,)
     with tempfile.TemporaryDirectory() as tmp:
         trigger = AnalysisTrigger(TriggerSettings(issuer=args.issuer, prefect_api_url=args.prefect_api,
                                                   client_id=args.client_id, client_secret=secret,
                                                   state_dir=Path(tmp), grant_scope=args.grant_scope), token=token)
         try:
-            trigger.request(args.analysis, args.visit, args.run, variants)
+            try:
+                trigger.request(args.analysis, args.visit, args.run, variants, options=options)
+            except (OptionError, ScopeError) as exc:
+                print(f"not requested: {exc}")
+                return 2
             trigger.flush(args.timeout)
             requests = trigger.outbox.requests()
         finally:
             trigger.close()
     return report(requests, args)
+
+
+def parse_options(text: str | None) -> dict:
+    """``--options``: a JSON object, inline or ``@path``; ``{}`` when not given."""
+    import json
+
+    if not text:
+        return {}
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object of option values, not {type(value).__name__}")
+    return value
 
 
 def ui_base(args) -> str:

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS grants (
 CREATE TABLE IF NOT EXISTS requests (
     key TEXT PRIMARY KEY,           -- analysis/variant/visit/run (the idempotency key)
     analysis TEXT, variant TEXT, visit TEXT, run TEXT,
-    state TEXT NOT NULL,            -- pending | done | refused | failed
+    state TEXT NOT NULL,            -- pending | done | refused | report (a failure to record in
+                                    -- Prefect: visitflow/trigger/outage.py) | failed
     flow_run_id TEXT,
     error TEXT,
     attempts INTEGER DEFAULT 0,
@@ -58,6 +59,8 @@ class Grant:
     token: str | None
     attempts: int
     options: str | None = None      # canonical JSON of the plan's option values
+    error: str | None = None        # why the last attempt failed
+    created: float | None = None    # when the start document queued it
 
     @property
     def option_values(self) -> dict:
@@ -77,6 +80,10 @@ class Request:
     attempts: int
     flow_run_id: str | None = None
     error: str | None = None
+
+
+_GRANT_COLUMNS = "analysis, visit, run, state, token, attempts, options, error, created"
+_REQUEST_COLUMNS = "key, analysis, variant, visit, run, state, attempts, flow_run_id, error"
 
 
 class Outbox:
@@ -121,12 +128,12 @@ class Outbox:
 
     # ---------------------------------------------------------------- sender thread
     def due_grants(self, state: str) -> list[Grant]:
-        rows = self._exec("SELECT analysis, visit, run, state, token, attempts, options FROM grants "
+        rows = self._exec(f"SELECT {_GRANT_COLUMNS} FROM grants "
                           "WHERE state = ? AND next_at <= ? ORDER BY created", (state, time.time()))
         return [Grant(*r) for r in rows]
 
     def grant(self, analysis: str, visit: str, run: str) -> Grant | None:
-        rows = self._exec("SELECT analysis, visit, run, state, token, attempts, options FROM grants "
+        rows = self._exec(f"SELECT {_GRANT_COLUMNS} FROM grants "
                           "WHERE analysis = ? AND visit = ? AND run = ?", (analysis, visit, run))
         return Grant(*rows[0]) if rows else None
 
@@ -145,22 +152,24 @@ class Outbox:
         """Exchange again (a by-hand re-run brings a new user token; the old grant may be gone)."""
         if not self.add_grant(analysis, visit, run, options):
             self._exec("UPDATE grants SET state = 'exchange', token = NULL, error = NULL, attempts = 0, "
-                       "next_at = 0, options = ?, updated = ? WHERE analysis = ? AND visit = ? AND run = ?",
-                       (options, time.time(), analysis, visit, run))
+                       "next_at = 0, options = ?, created = ?, updated = ? WHERE analysis = ? AND visit = ? AND run = ?",
+                       (options, time.time(), time.time(), analysis, visit, run))
 
     def exchanges_pending(self, run: str) -> int:
         """How many of ``run``'s grants still wait for their exchange at the IdP."""
         return self._exec("SELECT COUNT(*) FROM grants WHERE run = ? AND state = 'exchange'", (run,))[0][0]
 
     def requests_for(self, analysis: str, visit: str, run: str, state: str | None = None) -> list[Request]:
-        rows = self._exec("SELECT key, analysis, variant, visit, run, state, attempts, flow_run_id, error FROM requests "
+        rows = self._exec(f"SELECT {_REQUEST_COLUMNS} FROM requests "
                           "WHERE analysis = ? AND visit = ? AND run = ? AND (? IS NULL OR state = ?) ORDER BY created",
                           (analysis, visit, run, state, state))
         return [Request(*r) for r in rows]
 
-    def due_requests(self) -> list[Request]:
-        rows = self._exec("SELECT key, analysis, variant, visit, run, state, attempts, flow_run_id, error "
-                          "FROM requests WHERE state = 'pending' AND next_at <= ? ORDER BY created", (time.time(),))
+    def due_requests(self, state: str = "pending") -> list[Request]:
+        """Requests in ``state`` (``pending``: flow runs to create; ``report``: failures to
+        record) whose retry time has come."""
+        rows = self._exec(f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE state = ? AND next_at <= ? "
+                          "ORDER BY created", (state, time.time()))
         return [Request(*r) for r in rows]
 
     def set_request(self, key: str, *, state: str, flow_run_id: str | None = None, error: str | None = None,
@@ -172,15 +181,15 @@ class Outbox:
              time.time(), key))
 
     def requests(self, state: str | None = None) -> list[Request]:
-        sql = "SELECT key, analysis, variant, visit, run, state, attempts, flow_run_id, error FROM requests"
+        sql = f"SELECT {_REQUEST_COLUMNS} FROM requests"
         rows = self._exec(sql + (" WHERE state = ?" if state else "") + " ORDER BY created", (state,) if state else ())
         return [Request(*r) for r in rows]
 
     def pending_count(self) -> int:
-        return self._exec("SELECT (SELECT COUNT(*) FROM requests WHERE state = 'pending') + "
+        return self._exec("SELECT (SELECT COUNT(*) FROM requests WHERE state IN ('pending', 'report')) + "
                           "(SELECT COUNT(*) FROM grants WHERE state IN ('exchange', 'store'))")[0][0]
 
     def next_due(self) -> float | None:
-        row = self._exec("SELECT MIN(next_at) FROM (SELECT next_at FROM requests WHERE state = 'pending' "
+        row = self._exec("SELECT MIN(next_at) FROM (SELECT next_at FROM requests WHERE state IN ('pending', 'report') "
                          "UNION ALL SELECT next_at FROM grants WHERE state IN ('exchange', 'store'))")
         return row[0][0] if row and row[0][0] is not None else None

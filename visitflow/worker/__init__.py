@@ -10,6 +10,9 @@ importing Prefect, numpy, tiled and the analysis: 11–20 s here), it asks the z
 
 Isolation is the process worker's: each flow run is its own process (and process group);
 a crash in an analysis kills only that child, and the worker reports it as crashed.
+
+The Prefect internals this needs (the run executor, the process handle) come from
+:mod:`visitflow.worker.prefect_compat`, which checks them against the installed Prefect.
 """
 
 from __future__ import annotations
@@ -28,16 +31,18 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from prefect.runner._process_manager import ProcessHandle, _PosixProcessGroupTerminationScope
+from prefect.logging.loggers import get_worker_logger
 from prefect.settings import get_current_settings
 from prefect.utilities.processutils import sanitize_subprocess_env
-from ..errors import ZygoteDied
 from prefect.workers.process import (
     ProcessJobConfiguration,
     ProcessVariables,
     ProcessWorker,
     ProcessWorkerResult,
 )
+
+from ..errors import ZygoteDied
+from .prefect_compat import FlowRunExecutorContext, ProcessHandle, process_group_handle
 
 __all__ = ['ZygoteDied', 'ForkedChild', 'Zygote', 'ZygoteStarter', 'VisitflowWorker']
 
@@ -174,7 +179,7 @@ class ZygoteStarter:
         handed_off = False
         try:
             child = await anyio.to_thread.run_sync(self.zygote.fork, str(flow_run.id), env, str(self.cwd))
-            handle = ProcessHandle(child, termination_scope=_PosixProcessGroupTerminationScope())
+            handle = process_group_handle(child)
             task_status.started(handle)
             handed_off = True
             await anyio.to_thread.run_sync(self.zygote.wait, child, abandon_on_cancel=True)
@@ -192,7 +197,6 @@ class VisitflowWorker(ProcessWorker):
     job_configuration_variables = ProcessVariables
     _description = ("Runs visitflow analyses as forked children of a pre-imported parent: process isolation, "
                     "sub-second starts.")
-    _display_name = "visitflow (warm process)"
     _documentation_url = "https://github.com/visitflow/visitflow"
 
     async def __aenter__(self):
@@ -200,7 +204,7 @@ class VisitflowWorker(ProcessWorker):
         preload = [m for m in os.environ.get("VISITFLOW_WORKER_PRELOAD", "").split(",") if m]
         self._zygote = Zygote(preload)
         await anyio.to_thread.run_sync(self._zygote.start)
-        self._logger.info("visitflow zygote ready (pid %s, preload %.1fs)", self._zygote.proc.pid,
+        get_worker_logger(self).info("visitflow zygote ready (pid %s, preload %.1fs)", self._zygote.proc.pid,
                           self._zygote.import_seconds or -1)
         return worker
 
@@ -212,7 +216,7 @@ class VisitflowWorker(ProcessWorker):
 
     async def _ensure_zygote(self) -> Zygote:
         if not self._zygote.alive():
-            self._logger.warning("visitflow zygote died; restarting it")
+            get_worker_logger(self).warning("visitflow zygote died; restarting it")
             self._zygote = Zygote(self._zygote.preload)
             await anyio.to_thread.run_sync(self._zygote.start)
         return self._zygote
@@ -220,7 +224,6 @@ class VisitflowWorker(ProcessWorker):
     async def run(self, flow_run, configuration: ProcessJobConfiguration,
                   task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:
         from prefect.flows import load_flow_from_flow_run
-        from prefect.runner._flow_run_executor import FlowRunExecutorContext
 
         if task_status is None:
             task_status = anyio.TASK_STATUS_IGNORED

@@ -5,7 +5,7 @@ numpy, tiled and the analysis.  The zygote pays that once, then stays *single-th
 (so ``fork`` is safe: no other thread can hold a lock the child would inherit) and forks a
 child per flow run.  The child starts its own session (so cancellation can signal its whole
 process group), takes the run's environment and working directory, and runs exactly what
-``python -m prefect.engine`` runs.  A crashing child cannot hurt the zygote or the worker;
+``python -m prefect.engine`` runs (:func:`visitflow.worker.prefect_compat.run_flow_run`).  A crashing child cannot hurt the zygote or the worker;
 the exit code reaches the worker, which reports a crash like the process worker does.
 
 Protocol (JSON lines): stdin ``{"id", "flow_run_id", "env", "cwd"}``; stdout
@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 
+from .prefect_compat import run_flow_run
+
 __all__ = ['PRELOAD', 'run_flow_run', 'main']
 
 PRELOAD = (
@@ -30,35 +32,6 @@ PRELOAD = (
     "prefect.artifacts", "prefect.concurrency.sync", "tiled.client", "visitflow.flowrun", "visitflow.blocks",
     "visitflow.tiled.rawrun", "visitflow.tiled.outputs", "visitflow.tiled.client", "pandas", "PIL.Image",
 )
-
-
-def run_flow_run(flow_run_id: str) -> int:
-    """What ``python -m prefect.engine <id>`` does; returns the exit code."""
-    from uuid import UUID
-
-    from prefect._internal.control_listener import configure_from_env
-    from prefect.engine import _drive_run_flow_result, handle_engine_signals
-
-    configure_from_env()
-    run_id = UUID(flow_run_id)
-    try:
-        with handle_engine_signals(run_id):
-            from prefect._internal.metrics import RunMetrics
-            from prefect.flow_engine import flow_run_logger, load_flow, load_flow_run, run_flow
-
-            flow_run = load_flow_run(flow_run_id=run_id)
-            run_logger = flow_run_logger(flow_run=flow_run)
-            try:
-                flow = load_flow(flow_run)
-            except Exception:
-                run_logger.error("Unexpected exception encountered when trying to load flow", exc_info=True)
-                raise
-            with RunMetrics(flow_run, flow):
-                result = run_flow(flow, flow_run=flow_run, error_logger=run_logger)
-                _drive_run_flow_result(flow, result)
-        return 0
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
 def _child(request: dict) -> None:
