@@ -40,7 +40,7 @@ def test_every_private_name_exists_in_the_installed_prefect(entry):
 
 
 def test_the_compat_module_lists_every_private_name_it_uses():
-    """Every private name compat.py hands out comes from the checked list: nothing it uses
+    """Every private name the compat module hands out comes from the checked list: nothing it uses
     escapes the check (and the worker code runs on exactly these objects)."""
     listed = {e.qualname for e in compat.PRIVATE_NAMES}
     used = {node.slice.value for node in ast.walk(ast.parse(COMPAT.read_text()))

@@ -205,8 +205,8 @@ def test_idp_outage_at_start_is_recorded_in_prefect_then_visitflow_trigger_recov
         other("start", {"uid": uid, "analyses": ["peak_stats"], "instrument_session": "a1",
                         "analysis_options": {"peak_stats": OPTIONS}})
         assert other.flush(60), [(r.key, r.state, r.error) for r in other.outbox.requests()]
-        other.close()
         (replayed,) = other.outbox.requests()
+        other.close()
         assert replayed.flow_run_id == runs["peak-stats/live"]["id"], "the same Failed run, not a second"
         assert len(api.flow_runs(tags=[f"run:{uid}"])) == 2
     finally:

@@ -194,7 +194,7 @@ def process_group_handle(child) -> Any:
 
 
 def run_flow_run(flow_run_id: str) -> int:
-    """What ``python -m prefect.engine <id>`` does (prefect/engine.py's ``__main__``), in the
+    """What ``python -m prefect.engine <id>`` does (the ``__main__`` of ``prefect.engine``), in the
     forked child; returns the exit code."""
     from uuid import UUID
 
