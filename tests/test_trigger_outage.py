@@ -106,11 +106,47 @@ def test_a_lost_user_token_is_recorded_the_same_way(tmp_path):
     first("start", {"uid": "u1", "analyses": ["peak_stats"], "instrument_session": "a1"})
     first.close()
     again = AnalysisTrigger(settings_for(tmp_path, "http://127.0.0.1:9"), token="unused", start_sender=False)
-    with PrefectAPI("http://127.0.0.1:9/api", attempts=1) as api:
-        again.send_once(api)
+    _exchange_once(again)
     (r,) = again.outbox.requests()
     assert r.state == "report" and "trigger restarted" in r.error and "visitflow trigger" in r.error
     again.close()
+
+
+def test_died_during_outage():
+    now = 1000.0
+    assert outage.died_during_outage("invalid_token", now + 5, now)
+    assert outage.died_during_outage("invalid_grant", now - 5, now)
+    assert not outage.died_during_outage("invalid_token", now + outage.CLOCK_SKEW + 1, now)
+    assert not outage.died_during_outage("invalid_scope", now + 5, now)
+    assert not outage.died_during_outage("access_denied", now - 5, now)
+
+
+def _exchange_once(trig, api_url="http://127.0.0.1:9/api"):
+    with PrefectAPI(api_url, attempts=1) as api:
+        trig.send_once(api)
+
+
+@pytest.mark.parametrize("after_outage", [False, True])
+def test_an_invalid_token_near_its_expiry_after_an_outage_is_an_outage(tmp_path, idp, after_outage):
+    """The real token service calls the subject token invalid (here: signed with a key it
+    never published) while the token is seconds from its exp.  First contact: a refusal, no
+    flow run, as before.  After failed attempts (the outage): the token died meanwhile, as far
+    as the trigger can tell, so the runs are recorded as Failed with the outage's reason."""
+    now = int(time.time())
+    token = idp.sign(idp.claims(exp=now + 10, scope="run:peak_stats:a1"), key=idp.other_key)
+    trig = AnalysisTrigger(settings_for(tmp_path, idp.issuer), token=token, start_sender=False)
+    trig("start", {"uid": "u1", "analyses": ["peak_stats"], "instrument_session": "a1"})
+    if after_outage:
+        trig.outbox.set_grant(trig.outbox.grant("peak_stats", "a1", "u1"), state="exchange",
+                              error="token endpoint unreachable", retry_in=0)
+    _exchange_once(trig)
+    (r,) = trig.outbox.requests()
+    if after_outage:
+        assert trig.outbox.grant("peak_stats", "a1", "u1").state == "failed"
+        assert r.state == "report" and "could not be reached" in r.error and "1 attempt," in r.error, r.error
+    else:
+        assert r.state == "refused" and "invalid_token" in r.error
+    trig.close()
 
 
 # ------------------------------------------------------------------ real servers

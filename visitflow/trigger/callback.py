@@ -312,7 +312,7 @@ class AnalysisTrigger:
                                   # exchange opened a blueapi client session (docs/production.md)
                                   requested_token_type=oauth.REFRESH_TOKEN_TYPE)
         except oauth.OAuthRefused as exc:
-            if g.attempts and expires_at - time.time() < outage.CLOCK_SKEW:  # refused as expired, after the outage
+            if g.attempts and outage.died_during_outage(exc.error, expires_at):  # refused as expired, after it
                 self._give_up(g, self._unreachable(g, expires_at))
                 return
             self._decide("REFUSED %s for visit %s run %s: the IdP says %s — no flow run", g.analysis, g.visit,

@@ -38,7 +38,7 @@ import time
 import jwt
 
 __all__ = [
-    'LAST_TRY_MARGIN', 'CLOCK_SKEW', 'token_expiry', 'retry_in', 'scrub', 'recovery_command',
+    'LAST_TRY_MARGIN', 'CLOCK_SKEW', 'token_expiry', 'retry_in', 'died_during_outage', 'scrub', 'recovery_command',
     'unreachable_reason', 'lost_token_reason', 'failed_state',
 ]
 
@@ -68,6 +68,16 @@ def retry_in(backoff: float, expires_at: float, now: float | None = None) -> flo
     if left <= LAST_TRY_MARGIN:
         return None
     return max(0.0, min(backoff, left - LAST_TRY_MARGIN))
+
+
+def died_during_outage(oauth_error: str, expires_at: float, now: float | None = None) -> bool:
+    """Whether a refusal that ends an outage (the trigger had failed to reach the token
+    service before) means "the user's token expired meanwhile": the token service calls the
+    subject token invalid and the token is within :data:`CLOCK_SKEW` of its ``exp`` (the
+    token service's clock may run ahead of ours).  A decision (``invalid_scope``,
+    ``access_denied``) stays a refusal."""
+    left = expires_at - (time.time() if now is None else now)
+    return oauth_error in ("invalid_token", "invalid_grant") and left < CLOCK_SKEW
 
 
 def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
