@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -195,23 +196,26 @@ class StoppedIdP:
 def test_idp_outage_at_start_is_recorded_in_prefect_then_visitflow_trigger_recovers(
         tmp_path, idp, tiled_server, prefect_stack):
     life = 20
-    now = int(time.time())
-    user_token = idp.sign(idp.claims(sub="alice", exp=now + life, iat=now, nbf=now,
-                                     scope="read:data:a1 write:data:a1 run:peak_stats:a1"))
-    # The scan runs (TiledWriter needs the IdP too: Tiled checks tokens there) with the
-    # trigger subscribed; its sender starts once the token service is down.
-    trig = AnalysisTrigger(settings_for(tmp_path, idp.issuer, prefect_stack.api_url), token=user_token,
-                           start_sender=False)
-    uid = run_scan(tiled_server.uri, idp.token("alice"), plan=outage_plan, subscribers=[trig])
+    # A real RunEngine scan into Tiled (which checks tokens against the IdP's keys, so it
+    # runs first); its documents then reach the trigger while the token service is down,
+    # with a user token that has `life` seconds left (one minted by the IdP's own key).
+    docs: list = []
+    uid = run_scan(tiled_server.uri, idp.token("alice"), plan=outage_plan,
+                   subscribers=[lambda name, doc: docs.append((name, doc))])
     down = StoppedIdP(idp)
     try:
-        trig.start()
+        now = int(time.time())
+        user_token = idp.sign(idp.claims(sub="alice", exp=now + life, iat=now, nbf=now,
+                                         scope="read:data:a1 write:data:a1 run:peak_stats:a1"))
+        trig = AnalysisTrigger(settings_for(tmp_path, idp.issuer, prefect_stack.api_url), token=user_token)
+        for name, doc in docs:
+            trig(name, doc)
         assert trig.flush(life + 90), [(r.key, r.state, r.error) for r in trig.outbox.requests()]
         trig.close()
         assert time.time() >= now + life - outage.LAST_TRY_MARGIN - 1, "gave up before the token died"
         failed = [d for d in trig.decisions if d.startswith("FAILED peak_stats")]
-        assert len(failed) == 1 and "attempts" in failed[0], trig.decisions
-        attempts = int(failed[0].split(" attempts")[0].rsplit("(", 1)[1])
+        assert len(failed) == 1 and "could not be reached" in failed[0], trig.decisions
+        attempts = int(re.search(r"\((\d+) attempts?, last:", failed[0]).group(1))
         assert attempts >= 3, f"the trigger kept trying while the token lived: {failed[0]}"
 
         # Visible through the Prefect API (what the UI shows): Failed runs of the deployments,
