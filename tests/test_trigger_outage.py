@@ -79,9 +79,9 @@ def test_parse_options():
 def test_gives_up_when_the_token_dies_and_keeps_the_record_until_prefect_answers(tmp_path):
     """IdP and Prefect both unreachable (closed ports): retried until the token's exp, then
     every request waits, durably, to be recorded as Failed in Prefect."""
-    life = 3.0
-    trig = AnalysisTrigger(settings_for(tmp_path, "http://127.0.0.1:9"), token=unsigned(time.time() + life),
-                           start_sender=False)
+    life = 3
+    exp = int(time.time()) + life
+    trig = AnalysisTrigger(settings_for(tmp_path, "http://127.0.0.1:9"), token=unsigned(exp), start_sender=False)
     trig("start", {"uid": "u1", "analyses": ["peak_stats"], "instrument_session": "a1"})
     trig("stop", {"run_start": "u1", "exit_status": "success"})
     t0 = time.monotonic()
@@ -90,10 +90,10 @@ def test_gives_up_when_the_token_dies_and_keeps_the_record_until_prefect_answers
             trig.send_once(api)
             time.sleep(0.1)
     g = trig.outbox.grant("peak_stats", "a1", "u1")
-    assert g.state == "failed" and time.monotonic() - t0 >= life - outage.LAST_TRY_MARGIN - 0.5
+    assert g.state == "failed" and time.time() >= exp - outage.LAST_TRY_MARGIN - 0.1, "gave up too early"
     requests = trig.outbox.requests()
     assert {r.state for r in requests} == {"report"} and len(requests) == 2
-    assert all("could not be reached" in r.error and "attempts" in r.error for r in requests)
+    assert all("could not be reached" in r.error and " attempt" in r.error for r in requests)
     assert not trig.holds_token_for("u1"), "the dead token is dropped"
     assert trig.outbox.pending_count() == 2, "the failure records are still to be sent"
     assert any(d.startswith("FAILED peak_stats") for d in trig.decisions)
