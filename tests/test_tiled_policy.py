@@ -190,8 +190,7 @@ def test_the_nodes_tag_decides_not_its_path(policy):
 
 
 def test_visit_listing_filters_by_run_tags(policy):
-    from tiled.queries import AccessTagsFilter  # noqa: F401  (what filters() wraps these in)
-
+    """(filters() wraps these in Tiled's AccessTagsFilter; test_tiled_node_tags.py: on a server.)"""
     from visitflow.tiled.access_policy import Place
 
     visit = policy.place_of(("raw", "a1"), ["visitflow:raw:a1"])
