@@ -132,22 +132,53 @@ def write_realms(directory: Path) -> list[Path]:
 
 
 @dataclass
-class KeycloakHandle(TokenCalls):
+class KeycloakRealm(TokenCalls):
+    """One realm of the test Keycloak, as a facility IdP: logins, and the raw material for
+    forged tokens (its real ``kid`` and public key; its private key never leaves Keycloak)."""
+
     base: str
-    service: Service | None = None
-    started_in: float | None = None  # seconds from process start to ready (None if reused)
+    realm: str
+    other_key: object = field(default_factory=new_rsa_key)
 
     @property
     def issuer(self) -> str:
-        return f"{self.base}/realms/{REALM}"
-
-    @property
-    def other_issuer(self) -> str:
-        return f"{self.base}/realms/{OTHER_REALM}"
+        return f"{self.base}/realms/{self.realm}"
 
     @property
     def token_url(self) -> str:
         return f"{self.issuer}/protocol/openid-connect/token"
+
+    def sub(self, user: str) -> str:
+        """The user's ``sub`` in this realm (a Keycloak id, not the username)."""
+        return jwt.decode(self.token(user), options={"verify_signature": False})["sub"]
+
+    def signing_key(self):
+        """``(kid, public key)`` of the realm's RS256 signing key, from its JWKS."""
+        keys = httpx.get(f"{self.issuer}/protocol/openid-connect/certs", timeout=10).json()["keys"]
+        jwk = next(k for k in keys if k.get("use") == "sig" and k.get("alg") == "RS256")
+        return jwk["kid"], jwt.PyJWK(jwk).key
+
+    def public_pem(self) -> bytes:
+        return self.signing_key()[1].public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def forge(self, claims: dict, key=None, algorithm: str = "RS256", headers: dict | None = None) -> str:
+        """``claims`` signed by someone else (``key``, default :attr:`other_key`) under the realm's kid."""
+        hdr = {"kid": self.signing_key()[0], "typ": "at+jwt", **(headers or {})}
+        return jwt.encode(claims, key if key is not None else self.other_key, algorithm=algorithm, headers=hdr)
+
+
+@dataclass
+class KeycloakHandle(KeycloakRealm):
+    """The test Keycloak; as a realm, ours (``visitflow``)."""
+
+    realm: str = REALM
+    service: Service | None = None
+    started_in: float | None = None  # seconds from process start to ready (None if reused)
+
+    @property
+    def other_issuer(self) -> str:
+        return f"{self.base}/realms/{OTHER_REALM}"
 
     def oidc(self, endpoint: str, realm: str = REALM) -> str:
         return f"{self.base}/realms/{realm}/protocol/openid-connect/{endpoint}"
@@ -187,43 +218,6 @@ class KeycloakHandle(TokenCalls):
         return sum(int(line.split()[0]) for line in out.stdout.splitlines() if "java" in line) or None
 
 
-@dataclass
-class KeycloakRealm(TokenCalls):
-    """One realm of the test Keycloak, as a facility IdP: logins, and the raw material for
-    forged tokens (its real ``kid`` and public key; its private key never leaves Keycloak)."""
-
-    base: str
-    realm: str
-    other_key: object = field(default_factory=new_rsa_key)
-
-    @property
-    def issuer(self) -> str:
-        return f"{self.base}/realms/{self.realm}"
-
-    @property
-    def token_url(self) -> str:
-        return f"{self.issuer}/protocol/openid-connect/token"
-
-    def sub(self, user: str) -> str:
-        """The user's ``sub`` in this realm (a Keycloak id, not the username)."""
-        return jwt.decode(self.token(user), options={"verify_signature": False})["sub"]
-
-    def signing_key(self):
-        """``(kid, public key)`` of the realm's RS256 signing key, from its JWKS."""
-        keys = httpx.get(f"{self.issuer}/protocol/openid-connect/certs", timeout=10).json()["keys"]
-        jwk = next(k for k in keys if k.get("use") == "sig" and k.get("alg") == "RS256")
-        return jwk["kid"], jwt.PyJWK(jwk).key
-
-    def public_pem(self) -> bytes:
-        return self.signing_key()[1].public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-
-    def forge(self, claims: dict, key=None, algorithm: str = "RS256", headers: dict | None = None) -> str:
-        """``claims`` signed by someone else (``key``, default :attr:`other_key`) under the realm's kid."""
-        hdr = {"kid": self.signing_key()[0], "typ": "at+jwt", **(headers or {})}
-        return jwt.encode(claims, key if key is not None else self.other_key, algorithm=algorithm, headers=hdr)
-
-
 def start_keycloak(tmp: Path, *, timeout: float = 900.0) -> KeycloakHandle:
     home = keycloak_home()
     port, mgmt = free_port(), free_port()
@@ -239,7 +233,7 @@ def start_keycloak(tmp: Path, *, timeout: float = 900.0) -> KeycloakHandle:
     except Exception:
         service.stop()
         raise
-    handle = KeycloakHandle(f"http://127.0.0.1:{port}", service, time.monotonic() - t0)
+    handle = KeycloakHandle(f"http://127.0.0.1:{port}", service=service, started_in=time.monotonic() - t0)
     wait_for_realm(handle.issuer)
     return handle
 
