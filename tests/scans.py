@@ -51,11 +51,7 @@ def held_scan(hold: threading.Event, pause_after: int, num: int = 16, step_sleep
               max_hold: float = 300.0):
     """A step-scan plan (``plan=`` of :func:`run_scan`) that stops after ``pause_after`` points
     until ``hold`` is set (at most ``max_hold`` s), so a test can restart or stop a server
-    while the scan is certainly running; TiledWriter sends nothing meanwhile.
-    (tests/test_tiled_stream.py keeps its own ``_pausing_scan``: with this helper its Tiled
-    restart test failed 3 of 3 times run alone — "raw run shrank" — passed once alone with its
-    own, and passed with this helper in a full-suite run: a flaky test or a real difference,
-    not found yet.)"""
+    while the scan is certainly running; TiledWriter sends nothing meanwhile."""
     import bluesky.plan_stubs as bps
     from bluesky import preprocessors as bpp
 
