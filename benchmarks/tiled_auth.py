@@ -32,6 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.latency_table import interleaved, latency_rows, measure, write_result  # noqa: E402
 from visitflow.services import free_port, start_service  # noqa: E402
 from visitflow.tiled.config import prepare_state_dir, render_config, write_config  # noqa: E402
 
@@ -40,10 +41,11 @@ MODES = ("apikey", "jwt", "jwt-nopolicy")
 SERVE = "import sys, yaml; from visitflow.tiled.server import serve; serve(yaml.safe_load(open(sys.argv[1])), log_level='warning')"
 
 
-def start_tiled(name, issuer, tmp: Path, mode: str):
+def start_tiled(name, issuer, tmp: Path, mode: str, **config):
+    """A Tiled server for one variant (``config``: more :func:`render_config` options)."""
     port = free_port()
     state = prepare_state_dir(tmp / name)
-    cfg = render_config(issuer=issuer, state_dir=state, port=port)
+    cfg = render_config(issuer=issuer, state_dir=state, port=port, **config)
     if mode == "apikey":
         cfg.pop("access_control")
         cfg["authentication"] = {"single_user_api_key": API_KEY, "allow_anonymous_access": False}
@@ -81,16 +83,6 @@ def write_run(uri, bearer: str | None) -> str:
     RE.subscribe(TiledWriter(c))
     (uid,) = RE(bp.scan([det], motor, -1, 1, 5))
     return uid
-
-
-def measure(client: httpx.Client, url: str, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        r = client.get(url)
-        out.append(time.perf_counter() - t0)
-        assert r.status_code == 200, r.text
-    return out
 
 
 def throughput(url: str, headers: dict, auth, n: int, threads: int = 4) -> tuple[float, list[str]]:
@@ -166,10 +158,7 @@ def main(argv=None) -> int:
             measure(clients[m], urls[m], 50)
         order = list(servers)
         for r in range(args.rounds):
-            # Request by request, rotating the order: background load hits every variant alike.
-            for i in range(args.n):
-                for m in order[i % len(order):] + order[:i % len(order)]:
-                    lat[m] += measure(clients[m], urls[m], 1)
+            interleaved(clients, urls, args.n, lat)
             for m in order[r % len(order):] + order[:r % len(order)]:
                 rate, errs = throughput(urls[m], headers[m], auths[m], args.n)
                 rps[m].append(rate)
@@ -177,25 +166,17 @@ def main(argv=None) -> int:
         for c in clients.values():
             c.close()
 
-        base = statistics.median(lat["apikey"])
-        rows = ["| auth | median ms | p90 ms | ratio vs apikey (median) | req/s (4 threads, median of rounds) "
-                "| failed threads |", "|---|---|---|---|---|---|"]
+        extra = {m: ("invalid" if failures[m] else f"{statistics.median(rps[m]):.0f}", str(len(failures[m])))
+                 for m in servers}
+        rows = latency_rows(lat, "apikey", ("req/s (4 threads, median of rounds)", "failed threads"), extra)
         for m in servers:
-            xs = sorted(lat[m])
-            med, p90 = statistics.median(xs), xs[int(0.9 * len(xs))]
-            rate = "invalid" if failures[m] else f"{statistics.median(rps[m]):.0f}"
-            rows.append(f"| {m} | {med * 1e3:.2f} | {p90 * 1e3:.2f} | {med / base:.2f} | {rate} | {len(failures[m])} |")
             for err in sorted(set(failures[m]))[:3]:
                 print(f"{m}: {err}", file=sys.stderr)
-        table = "\n".join(rows)
-        note = (f"\nTiled metadata GET of raw/a1/<run>: {args.rounds} rounds x {args.n} sequential keep-alive "
+        note = (f"Tiled metadata GET of raw/a1/<run>: {args.rounds} rounds x {args.n} sequential keep-alive "
                 f"requests per server, interleaved request by request; req/s: {args.n} requests from 4 threads "
                 f"per round. "
-                f"{time.strftime('%Y-%m-%d %H:%M')}, python {sys.version.split()[0]}.\n")
-        print(table + "\n" + note)
-        out = REPO / "benchmarks" / "results" / "tiled_auth.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("# Tiled: JWT + policy vs API key\n\n" + table + "\n" + note)
+                f"{time.strftime('%Y-%m-%d %H:%M')}, python {sys.version.split()[0]}.")
+        write_result("tiled_auth", "Tiled: JWT + policy vs API key", rows, note)
         return 0
     finally:
         for svc in reversed(services):

@@ -1,11 +1,11 @@
-"""The facility's parts for the ``opa`` suite: a facility IdP, the token service in
+"""The facility's parts for the ``opa`` suite: the facility IdP, the token service in
 production mode (``deployments/token-service.yaml``) trusting it and asking a real OPA.
 
-The facility IdP here is **emulated**: a second dev IdP process configured identity-only,
-as Keycloak is (``FACILITY_IDP``: users, logins with ``aud`` blueapi + tiled, no visit
-scopes, no exchange clients).  The token service trusts it through discovery + JWKS only —
-exactly how it trusts Keycloak — so swapping in the ``keycloak`` fixture changes only
-``facility`` below (its ``issuer`` and ``token(user)``).
+The facility IdP is the real Keycloak of the session (``tests/keycloak_fixtures.py``, shared
+with the ``keycloak`` suite), realm ``facility``: identity only — users alice, bob, carol,
+dave; logins carry ``aud`` blueapi + tiled; no per-visit scopes or roles (derived from the
+shipped realm by :func:`visitflow.production.keycloak_identity.identity_realm`).  The token
+service and Tiled trust it through discovery + JWKS only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.idp_fixtures import IdPHandle, start_idp
+from tests.idp_fixtures import IdPHandle
 from visitflow.services import Service, free_port, start_service
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,16 +26,6 @@ TS_SECRETS = {"blueapi": "ts-blueapi-secret", "visitflow": "ts-visitflow-secret"
               "tiled": "ts-tiled-secret", "visitflow-admin": "ts-admin-secret"}
 TS_ENV = {"VISITFLOW_BLUEAPI_SECRET": TS_SECRETS["blueapi"], "VISITFLOW_VISITFLOW_SECRET": TS_SECRETS["visitflow"],
           "VISITFLOW_TILED_SECRET": TS_SECRETS["tiled"], "VISITFLOW_ADMIN_SECRET": TS_SECRETS["visitflow-admin"]}
-
-#: Identity only, like the facility's Keycloak realm: who you are, for blueapi and Tiled.
-FACILITY_IDP = {
-    "lifetimes": {"access": 300, "refresh": 1800, "session_max": 36000, "id_token": 300},
-    "audiences": {"blueapi": {}, "tiled": {}},
-    "clients": {"visitflow-cli": {"public": True, "grants": ["password", "refresh_token"],
-                                  "audiences": ["blueapi", "tiled"]}},
-    "users": {name: {"password": name, "scopes": []} for name in ("alice", "bob", "carol", "dave")},
-}
-
 
 def token_service_config(facility_issuer: str, opa_url: str, cache_seconds: float = 2.0) -> dict:
     """deployments/token-service.yaml with this session's facility IdP and OPA."""
@@ -95,13 +85,13 @@ def start_token_service(tmp: Path, facility_issuer: str, opa_url: str, **kw) -> 
 
 
 @pytest.fixture(scope="session")
-def facility(tmp_path_factory):
-    """The facility IdP (emulated by an identity-only dev IdP; see the module docstring)."""
-    tmp = tmp_path_factory.mktemp("facility-idp")
-    (tmp / "facility.yaml").write_text(yaml.safe_dump(FACILITY_IDP))
-    handle = start_idp(tmp, tmp / "facility.yaml")
-    yield handle
-    handle.service.stop()
+def facility(keycloak):
+    """The facility IdP: realm ``facility`` of the session's real Keycloak (module docstring)."""
+    from tests.keycloak_fixtures import FACILITY_REALM, wait_for_realm
+
+    handle = keycloak.realm_handle(FACILITY_REALM)
+    wait_for_realm(handle.issuer)
+    return handle
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,14 @@ fresh data directory, so every session starts from an empty database holding exa
   ``tests-short-lived`` (public, password grant, 5 s access tokens for tiled: the "expired"
   case) and nothing else; the shipped clients are untouched;
 * ``elsewhere`` — another realm with the same client names and user ``alice``: its tokens
-  look right and carry ``aud: tiled`` but come from another issuer with other keys.
+  look right and carry ``aud: tiled`` but come from another issuer with other keys;
+* ``facility`` — the identity-only realm of the token-service topology (the ``opa`` suite's
+  facility IdP): :func:`visitflow.production.keycloak_identity.identity_realm` of the shipped
+  realm (so realm.json stays the one owner of its content), plus the test-only user ``dave``
+  (beamline staff in ``deployments/opa/data.json``) and the short-lived test client.
+
+One Keycloak serves the ``keycloak`` and ``opa`` suites of a session (the fixture is
+session-scoped; the realms are independent).
 
 ``VISITFLOW_TEST_KEYCLOAK_URL=http://127.0.0.1:PORT`` reuses a running Keycloak instead (fast
 iteration), started with the same realms by ``python -m tests.keycloak_fixtures DIR PORT``.
@@ -23,19 +30,23 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests.idp_fixtures import TokenCalls
+from visitflow.idp.keys import new_rsa_key
 from visitflow.services import Service, free_port, start_service
 
 REPO = Path(__file__).resolve().parents[1]
 KC_DIR = REPO / "deployments" / "keycloak"
 REALM = "visitflow"
 OTHER_REALM = "elsewhere"
+FACILITY_REALM = "facility"
 SHORT_CLIENT = "tests-short-lived"
 SHORT_LIFESPAN = 5
 ADMIN = ("admin", "admin")  # dev-mode bootstrap admin of the throwaway instance
@@ -48,15 +59,34 @@ def _audience_mapper(aud: str) -> dict:
                        "introspection.token.claim": "true", "id.token.claim": "false"}}
 
 
-def realms_for_tests() -> list[dict]:
-    """The realms a test Keycloak imports: ours (+ one test-only client) and a stranger."""
-    realm = json.loads((KC_DIR / "realm.json").read_text())
+def _with_short_lived_client(realm: dict) -> dict:
     cli = next(c for c in realm["clients"] if c["clientId"] == "visitflow-cli")
     short = copy.deepcopy(cli)
     short.update(clientId=SHORT_CLIENT, name=SHORT_CLIENT,
                  description="TESTS ONLY: access tokens expire after a few seconds")
     short["attributes"] = {**short["attributes"], "access.token.lifespan": str(SHORT_LIFESPAN)}
     realm["clients"].append(short)
+    return realm
+
+
+def facility_realm() -> dict:
+    """The identity-only realm derived from the shipped one (+ test user dave, short client)."""
+    from visitflow.production.keycloak_identity import identity_realm
+
+    realm = _with_short_lived_client(identity_realm(json.loads((KC_DIR / "realm.json").read_text())))
+    realm["realm"] = FACILITY_REALM
+    carol = next(u for u in realm["users"] if u["username"] == "carol")
+    dave = copy.deepcopy(carol)
+    dave.update(username="dave", firstName="Dave", email="dave@example.org",
+                credentials=[{"type": "password", "value": "dave", "temporary": False}])
+    realm["users"].append(dave)
+    return realm
+
+
+def realms_for_tests() -> list[dict]:
+    """The realms a test Keycloak imports: ours (+ one test-only client), a stranger, and
+    the facility's identity-only realm."""
+    realm = _with_short_lived_client(json.loads((KC_DIR / "realm.json").read_text()))
 
     other = {
         "realm": OTHER_REALM, "enabled": True, "sslRequired": "external", "accessTokenLifespan": 300,
@@ -77,7 +107,7 @@ def realms_for_tests() -> list[dict]:
                    "lastName": "Elsewhere", "email": "alice@elsewhere.example",
                    "credentials": [{"type": "password", "value": "alice", "temporary": False}]}],
     }
-    return [realm, other]
+    return [realm, other, facility_realm()]
 
 
 def keycloak_home() -> str:
@@ -102,22 +132,53 @@ def write_realms(directory: Path) -> list[Path]:
 
 
 @dataclass
-class KeycloakHandle(TokenCalls):
+class KeycloakRealm(TokenCalls):
+    """One realm of the test Keycloak, as a facility IdP: logins, and the raw material for
+    forged tokens (its real ``kid`` and public key; its private key never leaves Keycloak)."""
+
     base: str
-    service: Service | None = None
-    started_in: float | None = None  # seconds from process start to ready (None if reused)
+    realm: str
+    other_key: object = field(default_factory=new_rsa_key)
 
     @property
     def issuer(self) -> str:
-        return f"{self.base}/realms/{REALM}"
-
-    @property
-    def other_issuer(self) -> str:
-        return f"{self.base}/realms/{OTHER_REALM}"
+        return f"{self.base}/realms/{self.realm}"
 
     @property
     def token_url(self) -> str:
         return f"{self.issuer}/protocol/openid-connect/token"
+
+    def sub(self, user: str) -> str:
+        """The user's ``sub`` in this realm (a Keycloak id, not the username)."""
+        return jwt.decode(self.token(user), options={"verify_signature": False})["sub"]
+
+    def signing_key(self):
+        """``(kid, public key)`` of the realm's RS256 signing key, from its JWKS."""
+        keys = httpx.get(f"{self.issuer}/protocol/openid-connect/certs", timeout=10).json()["keys"]
+        jwk = next(k for k in keys if k.get("use") == "sig" and k.get("alg") == "RS256")
+        return jwk["kid"], jwt.PyJWK(jwk).key
+
+    def public_pem(self) -> bytes:
+        return self.signing_key()[1].public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def forge(self, claims: dict, key=None, algorithm: str = "RS256", headers: dict | None = None) -> str:
+        """``claims`` signed by someone else (``key``, default :attr:`other_key`) under the realm's kid."""
+        hdr = {"kid": self.signing_key()[0], "typ": "at+jwt", **(headers or {})}
+        return jwt.encode(claims, key if key is not None else self.other_key, algorithm=algorithm, headers=hdr)
+
+
+@dataclass
+class KeycloakHandle(KeycloakRealm):
+    """The test Keycloak; as a realm, ours (``visitflow``)."""
+
+    realm: str = REALM
+    service: Service | None = None
+    started_in: float | None = None  # seconds from process start to ready (None if reused)
+
+    @property
+    def other_issuer(self) -> str:
+        return f"{self.base}/realms/{OTHER_REALM}"
 
     def oidc(self, endpoint: str, realm: str = REALM) -> str:
         return f"{self.base}/realms/{realm}/protocol/openid-connect/{endpoint}"
@@ -132,6 +193,9 @@ class KeycloakHandle(TokenCalls):
         """End the user session the refresh token belongs to (OIDC logout, back channel)."""
         return httpx.post(self.oidc("logout"), data={"client_id": client_id, "refresh_token": refresh_token},
                           timeout=10)
+
+    def realm_handle(self, realm: str) -> KeycloakRealm:
+        return KeycloakRealm(self.base, realm)
 
     def admin_token(self) -> str:
         r = httpx.post(f"{self.base}/realms/master/protocol/openid-connect/token", data={
@@ -169,21 +233,24 @@ def start_keycloak(tmp: Path, *, timeout: float = 900.0) -> KeycloakHandle:
     except Exception:
         service.stop()
         raise
-    handle = KeycloakHandle(f"http://127.0.0.1:{port}", service, time.monotonic() - t0)
-    _wait_for_realm(handle)
+    handle = KeycloakHandle(f"http://127.0.0.1:{port}", service=service, started_in=time.monotonic() - t0)
+    wait_for_realm(handle.issuer)
     return handle
 
 
-def _wait_for_realm(handle: KeycloakHandle, timeout: float = 60.0) -> None:
+def wait_for_realm(issuer: str, timeout: float = 60.0) -> None:
+    """Until the realm's discovery document is served (a reused Keycloak must have been
+    started with :func:`realms_for_tests`, e.g. by ``python -m tests.keycloak_fixtures``)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(f"{handle.issuer}/.well-known/openid-configuration", timeout=5).status_code == 200:
+            if httpx.get(f"{issuer}/.well-known/openid-configuration", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"realm {REALM} not served at {handle.issuer}")
+            raise RuntimeError(f"realm not served at {issuer}: was this Keycloak started with "
+                               "tests/keycloak_fixtures.py's realms?")
         time.sleep(0.5)
 
 
@@ -192,7 +259,7 @@ def keycloak(tmp_path_factory):
     url = os.environ.get("VISITFLOW_TEST_KEYCLOAK_URL")
     if url:
         handle = KeycloakHandle(url.rstrip("/"))
-        _wait_for_realm(handle)
+        wait_for_realm(handle.issuer)
         yield handle
         return
     handle = start_keycloak(tmp_path_factory.mktemp("keycloak"))

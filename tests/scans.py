@@ -45,3 +45,29 @@ def start_scan_thread(*args, **kwargs) -> tuple[threading.Thread, dict]:
     t = threading.Thread(target=target, daemon=True)
     t.start()
     return t, out
+
+
+def held_scan(hold: threading.Event, pause_after: int, num: int = 16, step_sleep: float = 0.1,
+              max_hold: float = 300.0):
+    """A step-scan plan (``plan=`` of :func:`run_scan`) that stops after ``pause_after`` points
+    until ``hold`` is set (at most ``max_hold`` s), so a test can restart or stop a server
+    while the scan is certainly running; TiledWriter sends nothing meanwhile."""
+    import bluesky.plan_stubs as bps
+    from bluesky import preprocessors as bpp
+
+    def plan(det, saxs, motor, md):
+        @bpp.run_decorator(md=md)
+        @bpp.stage_decorator([det, saxs, motor])
+        def inner():
+            for i in range(num):
+                yield from bps.mv(motor, -1 + 2 * i / (num - 1))
+                yield from bps.trigger_and_read([det, saxs, motor])
+                yield from bps.sleep(step_sleep)
+                waited = 0.0
+                while i + 1 == pause_after and not hold.is_set() and waited < max_hold:
+                    yield from bps.sleep(0.2)
+                    waited += 0.2
+
+        return (yield from inner())
+
+    return plan

@@ -1,4 +1,4 @@
-"""Tiled at the facility: users' own tokens from the (emulated) facility IdP are decided by
+"""Tiled at the facility: users' own tokens from the facility IdP (real Keycloak) are decided by
 a real OPA; run tokens from the token service by their scopes.  Real Tiled, real
 TiledWriter scans written with the user's own token (as blueapi does)."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import jwt
 import pytest
 
 from tests.scans import run_scan
@@ -53,14 +54,25 @@ def test_run_token_reads_its_run_only(facility_tiled, facility, token_service, s
     assert t.get(f"metadata/raw/a2/{scans['b1']}", data).status_code in (403, 404), "another session"
 
 
-def test_bad_user_tokens_are_401_with_reasons(facility_tiled, facility):
+def test_bad_user_tokens_are_401_with_reasons(facility_tiled, facility, keycloak):
+    """Keycloak-made bad tokens where it can make them, attacker-signed ones where not."""
+    from tests.keycloak_fixtures import SHORT_CLIENT
+
     t = facility_tiled
-    bad = {"wrong aud": facility.sign(facility.claims(aud="blueapi", scope="")),
-           "unknown key": facility.sign(facility.claims(aud="tiled", scope=""), key=facility.other_key),
-           "expired": facility.sign(facility.claims(aud="tiled", scope="", exp=int(time.time()) - 600))}
+    short = facility.token("alice", client_id=SHORT_CLIENT)
+    login = facility.login("alice", scope="openid")
+    good = jwt.decode(login["access_token"], options={"verify_signature": False})
+    bad = {"wrong aud (Keycloak's blueapi service account)": facility.client_token("blueapi", "blueapi-dev-secret"),
+           "another realm of the same Keycloak": keycloak.other_realm_token(),
+           "unknown key under Keycloak's kid": facility.forge(good),
+           "Keycloak's ID token": login["id_token"],
+           "Keycloak's refresh token": login["refresh_token"]}
     for name, token in bad.items():
         r = t.get("metadata/raw/a1", token)
         assert r.status_code == 401, (name, r.status_code, r.text)
+    time.sleep(max(0.0, jwt.decode(short, options={"verify_signature": False})["exp"] + 11 - time.time()))
+    r = t.get("metadata/raw/a1", short)
+    assert r.status_code == 401 and "expired" in r.text.lower(), (r.status_code, r.text)
 
 
 def test_removed_member_is_refused_within_the_cache_window(facility_tiled, facility, opa, scans):

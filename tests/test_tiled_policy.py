@@ -167,3 +167,38 @@ def test_register_scope_only_with_file_roots_and_the_middleware():
         assert "register" in asyncio.run(files.allowed_scopes(Node(), object(), None, admin))
     finally:
         REQUEST.reset(token)
+
+
+def test_the_nodes_tag_decides_not_its_path(policy):
+    """A node at raw/a1/u1 whose tag says another place is governed by the tag."""
+    u2 = ScopeSet.parse("read:raw:a1/u2")
+    node = ("raw", "a1", "u1", "primary")
+    assert policy.scopes_at(node, T_DATA, None) == {"read:metadata", "read:data"}  # untagged: the path
+    assert policy.scopes_at(node, T_DATA, None, tags=["visitflow:raw:a1/u1"]) == {"read:metadata", "read:data"}
+    assert policy.scopes_at(node, T_DATA, None, tags=["visitflow:raw:a1/u2"]) == set()
+    assert policy.scopes_at(node, u2, None, tags=["visitflow:raw:a1/u2"]) == {"read:metadata", "read:data"}
+    assert policy.scopes_at(node, ALICE, None, tags=["visitflow:raw:a2/u1"]) == set(), "tag says Bob's session"
+    assert policy.scopes_at(node, BOB, None, tags=["visitflow:raw:a2/u1"]) >= {"read:data", "write:data"}
+    # a visit container's place comes from its tag too
+    reader_a2 = ScopeSet.parse("read:raw:a2")
+    assert policy.scopes_at(("raw", "a1"), reader_a2, None, tags=["visitflow:raw:a2"]) == {"read:metadata", "read:data"}
+    assert policy.scopes_at(("raw", "a1"), ALICE, None, tags=["visitflow:raw:a2"]) == set()
+    # a visitflow: tag that is not a place: nothing, never the path's answer
+    assert policy.scopes_at(node, ALICE, None, tags=["visitflow:raw:../a1"]) == set()
+    # other tags (e.g. blueapi's access_tags) do not place a node: the path does
+    assert policy.scopes_at(node, T_DATA, None, tags=["public"]) == {"read:metadata", "read:data"}
+
+
+def test_visit_listing_filters_by_run_tags(policy):
+    """(filters() wraps these in Tiled's AccessTagsFilter; test_tiled_node_tags.py: on a server.)"""
+    from visitflow.tiled.access_policy import Place
+
+    visit = policy.place_of(("raw", "a1"), ["visitflow:raw:a1"])
+    assert visit == Place(("raw", "a1"), visit.locations, True)
+    assert policy.visible_tags(visit, T_DATA) == ["visitflow:raw:a1/u1"]
+    assert policy.visible_tags(visit, ScopeSet.parse("read:raw:a1/u1 write:raw:a1/u3")) == [
+        "visitflow:raw:a1/u1", "visitflow:raw:a1/u3"]
+    assert policy.visible_tags(visit, ALICE) is None, "visit-wide: every child"
+    assert policy.visible_tags(visit, BOB) == []
+    run = policy.place_of(("raw", "a1", "u1"), ["visitflow:raw:a1/u1"])
+    assert policy.visible_tags(run, T_DATA) is None

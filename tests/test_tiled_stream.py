@@ -20,6 +20,7 @@ from visitflow.services import free_port, start_service
 from visitflow.tiled.client import BearerAuth, connect, ensure_container
 from visitflow.tiled.outputs import TiledResultSink
 
+from .scans import held_scan
 from .stream_helpers import assert_same, follow, numpy_answer, push_source, scan_in_thread, spec_of
 from .tiled_fixtures import TiledHandle, running_tiled
 
@@ -106,28 +107,6 @@ def _serve(idp, state, port, *extra, name="tiled"):
     return uri, service
 
 
-def _pausing_scan(pause_at: int, resume, num: int):
-    """A scan that stops writing after ``pause_at`` points until ``resume`` (an Event) is set:
-    TiledWriter sends nothing while Tiled is away (Tiled's start can take 30 s on a busy box)."""
-    import bluesky.plan_stubs as bps
-    from bluesky import preprocessors as bpp
-
-    def plan(det, saxs, motor, md):
-        @bpp.run_decorator(md=md)
-        @bpp.stage_decorator([det, saxs, motor])
-        def inner():
-            for i in range(num):
-                yield from bps.mv(motor, -1 + 2 * i / (num - 1))
-                yield from bps.trigger_and_read([det, saxs, motor])
-                yield from bps.sleep(0.05)
-                while i + 1 == pause_at and not resume.is_set():
-                    yield from bps.sleep(0.2)
-
-        return (yield from inner())
-
-    return plan
-
-
 def test_tiled_restart_mid_live_completes_exactly_once(idp, tmp_path_factory):
     """Tiled goes away while the live analysis follows a run and comes back (same port, same
     catalog, new empty streaming cache: sequence numbers restart).  The live analysis rides
@@ -146,7 +125,7 @@ def test_tiled_restart_mid_live_completes_exactly_once(idp, tmp_path_factory):
         ensure_visits(uri, admin_auth(idp.issuer, "visitflow-admin", "admin-dev-secret"), ["a1"])
         alice = idp.token("alice")
         num, pause_at = 30, 12
-        cap, thread, out = scan_in_thread(uri, alice, plan=_pausing_scan(pause_at, resume, num))
+        cap, thread, out = scan_in_thread(uri, alice, plan=held_scan(resume, pause_at, num, step_sleep=0.05, max_hold=600))
         _, data = idp.delegate(alice, "a1", cap.uid)
         root = connect(uri, BearerAuth(lambda: data))
         processed = ensure_container(root["processed/a1"], cap.uid, {"run_id": cap.uid})

@@ -1,5 +1,5 @@
 """The token service in production mode (deployments/token-service.yaml): it federates the
-facility IdP (emulated: tests/federation_fixtures.py), asks a real OPA, mints run-bound
+facility IdP (real Keycloak, realm ``facility``: tests/federation_fixtures.py), asks a real OPA, mints run-bound
 grants and data tokens, persists keys and revocations — and refuses everything else with a
 reason, never a 500."""
 
@@ -48,7 +48,7 @@ def test_alice_gets_a_run_bound_grant_and_data_token(token_service, facility):
     assert r.status_code == 200, r.text
     grant = r.json()["access_token"]
     g = claims_of(grant)
-    assert g["iss"] == token_service.issuer and g["aud"] == "visitflow" and g["sub"] == "alice"
+    assert g["iss"] == token_service.issuer and g["aud"] == "visitflow" and g["sub"] == claims_of(user)["sub"]
     assert g["act"] == {"sub": "blueapi"} and g["preferred_username"] == "alice"
     assert ScopeSet.parse(g["scope"]) == grant_scopes("saxs_average", "a1", "r1")
     assert g["exp"] - g["iat"] == 86400, "T_grant: the service's lifetime, long enough for a queued post run"
@@ -120,32 +120,40 @@ def test_clients_are_authenticated(token_service, facility):
 
 
 # ------------------------------------------------------------------ bad subject tokens
-def test_bad_subject_tokens_are_all_refused_with_reasons(token_service, facility, idp):
+def test_bad_subject_tokens_are_all_refused_with_reasons(token_service, facility, keycloak, idp):
     """untrusted issuer, wrong aud, expired, alg none, HS/RS confusion, ID token, another
-    run's grant, our own tokens in the wrong hop: 0 accepted, 0 500."""
-    now = int(time.time())
+    run's grant, our own tokens in the wrong hop: 0 accepted, 0 500.  Keycloak makes the bad
+    tokens it can make (its ID and refresh tokens, another realm's token, a short-lived
+    client's expired token, a service account's token for another audience); the rest are
+    Keycloak's real claims re-signed by an attacker.  (A *trusted* key signing an ID-typed
+    token: tests/test_keycloak.py::test_id_token_with_tiled_audience_is_still_no_access_token.)"""
+    from tests.keycloak_fixtures import SHORT_CLIENT, SHORT_LIFESPAN
+
+    short = facility.token("alice", client_id=SHORT_CLIENT)
+    expires = claims_of(short)["exp"]
     scope = str(grant_scopes("saxs_average", "a1", "r1"))
-    good = facility.claims(sub="alice", preferred_username="alice", scope="", aud=["blueapi", "tiled"])
-    kid, _ = facility.signing_key()
     alice = facility.token("alice")
+    good = claims_of(alice)
+    assert good["iss"] == facility.issuer and {"blueapi", "tiled"} <= set(good["aud"])
+    login = facility.login("alice", scope="openid")
+    kid, _ = facility.signing_key()
     grant_r1 = grant_for(token_service, alice).json()["access_token"]
     data_r1 = data_for(token_service, grant_r1).json()["access_token"]
     cases = {
         "untrusted issuer (the dev IdP)": (idp.token("alice"), "blueapi", "visitflow", scope, "is not trusted"),
-        "untrusted issuer, facility key": (facility.sign({**good, "iss": "http://evil.example"}), "blueapi",
-                                           "visitflow", scope, "is not trusted"),
-        "unknown key": (facility.sign(good, key=facility.other_key), "blueapi", "visitflow", scope, "signature"),
-        "wrong aud": (facility.sign({**good, "aud": "tiled"}), "blueapi", "visitflow", scope, "audience"),
-        "expired": (facility.sign({**good, "exp": now - 3600, "iat": now - 7200}), "blueapi", "visitflow", scope,
-                    "expired"),
+        "another realm of the same Keycloak": (keycloak.other_realm_token(), "blueapi", "visitflow", scope,
+                                               "is not trusted"),
+        "untrusted issuer, Keycloak's kid": (facility.forge({**good, "iss": "http://evil.example"}), "blueapi",
+                                             "visitflow", scope, "is not trusted"),
+        "unknown key under Keycloak's kid": (facility.forge(good), "blueapi", "visitflow", scope, "signature"),
+        "wrong aud (Keycloak's tiled service account)": (facility.client_token("tiled", "tiled-dev-secret"),
+                                                         "blueapi", "visitflow", scope, "audience"),
         "alg none": (jwt.encode(good, None, algorithm="none", headers={"kid": kid, "typ": "at+jwt"}),
                      "blueapi", "visitflow", scope, "algorithm"),
-        "HS256 with the public key": (_hs256_with_public_key(facility, good), "blueapi", "visitflow", scope,
-                                      "algorithm"),
-        "ID token": (facility.login("alice", scope="openid")["id_token"], "blueapi", "visitflow", scope,
-                     "audience is not blueapi"),
-        "ID token naming blueapi": (facility.sign({**good, "typ": "ID"}, headers={"typ": "JWT"}), "blueapi",
-                                    "visitflow", scope, "not an access token"),
+        "HS256 with Keycloak's public key": (_hs256_with_public_key(facility, good), "blueapi", "visitflow", scope,
+                                             "algorithm"),
+        "Keycloak's ID token": (login["id_token"], "blueapi", "visitflow", scope, "audience is not blueapi"),
+        "Keycloak's refresh token": (login["refresh_token"], "blueapi", "visitflow", scope, "algorithm"),
         "garbage": ("not.a.jwt", "blueapi", "visitflow", scope, "malformed"),
         "another run's grant": (grant_r1, "visitflow", "tiled", str(data_token_scopes("a1", "r2")), "does not cover"),
         "a grant as blueapi's subject": (grant_r1, "blueapi", "visitflow", str(grant_scopes("saxs_average", "a1", "r2")),
@@ -154,7 +162,8 @@ def test_bad_subject_tokens_are_all_refused_with_reasons(token_service, facility
                                       "not within the subject token's audience"),
     }
     accepted, errors = [], []
-    for name, (token, client, aud, sc, reason) in cases.items():
+
+    def check(name, token, client, aud, sc, reason):
         r = token_service.exchange_response(token, client, audience=aud, scope=sc)
         if r.status_code == 200:
             accepted.append(name)
@@ -163,6 +172,13 @@ def test_bad_subject_tokens_are_all_refused_with_reasons(token_service, facility
         else:
             assert r.status_code in (401, 403), (name, r.status_code, r.text)
             assert reason in r.json()["error_description"], (name, r.json())
+
+    for name, case in cases.items():
+        check(name, *case)
+    # Keycloak's own expired token (5 s client), past exp plus the token service's 10 s leeway
+    assert claims_of(short)["exp"] - claims_of(short)["iat"] == SHORT_LIFESPAN
+    time.sleep(max(0.0, expires + 11 - time.time()))
+    check("expired (Keycloak's short-lived client)", short, "blueapi", "visitflow", scope, "expired")
     assert accepted == [] and errors == []
 
 

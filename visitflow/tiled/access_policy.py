@@ -1,12 +1,21 @@
-"""Tiled access policy: a node's *path* decides which of our scopes govern it.
+"""Tiled access policy: what a node *belongs to* — (store, visit, run), recorded on the node
+as a Tiled access tag when it was created — decides which of our scopes govern it.
 
 Tiled 0.2.20 asks an async policy three things: ``allowed_scopes`` (what may the principal
 do on this node), ``filters`` (which children may it see, as catalog queries) and
-``init_node`` (access tags for a new node).  We do not use access tags: the layout
-(``raw/{visit}/{run}``, ``processed/{visit}/{run}/{analysis}``, configurable) already says
-which (store, visit, run) a node belongs to, and :mod:`visitflow.scopes` says whether the
-principal's scopes cover it.  The principal's scopes arrive as ``authn_scopes``: the
-authenticator puts our scope strings next to the Tiled scopes it derived from them.
+``init_node`` (access tags for a new node).  ``init_node`` records the node's place as our
+tag (:mod:`.node_tags`: ``visitflow:raw:a1`` on a visit container, ``visitflow:raw:a1/<run>``
+on a run and everything in it); ``allowed_scopes`` and ``filters`` read the tag back from the
+node instead of inferring its ancestry from the request path, and a visit container's
+listing is Tiled's own :class:`tiled.queries.AccessTagsFilter` over the run tags the
+principal may see (Tiled applies it along the path in deep search too).  Nodes without our
+tag — the root, store roots and prefix containers above the visit, nodes inside a
+data-source-backed node, nodes created before tags or with a Tiled-generated key — are
+placed by the layout (``raw/{visit}/{run}``, ``processed/{visit}/{run}/{analysis}``,
+configurable) from their path, as before.  A node carrying a ``visitflow:`` tag we cannot
+read gets nothing.  :mod:`visitflow.scopes` says whether the principal's scopes cover a
+place.  The principal's scopes arrive as ``authn_scopes``: the authenticator puts our scope
+strings next to the Tiled scopes it derived from them.
 
 Rules (non-admin; ``visitflow:admin`` may do everything):
 
@@ -24,9 +33,9 @@ Rules (non-admin; ``visitflow:admin`` may do everything):
   that check is refused with a 403 naming the file — for admin too;
 * anything the layout does not place, or a node whose path cannot be known: admin only.
 
-Listings are filtered with :class:`DirectChildren`, a query that also restricts *deep*
-search (``/search-deep``) to direct children, because Tiled applies only the search root's
-conditions to descendants — a plain key filter would leak deeper nodes.
+Listings above the visit level are filtered with :class:`DirectChildren`, a query that also
+restricts *deep* search (``/search-deep``) to direct children, because Tiled applies only the
+search root's conditions to descendants — a plain key filter would leak deeper nodes.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from tiled.access_control.protocols import AccessPolicy, normalize_access_tags
 from tiled.access_control.scopes import ALL_SCOPES
 from tiled.catalog import orm
 from tiled.catalog.adapter import CatalogNodeAdapter
+from tiled.queries import AccessTagsFilter
 
 from ..scopes import (
     DEFAULT_PROCESSED_TEMPLATE,
@@ -60,7 +70,7 @@ from .file_roots import FileRoots
 from .request_context import CREATE_ROUTES, REQUEST, RequestInfo
 
 __all__ = [
-    'META', 'NONE', 'ADMIN_WITHOUT_REGISTER', '_LAST_CATALOG_PATH', 'DirectChildren',
+    'META', 'NONE', 'ADMIN_WITHOUT_REGISTER', '_LAST_PLACE', 'Place', 'DirectChildren',
     'VisitflowAccessPolicy',
 ]
 
@@ -72,8 +82,18 @@ ADMIN_WITHOUT_REGISTER = frozenset(ALL_SCOPES) - {"register"}
 _PROBE = "\x00probe"  # a segment no real key can be, to ask a template what comes next
 
 
-#: Path of the last catalog node evaluated in this request (see ``node_path``).
-_LAST_CATALOG_PATH: ContextVar[Optional[tuple[str, ...]]] = ContextVar("visitflow_last_catalog_path", default=None)
+@dataclass(frozen=True)
+class Place:
+    """Where a node is: its path (to match a request to the node) and what it belongs to —
+    from its tags when ``tagged``, else from the layout applied to the path."""
+
+    path: tuple[str, ...]
+    locations: tuple[Location, ...]
+    tagged: bool = False
+
+
+#: Place of the last catalog node evaluated in this request (see ``place``).
+_LAST_PLACE: ContextVar[Optional[Place]] = ContextVar("visitflow_last_place", default=None)
 
 
 @dataclass
@@ -130,24 +150,49 @@ class VisitflowAccessPolicy(AccessPolicy):
     def is_admin(self, scopes: ScopeSet) -> bool:
         return scopes.covers(OpaqueScope(self.admin_scope))
 
-    async def _effective_scopes(self, principal, authn_scopes, path, *, listing: bool) -> ScopeSet:
+    async def _effective_scopes(self, principal, authn_scopes, place: Place, *, listing: bool) -> ScopeSet:
         """A run token's own scopes; for a facility user, the authority's answer as scopes."""
         if not facility_users.is_facility_user(authn_scopes):
             return self.scopes_of(authn_scopes)
         if self.authority is None:
             return ScopeSet()
-        locations = [loc for _t, loc in self._locations(path) if loc.visit is None or self._names_ok(loc)]
+        locations = [loc for loc in place.locations if loc.visit is None or self._names_ok(loc)]
         return await facility_users.scopes_for(self.authority, principal, locations, listing=listing)
 
-    async def node_path(self, node) -> Optional[tuple[str, ...]]:
-        """The node's path from the catalog root (or, for a node that is not in the
-        catalog, its catalog ancestor's path), or None when it cannot be known.
+    def place_of(self, path: tuple[str, ...], tags) -> Optional[Place]:
+        """The node's place: its tags if it carries ours, else the layout's reading of its
+        path (None: it carries a ``visitflow:`` tag that is not a place — nothing allowed)."""
+        tags = list(tags or ())
+        tagged = node_tags.locations_from_tags(tags)
+        if tagged:
+            return Place(tuple(path), tuple(tagged), True)
+        if any(t.startswith(node_tags.PREFIX) for t in tags):
+            return None
+        return Place(tuple(path), tuple(loc for _t, loc in self._locations(tuple(path))))
+
+    async def place(self, node) -> Optional[Place]:
+        """:meth:`place_of` the node (tags read from the node, path from the catalog).
 
         Nodes *inside* a data-source-backed node (a table's columns, groups of a registered
-        HDF5 file) are plain adapters with no path.  Tiled reaches them only by walking from
-        the root, filtering every catalog node on the way, so the last catalog node this
-        request evaluated is their ancestor; it is remembered in a context variable (one
-        per request task) and used if it lies inside a run.
+        HDF5 file) are plain adapters with neither tags nor a path.  Tiled reaches them only
+        by walking from the root, filtering every catalog node on the way, so the last
+        catalog node this request evaluated is their ancestor; its place is remembered in a
+        context variable (one per request task) and used if it lies inside a run.
+        """
+        if getattr(node, "node", None) is None or getattr(node, "path_segments", None) is None:
+            last = _LAST_PLACE.get()
+            if last is not None and any(loc.inside_run for loc in last.locations):
+                return last
+            return None
+        path = await self.node_path(node)
+        if path is None:
+            return None
+        place = self.place_of(path, getattr(node, "access_tags", None) or ())
+        _LAST_PLACE.set(place)
+        return place
+
+    async def node_path(self, node) -> Optional[tuple[str, ...]]:
+        """A catalog node's path from the root (None when it cannot be known).
 
         Cached by (id, parent, key, creation time): SQLite may reuse the id of a deleted
         node, so the id alone could map a new node onto an old node's path.
@@ -155,12 +200,8 @@ class VisitflowAccessPolicy(AccessPolicy):
         orm_node = getattr(node, "node", None)
         get_segments = getattr(node, "path_segments", None)
         if orm_node is None or get_segments is None:
-            last = _LAST_CATALOG_PATH.get()
-            if last is not None and any(loc.inside_run for _t, loc in self._locations(last)):
-                return last
             return None
         if getattr(orm_node, "id", None) == 0 and getattr(orm_node, "parent", 1) is None:
-            _LAST_CATALOG_PATH.set(())
             return ()
         cache_key = (orm_node.id, orm_node.parent, orm_node.key, getattr(orm_node, "time_created", None))
         path = self._path_cache.get(cache_key)
@@ -169,7 +210,6 @@ class VisitflowAccessPolicy(AccessPolicy):
             self._path_cache[cache_key] = path
             if len(self._path_cache) > self._path_cache_size:
                 self._path_cache.popitem(last=False)
-        _LAST_CATALOG_PATH.set(path)
         return path
 
     def new_node_tags(self, request: Optional[RequestInfo]) -> list[str]:
@@ -195,12 +235,18 @@ class VisitflowAccessPolicy(AccessPolicy):
 
     # -- pure decisions (unit-testable) -------------------------------------------------
     def scopes_at(self, path: tuple[str, ...], scopes: ScopeSet,
-                  request: Optional[RequestInfo]) -> frozenset[str]:
-        """Tiled scopes a (non-admin) principal holds on the node at ``path``."""
-        if not path:
+                  request: Optional[RequestInfo], tags=()) -> frozenset[str]:
+        """Tiled scopes a (non-admin) principal holds on the node at ``path`` (with ``tags``)."""
+        place = self.place_of(path, tags)
+        return NONE if place is None else self.scopes_in(place, scopes, request)
+
+    def scopes_in(self, place: Place, scopes: ScopeSet, request: Optional[RequestInfo]) -> frozenset[str]:
+        """Tiled scopes a (non-admin) principal holds on a node at ``place``."""
+        path = place.path
+        if not path and not place.tagged:
             return META
         result: set[str] = set()
-        for _template, loc in self._locations(path):
+        for loc in place.locations:
             if loc.visit is None:  # a store root or a prefix above the visit
                 result |= META
                 continue
@@ -242,8 +288,27 @@ class VisitflowAccessPolicy(AccessPolicy):
             return "this server registers no external files" if request.asset_uris else None
         return self.file_roots.refusal(request.registered_node_path, request.asset_uris)
 
+    @staticmethod
+    def visible_tags(place: Place, scopes: ScopeSet) -> Optional[list[str]]:
+        """Below a tagged node: the run tags whose nodes the principal may see (None: all)."""
+        tags: set[str] = set()
+        for loc in place.locations:
+            if loc.inside_run:
+                return None
+            if not scopes.touches(loc.store, loc.visit):
+                continue
+            readable = scopes.runs(loc.store, loc.visit, "read")
+            writable = scopes.runs(loc.store, loc.visit, "write")
+            if readable is None or writable is None:
+                return None
+            for run in readable | writable:
+                tag = node_tags.tag_for(Location(store=loc.store, visit=loc.visit, run=run, inside_run=True))
+                if tag:
+                    tags.add(tag)
+        return sorted(tags)
+
     def visible_children(self, path: tuple[str, ...], scopes: ScopeSet) -> tuple[bool, Optional[set[str]]]:
-        """(whole subtree visible?, keys of visible children or None for all children)."""
+        """Untagged nodes: (whole subtree visible?, keys of visible children or None for all)."""
         keys: set[str] = set()
         all_children = False
         for template, loc in self._locations(path):
@@ -294,11 +359,11 @@ class VisitflowAccessPolicy(AccessPolicy):
         if self.is_admin(scopes):
             # Without the request middleware registrations cannot be checked: nobody registers.
             return ALL_SCOPES if request is not None else ADMIN_WITHOUT_REGISTER
-        path = await self.node_path(node)
-        if path is None:
+        place = await self.place(node)
+        if place is None:
             return NONE
-        scopes = await self._effective_scopes(principal, authn_scopes, path, listing=False)
-        return self.scopes_at(path, scopes, request)
+        scopes = await self._effective_scopes(principal, authn_scopes, place, listing=False)
+        return self.scopes_in(place, scopes, request)
 
     async def filters(self, node, principal, authn_access_tags, authn_scopes, scopes):
         if principal is None:
@@ -306,11 +371,14 @@ class VisitflowAccessPolicy(AccessPolicy):
         ours = self.scopes_of(authn_scopes)
         if self.is_admin(ours):
             return []
-        path = await self.node_path(node)
-        if path is None:
+        place = await self.place(node)
+        if place is None:
             return NO_ACCESS
-        ours = await self._effective_scopes(principal, authn_scopes, path, listing=True)
-        whole, keys = self.visible_children(path, ours)
+        ours = await self._effective_scopes(principal, authn_scopes, place, listing=True)
+        if place.tagged:
+            tags = self.visible_tags(place, ours)
+            return [] if tags is None else [AccessTagsFilter(tags)]
+        whole, keys = self.visible_children(place.path, ours)
         if whole:
             return []
         return [DirectChildren(node.node.id, None if keys is None else sorted(keys))]
