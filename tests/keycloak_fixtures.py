@@ -70,10 +70,10 @@ def _with_short_lived_client(realm: dict) -> dict:
 
 
 def facility_realm() -> dict:
-    """The identity-only realm derived from the shipped one (+ test user dave, short client)."""
-    from visitflow.production.keycloak_identity import identity_realm
-
-    realm = _with_short_lived_client(identity_realm(json.loads((KC_DIR / "realm.json").read_text())))
+    """The shipped identity-only realm, ``deployments/keycloak/realm-facility.json`` (kept equal
+    to ``identity_realm(realm.json)`` by tests/test_keycloak_identity_realm.py), + test user
+    dave and the short-lived client."""
+    realm = _with_short_lived_client(json.loads((KC_DIR / "realm-facility.json").read_text()))
     realm["realm"] = FACILITY_REALM
     carol = next(u for u in realm["users"] if u["username"] == "carol")
     dave = copy.deepcopy(carol)

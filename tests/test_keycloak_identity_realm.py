@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 from visitflow.production.keycloak import client_audiences
-from visitflow.production.keycloak_identity import identity_problems, identity_realm, per_visit_parts
+from visitflow.production.keycloak_identity import identity_problems, identity_realm, per_visit_parts, render
 
 REALM = Path(__file__).resolve().parents[1] / "deployments" / "keycloak" / "realm.json"
+FACILITY = REALM.with_name("realm-facility.json")
 
 
 def shipped() -> dict:
@@ -43,3 +44,12 @@ def test_a_login_client_without_the_blueapi_audience_is_a_problem():
             c["protocolMappers"] = [m for m in c.get("protocolMappers") or []
                                     if (m.get("config") or {}).get("included.client.audience") != "blueapi"]
     assert identity_problems(broken) == ["login tokens lack aud ['blueapi']"]
+
+
+def test_the_shipped_facility_realm_is_the_identity_realm_of_the_shipped_one():
+    """What a facility imports (and the opa suite runs on Keycloak) is not hand-edited: it is
+    ``identity_realm(realm.json)``; regenerate with ``python -m visitflow.production.keycloak_identity``."""
+    assert FACILITY.read_text() == render(shipped()), "realm-facility.json is stale: regenerate it"
+    facility = json.loads(FACILITY.read_text())
+    assert identity_problems(facility) == [] and per_visit_parts(facility) == []
+    assert per_visit_parts(shipped()), "the control: the embedded realm does carry per-visit parts"

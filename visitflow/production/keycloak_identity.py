@@ -9,18 +9,25 @@ client in ``aud``; Tiled accepts users' own tokens for audience ``tiled``).
 :func:`identity_realm` derives that realm from ``deployments/keycloak/realm.json`` (the
 embedded stack's mirror of the dev IdP, which does carry per-visit scopes), and
 :func:`identity_problems` checks a realm against these rules — so the shipped realm and the
-facility one cannot drift apart silently.
+facility one cannot drift apart silently.  The result is shipped as
+``deployments/keycloak/realm-facility.json`` (what a facility imports, and what the ``opa``
+suite runs on real Keycloak); ``tests/test_keycloak_identity_realm.py`` fails when it is stale.
+Regenerate it with ``python -m visitflow.production.keycloak_identity``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import sys
+from pathlib import Path
 
 from ..scopes import OpaqueScope, ScopeError, parse_scope
 from .keycloak import client_audiences
 
 __all__ = [
-    'LOGIN_CLIENT', 'LOGIN_AUDIENCES', 'per_visit_parts', 'identity_realm', 'identity_problems',
+    'LOGIN_CLIENT', 'LOGIN_AUDIENCES', 'per_visit_parts', 'identity_realm', 'identity_problems', 'render',
+    'main',
 ]
 
 LOGIN_CLIENT = "visitflow-cli"
@@ -77,3 +84,24 @@ def identity_problems(realm: dict) -> list[str]:
         if bad:
             problems.append(f"user {user.get('username')} holds per-visit roles {bad}")
     return problems
+
+
+def render(realm: dict) -> str:
+    """The identity realm of ``realm`` as the shipped file's text (stable key order)."""
+    return json.dumps(identity_realm(realm), indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write ``deployments/keycloak/realm-facility.json`` from ``realm.json`` (or print it: ``-``)."""
+    root = Path(__file__).resolve().parents[2] / "deployments" / "keycloak"
+    args = sys.argv[1:] if argv is None else argv
+    text = render(json.loads((root / "realm.json").read_text()))
+    if args == ["-"]:
+        sys.stdout.write(text)
+    else:
+        (root / "realm-facility.json").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
