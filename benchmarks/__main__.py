@@ -35,9 +35,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from visitflow import grants, oauth  # noqa: E402
-from visitflow.prefect_api import PrefectAPI  # noqa: E402
-from visitflow.services import free_port  # noqa: E402
+from visitflow.core import names as grants, oauth  # noqa: E402
+from visitflow.core.prefect_api import PrefectAPI  # noqa: E402
+from visitflow.stack.services import free_port  # noqa: E402
 from visitflow.stack import prefect as pstack  # noqa: E402
 from visitflow.stack.local import DEV_SECRETS, LocalStack, StackConfig  # noqa: E402
 
@@ -87,7 +87,7 @@ class Bench:
         return oauth.password_login(self.token_url, "alice", "alice").access_token
 
     def root(self, token=None, compression=False):
-        from visitflow.tiled.client import BearerAuth, connect
+        from visitflow.core.tiled_client import BearerAuth, connect
 
         tok = token or self.alice()
         return connect(self.config.tiled_uri, BearerAuth(lambda: tok), compression=compression)
@@ -103,7 +103,7 @@ class Bench:
         from bluesky import RunEngine
         from bluesky_tiled_plugins import TiledWriter
 
-        from visitflow.sim import make_devices, motor_scan
+        from visitflow.stack.sim import make_devices, motor_scan
 
         motor, det, saxs = make_devices(shape, seed=seed)
         RE = RunEngine({}, context_managers=[])
@@ -114,7 +114,7 @@ class Bench:
         return uid
 
     def delegate(self, analysis, uid):
-        from visitflow.scopes import grant_scopes
+        from visitflow.core.scopes import grant_scopes
 
         grant = oauth.exchange(self.token_url, self.alice(), client_id="blueapi",
                                client_secret=DEV_SECRETS["blueapi"], audience="visitflow",
@@ -239,7 +239,7 @@ class Bench:
         import msgpack
         from websockets.sync.client import connect as ws_connect
 
-        from visitflow.tiled.stream import stream_url
+        from visitflow.flow.push import stream_url
 
         while state["uid"] is None and not state["stop"]:
             time.sleep(0.05)
@@ -270,7 +270,7 @@ class Bench:
     def p3(self):
         from concurrent.futures import ThreadPoolExecutor
 
-        from visitflow.tiled.rawrun import TiledRawRun
+        from visitflow.flow.source import TiledRawRun
 
         num, shape = (100, (256, 256)) if self.quick else (400, (256, 256))
         t0 = time.monotonic()
@@ -397,7 +397,7 @@ class Bench:
         t0 = time.time()
         created = {}
 
-        from visitflow.prefect_api import PrefectUnavailable
+        from visitflow.core.prefect_api import PrefectUnavailable
 
         retries = [0]
 

@@ -16,8 +16,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from visitflow import engine  # noqa: E402
-from visitflow.testing import MemoryRun, MemorySink, load_analyses  # noqa: E402
+from visitflow.flow import engine  # noqa: E402
+from visitflow.flow.testing import MemoryRun, MemorySink, load_analyses  # noqa: E402
 
 
 def _both(flow, data, batches=(1, 7, 64, 3, 250), max_batch=97):

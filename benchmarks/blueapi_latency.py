@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "deployments" / "blueapi"))
 
 from tests import blueapi_stack as bs  # noqa: E402
-from visitflow.prefect_api import PrefectAPI  # noqa: E402
+from visitflow.core.prefect_api import PrefectAPI  # noqa: E402
 
 SECTION = "## blueapi: start document → flow body running (benchmarks/blueapi_latency.py)"
 
@@ -96,7 +96,7 @@ def one_in_process_run(trig, session, api, root, token, i: int) -> float:
 
 
 def measure(stack, api, root, token, n: int, tmp: Path) -> tuple[list[float], list[float]]:
-    from visitflow.tiled.client import BearerAuth, connect
+    from visitflow.core.tiled_client import BearerAuth, connect
     from visitflow.trigger import AnalysisTrigger, TriggerSettings
 
     trig = AnalysisTrigger(TriggerSettings(issuer=stack.idp.issuer, client_secret="blueapi-dev-secret",
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     if not bs.venv_present():
         print("blueapi's venv is missing: run .ci/install-blueapi")
         return 2
-    from visitflow.tiled.client import BearerAuth, connect
+    from visitflow.core.tiled_client import BearerAuth, connect
 
     with tempfile.TemporaryDirectory() as tmp, bs.running_stack(Path(tmp)) as stack:
         api = PrefectAPI(stack.prefect_api, timeout=30)

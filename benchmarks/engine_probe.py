@@ -25,11 +25,11 @@ def main():
     import psutil
     from saxs_average import saxs_average
 
-    from visitflow import engine
-    from visitflow.tiled.client import BearerAuth, connect
-    from visitflow.tiled.outputs import TiledResultSink, ensure_container
-    from visitflow.tiled.rawrun import TiledRawRun
-    from visitflow.tiled.stream import PushRawRun
+    from visitflow.flow import engine
+    from visitflow.core.tiled_client import BearerAuth, connect
+    from visitflow.flow.sink import TiledResultSink, ensure_container
+    from visitflow.flow.source import TiledRawRun
+    from visitflow.flow.push import PushRawRun
 
     base = psutil.Process().memory_info().rss
     root = connect(uri, BearerAuth(lambda: token))

@@ -31,12 +31,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from visitflow import grants, oauth  # noqa: E402
-from visitflow.prefect_api import PrefectAPI, PrefectUnavailable  # noqa: E402
+from visitflow.core import names as grants, oauth  # noqa: E402
+from visitflow.core.prefect_api import PrefectAPI, PrefectUnavailable  # noqa: E402
 from visitflow.production.ha_recovery import PROBE_DEPLOYMENT, deploy_probe  # noqa: E402
 from visitflow.production.ha_topology import PREFIX, HATopology, _sh  # noqa: E402
-from visitflow.scopes import grant_scopes  # noqa: E402
-from visitflow.services import free_port  # noqa: E402
+from visitflow.core.scopes import grant_scopes  # noqa: E402
+from visitflow.stack.services import free_port  # noqa: E402
 from visitflow.stack import prefect as pstack  # noqa: E402
 
 
@@ -127,8 +127,8 @@ class LiveLoad:
         from bluesky import RunEngine
         from bluesky_tiled_plugins import TiledWriter
 
-        from visitflow.sim import make_devices, motor_scan
-        from visitflow.tiled.client import BearerAuth, connect
+        from visitflow.stack.sim import make_devices, motor_scan
+        from visitflow.core.tiled_client import BearerAuth, connect
 
         tok = self._alice()
         root = connect(self.topo.tiled_uri, BearerAuth(lambda: tok))

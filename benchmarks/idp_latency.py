@@ -15,7 +15,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from visitflow.services import free_port, start_service  # noqa: E402
+from visitflow.stack.services import free_port, start_service  # noqa: E402
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 AT = "urn:ietf:params:oauth:token-type:access_token"

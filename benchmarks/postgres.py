@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from visitflow.services import free_port
+from visitflow.stack.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "deployments" / "postgres"

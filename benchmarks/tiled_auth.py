@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.latency_table import interleaved, latency_rows, measure, write_result  # noqa: E402
-from visitflow.services import free_port, start_service  # noqa: E402
+from visitflow.stack.services import free_port, start_service  # noqa: E402
 from visitflow.tiled.config import prepare_state_dir, render_config, write_config  # noqa: E402
 
 API_KEY = "benchsecret0123456789"
@@ -75,7 +75,7 @@ def write_run(uri, bearer: str | None) -> str:
     from ophyd.sim import det, motor
     from tiled.client import from_uri
 
-    from visitflow.tiled.client import BearerAuth
+    from visitflow.core.tiled_client import BearerAuth
 
     node = f"{uri}/api/v1/metadata/raw/a1"
     c = from_uri(node, api_key=API_KEY) if bearer is None else from_uri(node, auth=BearerAuth(lambda: bearer))
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                       auth=("visitflow-admin", "admin-dev-secret"))
         alice = token(issuer, form={"grant_type": "password", "client_id": "visitflow-cli",
                                     "username": "alice", "password": "alice"})
-        from visitflow.tiled.client import BearerAuth
+        from visitflow.core.tiled_client import BearerAuth
 
         # Tokens live 5 minutes; the real client refreshes them, so the benchmark does too.
         alice_auth = BearerAuth(lambda: token(issuer, form={

@@ -36,8 +36,8 @@ from benchmarks.tiled_auth import API_KEY, start_tiled, write_run  # noqa: E402
 from tests.federation_fixtures import start_token_service  # noqa: E402
 from tests.keycloak_fixtures import FACILITY_REALM, KeycloakHandle, start_keycloak, wait_for_realm  # noqa: E402
 from tests.opa_fixtures import start_opa  # noqa: E402
-from visitflow.scopes import data_token_scopes, grant_scopes  # noqa: E402
-from visitflow.tiled.client import BearerAuth  # noqa: E402
+from visitflow.core.scopes import data_token_scopes, grant_scopes  # noqa: E402
+from visitflow.core.tiled_client import BearerAuth  # noqa: E402
 
 
 def keycloak(tmp: Path, stop: list) -> KeycloakHandle:

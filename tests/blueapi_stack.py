@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from visitflow.services import Service, free_port, start_service
+from visitflow.stack.services import Service, free_port, start_service
 
 from .tcp_proxy import SwitchableProxy
 
@@ -231,7 +231,7 @@ class BlueapiStack:
 def running_stack(tmp: Path, *, database_url: str | None = None):
     """Start the whole stack (IdP, Tiled, Prefect + warm worker, proxy, blueapi); stop it on exit."""
     from visitflow.stack import prefect as pstack
-    from visitflow.tiled.admin import admin_auth, ensure_visits
+    from visitflow.core.tiled_admin import admin_auth, ensure_visits
 
     from .idp_fixtures import start_idp
     from .tiled_fixtures import start_tiled

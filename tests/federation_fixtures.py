@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.idp_fixtures import IdPHandle
-from visitflow.services import Service, free_port, start_service
+from visitflow.stack.services import Service, free_port, start_service
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN_SERVICE_CONFIG = REPO / "deployments" / "token-service.yaml"
@@ -70,7 +70,7 @@ def _spawn(config_path: Path, state_dir: Path, port: int) -> Service:
 
 
 def start_token_service(tmp: Path, facility_issuer: str, opa_url: str, **kw) -> TokenServiceHandle:
-    from visitflow.idp.keys import KeyStore
+    from visitflow.token_service.keys import KeyStore
 
     tmp.mkdir(parents=True, exist_ok=True)
     config_path = tmp / "token-service.yaml"
@@ -108,7 +108,7 @@ def facility_tiled(tmp_path_factory, token_service, facility, opa):
     """Tiled as at the facility: run tokens from the token service (their scopes decide),
     users' own tokens from the facility IdP (OPA decides, cached 2 s); visits a1, a2."""
     from tests.tiled_fixtures import VISITS, start_tiled
-    from visitflow.tiled.admin import admin_auth, ensure_visits
+    from visitflow.core.tiled_admin import admin_auth, ensure_visits
 
     handle = start_tiled(token_service, tmp_path_factory.mktemp("facility-tiled"), extra_args=(
         "--user-issuer", facility.issuer, "--authority-url", opa.url, "--authority-cache", "2"))

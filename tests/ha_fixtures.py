@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from visitflow import grants, oauth
-from visitflow.scopes import grant_scopes
+from visitflow.core import names as grants, oauth
+from visitflow.core.scopes import grant_scopes
 
 BLUEAPI_SECRET = "blueapi-dev-secret"
 
@@ -25,7 +25,7 @@ class HAHelpers:
     """What the fault tests do as blueapi and as Alice on the topology."""
 
     def __init__(self, topo):
-        from visitflow.prefect_api import PrefectAPI
+        from visitflow.core.prefect_api import PrefectAPI
 
         self.topo = topo
         self.api = PrefectAPI(topo.api_url, timeout=30)

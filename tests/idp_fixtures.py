@@ -17,8 +17,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from visitflow.idp.keys import KeyStore, new_rsa_key
-from visitflow.services import Service, free_port, start_service
+from visitflow.token_service.keys import KeyStore, new_rsa_key
+from visitflow.stack.services import Service, free_port, start_service
 
 REPO = Path(__file__).resolve().parents[1]
 IDP_CONFIG = REPO / "deployments" / "idp.yaml"
@@ -138,7 +138,7 @@ def start_idp(tmp: Path, config: Path = IDP_CONFIG) -> IdPHandle:
 
 
 def start_fixed_scopes_idp(tmp: Path) -> IdPHandle:
-    """A dev IdP with ``fixed_scopes: true``: Keycloak's exchange rules (visitflow/idp/keycloak_rules.py)."""
+    """A dev IdP with ``fixed_scopes: true``: Keycloak's exchange rules (visitflow/token_service/keycloak_rules.py)."""
     import yaml
 
     config = yaml.safe_load(IDP_CONFIG.read_text())

@@ -39,8 +39,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests.idp_fixtures import TokenCalls
-from visitflow.idp.keys import new_rsa_key
-from visitflow.services import Service, free_port, start_service
+from visitflow.token_service.keys import new_rsa_key
+from visitflow.stack.services import Service, free_port, start_service
 
 REPO = Path(__file__).resolve().parents[1]
 KC_DIR = REPO / "deployments" / "keycloak"

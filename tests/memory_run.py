@@ -1,6 +1,6 @@
-"""The in-memory run and sink now live in the public :mod:`visitflow.testing`; kept here so
+"""The in-memory run and sink now live in the public :mod:`visitflow.flow.testing`; kept here so
 existing test imports keep working."""
 
-from visitflow.testing import MemoryRun, MemorySink
+from visitflow.flow.testing import MemoryRun, MemorySink
 
 __all__ = ["MemoryRun", "MemorySink"]

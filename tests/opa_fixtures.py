@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.tcp_proxy import SwitchableProxy
-from visitflow.services import Service, free_port, start_service
+from visitflow.stack.services import Service, free_port, start_service
 
 REPO = Path(__file__).resolve().parents[1]
 OPA_DIR = REPO / "deployments" / "opa"

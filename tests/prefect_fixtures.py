@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from visitflow import grants
-from visitflow.prefect_api import PrefectAPI
-from visitflow.services import Service, free_port
+from visitflow.core import names as grants
+from visitflow.core.prefect_api import PrefectAPI
+from visitflow.stack.services import Service, free_port
 from visitflow.stack import prefect as pstack
 
 CLIENT_SECRET = "visitflow-dev-secret"

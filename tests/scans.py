@@ -8,8 +8,8 @@ import time
 from bluesky import RunEngine
 from bluesky_tiled_plugins import TiledWriter
 
-from visitflow.sim import make_devices, motor_scan
-from visitflow.tiled.client import BearerAuth, connect
+from visitflow.stack.sim import make_devices, motor_scan
+from visitflow.core.tiled_client import BearerAuth, connect
 
 
 def user_root(tiled_uri: str, token: str):

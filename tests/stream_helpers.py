@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from visitflow import engine
-from visitflow.tiled.client import BearerAuth, connect
-from visitflow.tiled.rawrun import TiledRawRun
-from visitflow.tiled.stream import PushRawRun
+from visitflow.flow import engine
+from visitflow.core.tiled_client import BearerAuth, connect
+from visitflow.flow.source import TiledRawRun
+from visitflow.flow.push import PushRawRun
 
 from .memory_run import MemorySink
 from .scans import start_scan_thread

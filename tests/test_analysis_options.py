@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from pydantic import Field, SecretStr
 
-from visitflow import grants
-from visitflow.options import OptionError, Options, canonical, digest, schema_problem
-from visitflow.spec import AnalysisDefinitionError, analysis
+from visitflow.core import names as grants
+from visitflow.core.options import OptionError, Options, canonical, digest, schema_problem
+from visitflow.flow.spec import AnalysisDefinitionError
+from visitflow.flow.builder import analysis
 from visitflow.trigger import AnalysisTrigger
 from visitflow.trigger.plans import uses_analyses
 
@@ -49,7 +50,7 @@ def roi_sum(img, threshold, roi):
 
 
 def test_options_reach_the_function_and_the_incremental_form():
-    from visitflow.testing import assert_check
+    from visitflow.flow.testing import assert_check
 
     img = np.arange(2 * 6 * 6, dtype=float).reshape(2, 6, 6)
     assert roi_sum.spec(img=img)["total"] == img[:, :4, :4].sum()          # defaults

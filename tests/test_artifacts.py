@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visitflow.flowrun import _png_data_uri, result_markdown
-from visitflow.spec import analysis
+from visitflow.flow.builder import _png_data_uri, result_markdown
+from visitflow.flow.builder import analysis
 
 
 def decode(uri: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The authority (visitflow.authority): Scopes (pure logic) and OPA (a real OPA server with
+"""The authority (visitflow.core.authority): Scopes (pure logic) and OPA (a real OPA server with
 deployments/opa/authz.rego + data.json), plus the Rego unit tests run by ``opa test``."""
 
 from __future__ import annotations
@@ -8,15 +8,9 @@ import time
 import pytest
 
 from tests.opa_fixtures import run_opa_tests
-from visitflow.authority import (
-    OPAAuthority,
-    ScopesAuthority,
-    Subject,
-    authority_from_config,
-    decide_scopes,
-)
+from visitflow.core.authority import OPAAuthority, ScopesAuthority, Subject, authority_from_config, decide_scopes
 from visitflow.errors import AuthorityUnavailable, ConfigError
-from visitflow.scopes import ScopeSet, grant_scopes
+from visitflow.core.scopes import ScopeSet, grant_scopes
 
 ALICE = Subject.from_claims({"iss": "https://facility", "sub": "f3a1-uuid", "preferred_username": "alice",
                              "scope": "openid profile"})

@@ -18,7 +18,7 @@ from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
 import visitflow
-from visitflow import blocks as vf_blocks
+from visitflow.flow import credentials as vf_blocks
 
 pytestmark = pytest.mark.analysts
 

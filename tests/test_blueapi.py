@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from visitflow import grants
-from visitflow.prefect_api import PrefectAPI
-from visitflow.tiled.client import BearerAuth, connect
-from visitflow.tiled.outputs import read_result
+from visitflow.core import names as grants
+from visitflow.core.prefect_api import PrefectAPI
+from visitflow.core.tiled_client import BearerAuth, connect
+from visitflow.flow.sink import read_result
 
 from . import blueapi_stack as bs
 

@@ -77,10 +77,10 @@ def test_no_exception_class_is_defined_outside_errors():
 
 
 @pytest.mark.parametrize("module, name", [
-    ("visitflow.engine", "RunAborted"), ("visitflow.engine", "MissingField"),
-    ("visitflow.delegation", "DelegationExpired"), ("visitflow.tokens", "InvalidToken"),
-    ("visitflow.oauth", "OAuthRefused"), ("visitflow.prefect_api", "PrefectUnavailable"),
-    ("visitflow.spec", "AnalysisDefinitionError"), ("visitflow.scopes", "ScopeError"),
+    ("visitflow.flow.engine", "RunAborted"), ("visitflow.flow.engine", "MissingField"),
+    ("visitflow.flow.delegation", "DelegationExpired"), ("visitflow.core.tokens", "InvalidToken"),
+    ("visitflow.core.oauth", "OAuthRefused"), ("visitflow.core.prefect_api", "PrefectUnavailable"),
+    ("visitflow.flow.spec", "AnalysisDefinitionError"), ("visitflow.core.scopes", "ScopeError"),
 ])
 def test_errors_stay_importable_where_they_are_raised(module, name):
     assert getattr(importlib.import_module(module), name) is getattr(errors, name)
@@ -154,4 +154,4 @@ def test_no_import_cycles():
 
 def test_leaf_modules_import_nothing_of_visitflow_but_errors():
     assert _imports("visitflow.errors") == set()
-    assert _imports("visitflow.engine") <= {"visitflow.errors", "visitflow.outputs"}
+    assert _imports("visitflow.flow.engine") <= {"visitflow.errors", "visitflow.core.outputs"}

@@ -10,8 +10,8 @@ import uuid
 import numpy as np
 import pytest
 
-from visitflow.tiled.client import BearerAuth, processed_client
-from visitflow.tiled.outputs import TiledResultSink, _rank, read_result
+from visitflow.core.tiled_client import BearerAuth, processed_client
+from visitflow.flow.sink import TiledResultSink, _rank, read_result
 
 from .scans import run_scan, user_root
 
@@ -86,7 +86,7 @@ def test_a_running_post_is_not_deleted_by_one_that_finishes(run_container):
 
 @pytest.mark.e2e
 def test_concurrent_post_flow_runs_on_the_real_stack(idp, tiled_server, prefect_stack):
-    from visitflow import grants
+    from visitflow.core import names as grants
 
     from .test_flows_e2e import delegate, expected
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.idp_fixtures import SECRETS
-from visitflow.delegation import DataTokenSource, _expired
+from visitflow.flow.delegation import DataTokenSource, _expired
 from visitflow.errors import DelegationError, DelegationExpired, GrantInvalid, NotAuthorised
 
 RUN = "9f1c2d3e-aaaa-bbbb-cccc-000000000001"

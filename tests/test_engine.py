@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from visitflow import engine
-from visitflow.spec import AnalysisDefinitionError, analysis
+from visitflow.flow import engine
+from visitflow.flow.spec import AnalysisDefinitionError
+from visitflow.flow.builder import analysis
 
 from .memory_run import MemoryRun, MemorySink
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.federation_fixtures import TS_SECRETS
 from tests.scans import held_scan, run_scan, start_scan_thread, user_root
-from visitflow.services import free_port
+from visitflow.stack.services import free_port
 from visitflow.stack import prefect as pstack
 from visitflow.trigger import AnalysisTrigger, TriggerSettings
 
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.opa, pytest.mark.e2e]
 @pytest.fixture(scope="module")
 def facility_prefect(tmp_path_factory, token_service, facility_tiled):
     """A Prefect server + worker whose ScopedCredentials block points at the token service."""
-    from visitflow.prefect_api import PrefectAPI
+    from visitflow.core.prefect_api import PrefectAPI
 
     state = tmp_path_factory.mktemp("facility-prefect")
     port = free_port()
@@ -113,7 +113,8 @@ def test_alice_live_and_post_complete_across_a_token_service_restart(tmp_path, f
         assert facility_tiled.get(f"metadata/{path}", bob).status_code in (403, 404), path
     assert "a1" not in facility_tiled.keys("processed", bob)
     # grant hygiene: the runs have ended, so the sweep deletes the grant and revokes it
-    from visitflow import grant_hygiene, grants
+    from visitflow.production import grant_hygiene
+    from visitflow.core import names as grants
 
     name = grants.grant_secret_name("saxs_average", "a1", uid)
     (doc,) = [d for d in grant_hygiene.grant_secrets(api) if d["name"] == name]

@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 from tests.scans import run_scan
-from visitflow.scopes import data_token_scopes, grant_scopes
+from visitflow.core.scopes import data_token_scopes, grant_scopes
 
 pytestmark = pytest.mark.opa
 

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from visitflow import grants
-from visitflow.tiled.outputs import read_result
+from visitflow.core import names as grants
+from visitflow.flow.sink import read_result
 
 from .scans import run_scan, start_scan_thread, user_root
 

@@ -21,12 +21,12 @@ import pytest
 from tests.idp_fixtures import start_fixed_scopes_idp
 from tests.scans import run_scan
 from tests.tiled_fixtures import running_tiled
-from visitflow import grants
-from visitflow.delegation import DataTokenSource, NotAuthorised, check_grant
-from visitflow.oauth import token_endpoint
-from visitflow.scopes import ScopeError, ScopeSet, data_token_scopes, grant_scopes
-from visitflow.tiled.client import BearerAuth, processed_client, raw_client
-from visitflow.tokens import TokenValidator
+from visitflow.core import names as grants
+from visitflow.flow.delegation import DataTokenSource, NotAuthorised, check_grant
+from visitflow.core.oauth import token_endpoint
+from visitflow.core.scopes import ScopeError, ScopeSet, data_token_scopes, grant_scopes
+from visitflow.core.tiled_client import BearerAuth, processed_client, raw_client
+from visitflow.core.tokens import TokenValidator
 
 CLIENT_SECRET = "visitflow-dev-secret"
 
@@ -75,7 +75,7 @@ def test_per_run_request_is_refused_and_a_narrower_grant_fails_the_block_check(f
 def test_visit_grant_end_to_end_through_the_block(fixed, prefect_stack):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from visitflow.blocks import ScopedCredentials
+    from visitflow.flow.credentials import ScopedCredentials
 
     idp, tiled = fixed
     alice = idp.token("alice")
@@ -112,7 +112,7 @@ def test_run_mode_block_against_a_fixed_scope_idp_fails_before_data(fixed, prefe
     """The default mode with Keycloak's rule: a clear NotAuthorised, not a 500 or a 403 later."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from visitflow.blocks import ScopedCredentials
+    from visitflow.flow.credentials import ScopedCredentials
 
     idp, tiled = fixed
     uid = run_scan(tiled.uri, idp.token("alice"), num=2, seed=3)

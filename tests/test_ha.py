@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from visitflow import grants
+from visitflow.core import names as grants
 from visitflow.errors import PrefectUnavailable
 from visitflow.production.ha_recovery import PROBE_DEPLOYMENT
 

@@ -11,7 +11,7 @@ import jwt
 import pytest
 import yaml
 
-from visitflow.tokens import InvalidToken, TokenValidator
+from visitflow.core.tokens import InvalidToken, TokenValidator
 
 from .idp_fixtures import IDP_CONFIG, start_idp
 
@@ -299,7 +299,7 @@ def test_non_string_kid_is_a_401_not_a_500(idp):
 
 def test_user_claims_reach_login_tokens_and_reserved_ones_are_refused(tmp_path):
     """``claims`` per user (blueapi's ``fedid``) appear in login and refreshed tokens only."""
-    from visitflow.idp.config import ConfigError, IdPConfig
+    from visitflow.token_service.config import ConfigError, IdPConfig
 
     config = yaml.safe_load(IDP_CONFIG.read_text())
     config["users"]["alice"]["claims"] = {"fedid": "ali12345"}

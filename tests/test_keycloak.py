@@ -25,10 +25,10 @@ import pytest
 
 from tests.scans import run_scan, user_root
 from tests.tiled_fixtures import running_tiled
-from visitflow import oauth
-from visitflow.delegation import DataTokenSource
-from visitflow.scopes import ScopeSet, grant_scopes
-from visitflow.tokens import TokenValidator, discover
+from visitflow.core import oauth
+from visitflow.flow.delegation import DataTokenSource
+from visitflow.core.scopes import ScopeSet, grant_scopes
+from visitflow.core.tokens import TokenValidator, discover
 
 pytestmark = pytest.mark.keycloak
 

@@ -19,11 +19,11 @@ from tests.prefect_fixtures import CLIENT_SECRET, PrefectStack
 from tests.scans import run_scan, start_scan_thread, user_root
 from tests.test_flows_e2e import assert_outputs_equal, expected, state_of
 from tests.tiled_fixtures import running_tiled
-from visitflow.prefect_api import PrefectAPI
-from visitflow.scopes import grant_scopes
-from visitflow.services import free_port
+from visitflow.core.prefect_api import PrefectAPI
+from visitflow.core.scopes import grant_scopes
+from visitflow.stack.services import free_port
 from visitflow.stack import prefect as pstack
-from visitflow.tiled.outputs import read_result
+from visitflow.flow.sink import read_result
 
 pytestmark = [pytest.mark.keycloak, pytest.mark.e2e]
 

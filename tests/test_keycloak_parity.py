@@ -4,7 +4,7 @@ The same token-exchange requests go to a running Keycloak with our realm and to 
 ``fixed_scopes`` mode; their *outcomes* must agree: refused or not (and the OAuth error code
 for scope refusals), the granted scopes, the audience, whether ``act`` is set, whether a
 refresh token comes back, and the lifetimes.  HTTP status codes are recorded, not compared:
-Keycloak answers 400 for ``invalid_scope``, the dev IdP 403 by design (visitflow/idp/server.py).
+Keycloak answers 400 for ``invalid_scope``, the dev IdP 403 by design (visitflow/token_service/server.py).
 Subjects differ on purpose (Keycloak's ``sub`` is a UUID, the dev IdP's the user name) and
 are compared as "the same user in both tokens".
 """

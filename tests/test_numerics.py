@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from visitflow import engine
-from visitflow.testing import MemoryRun, MemorySink, assert_check, load_analyses
+from visitflow.flow import engine
+from visitflow.flow.testing import MemoryRun, MemorySink, assert_check, load_analyses
 
 from .test_testing import REPO
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from visitflow.testing import load_analyses
+from visitflow.flow.testing import load_analyses
 
 REPO = Path(__file__).resolve().parents[1]
 

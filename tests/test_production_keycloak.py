@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visitflow.idp.config import IdPConfig
+from visitflow.token_service.config import IdPConfig
 from visitflow.production.keycloak import compare, exchange_audiences, limitations
 
 ROOT = Path(__file__).resolve().parents[1]

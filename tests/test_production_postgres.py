@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from visitflow.production import kubernetes as k8s
-from visitflow.services import free_port, start_service
+from visitflow.stack.services import free_port, start_service
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

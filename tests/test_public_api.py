@@ -49,6 +49,6 @@ def test_all_lists_exactly_the_public_definitions(module):
 
 def test_the_analyst_api_is_at_the_top():
     assert "analysis" in visitflow.__all__
-    from visitflow.spec import analysis
+    from visitflow.flow.builder import analysis
 
     assert visitflow.analysis is analysis

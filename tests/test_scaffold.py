@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from visitflow import grants
-from visitflow.spec import AnalysisDefinitionError
-from visitflow.testing import assert_check, load_analyses
+from visitflow.core import names as grants
+from visitflow.flow.spec import AnalysisDefinitionError
+from visitflow.flow.testing import assert_check, load_analyses
 
 pytestmark = pytest.mark.analysts
 
@@ -76,7 +76,7 @@ def test_scaffold_refuses_bad_names(tmp_path, args, match):
 
 
 def test_the_project_test_sees_every_analysis_deployed(tmp_path):
-    from visitflow.scaffold import new_analysis
+    from visitflow.flow.scaffold import new_analysis
 
     root = project(tmp_path)
     new_analysis(root, "edge_mean", ["det"], incremental=True)
@@ -92,7 +92,7 @@ def test_the_project_test_sees_every_analysis_deployed(tmp_path):
 @pytest.mark.e2e
 def test_scaffold_deploy_trigger_both_variants_complete(tmp_path, idp, tiled_server, prefect_stack):
     from visitflow.stack import prefect as pstack
-    from visitflow.tiled.outputs import read_result
+    from visitflow.flow.sink import read_result
     from visitflow.trigger import AnalysisTrigger
     from visitflow.trigger.plans import uses_analyses
 

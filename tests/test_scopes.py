@@ -4,10 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from visitflow.scopes import (
-    DataScope, Layout, OpaqueScope, PathTemplate, RunScope, ScopeError, ScopeSet, grant_scopes,
-    parse_scope,
-)
+from visitflow.core.scopes import DataScope, OpaqueScope, RunScope, ScopeError, ScopeSet, grant_scopes, parse_scope
+from visitflow.core.layout import Layout, PathTemplate
 
 names = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,6}\Z")
 visits = st.sampled_from(["a1", "a2", "cm1234-5"])
@@ -140,7 +138,7 @@ def test_layout_template_validation(bad):
 
 def test_proposal_follows_from_a_blueapi_instrument_session():
     """blueapi's layout needs {proposal}; a flow knows only (visit, run): cm12345-1 → cm12345."""
-    from visitflow.scopes import PathTemplate, implied_values
+    from visitflow.core.layout import PathTemplate, implied_values
 
     t = PathTemplate("raw", "i22/{proposal}/{visit}/{run}")
     assert t.format(visit="cm12345-1", run="u1") == "i22/cm12345/cm12345-1/u1"

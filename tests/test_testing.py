@@ -1,4 +1,4 @@
-"""visitflow.testing and `visitflow check`: the server-free check catches a wrong incremental
+"""visitflow.flow.testing and `visitflow check`: the server-free check catches a wrong incremental
 form and passes a right one, from Python and from the shell."""
 
 import subprocess
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from visitflow.spec import analysis
-from visitflow.testing import MemoryRun, MemorySink, assert_check, check, load_analyses, synthetic_data
+from visitflow.flow.builder import analysis
+from visitflow.flow.testing import MemoryRun, MemorySink, assert_check, check, load_analyses, synthetic_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_definition_errors_are_a_failed_check(tmp_path):
 
 
 def test_memory_run_and_sink_are_what_the_engine_drives():
-    from visitflow import engine
+    from visitflow.flow import engine
 
     flow = load_analyses(REPO / "flows/saxs_average.py")["saxs_average"]
     data = {"saxs": np.arange(24.0).reshape(6, 2, 2)}

@@ -19,7 +19,7 @@ import jwt
 import numpy as np
 import pytest
 
-from visitflow.tiled.client import BearerAuth, connect, node_uri, processed_client, raw_client
+from visitflow.core.tiled_client import BearerAuth, connect, node_uri, processed_client, raw_client
 
 FRAME = (16, 12)
 
@@ -210,7 +210,7 @@ def test_processed_scope_cannot_write_raw(tiled_server, uids, idp):
 
 # ----------------------------------------------------------------------------------- admin
 def test_only_admin_creates_visits_and_store_roots(tiled_server, idp, alice_auth):
-    from visitflow.tiled.admin import admin_auth, ensure_visits
+    from visitflow.core.tiled_admin import admin_auth, ensure_visits
 
     alice = alice_auth.token()
     assert new_container(tiled_server, "raw", alice, key="a9").status_code == 403

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from visitflow.services import free_port, start_service
+from visitflow.stack.services import free_port, start_service
 from visitflow.tiled.config import prepare_state_dir, render_config, write_config
 
 from .idp_fixtures import IDP_CONFIG, IdPHandle
@@ -33,7 +33,7 @@ STALL = 5.0
 
 @pytest.fixture(scope="module")
 def stalling_idp(tmp_path_factory):
-    from visitflow.idp.keys import KeyStore
+    from visitflow.token_service.keys import KeyStore
 
     tmp = tmp_path_factory.mktemp("idp-stall")
     port = free_port()

@@ -18,12 +18,12 @@ from event_model import compose_run
 
 from tests.scans import user_root
 from tests.tiled_fixtures import VISITS, running_tiled
-from visitflow import engine
-from visitflow.tiled.client import BearerAuth, processed_client, raw_client
+from visitflow.flow import engine
+from visitflow.core.tiled_client import BearerAuth, processed_client, raw_client
 from visitflow.tiled.file_roots import FileRootError, FileRoots, asset_uris, file_path
-from visitflow.tiled.outputs import TiledResultSink, read_result
-from visitflow.tiled.rawrun import TiledRawRun
-from visitflow.scopes import Layout
+from visitflow.flow.sink import TiledResultSink, read_result
+from visitflow.flow.source import TiledRawRun
+from visitflow.core.layout import Layout
 
 SHAPE = (8, 6)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.tiled_fixtures import start_tiled
-from visitflow.tiled.admin import admin_auth, ensure_visits
-from visitflow.tiled.client import BearerAuth, raw_client
+from visitflow.core.tiled_admin import admin_auth, ensure_visits
+from visitflow.core.tiled_client import BearerAuth, raw_client
 
 TEMPLATE = "{instrument}/{visit}/{run}"
 

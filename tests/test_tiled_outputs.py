@@ -13,8 +13,8 @@ import uuid
 import numpy as np
 import pytest
 
-from visitflow.tiled.client import BearerAuth, processed_client
-from visitflow.tiled.outputs import TiledResultSink, read_result
+from visitflow.core.tiled_client import BearerAuth, processed_client
+from visitflow.flow.sink import TiledResultSink, read_result
 
 
 @pytest.fixture

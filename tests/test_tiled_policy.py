@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from visitflow.scopes import ScopeSet
+from visitflow.core.scopes import ScopeSet
 from visitflow.tiled.access_policy import VisitflowAccessPolicy
 from visitflow.tiled.authenticator import ADMIN_TILED_SCOPES, carried_scopes, derive_tiled_scopes
 from visitflow.tiled.request_context import RequestContextMiddleware, RequestInfo, parse_target

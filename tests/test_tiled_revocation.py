@@ -14,8 +14,8 @@ import pytest
 
 from tests.scans import run_scan
 from tests.tiled_fixtures import running_tiled, start_tiled
-from visitflow import oauth
-from visitflow.tokens import discover
+from visitflow.core import oauth
+from visitflow.core.tokens import discover
 
 CACHE = 1.0
 

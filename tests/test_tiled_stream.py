@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from visitflow.services import free_port, start_service
-from visitflow.tiled.client import BearerAuth, connect, ensure_container
-from visitflow.tiled.outputs import TiledResultSink
+from visitflow.stack.services import free_port, start_service
+from visitflow.core.tiled_client import BearerAuth, connect, ensure_container
+from visitflow.flow.sink import TiledResultSink
 
 from .scans import held_scan
 from .stream_helpers import assert_same, follow, numpy_answer, push_source, scan_in_thread, spec_of
@@ -112,7 +112,7 @@ def test_tiled_restart_mid_live_completes_exactly_once(idp, tmp_path_factory):
     catalog, new empty streaming cache: sequence numbers restart).  The live analysis rides
     it out — subscriptions reconnect with a fresh token, HTTP looks retry — and finishes
     with every frame once: frames == scan, result == numpy, checkpoint == scan."""
-    from visitflow.tiled.admin import admin_auth, ensure_visits
+    from visitflow.core.tiled_admin import admin_auth, ensure_visits
 
     spec = spec_of("saxs_average")
     tmp = tmp_path_factory.mktemp("tiled-restart")
@@ -201,7 +201,7 @@ def redis_url(tmp_path_factory):
 def test_redis_streaming_cache_across_two_tiled_processes(idp, tmp_path_factory, redis_url):
     """Two Tiled processes, one catalog, one Redis: TiledWriter writes through the first, the
     live analysis subscribes through the second and still gets every append by push."""
-    from visitflow.tiled.admin import admin_auth, ensure_visits
+    from visitflow.core.tiled_admin import admin_auth, ensure_visits
 
     spec = spec_of("peak_stats")
     tmp = tmp_path_factory.mktemp("tiled-redis")
@@ -229,7 +229,7 @@ def test_redis_streaming_cache_across_two_tiled_processes(idp, tmp_path_factory,
 
 
 def test_stream_url():
-    from visitflow.tiled.stream import stream_url
+    from visitflow.flow.push import stream_url
 
     assert stream_url("http://h:1/api/v1/metadata/raw/a1/u") == "ws://h:1/api/v1/stream/single/raw/a1/u"
     assert stream_url("https://h/api/v1/metadata/raw/a1/u?x=1") == "wss://h/api/v1/stream/single/raw/a1/u"
@@ -240,7 +240,7 @@ def test_stream_url():
 def test_frame_cache_contiguity_and_bounds():
     import numpy as np
 
-    from visitflow.tiled.stream import FrameCache
+    from visitflow.flow.push import FrameCache
 
     c = FrameCache(max_bytes=10 * 8)
     c.put(0, np.arange(3.0))

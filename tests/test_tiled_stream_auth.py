@@ -1,7 +1,7 @@
 """Who may subscribe (``stream``): the websocket route gets exactly the HTTP path's decision.
 
 Both ways of presenting a token are tried — Tiled's first-message auth (what
-:mod:`visitflow.tiled.stream` uses) and ``?access_token=`` — against the real policy.  The
+:mod:`visitflow.flow.push` uses) and ``?access_token=`` — against the real policy.  The
 positive control receives the run's appends; every negative receives neither the schema nor a
 single data message.  An open subscription ends (close 4001) when its token expires or is
 revoked: :class:`visitflow.tiled.auth_gate.AuthGate` re-checks it before each message.
@@ -18,9 +18,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from visitflow import oauth
-from visitflow.tiled.stream import stream_url
-from visitflow.tokens import discover
+from visitflow.core import oauth
+from visitflow.flow.push import stream_url
+from visitflow.core.tokens import discover
 
 from .scans import run_scan
 from .stream_helpers import scan_in_thread

@@ -13,7 +13,7 @@ import jwt
 import pytest
 
 from tests.test_tiled_access import _hs256_with_public_key
-from visitflow.scopes import ScopeSet, data_token_scopes, grant_scopes
+from visitflow.core.scopes import ScopeSet, data_token_scopes, grant_scopes
 
 pytestmark = pytest.mark.opa
 

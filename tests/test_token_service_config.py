@@ -11,9 +11,9 @@ import yaml
 
 from tests.federation_fixtures import TOKEN_SERVICE_CONFIG
 from visitflow.errors import ConfigError
-from visitflow.idp.config import IdPConfig
-from visitflow.idp.federation import Federation
-from visitflow.idp.revocations import RevocationLog
+from visitflow.token_service.config import IdPConfig
+from visitflow.token_service.federation import Federation
+from visitflow.token_service.revocations import RevocationLog
 
 
 def shipped() -> dict:

@@ -180,7 +180,7 @@ def test_user_without_run_scope_gets_no_flow_run(tmp_path, idp, tiled_server, pr
 
 # ------------------------------------------------------------------ user token lifetime
 def _sender_once(trig, prefect_url="http://127.0.0.1:9/api"):
-    from visitflow.prefect_api import PrefectAPI
+    from visitflow.core.prefect_api import PrefectAPI
 
     with PrefectAPI(prefect_url, attempts=1) as api:
         trig.send_once(api)

@@ -17,13 +17,13 @@ import time
 import jwt
 import pytest
 
-from visitflow import grants
-from visitflow.prefect_api import PrefectAPI
+from visitflow.core import names as grants
+from visitflow.core.prefect_api import PrefectAPI
 from visitflow.trigger import AnalysisTrigger, TriggerSettings
 from visitflow.trigger import outage
 from visitflow.trigger.cli import parse_options
 
-from visitflow.services import start_service
+from visitflow.stack.services import start_service
 
 from .scans import run_scan, user_root
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from visitflow.services import free_port
+from visitflow.stack.services import free_port
 from visitflow.stack import prefect as pstack
 
 pytestmark = pytest.mark.e2e

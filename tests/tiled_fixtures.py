@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from visitflow.scopes import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout
-from visitflow.services import Service, free_port, start_service
+from visitflow.core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout
+from visitflow.stack.services import Service, free_port, start_service
 
 VISITS = ("a1", "a2")
 
@@ -81,7 +81,7 @@ def start_tiled(idp, tmp: Path, *, raw_template: str | None = None,
 def running_tiled(idp, tmp: Path, **kwargs):
     """A Tiled server (``start_tiled`` options) with the visit containers created by the admin
     step; stopped on exit.  Every fixture needing its own server uses this."""
-    from visitflow.tiled.admin import admin_auth, ensure_visits
+    from visitflow.core.tiled_admin import admin_auth, ensure_visits
 
     handle = start_tiled(idp, tmp, **kwargs)
     try:

@@ -14,17 +14,17 @@ __all__ = ['COMMANDS', 'main']
 
 #: name -> (module with add_arguments/run, help)
 COMMANDS = {
-    "idp": ("visitflow.idp.cli", "run the dev OIDC token service (or rotate its key)"),
+    "idp": ("visitflow.token_service.cli", "run the dev OIDC token service (or rotate its key)"),
     "tiled-config": ("visitflow.tiled.cli", "print a Tiled server config using our auth"),
     "tiled": ("visitflow.tiled.cli", "run a Tiled server with our authenticator and access policy"),
     "up": ("visitflow.stack.cli", "start the local stack (IdP, Tiled, Prefect server + worker); reuses a running one"),
     "down": ("visitflow.stack.cli", "stop what `visitflow up` started"),
     "status": ("visitflow.stack.cli", "say what runs where"),
-    "demo": ("visitflow.demo", "run the seed's story end to end (starts the stack if needed)"),
-    "grants-sweep": ("visitflow.grant_hygiene", "delete (and revoke) delegation grants whose runs ended or expired"),
+    "demo": ("visitflow.stack.demo", "run the seed's story end to end (starts the stack if needed)"),
+    "grants-sweep": ("visitflow.production.grant_hygiene", "delete (and revoke) delegation grants whose runs ended or expired"),
     "trigger": ("visitflow.trigger.cli", "start an analysis of an existing run by hand, with your own token"),
-    "check": ("visitflow.check_cli", "check analyses without servers: post, live (random batches), resume"),
-    "new-analysis": ("visitflow.scaffold", "write flows/NAME.py, its deployments and its test"),
+    "check": ("visitflow.flow.check", "check analyses without servers: post, live (random batches), resume"),
+    "new-analysis": ("visitflow.flow.scaffold", "write flows/NAME.py, its deployments and its test"),
 }
 
 

@@ -44,10 +44,10 @@ The tree (``code`` of each class in brackets)::
 
 Each class keeps the standard base that callers used before (``TimeoutError``, ``KeyError``,
 ``ValueError``, …), and each stays importable from the module that raises it
-(``visitflow.engine.RunAborted`` is ``visitflow.errors.RunAborted``).
+(``visitflow.flow.engine.RunAborted`` is ``visitflow.errors.RunAborted``).
 
 This module imports nothing from visitflow: it is a leaf, like the protocols in
-:mod:`visitflow.engine`, so any module may use it without creating an import cycle.
+:mod:`visitflow.flow.engine`, so any module may use it without creating an import cycle.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class UsageError(DefinitionError, ValueError):
 
 class OptionError(DefinitionError, ValueError):
     """An analysis option value (from a plan) or declaration that cannot be used; the message
-    names the option and why (:mod:`visitflow.options`)."""
+    names the option and why (:mod:`visitflow.core.options`)."""
 
     code = "option"
 

@@ -22,7 +22,7 @@ import bluesky.plan_stubs as bps
 import numpy as np
 from bluesky.utils import MsgGenerator
 
-from visitflow.trigger.plans import uses_analyses
+from visitflow.trigger import uses_analyses
 
 
 class SimReadable:

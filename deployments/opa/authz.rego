@@ -1,7 +1,7 @@
 # visitflow's authority at a facility: who may run which analysis on which session, and who
 # may read or write which store of a session.  Asked by the token service (before it mints a
 # delegation grant or a data token) and by Tiled (for users' own tokens), through
-# visitflow.authority.OPAAuthority:
+# visitflow.core.authority.OPAAuthority:
 #
 #   POST /v1/data/visitflow/authz/decision  {"input": {subject, action, store, visit, run, analysis}}
 #     -> {"result": {"allow": bool, "reason": str}}

@@ -15,8 +15,10 @@ what ``docs/production.md`` claims:
 - :mod:`visitflow.production.prefect_yaml` retargets ``prefect.yaml``'s deployments at the
   Kubernetes pool without editing the file.
 
+- :mod:`visitflow.production.grant_hygiene` deletes (and revokes) grants whose runs ended.
+
 Nothing here is imported by the running system (trigger, flows, servers); the HA modules
-are run by operators, tests and benchmarks.
+are run by operators, tests and benchmarks.  Internal: no stability promise.
 """
 
 __all__ = []

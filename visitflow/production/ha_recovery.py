@@ -24,7 +24,7 @@ This is Prefect's documented "detect zombie flow runs" pattern with a different 
 
 from __future__ import annotations
 
-from ..prefect_api import PrefectAPI
+from ..core.prefect_api import PrefectAPI
 
 __all__ = ['AUTOMATION_NAME', 'WITHIN_SECONDS', 'recovery_automation', 'ensure_recovery_automation',
            'deploy_probe', 'PROBE_DEPLOYMENT']

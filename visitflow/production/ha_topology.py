@@ -17,7 +17,7 @@ storage, Docket on Redis — what Prefect's "scale self-hosted Prefect" guide as
 Workers and flow runs reach Prefect only through nginx, so killing an API server is what a
 client sees when a pod dies behind a Service.
 
-Ownership and clean-up: everything started is a process group (visitflow.services), every
+Ownership and clean-up: everything started is a process group (visitflow.stack.services), every
 pgid and namespace is written to ``<state>/topology.json`` as soon as it exists, and
 :func:`teardown` kills the groups, kills whatever is left in the namespaces
 (``ip netns pids``), deletes the namespaces and the bridge, and stops PostgreSQL — from that
@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ServiceFailed
-from ..services import Service, free_port, start_service, stop_group
-from ..prefect_api import PrefectAPI
+from ..stack.services import Service, free_port, start_service, stop_group
+from ..core.prefect_api import PrefectAPI
 from ..stack import prefect as pstack
 from .ha_recovery import deploy_probe, ensure_recovery_automation
 
@@ -338,7 +338,7 @@ class HATopology:
                            health_url=f"{self.api_url}/health")
 
     def _data_host(self) -> None:
-        from ..tiled.admin import admin_auth, ensure_visits
+        from ..core.tiled_admin import admin_auth, ensure_visits
 
         py = [sys.executable, "-m", "visitflow.cli"]
         idp = self._start("idp", self.data, [*py, "idp", "--config", str(IDP_CONFIG), "--host", self.data.address,

@@ -41,15 +41,15 @@ client ``scopes``           the same, held by the client's service-account user
 ==========================  ==============================================================
 
 Pure functions over plain dicts (json/yaml loaded); scope strings are parsed by
-:mod:`visitflow.scopes` only.
+:mod:`visitflow.core.scopes` only.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ..idp.config import TOKEN_EXCHANGE, IdPConfig
-from ..scopes import OpaqueScope, ScopeError, parse_scope
+from ..token_service.config import TOKEN_EXCHANGE, IdPConfig
+from ..core.scopes import OpaqueScope, ScopeError, parse_scope
 
 __all__ = [
     'BUILTIN_CLIENTS', 'EXCHANGE_ENABLED', 'EXCHANGE_REFRESH', 'DOWNSCOPE_EXECUTOR',

@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..scopes import OpaqueScope, ScopeError, parse_scope
+from ..core.scopes import OpaqueScope, ScopeError, parse_scope
 from .keycloak import client_audiences
 
 __all__ = [

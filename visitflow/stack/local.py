@@ -19,7 +19,7 @@ from typing import Optional
 
 import httpx
 
-from ..services import ServiceFailed, start_service, stop_group
+from .services import ServiceFailed, start_service, stop_group
 from . import prefect as pstack
 
 __all__ = ['DEV_SECRETS', 'StackConfig', 'Record', 'healthy', 'alive', 'say', 'LocalStack']
@@ -145,7 +145,7 @@ class LocalStack:
                                "--log-level", "warning",
                                *(["--file-root", f"raw={c.raw_file_root}"] if c.raw_file_root else [])],
                      f"{c.tiled_uri}/api/v1/", timeout=180)
-        from ..tiled.admin import admin_auth, ensure_visits
+        from ..core.tiled_admin import admin_auth, ensure_visits
 
         created = ensure_visits(c.tiled_uri, admin_auth(c.issuer, "visitflow-admin", DEV_SECRETS["visitflow-admin"]),
                                 c.visits)
@@ -171,7 +171,7 @@ class LocalStack:
         return self.record
 
     def _visit_limits(self) -> None:
-        from ..prefect_api import PrefectAPI
+        from ..core.prefect_api import PrefectAPI
 
         with PrefectAPI(self.config.prefect_api) as api:
             for visit in self.config.visits:

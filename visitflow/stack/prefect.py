@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..prefect_api import PrefectAPI
-from ..services import Service, ServiceFailed, start_service
+from ..core.prefect_api import PrefectAPI
+from .services import Service, ServiceFailed, start_service
 
 __all__ = [
     'REPO', 'POOL', 'BLOCK', 'DEFAULT_WORKER_TYPE', 'prefect_env', 'server_command',

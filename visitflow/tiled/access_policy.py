@@ -13,7 +13,7 @@ tag — the root, store roots and prefix containers above the visit, nodes insid
 data-source-backed node, nodes created before tags or with a Tiled-generated key — are
 placed by the layout (``raw/{visit}/{run}``, ``processed/{visit}/{run}/{analysis}``,
 configurable) from their path, as before.  A node carrying a ``visitflow:`` tag we cannot
-read gets nothing.  :mod:`visitflow.scopes` says whether the principal's scopes cover a
+read gets nothing.  :mod:`visitflow.core.scopes` says whether the principal's scopes cover a
 place.  The principal's scopes arrive as ``authn_scopes``: the authenticator puts our scope
 strings next to the Tiled scopes it derived from them.
 
@@ -55,15 +55,8 @@ from tiled.catalog import orm
 from tiled.catalog.adapter import CatalogNodeAdapter
 from tiled.queries import AccessTagsFilter
 
-from ..scopes import (
-    DEFAULT_PROCESSED_TEMPLATE,
-    DEFAULT_RAW_TEMPLATE,
-    Layout,
-    Location,
-    OpaqueScope,
-    ScopeSet,
-    valid_name,
-)
+from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout, Location
+from ..core.scopes import OpaqueScope, ScopeSet, valid_name
 from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
 from . import facility_users, node_tags
 from .file_roots import FileRoots
@@ -133,7 +126,7 @@ class VisitflowAccessPolicy(AccessPolicy):
                  processed_template: Optional[str] = DEFAULT_PROCESSED_TEMPLATE,
                  admin_scope: str = ADMIN_SCOPE, path_cache_size: int = 65536,
                  file_roots: Optional[dict] = None, authority: Optional[dict] = None):
-        from ..authority import authority_from_config
+        from ..core.authority import authority_from_config
 
         self.authority = authority_from_config(authority) if authority else None
         self.layout = Layout.from_templates(raw_template or None, processed_template or None)

@@ -5,7 +5,7 @@ only routes bearer tokens it did not mint itself to ``settings.authenticator``, 
 that only when the single configured provider *is* a ``ProxiedOIDCAuthenticator``.  So we
 inherit the type and replace what it does:
 
-* ``decode_token`` validates with :class:`visitflow.tokens.TokenValidator` (issuer,
+* ``decode_token`` validates with :class:`visitflow.core.tokens.TokenValidator` (issuer,
   audience ``tiled``, RS256 only, ``typ``, required claims) and turns every failure into a
   **401 whose body says why**.  The stock implementation lets ``jwt`` errors for a wrong
   audience or an unknown ``kid`` escape as 500s.
@@ -46,15 +46,13 @@ import jwt
 from fastapi import HTTPException
 from tiled.authenticators import ProxiedOIDCAuthenticator
 
-from .. import oauth
+from ..core import oauth
 from . import facility_users
-from ..scopes import OpaqueScope, ScopeSet
-from ..tokens import ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, InvalidToken, TokenValidator, discover
+from ..core.scopes import ADMIN_SCOPE, OpaqueScope, ScopeSet
+from ..core.tokens import ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, InvalidToken, TokenValidator, discover
 
 logger = logging.getLogger(__name__)
 
-#: The opaque scope of the admin service account (client ``visitflow-admin``).
-ADMIN_SCOPE = "visitflow:admin"
 
 READ_SCOPES = frozenset({"read:metadata", "read:data"})
 WRITE_SCOPES = frozenset({"write:metadata", "write:data", "create:node"})

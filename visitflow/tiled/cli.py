@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ..scopes import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE
+from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE
 
 __all__ = [
     'add_tiled_config_arguments', 'run_tiled_config', 'add_tiled_arguments', 'serve_tiled',
@@ -135,8 +135,8 @@ def serve_tiled(args) -> int:
 
 
 def ensure_visits_cmd(args) -> int:
-    from ..scopes import Layout
-    from .admin import admin_auth, ensure_visits
+    from ..core.layout import Layout
+    from ..core.tiled_admin import admin_auth, ensure_visits
 
     secret = os.environ.get(args.client_secret_env)
     if not secret:

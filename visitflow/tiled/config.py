@@ -14,7 +14,7 @@ One function, :func:`render_config`, so ``visitflow tiled-config`` (print it),
   path templates;
 * a ``streaming_cache`` (tiled#437): Tiled publishes every append to websocket subscribers
   (``/api/v1/stream/single/<path>``), which is how live analyses follow a run by push
-  (:mod:`visitflow.tiled.stream`).  ``memory`` for one process (the default), a
+  (:mod:`visitflow.flow.push`).  ``memory`` for one process (the default), a
   ``redis://`` URI when several Tiled processes serve the same catalog (a subscriber on one
   process then sees appends made through another).
 """
@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ..scopes import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout
+from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout
 from .authenticator import ADMIN_SCOPE
 
 __all__ = [

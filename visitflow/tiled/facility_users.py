@@ -8,7 +8,7 @@ Two kinds of bearer token reach a production Tiled:
 * **user tokens** from the facility IdP (Keycloak), e.g. Alice browsing her session or
   blueapi's TiledWriter writing with her token: validated against that issuer's JWKS (audience
   ``tiled``), marked with :data:`USER_SCOPE`, and on each node the policy asks the authority
-  (:mod:`visitflow.authority`) "may this user read/write store T of visit V?" — cached
+  (:mod:`visitflow.core.authority`) "may this user read/write store T of visit V?" — cached
   briefly, so a membership change takes effect within ``cache_seconds``; an authority that
   cannot answer is a 503, never an allow.
 
@@ -22,10 +22,11 @@ from typing import Any, Iterable, Optional
 
 from fastapi import HTTPException
 
-from ..authority import Authority, Subject
+from ..core.authority import Authority, Subject
 from ..errors import AuthorityUnavailable
-from ..scopes import DataScope, Location, ScopeSet
-from ..tokens import Claims
+from ..core.scopes import DataScope, ScopeSet
+from ..core.layout import Location
+from ..core.tokens import Claims
 
 __all__ = [
     'AuthorityUnavailable', 'USER_SCOPE', 'USER_TILED_SCOPES', 'user_name', 'claims_for_tiled',

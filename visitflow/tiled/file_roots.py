@@ -29,7 +29,8 @@ from typing import Iterable, Mapping, Optional
 from urllib.parse import unquote, urlparse
 
 from ..errors import FileRootError
-from ..scopes import Layout, check_name
+from ..core.layout import Layout
+from ..core.scopes import check_name
 
 __all__ = ['FileRootError', 'FileRoot', 'file_path', 'FileRoots', 'asset_uris']
 

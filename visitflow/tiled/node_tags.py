@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from ..scopes import Location, valid_name
+from ..core.layout import Location
+from ..core.scopes import valid_name
 
 __all__ = ['PREFIX', 'tag_for', 'locations_from_tags', 'TagRows']
 

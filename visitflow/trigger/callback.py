@@ -30,10 +30,10 @@ from typing import Callable
 
 import httpx
 
-from .. import grants, oauth
-from ..options import OptionError, canonical, check_plan_values, schema_problem
-from ..prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
-from ..scopes import GRANT_SCOPE_MODES, ScopeError, check_name, grant_scopes
+from ..core import names as grants, oauth
+from ..core.options import OptionError, canonical, check_plan_values, schema_problem
+from ..core.prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
+from ..core.scopes import GRANT_SCOPE_MODES, ScopeError, check_name, grant_scopes
 from . import outage
 from .outbox import Outbox
 

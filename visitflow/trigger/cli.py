@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .. import oauth
+    from ..core import oauth
     from ..errors import OptionError, ScopeError
     from .callback import AnalysisTrigger, TriggerSettings
 
@@ -106,7 +106,7 @@ def ui_base(args) -> str:
 def report(requests, args) -> int:
     """One line per requested flow run: its name, state and UI link; with --wait, the final
     state.  Exit 0 only if every run was created (and, with --wait, completed)."""
-    from ..prefect_api import PrefectAPI
+    from ..core.prefect_api import PrefectAPI
 
     ok = True
     with PrefectAPI(args.prefect_api, os.environ.get("PREFECT_API_AUTH_STRING")) as api:

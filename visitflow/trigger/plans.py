@@ -11,8 +11,8 @@ import functools
 
 from bluesky import preprocessors as bpp
 
-from ..options import check_plan_values
-from ..scopes import check_name
+from ..core.options import check_plan_values
+from ..core.scopes import check_name
 
 __all__ = ['uses_analyses']
 
@@ -23,7 +23,7 @@ def uses_analyses(*names: str, options: dict[str, dict] | None = None):
     ``options`` sets typed analysis options per analysis, e.g.
     ``options={"peak_stats": {"background": 1e5}}``: they go into the start document's
     ``analysis_options``; the trigger checks them against the analysis' declared options
-    before any flow run (:mod:`visitflow.options`) and refuses, with the reason, if they do
+    before any flow run (:mod:`visitflow.core.options`) and refuses, with the reason, if they do
     not fit.  Options are public (Prefect UI, provenance): never put a secret here.
     """
     for name in names:

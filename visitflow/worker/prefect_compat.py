@@ -1,6 +1,6 @@
 """Every private Prefect name visitflow relies on, in one place, checked when it is imported.
 
-The warm worker (visitflow/worker/__init__.py, visitflow/worker/zygote.py) changes only how
+The warm worker (visitflow/worker/worker.py, visitflow/worker/zygote.py) changes only how
 Prefect's process worker *starts* a flow run: it forks a pre-imported child instead of
 spawning ``python -m prefect.engine``.  Everything around the start stays Prefect's own code,
 and some of that code is not exported: the run executor with its crash detection and
@@ -100,10 +100,10 @@ UNDERSCORE_ATTRIBUTES: tuple[PrivateName, ...] = tuple(
     PrivateName(module, f"{cls}.{attr}", why) for module, cls, attrs, why in (
         # (``_display_name``, which ProcessWorker still sets, is read by nothing in Prefect 3.9)
         ("prefect.workers.base", "BaseWorker", ("_description", "_documentation_url"),
-         "the visitflow worker type's card in the UI (visitflow/worker/__init__.py)"),
+         "the visitflow worker type's card in the UI (visitflow/worker/worker.py)"),
         ("prefect.blocks.core", "Block",
          ("_block_type_name", "_block_type_slug", "_description", "_documentation_url", "_logo_url"),
-         "the ScopedCredentials block type's name, slug and card (visitflow/blocks.py)"),
+         "the ScopedCredentials block type's name, slug and card (visitflow/flow/credentials.py)"),
     ) for attr in attrs
 )
 

@@ -29,8 +29,8 @@ __all__ = ['PRELOAD', 'run_flow_run', 'main']
 
 PRELOAD = (
     "numpy", "httpx", "jwt", "prefect", "prefect.flow_engine", "prefect.engine", "prefect.blocks.system",
-    "prefect.artifacts", "prefect.concurrency.sync", "tiled.client", "visitflow.flowrun", "visitflow.blocks",
-    "visitflow.tiled.rawrun", "visitflow.tiled.outputs", "visitflow.tiled.client", "pandas", "PIL.Image",
+    "prefect.artifacts", "prefect.concurrency.sync", "tiled.client", "visitflow.flow.builder", "visitflow.flow.credentials",
+    "visitflow.flow.source", "visitflow.flow.sink", "visitflow.core.tiled_client", "pandas", "PIL.Image",
 )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .errors import OAuthRefused, OAuthUnavailable
+from ..errors import OAuthRefused, OAuthUnavailable
 
 __all__ = [
     'OAuthRefused', 'OAuthUnavailable', 'TOKEN_EXCHANGE', 'ACCESS_TOKEN_TYPE',

@@ -1,4 +1,6 @@
-"""The analyst's API: ``@analysis(reads=[...])`` turns a plain function into a Prefect flow.
+"""What an analysis is: :class:`AnalysisSpec`, and the checks of an ``@analysis(...)`` declaration.
+
+``@analysis(reads=[...])`` (:mod:`visitflow.flow.builder`) turns a plain function into a Prefect flow.
 
 ::
 
@@ -18,7 +20,7 @@ frames, one keyword per ``reads`` field) and ``result() -> dict`` (the same outp
 plain function returns).  The framework tests that both forms agree.
 
 Everything about tokens, Tiled paths, polling, checkpoints and provenance lives elsewhere
-(:mod:`visitflow.engine`, :mod:`visitflow.flowrun`); definitions are checked at import time
+(:mod:`visitflow.flow.engine`, :mod:`visitflow.flow.builder`); definitions are checked at import time
 so a typo fails when the worker loads the flow, not halfway through a beamtime.
 """
 
@@ -28,12 +30,12 @@ import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from .errors import AnalysisDefinitionError
-from .grants import flow_name
-from .outputs import check_outputs
-from .scopes import valid_name
+from ..errors import AnalysisDefinitionError
+from ..core.names import flow_name
+from ..core.outputs import check_outputs
+from ..core.scopes import valid_name
 
-__all__ = ['AnalysisDefinitionError', 'AnalysisSpec', 'analysis']
+__all__ = ['AnalysisSpec', 'declare']
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class AnalysisSpec:
     live_throttle: float = 2.0          # plain form: recompute at most this often while live
     description: str = ""
     extra: dict = field(default_factory=dict)
-    options: type | None = None         # a visitflow.options.Options subclass, or None
+    options: type | None = None         # a visitflow.core.options.Options subclass, or None
     option_values: dict = field(default_factory=dict)  # resolved values this spec computes with
 
     @property
@@ -64,7 +66,7 @@ class AnalysisSpec:
 
     def with_options(self, values: dict | None) -> "AnalysisSpec":
         """This spec computing with ``values`` (validated, defaults filled in)."""
-        from .options import resolve
+        from ..core.options import resolve
 
         return replace(self, option_values=resolve(self.options, values, self.name))
 
@@ -100,21 +102,15 @@ def _check_accepts_reads(owner: str, fn: Callable, reads: tuple[str, ...], what:
         )
 
 
-def analysis(reads: list[str] | tuple[str, ...], *, incremental: type | None = None,
-             options: type | None = None, name: str | None = None, stream: str = "primary",
-             live_throttle: float = 2.0, flow_kwargs: dict | None = None):
-    """Declare an analysis.  Returns a decorator that gives back a Prefect ``Flow``.
+def declare(reads: list[str] | tuple[str, ...], *, incremental: type | None = None,
+            options: type | None = None, name: str | None = None, stream: str = "primary",
+            live_throttle: float = 2.0):
+    """Check an ``@analysis(...)`` declaration and return ``fn -> AnalysisSpec``.
 
-    ``reads``: the raw fields the function needs — what post reads, what live polls, and
-    what least privilege is checked against.  ``incremental``: an optional class
-    (``__init__(**options)``, ``update(**batch)``, ``result()``) for efficient live
-    processing.  ``options``: an optional :class:`visitflow.options.Options` subclass; each
-    of its fields is passed to the function (and the incremental class' ``__init__``) as a
-    keyword argument, is a flow parameter, and may be set per plan (:mod:`visitflow.options`).
-
-    The returned flow carries ``.spec`` (an :class:`AnalysisSpec`; call it with the fields
-    and options to run the science without Prefect or Tiled) and ``.function`` (the plain
-    function exactly as written).
+    The arguments are :func:`visitflow.analysis`'s (documented there); what is wrong with
+    ``reads`` or ``live_throttle`` is refused here, before the function is seen, and what is
+    wrong with the function or its incremental class when it is given.  No Prefect: the flow
+    is built from the spec by :mod:`visitflow.flow.builder`.
     """
     if isinstance(reads, str) or not reads:
         raise AnalysisDefinitionError("reads= must be a non-empty list of field names, e.g. reads=['saxs']")
@@ -135,7 +131,7 @@ def analysis(reads: list[str] | tuple[str, ...], *, incremental: type | None = N
             raise AnalysisDefinitionError(f"analysis name {analysis_name!r} is not valid")
         option_names: tuple[str, ...] = ()
         if options is not None:
-            from .options import check_model
+            from ..core.options import check_model
 
             check_model(options, f"analysis {analysis_name}")
             option_names = tuple(options.model_fields)
@@ -165,8 +161,6 @@ def analysis(reads: list[str] | tuple[str, ...], *, incremental: type | None = N
         )
         if options is not None:
             spec = spec.with_options({})  # defaults: what a run without plan options computes
-        from .flowrun import make_flow  # Prefect is imported only when an analysis is defined
-
-        return make_flow(spec, **(flow_kwargs or {}))
+        return spec
 
     return decorate

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import httpx
 import jwt
 
-from .errors import InsufficientScope, InvalidToken
+from ..errors import InsufficientScope, InvalidToken
 from .scopes import ScopeSet
 
 __all__ = [

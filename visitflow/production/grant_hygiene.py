@@ -28,13 +28,13 @@ from typing import Callable, Optional
 
 import jwt
 
-from . import grants
-from .prefect_api import PrefectAPI
-from .scopes import RunScope, ScopeSet
+from ..core import names as grants
+from ..core.prefect_api import PrefectAPI
+from ..core.scopes import RunScope, ScopeSet
 
 __all__ = ['FINAL', 'SweepResult', 'grant_secrets', 'sweep', 'revoker', 'add_arguments', 'run']
 
-log = logging.getLogger("visitflow.grants")
+log = logging.getLogger("visitflow.core.names")
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
@@ -103,8 +103,8 @@ def sweep(api: PrefectAPI, *, prefix: str = grants.PREFIX, revoke: Optional[Call
 
 def revoker(issuer: str, client_id: str, client_secret: str) -> Callable[[str], None]:
     """Revoke grants at the token service as ``client_id`` (the grant's audience, ``visitflow``)."""
-    from . import oauth
-    from .tokens import discover
+    from ..core import oauth
+    from ..core.tokens import discover
 
     endpoint = discover(issuer)["revocation_endpoint"]
     return lambda token: oauth.revoke(endpoint, token, client_id=client_id, client_secret=client_secret)

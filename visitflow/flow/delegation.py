@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import jwt
 
-from . import oauth
-from .errors import DelegationError, DelegationExpired, GrantInvalid, GrantMissing, NotAuthorised
-from .scopes import ScopeSet, data_token_scopes, grant_scopes
-from .tokens import Claims, InvalidToken, TokenValidator
+from ..core import oauth
+from ..errors import DelegationError, DelegationExpired, GrantInvalid, GrantMissing, NotAuthorised
+from ..core.scopes import ScopeSet, data_token_scopes, grant_scopes
+from ..core.tokens import Claims, InvalidToken, TokenValidator
 
 __all__ = [
     'DelegationError', 'DelegationExpired', 'GrantInvalid', 'GrantMissing', 'NotAuthorised',
@@ -67,7 +67,7 @@ def _expired(token: str, now: float | None = None) -> bool:
 class DataTokenSource:
     """Hands out a valid T_data; thread-safe (Tiled reads run in a thread pool).
 
-    ``__call__`` returns ``(token, expires_at)``, the shape :class:`visitflow.tiled.client`
+    ``__call__`` returns ``(token, expires_at)``, the shape :class:`visitflow.core.tiled_client`
     bearer auth expects; ``force_refresh()`` is called after a 401.
     """
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from .errors import UsageError
+from ..errors import UsageError
 from .scopes import check_name
 
 __all__ = [
@@ -53,7 +53,7 @@ def deployment_name(analysis: str, variant: str) -> str:
 
 def idempotency_key(analysis: str, variant: str, visit: str, run_id: str, options: dict | None = None) -> str:
     """One flow run per (analysis, variant, visit, run, options), however often the trigger
-    retries; options (:mod:`visitflow.options`) add a short hash of their values, so other
+    retries; options (:mod:`visitflow.core.options`) add a short hash of their values, so other
     values are another run."""
     from .options import digest
 

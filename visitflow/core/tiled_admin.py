@@ -14,9 +14,9 @@ from typing import Iterable, Optional
 
 import httpx
 
-from ..scopes import Layout, PathTemplate, check_name
-from .authenticator import ADMIN_SCOPE
-from .client import BearerAuth, ClientCredentials, connect, node_uri
+from .layout import Layout, PathTemplate
+from .scopes import ADMIN_SCOPE, check_name
+from .tiled_client import BearerAuth, ClientCredentials, connect, node_uri
 
 __all__ = ['admin_auth', 'ensure_visits']
 

@@ -7,7 +7,7 @@ Writes three things into the project (default: the current directory):
   ``--incremental`` also its live form (a running mean with Chan's update);
 - ``prefect.yaml``: the ``live`` and ``post`` deployments, appended as text so the file's
   comments and anchors stay as they are;
-- ``tests/test_NAME.py``: :func:`visitflow.testing.check` on synthetic data, and a direct
+- ``tests/test_NAME.py``: :func:`visitflow.flow.testing.check` on synthetic data, and a direct
   call of the science function.
 
 The skeleton deploys (``visitflow up``, or ``prefect deploy --all``) and its test passes
@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from .scopes import valid_name
+from ..core.scopes import valid_name
 from .spec import AnalysisDefinitionError
 
 __all__ = [

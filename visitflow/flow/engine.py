@@ -1,6 +1,6 @@
 """How an analysis is driven: ``post`` (everything at once) and ``live`` (poll, feed new
 frames, checkpoint), over two small protocols so the logic is testable without servers and
-runs unchanged against Tiled (:mod:`visitflow.tiled.rawrun`, :mod:`visitflow.tiled.outputs`).
+runs unchanged against Tiled (:mod:`visitflow.flow.source`, :mod:`visitflow.flow.sink`).
 
 Live guarantees:
 - Only frames present in *every* ``reads`` field are processed (fields are written at
@@ -11,7 +11,7 @@ Live guarantees:
   no frame is lost or counted twice, even if the crash came between outputs and checkpoint.
 - It finishes after the stop document plus a final drain; it fails after ``idle_timeout``
   seconds without new frames or a stop document (a run that never ends).
-- A source that is told of changes (push, :mod:`visitflow.tiled.stream`) offers
+- A source that is told of changes (push, :mod:`visitflow.flow.push`) offers
   ``wait_for_change(timeout)``: the idle wait then ends as soon as something arrives, and
   the poll interval (with its backoff) is only the fallback.
 """
@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from .errors import EmptyRun, LiveIdleTimeout, MissingField, RunAborted, RunError, RunNotFinished
-from .outputs import check_outputs
+from ..errors import EmptyRun, LiveIdleTimeout, MissingField, RunAborted, RunError, RunNotFinished
+from ..core.outputs import check_outputs
 
 if TYPE_CHECKING:  # annotations only: the engine is a leaf (no import of spec or flowrun)
     from .spec import AnalysisSpec
@@ -35,7 +35,7 @@ __all__ = [
     'run_post', 'run_live',
 ]
 
-log = logging.getLogger("visitflow.engine")
+log = logging.getLogger("visitflow.flow.engine")
 
 
 def _empty(spec: "AnalysisSpec", status: "RawStatus") -> EmptyRun:

@@ -103,7 +103,7 @@ class BearerAuth(httpx.Auth):
 # -- token providers ----------------------------------------------------------------------
 
 def _token_endpoint(issuer: str, timeout: float = 10.0) -> str:
-    from ..tokens import discover
+    from .tokens import discover
 
     return discover(issuer, timeout=timeout)["token_endpoint"]
 
@@ -161,7 +161,7 @@ def connect(uri: str, auth: httpx.Auth, *, compression: bool = False, headers: O
 
 
 def _layout(layout=None):
-    from ..scopes import Layout
+    from .layout import Layout
 
     return layout or Layout()
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..scopes import ScopeError, ScopeSet
+from ..core.scopes import ScopeError, ScopeSet
 
 __all__ = [
     'ConfigError', 'TOKEN_EXCHANGE', 'KNOWN_GRANTS', 'Lifetimes', 'Client', 'User',

@@ -1,6 +1,6 @@
 """Live by push: follow a raw run through Tiled's websocket stream (tiled#437).
 
-:class:`PushRawRun` is the engine's :class:`~visitflow.engine.RawSource` for ``live``.  It
+:class:`PushRawRun` is the engine's :class:`~visitflow.flow.engine.RawSource` for ``live``.  It
 subscribes (``/api/v1/stream/single/<path>``) to the run's nodes with the flow's data token:
 
 * the run and stream containers, as *notifiers*: a new stream or field node, and the end of
@@ -45,8 +45,8 @@ import httpx
 import msgpack
 import numpy as np
 
-from ..engine import RawStatus
-from .rawrun import TiledRawRun
+from .engine import RawStatus
+from .source import TiledRawRun
 
 __all__ = ['END_OF_STREAM', 'stream_url', 'FrameCache', 'NodeSubscription', 'PushRawRun']
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from .errors import ServiceFailed
+from ..errors import ServiceFailed
 
 __all__ = ['ServiceFailed', 'free_port', 'Service', 'stop_group', 'start_service']
 

@@ -1,4 +1,4 @@
-"""A raw bluesky run in Tiled, as the engine's :class:`~visitflow.engine.RawSource`.
+"""A raw bluesky run in Tiled, as the engine's :class:`~visitflow.flow.engine.RawSource`.
 
 TiledWriter (bluesky-tiled-plugins 2.x) writes a run as a container keyed by the start uid,
 with the start/stop documents in its metadata and one composite container per stream whose
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import MissingField, RawStatus
+from .engine import MissingField, RawStatus
 
 __all__ = ['TiledRawRun']
 

@@ -15,13 +15,13 @@ What Keycloak did with each requested scope (tests/test_keycloak.py records it):
   exchange is bounded by the user's roles, not by the subject token;
 * no ``scope`` parameter means the requester's default client scopes only: none of ours.
 
-Pure functions over :class:`~visitflow.idp.config.IdPConfig`; the HTTP errors are the
+Pure functions over :class:`~visitflow.token_service.config.IdPConfig`; the HTTP errors are the
 server's.
 """
 
 from __future__ import annotations
 
-from ..scopes import ScopeSet
+from ..core.scopes import ScopeSet
 from .config import IdPConfig
 
 #: Client scopes every client has by default in our realm; ``openid`` is Keycloak's own.

@@ -1,4 +1,4 @@
-"""Processed results in Tiled, as the engine's :class:`~visitflow.engine.ResultSink`.
+"""Processed results in Tiled, as the engine's :class:`~visitflow.flow.engine.ResultSink`.
 
 Layout under the processed template (default ``processed/<visit>/<run>/<analysis>``)::
 
@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from .client import child as _child
-from .client import ensure_container
+from ..core.tiled_client import child as _child
+from ..core.tiled_client import ensure_container
 
 __all__ = ['TiledResultSink', 'read_result']
 
-log = logging.getLogger("visitflow.outputs")
+log = logging.getLogger("visitflow.core.outputs")
 
 
 def _now(timespec: str = "seconds") -> str:

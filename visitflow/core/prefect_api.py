@@ -18,12 +18,12 @@ from typing import Any
 
 import httpx
 
-from . import grants
-from .errors import PrefectRefused, PrefectUnavailable
+from . import names as grants
+from ..errors import PrefectRefused, PrefectUnavailable
 
 __all__ = ['PrefectRefused', 'PrefectUnavailable', 'RETRY_STATUS', 'PrefectAPI']
 
-log = logging.getLogger("visitflow.prefect_api")
+log = logging.getLogger("visitflow.core.prefect_api")
 RETRY_STATUS = {429, 502, 503, 504}
 
 

@@ -1,7 +1,7 @@
-"""The Prefect flow every analysis becomes: credentials → raw source → engine → results.
+"""``@analysis``, and the Prefect flow every analysis becomes: credentials → raw source → engine → results.
 
 One flow per analysis, taking ``visit`` and ``run_id`` and, if the analysis declares
-options (:mod:`visitflow.options`), one keyword parameter per option; the variant (``live`` or
+options (:mod:`visitflow.core.options`), one keyword parameter per option; the variant (``live`` or
 ``post``) comes from the deployment name, so the trigger's parameters stay ``{visit,
 run_id, **options}``.  Tuning comes from the environment (deployment job variables), never from
 parameters: ``VISITFLOW_CREDENTIALS_BLOCK`` (default ``visitflow``),
@@ -23,22 +23,21 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
 
-from . import engine, grants
-from .errors import UsageError
-from .options import docstring_args, flow_parameters
+from . import engine
+from ..core import names as grants
+from ..errors import UsageError
+from ..core.options import docstring_args, flow_parameters
 
-if TYPE_CHECKING:  # annotations only: spec imports this module when an analysis is defined
-    from .spec import AnalysisSpec
+from .spec import AnalysisSpec, declare
 
 __all__ = [
-    'UsageError', 'DEFAULT_BLOCK', 'live_settings', 'post_settings', 'live_source', 'code_version',
+    'analysis', 'DEFAULT_BLOCK', 'live_settings', 'post_settings', 'live_source', 'code_version',
     'variant_from_deployment', 'result_markdown', 'make_flow',
 ]
 
@@ -69,7 +68,7 @@ def live_source(poll, access):
     if os.environ.get("VISITFLOW_LIVE_PUSH", "1") in ("0", "false", "no"):
         yield poll
         return
-    from .tiled.stream import PushRawRun
+    from .push import PushRawRun
 
     push = PushRawRun(poll, lambda: access.tokens()[0],
                       reconcile_interval=_env_float("VISITFLOW_LIVE_RECONCILE_INTERVAL", 5.0))
@@ -175,9 +174,9 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
                                     params.get("visit", "?"), params.get("run_id", "?"))
 
     def body(visit: str, run_id: str, variant: str | None = None, **options) -> dict:
-        from .blocks import ScopedCredentials
-        from .tiled.outputs import TiledResultSink
-        from .tiled.rawrun import TiledRawRun
+        from .credentials import ScopedCredentials
+        from .sink import TiledResultSink
+        from .source import TiledRawRun
 
         logger = get_run_logger()
         # Library logs (resume, stale results...) reach the Prefect UI through
@@ -253,3 +252,28 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
     prefect_flow.spec = spec  # the analyst's function and incremental form, for tests and tools
     prefect_flow.function = spec.function  # the science function exactly as written (docs/analysts.md)
     return prefect_flow
+
+
+def analysis(reads: list[str] | tuple[str, ...], *, incremental: type | None = None,
+             options: type | None = None, name: str | None = None, stream: str = "primary",
+             live_throttle: float = 2.0, flow_kwargs: dict | None = None):
+    """Declare an analysis.  Returns a decorator that gives back a Prefect ``Flow``.
+
+    ``reads``: the raw fields the function needs — what post reads, what live polls, and
+    what least privilege is checked against.  ``incremental``: an optional class
+    (``__init__(**options)``, ``update(**batch)``, ``result()``) for efficient live
+    processing.  ``options``: an optional :class:`visitflow.core.options.Options` subclass; each
+    of its fields is passed to the function (and the incremental class' ``__init__``) as a
+    keyword argument, is a flow parameter, and may be set per plan (:mod:`visitflow.core.options`).
+
+    The returned flow carries ``.spec`` (an :class:`AnalysisSpec`; call it with the fields
+    and options to run the science without Prefect or Tiled) and ``.function`` (the plain
+    function exactly as written).
+    """
+    to_spec = declare(reads, incremental=incremental, options=options, name=name, stream=stream,
+                      live_throttle=live_throttle)
+
+    def decorate(fn):
+        return make_flow(to_spec(fn), **(flow_kwargs or {}))
+
+    return decorate

@@ -1,5 +1,5 @@
 """What an analysis may return — the one contract shared by the analyst's API
-(:mod:`visitflow.spec`), the engine (:mod:`visitflow.engine`) and the result sinks.
+(:mod:`visitflow.flow.spec`), the engine (:mod:`visitflow.flow.engine`) and the result sinks.
 
 A leaf module, so the engine can check outputs without importing the analyst's API (which
 would make spec → flowrun → engine → spec a cycle).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import AnalysisDefinitionError
+from ..errors import AnalysisDefinitionError
 from .scopes import valid_name
 
 __all__ = ["check_outputs"]

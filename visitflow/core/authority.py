@@ -11,7 +11,7 @@ One protocol, two implementations (ARCHITECTURE §1, §4):
   raises :class:`~visitflow.errors.AuthorityUnavailable` — callers fail closed with a 503.
 
 Who asks: the token service before it mints a delegation grant or a data token
-(:mod:`visitflow.idp.federation`), and Tiled for users' own tokens from the facility IdP
+(:mod:`visitflow.token_service.federation`), and Tiled for users' own tokens from the facility IdP
 (:mod:`visitflow.tiled.access_policy`).  Run tokens minted by the token service are *not*
 sent here: their scopes already are the authority's answer.
 
@@ -28,7 +28,7 @@ from typing import Any, Optional, Protocol
 
 import httpx
 
-from .errors import AuthorityUnavailable, ConfigError
+from ..errors import AuthorityUnavailable, ConfigError
 from .scopes import CONCRETE_STORES, DataScope, RunScope, ScopeSet
 
 __all__ = ["Decision", "Subject", "Authority", "ScopesAuthority", "OPAAuthority", "decide_scopes",

@@ -7,7 +7,7 @@ Endpoints: OIDC discovery, JWKS, ``/token`` (``password`` [dev only], ``client_c
 Token exchange follows Keycloak's "standard token exchange" (V2) rules:
 the requesting client must be in the subject token's ``aud``; ``audience`` picks the new
 ``aud`` (unknown → ``invalid_target``; not allowed for this client → ``access_denied``);
-requested scopes may only narrow (→ ``invalid_scope``, decided by :mod:`visitflow.scopes`);
+requested scopes may only narrow (→ ``invalid_scope``, decided by :mod:`visitflow.core.scopes`);
 refresh tokens never outlive the session maximum.  Unlike Keycloak V2 we also set the RFC
 8693 ``act`` claim naming the requesting client (nested for chains), so provenance can say
 who acted for whom.  With ``fixed_scopes: true`` the exchange follows what Keycloak 26.7.3
@@ -45,8 +45,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..errors import OAuthError
-from ..scopes import ScopeError, ScopeSet
-from ..tokens import ALGORITHMS, InvalidToken, decode_verified
+from ..core.scopes import ScopeError, ScopeSet
+from ..core.tokens import ALGORITHMS, InvalidToken, decode_verified
 from . import keycloak_rules
 from .config import TOKEN_EXCHANGE, Client, IdPConfig
 from .federation import Federation, identity_extra
@@ -59,7 +59,7 @@ __all__ = [
     'create_app',
 ]
 
-log = logging.getLogger("visitflow.idp")
+log = logging.getLogger("visitflow.token_service")
 
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 REFRESH_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:refresh_token"

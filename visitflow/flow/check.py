@@ -1,4 +1,4 @@
-"""``visitflow check [flows/NAME.py ...]``: :func:`visitflow.testing.check` from the shell.
+"""``visitflow check [flows/NAME.py ...]``: :func:`visitflow.flow.testing.check` from the shell.
 
 No servers: each analysis runs post, live over random batch splits and a resumed live on
 synthetic data shaped from its ``reads=`` (or a recorded run, ``--data run.npz``), and is

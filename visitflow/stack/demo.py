@@ -19,15 +19,15 @@ import time
 
 import numpy as np
 
-from . import oauth
-from .stack.local import DEV_SECRETS, LocalStack, StackConfig, say
+from ..core import oauth
+from .local import DEV_SECRETS, LocalStack, StackConfig, say
 
 __all__ = ['run_user_scan', 'main', 'add_arguments', 'run']
 
 
 def _plan(num: int, delay: float, md: dict):
     from .sim import motor_scan
-    from .trigger.plans import uses_analyses
+    from ..trigger.plans import uses_analyses
 
     @uses_analyses("saxs_average", "peak_stats")
     def demo_scan(dets, motor):
@@ -43,8 +43,8 @@ def run_user_scan(config: StackConfig, user: str, visit: str, num: int, delay: f
     from bluesky_tiled_plugins import TiledWriter
 
     from .sim import make_devices
-    from .tiled.client import BearerAuth, connect
-    from .trigger import AnalysisTrigger, TriggerSettings
+    from ..core.tiled_client import BearerAuth, connect
+    from ..trigger import AnalysisTrigger, TriggerSettings
 
     token_url = oauth.token_endpoint(config.issuer)
     login = oauth.password_login(token_url, user, user)
@@ -79,8 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .prefect_api import PrefectAPI
-    from .tiled.outputs import read_result
+    from ..core.prefect_api import PrefectAPI
+    from ..flow.sink import read_result
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("visitflow.trigger").setLevel(logging.INFO)
@@ -133,7 +133,7 @@ def run(args) -> int:
             say(f"  {line}")
     trig_c.close()
     bob = oauth.password_login(oauth.token_endpoint(config.issuer), "bob", "bob")
-    from .tiled.client import BearerAuth, connect
+    from ..core.tiled_client import BearerAuth, connect
 
     bob_root = connect(config.tiled_uri, BearerAuth(lambda: (bob.access_token, bob.expires_at)))
     say(f"bob (visit a2) lists raw/: {sorted(bob_root['raw'])} — a1 is not even visible")

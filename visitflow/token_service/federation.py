@@ -3,20 +3,20 @@
 In production ``visitflow idp`` is not an IdP: users log in at the facility's IdP (Keycloak)
 and nobody has a password here.  What it keeps is the token service (ARCHITECTURE §2 steps 3
 and 5): it accepts the facility IdP's access tokens as RFC 8693 *subject tokens*, asks the
-authority (:mod:`visitflow.authority`, OPA at a facility) whether the subject may have what
+authority (:mod:`visitflow.core.authority`, OPA at a facility) whether the subject may have what
 is asked for, and mints the run-bound T_grant and T_data with ``act`` naming the actor.
 
 Rules this module owns (config key ``federation`` of the token service YAML):
 
 * **Trust**: a subject token is accepted from the token service itself (T_grant → T_data) or
   from an issuer listed under ``federation.issuers`` — validated by
-  :class:`visitflow.tokens.TokenValidator` (discovery + JWKS, RS256 only, ``typ``, required
+  :class:`visitflow.core.tokens.TokenValidator` (discovery + JWKS, RS256 only, ``typ``, required
   claims, ``aud`` must name the requesting client as Keycloak's exchange requires).  Any
   other issuer is ``invalid_token`` "issuer … is not trusted"; nothing is decoded unverified
   beyond reading ``iss`` to pick the validator.
 * **Authority for federated subjects**: a facility token carries identity, not visit scopes,
   so the requested scope must be given and every scope of it is put to the authority
-  (:func:`visitflow.authority.decide_scopes`).  A refusal is ``access_denied`` with the
+  (:func:`visitflow.core.authority.decide_scopes`).  A refusal is ``access_denied`` with the
   authority's reason; an authority that cannot answer is **503** ``temporarily_unavailable``
   with the reason — fail closed, never a 500, nothing minted.
 * **Re-check at the second hop**: exchanging a T_grant for T_data, and refreshing T_data,
@@ -36,17 +36,17 @@ from typing import Optional
 
 import jwt
 
-from ..authority import Authority, Subject, authority_from_config, decide_scopes
+from ..core.authority import Authority, Subject, authority_from_config, decide_scopes
 from ..errors import AuthorityUnavailable, ConfigError, InvalidToken, OAuthError
-from ..scopes import ScopeError, ScopeSet
-from ..tokens import TokenValidator
+from ..core.scopes import ScopeError, ScopeSet
+from ..core.tokens import TokenValidator
 
 __all__ = [
     'AuthorityUnavailable', 'ConfigError', 'InvalidToken', 'OAuthError', 'IDENTITY_CLAIMS',
     'TrustedIssuer', 'unavailable', 'Federation', 'identity_extra',
 ]
 
-log = logging.getLogger("visitflow.idp.federation")
+log = logging.getLogger("visitflow.token_service.federation")
 
 #: Identity claims carried from the facility token into T_grant and T_data (provenance, and
 #: what the authority is asked about at the second hop).
