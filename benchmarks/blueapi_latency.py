@@ -3,12 +3,12 @@ real blueapi 1.21.1 server vs the in-process trigger, in the same run on the sam
 
 Both sides run the same plan (``peak_scan`` from deployments/blueapi/visitflow_example_plans.py)
 as Alice, write the run into the same Tiled (blueapi's layout) and trigger ``peak_stats``
-through the same Prefect server, warm worker and token service (tests/blueapi_stack.py):
+through the same Prefect server, warm worker and token service (tests/fixtures/blueapi_stack.py):
 
 * **blueapi**: ``POST /tasks`` + ``PUT /worker/task``; blueapi's TiledWriter and the trigger
   inside blueapi's worker process (hook: visitflow.trigger.blueapi_hook);
 * **in-process**: a RunEngine in this process with bluesky-tiled-plugins' TiledWriter and an
-  ``AnalysisTrigger`` subscribed (as tests/test_trigger.py does).
+  ``AnalysisTrigger`` subscribed (as tests/trigger/test_trigger.py does).
 
 Latency = the live flow run's ``start_time`` (Prefect: entered Running, i.e. the flow body
 starts) minus the start document's ``time``; one task at a time, each waited for, the two

@@ -2,7 +2,7 @@
 
     python benchmarks/keycloak_latency.py [--n 100] [--write]
 
-Starts a Keycloak 26 with our realm (tests/keycloak_fixtures.py: deployments/keycloak/fetch.sh
+Starts a Keycloak 26 with our realm (tests/fixtures/keycloak_fixtures.py: deployments/keycloak/fetch.sh
 + start.sh, fresh data directory) and a dev IdP in its Keycloak-emulating mode
 (``fixed_scopes: true``), then times, sequentially on loopback, for each: the password login,
 hop 1 (blueapi: user token -> T_grant, visit scopes, with refresh) and hop 2 (visitflow:
@@ -27,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.idp_fixtures import start_fixed_scopes_idp  # noqa: E402
-from tests.keycloak_fixtures import KeycloakHandle, start_keycloak  # noqa: E402
+from tests.fixtures.idp_fixtures import start_fixed_scopes_idp  # noqa: E402
+from tests.fixtures.keycloak_fixtures import KeycloakHandle, start_keycloak  # noqa: E402
 
 GRANT = "run:saxs_average:a1 read:data:a1 write:data:a1"
 DATA = "read:data:a1 write:data:a1"

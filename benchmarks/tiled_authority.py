@@ -1,7 +1,7 @@
 """What does asking OPA cost on a Tiled GET with a facility user's own token?
 
 Starts a real Keycloak 26 as the facility IdP (realm ``facility``, identity only, as in the
-``opa`` tests: ``tests/keycloak_fixtures.py``; ``VISITFLOW_TEST_KEYCLOAK_URL`` reuses a
+``opa`` tests: ``tests/fixtures/keycloak_fixtures.py``; ``VISITFLOW_TEST_KEYCLOAK_URL`` reuses a
 running one), a real OPA with ``deployments/opa/``, the token service (production mode) and
 three Tiled servers with identical content (raw/a1/<run> written by bluesky's TiledWriter),
 then measures side by side, interleaved request by request:
@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.latency_table import interleaved, latency_rows, measure, write_result  # noqa: E402
 from benchmarks.tiled_auth import API_KEY, start_tiled, write_run  # noqa: E402
-from tests.federation_fixtures import start_token_service  # noqa: E402
-from tests.keycloak_fixtures import FACILITY_REALM, KeycloakHandle, start_keycloak, wait_for_realm  # noqa: E402
-from tests.opa_fixtures import start_opa  # noqa: E402
+from tests.fixtures.federation_fixtures import start_token_service  # noqa: E402
+from tests.fixtures.keycloak_fixtures import FACILITY_REALM, KeycloakHandle, start_keycloak, wait_for_realm  # noqa: E402
+from tests.fixtures.opa_fixtures import start_opa  # noqa: E402
 from visitflow.core.scopes import data_token_scopes, grant_scopes  # noqa: E402
 from visitflow.core.tiled_client import BearerAuth  # noqa: E402
 

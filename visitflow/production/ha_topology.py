@@ -24,7 +24,7 @@ pgid and namespace is written to ``<state>/topology.json`` as soon as it exists,
 file alone, so ``deployments/ha/down.sh`` cleans up after a run that crashed half-way.
 
 Needs root (netns, veth), the PostgreSQL server binaries, redis-server and nginx
-(``.ci/install-redis``, ``.ci/install-nginx``).  Used by tests/ha_fixtures.py, the benchmark
+(``.ci/install-redis``, ``.ci/install-nginx``).  Used by tests/fixtures/ha_fixtures.py, the benchmark
 (benchmarks/ha.py) and deployments/ha/up.sh.
 """
 

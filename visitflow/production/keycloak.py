@@ -368,7 +368,7 @@ def _compare_scope_definitions(realm: dict, idp: IdPConfig) -> list[str]:
 def _compare_exchange_policy(realm: dict, idp: IdPConfig) -> list[str]:
     """No client policy may apply the downscope enforcer to token exchange.
 
-    Observed on Keycloak 26.7.3 (tests/test_keycloak.py): ``downscope-assertion-grant-enforcer``
+    Observed on Keycloak 26.7.3 (tests/token_service/test_keycloak.py): ``downscope-assertion-grant-enforcer``
     also refuses every ``audience`` the subject token does not already carry ("Requested
     audience not available"), so neither hop of the chain (aud blueapi -> visitflow -> tiled)
     could work.  Narrowing is therefore the Block's job (it asks only for what the run needs

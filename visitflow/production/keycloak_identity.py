@@ -11,7 +11,7 @@ embedded stack's mirror of the dev IdP, which does carry per-visit scopes), and
 :func:`identity_problems` checks a realm against these rules — so the shipped realm and the
 facility one cannot drift apart silently.  The result is shipped as
 ``deployments/keycloak/realm-facility.json`` (what a facility imports, and what the ``opa``
-suite runs on real Keycloak); ``tests/test_keycloak_identity_realm.py`` fails when it is stale.
+suite runs on real Keycloak); ``tests/production/test_keycloak_identity_realm.py`` fails when it is stale.
 Regenerate it with ``python -m visitflow.production.keycloak_identity``.
 """
 

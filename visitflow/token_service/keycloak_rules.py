@@ -1,10 +1,10 @@
 """Keycloak's standard token exchange (V2) scope rules, as observed on Keycloak 26.7.3.
 
 The dev IdP applies these when started with ``fixed_scopes: true`` so that grant_scope=visit
-can be tried without Keycloak; ``tests/test_keycloak_parity.py`` sends the same requests to a
+can be tried without Keycloak; ``tests/token_service/test_keycloak_parity.py`` sends the same requests to a
 real Keycloak (our realm) and to the dev IdP in this mode and compares the outcomes.
 
-What Keycloak did with each requested scope (tests/test_keycloak.py records it):
+What Keycloak did with each requested scope (tests/token_service/test_keycloak.py records it):
 
 * a scope that is not one of the requester's client scopes (default or optional) — every
   run-specific scope such as ``read:raw:a1/<run>`` — makes the whole request fail with

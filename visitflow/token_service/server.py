@@ -362,7 +362,7 @@ class IdP:
                               issued_token_type=ACCESS_TOKEN_TYPE)
 
     def _keycloak_exchange(self, client: Client, form, subject: dict, audiences: list, requested_type: str) -> dict:
-        """``fixed_scopes`` mode: what Keycloak 26.7.3 does (tests/test_keycloak_parity.py).
+        """``fixed_scopes`` mode: what Keycloak 26.7.3 does (tests/token_service/test_keycloak_parity.py).
 
         Scopes per :func:`.keycloak_rules.exchange_scopes` (unknown → ``invalid_scope``, not
         held → dropped, not bounded by the subject token); no ``act``; every token ends with the

@@ -8,7 +8,7 @@ cancellation (``prefect.runner._flow_run_executor``), the process handle and pro
 termination (``prefect.runner._process_manager``), and what ``prefect.engine``'s ``__main__``
 does in the child (control-channel setup, run metrics, driving generator flows).  Those names
 can change in any Prefect release, so no other visitflow module imports them (a test in
-tests/test_prefect_compat.py checks the source of every module) and this one resolves them
+tests/worker/test_prefect_compat.py checks the source of every module) and this one resolves them
 all at import:
 
 * a name that is **missing** raises :class:`~visitflow.errors.PrefectIncompatible` naming
@@ -20,7 +20,7 @@ all at import:
   an error: ``pip install visitflow`` resolves the newest Prefect that pyproject allows, and
   most releases keep these names (3.8.8 → 3.9.1 kept all of them); refusing would break every
   new install the day Prefect publishes a release that changed nothing we use, and keep
-  facilities off Prefect's fixes.  What catches a real break is CI: tests/test_prefect_compat.py
+  facilities off Prefect's fixes.  What catches a real break is CI: tests/worker/test_prefect_compat.py
   resolves every name below (and the parameters we pass) on the installed Prefect, and
   ``.ci/run-unconstrained`` runs it with the warm-worker and end-to-end tests in an install
   without constraints — what a new user gets.  ``VISITFLOW_STRICT_PREFECT=1`` in the
@@ -172,7 +172,7 @@ def _check_version() -> None:
         return
     text = (f"prefect {version} is outside the range visitflow's warm worker was tested on ({TESTED}); "
             f"every private name it relies on is present, but their behaviour may have changed: {at_risk()}. "
-            "Run tests/test_prefect_compat.py and tests/test_warm_worker.py on this install "
+            "Run tests/worker/test_prefect_compat.py and tests/worker/test_warm_worker.py on this install "
             "(.ci/run-unconstrained) before relying on it.")
     if os.environ.get("VISITFLOW_STRICT_PREFECT", "").lower() in ("1", "true", "yes"):
         raise PrefectIncompatible(text + " (VISITFLOW_STRICT_PREFECT is set)")

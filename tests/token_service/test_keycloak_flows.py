@@ -1,0 +1,113 @@
+"""Real Prefect flow runs, live and post, on Keycloak-issued tokens (grant_scope=visit).
+
+A Tiled and a Prefect server + worker of their own, wired to the running Keycloak (the
+session's stack is wired to the dev IdP): alice logs in at Keycloak, scans into Tiled with
+her token, blueapi's exchange gives the visit grant (stored as the Prefect Secret the trigger
+would store), and the deployed analysis flows obtain their data tokens from Keycloak through
+the ScopedCredentials block.  Results must equal numpy on the raw frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import pytest
+
+from tests.fixtures.prefect_fixtures import CLIENT_SECRET, PrefectStack
+from tests.fixtures.scans import run_scan, start_scan_thread, user_root
+from tests.flow.test_flows_e2e import assert_outputs_equal, expected, state_of
+from tests.fixtures.tiled_fixtures import running_tiled
+from visitflow.core.prefect_api import PrefectAPI
+from visitflow.core.scopes import grant_scopes
+from visitflow.stack.services import free_port
+from visitflow.stack import prefect as pstack
+from visitflow.flow.sink import read_result
+
+pytestmark = [pytest.mark.keycloak, pytest.mark.e2e]
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def kc_stack(keycloak, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kc-stack")
+    with running_tiled(keycloak, tmp / "tiled") as tiled:
+        port = free_port()
+        server = pstack.start_server(tmp / "prefect", port, ui=False,
+                                     database_url=os.environ.get("VISITFLOW_TEST_KEYCLOAK_PREFECT_DATABASE_URL"))
+        worker = None
+        try:
+            server.wait_ready(timeout=180)
+            env = pstack.prefect_env(f"http://127.0.0.1:{port}/api", tmp / "prefect" / "home")
+            with _env(VISITFLOW_GRANT_SCOPE="visit"):
+                pstack.configure(env, issuer=keycloak.issuer, tiled_uri=tiled.uri)
+            worker = pstack.start_worker(tmp / "prefect", env, health_port=free_port(), client_secret=CLIENT_SECRET)
+            worker.wait_ready(timeout=120)
+            api = PrefectAPI(env["PREFECT_API_URL"])
+            yield tiled, PrefectStack(env["PREFECT_API_URL"], env, server, worker, api)
+            api.close()
+        finally:
+            if worker is not None:
+                worker.stop()
+            server.stop()
+
+
+def delegate(keycloak, stack, analysis: str, uid: str) -> str:
+    """What the trigger does at run start, against Keycloak: the visit grant, stored."""
+    grant = keycloak.exchange(keycloak.token("alice"), "blueapi", audience="visitflow",
+                              scope=str(grant_scopes(analysis, "a1", uid, "visit")), refresh=True)["access_token"]
+    stack.store_grant(analysis, "a1", uid, grant)
+    return grant
+
+
+@pytest.mark.parametrize("analysis", ["saxs_average", "peak_stats"])
+def test_post_run_on_keycloak_tokens(keycloak, kc_stack, analysis):
+    tiled, stack = kc_stack
+    uid = run_scan(tiled.uri, keycloak.token("alice"), num=12)
+    delegate(keycloak, stack, analysis, uid)
+    run = stack.run(analysis, "post", "a1", uid)
+    assert state_of(run)[0] == "COMPLETED", (state_of(run), stack.logs(run["id"]))
+    root = user_root(tiled.uri, keycloak.token("alice"))
+    node = root[f"processed/a1/{uid}/{analysis}"]
+    assert_outputs_equal(read_result(node), expected(analysis, root[f"raw/a1/{uid}/primary"]))
+    meta = node[node.metadata["current"]].metadata
+    assert meta["status"] == "complete" and meta["frames_processed"] == 12
+    # provenance as Keycloak issues it: the user's UUID, the requesting client, no act
+    assert meta["token_sub"] == keycloak.user_id("alice") and meta["token_azp"] == "visitflow"
+    assert not meta.get("token_act")
+
+
+def test_live_run_during_scan_on_keycloak_tokens(keycloak, kc_stack):
+    tiled, stack = kc_stack
+    created = {}
+
+    def on_start(name, doc):
+        if name == "start":
+            def go():
+                delegate(keycloak, stack, "saxs_average", doc["uid"])
+                created["live"] = stack.run("saxs_average", "live", "a1", doc["uid"], wait=False)
+            threading.Thread(target=go, daemon=True).start()
+
+    thread, out = start_scan_thread(tiled.uri, keycloak.token("alice"), num=20, delay=0.3, subscribers=[on_start])
+    thread.join(180)
+    uid = out["uid"]
+    live = stack.api.wait_for_flow_run(created["live"]["id"], timeout=300)
+    assert state_of(live)[0] == "COMPLETED", (state_of(live), stack.logs(live["id"]))
+    root = user_root(tiled.uri, keycloak.token("alice"))
+    live_node = root[f"processed/a1/{uid}/saxs_average"]["live"]
+    assert live_node.metadata["status"] == "complete" and live_node.metadata["frames_processed"] == 20
+    assert_outputs_equal({k: live_node[k].read() for k in live_node}, expected("saxs_average", root[f"raw/a1/{uid}/primary"]))

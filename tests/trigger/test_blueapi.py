@@ -1,0 +1,269 @@
+"""The real blueapi 1.21.1 server with visitflow's trigger installed in its own environment,
+driven through blueapi's REST API; raw data written by blueapi's own TiledWriter.
+
+Marker ``blueapi``; the stack is tests/fixtures/blueapi_stack.py (real IdP, Tiled, Prefect server and
+warm worker, ``blueapi serve``)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from visitflow.core import names as grants
+from visitflow.core.prefect_api import PrefectAPI
+from visitflow.core.tiled_client import BearerAuth, connect
+from visitflow.flow.sink import read_result
+
+from tests.fixtures import blueapi_stack as bs
+
+pytestmark = pytest.mark.blueapi
+ANALYSES = ("peak_stats",)   # scalars only: see deployments/blueapi/visitflow_example_plans.py
+
+
+def flow_runs_of(api: PrefectAPI, uid: str) -> list[dict]:
+    return api.flow_runs(tags=[f"run:{uid}"])
+
+
+def wait_flow_runs(api: PrefectAPI, uid: str, n: int, timeout: float = 180) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = flow_runs_of(api, uid)
+        if len(runs) >= n or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def raw_run(stack, token: str, uid: str):
+    root = connect(stack.tiled.uri, BearerAuth(lambda: token))
+    return root[f"{bs.INSTRUMENT}/{bs.PROPOSAL}/{bs.SESSION}/{uid}"]
+
+
+def run_uid(task: dict) -> str:
+    assert task["errors"] == [], task
+    assert task["outcome"]["outcome"] == "success", task
+    return task["outcome"]["result"]
+
+
+def expected(analysis: str, primary) -> dict:
+    """The numpy reference, from the raw data as Alice reads it."""
+    y = np.asarray(primary["det"].read(), dtype=np.float64)
+    x = np.asarray(primary["motor"].read(), dtype=np.float64)
+    w = np.clip(y, 0, None)
+    centroid = (w * x).sum() / w.sum()
+    return {"centroid": centroid, "integral": np.trapezoid(y, x), "frames": y.size}
+
+
+def outputs_of(result_node) -> dict:
+    out = dict(result_node.metadata.get("scalars", {}))
+    for key, child in result_node.items():
+        if key != "scalars":
+            out[key] = child.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def prefect(blueapi):
+    api = PrefectAPI(blueapi.prefect_api)
+    yield api
+    api.close()
+
+
+# ------------------------------------------------------------------ the environment
+def test_blueapi_venv_is_clean_and_light(blueapi_venv):
+    py = str(blueapi_venv)
+    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    freeze = subprocess.run([py, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    before = (bs.VENV / "freeze-blueapi-only.txt").read_text().splitlines()
+    added = sorted(set(freeze) - set(before))
+    assert [a.split(" @ ")[0].split("==")[0] for a in added] == ["visitflow-trigger"], added
+    assert sorted(set(before) - set(freeze)) == [], "installing the trigger changed blueapi's environment"
+    assert {"blueapi==1.21.1", "tiled==0.2.18", "event-model==1.24.0"} <= set(freeze)
+    probe = subprocess.run(
+        [py, "-c", "import importlib.util, sys\n"
+                   "import visitflow.trigger.blueapi_hook, visitflow.trigger.plans, visitflow.trigger.cli\n"
+                   "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'fastapi_users')"
+                   " or m.startswith('tiled.server'))\n"
+                   "print(heavy)\n"
+                   "print(importlib.util.find_spec('prefect'))\n"],
+        capture_output=True, text=True, env={"VISITFLOW_TRIGGER_NO_INSTALL": "1", "PATH": "/usr/bin:/bin"})
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split("\n")[:2] == ["[]", "None"], probe.stdout
+    no_prefect = subprocess.run([py, "-c", "import prefect"], capture_output=True, text=True)
+    assert no_prefect.returncode != 0 and "No module named 'prefect'" in no_prefect.stderr
+
+
+def test_hook_settings_refuse_what_is_missing_or_unknown(tmp_path, monkeypatch):
+    """Pure: a broken hook configuration is a clear message, never an exception into blueapi."""
+    monkeypatch.setenv("VISITFLOW_TRIGGER_NO_INSTALL", "1")
+    from visitflow.trigger import blueapi_hook as hook
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("issuer: http://idp\nprefect_api_url: http://p/api\nstate_dir: /tmp/x\npost_on: [success, abort]\n")
+    env = {hook.CONFIG_ENV: str(cfg), "VISITFLOW_TRIGGER_CLIENT_SECRET": "s"}
+    s = hook.load_settings(env)
+    assert (s.issuer, s.client_secret, s.post_on, str(s.state_dir)) == ("http://idp", "s", ("success", "abort"), "/tmp/x")
+    assert hook.load_settings({**env, "VISITFLOW_ISSUER": "http://other"}).issuer == "http://other"
+    with pytest.raises(hook.ConfigError, match="no client secret"):
+        hook.load_settings({hook.CONFIG_ENV: str(cfg)})
+    with pytest.raises(hook.ConfigError, match="'issuer' is not set"):
+        hook.load_settings({"VISITFLOW_TRIGGER_CLIENT_SECRET": "s"})
+    cfg.write_text("issuer: x\nprefect_api_url: y\nprefect_url: typo\n")
+    with pytest.raises(hook.ConfigError, match="unknown visitflow trigger settings \\['prefect_url'\\]"):
+        hook.load_settings(env)
+    assert hook.install() is False   # no blueapi in this environment: logged, not raised
+    assert hook.bearer_of(object()) is None
+
+
+# ------------------------------------------------------------------ end to end
+def test_alice_task_triggers_live_and_post_with_her_rights(blueapi, prefect):
+    alice = blueapi.token("alice")
+    task = blueapi.blueapi.run(alice, "peak_scan", {"num": 12, "seed": 3})
+    uid = run_uid(task)
+    assert task["task"]["metadata"]["instrument_session"] == bs.SESSION
+
+    # blueapi's own TiledWriter wrote the run under its layout, with Alice's token.
+    run = raw_run(blueapi, alice, uid)
+    start = run.metadata["start"]
+    assert start["analyses"] == list(ANALYSES) and start["instrument_session"] == bs.SESSION
+    assert start["plan_name"] == "peak_scan" and start["user"] == bs.FEDIDS["alice"]
+    assert run.metadata["stop"]["exit_status"] == "success"
+    assert run["primary"]["det"].read().shape == (12,)
+
+    runs = wait_flow_runs(prefect, uid, 2 * len(ANALYSES))
+    keys = sorted((next(t for t in r["tags"] if t.startswith("analysis:")),
+                   next(t for t in r["tags"] if t.startswith("variant:"))) for r in runs)
+    assert keys == sorted((f"analysis:{a}", f"variant:{v}") for a in ANALYSES for v in ("live", "post")), keys
+    for r in runs:
+        assert r["parameters"] == {"visit": bs.SESSION, "run_id": uid}
+        done = prefect.wait_for_flow_run(r["id"], timeout=300)
+        assert done["state"]["type"] == "COMPLETED", (r["name"], done["state"])
+    time.sleep(1.0)
+    assert len(flow_runs_of(prefect, uid)) == 2 * len(ANALYSES), "exactly one live and one post per analysis"
+
+    # Results under the same session, read by Alice with her own token, equal numpy.
+    root = connect(blueapi.tiled.uri, BearerAuth(lambda: alice))
+    primary = raw_run(blueapi, alice, uid)["primary"]
+    for analysis in ANALYSES:
+        want = expected(analysis, primary)
+        node = root[f"processed/{bs.SESSION}/{uid}/{analysis}"]
+        children = {"live": node["live"], "post": next(node[k] for k in node if k.startswith("post-"))}
+        assert read_result(node) is not None
+        for variant, child in children.items():
+            got = outputs_of(child)
+            assert child.metadata["status"] == "complete", (analysis, variant, child.metadata)
+            for key, value in want.items():
+                np.testing.assert_allclose(np.asarray(got[key], dtype=np.float64), value, rtol=1e-9, atol=1e-9,
+                                           err_msg=f"{analysis}/{variant}/{key}")
+    meta = root[f"processed/{bs.SESSION}/{uid}/peak_stats"]["live"].metadata
+    assert meta["token_sub"] == "alice" and meta["visit"] == bs.SESSION and meta["run_id"] == uid
+    assert meta["user"] == bs.FEDIDS["alice"]          # the start document's user, kept in provenance
+    assert f"{bs.INSTRUMENT}/{bs.PROPOSAL}/{bs.SESSION}/{uid}" in meta["raw_uri"]
+    assert re.search(rf"visitflow trigger: created peak_stats/post/{bs.SESSION}/{uid} flow run", blueapi.blueapi.log())
+
+    # Bob, with no rights on the session, sees neither the raw run nor the results.
+    bob = blueapi.token("bob")
+    assert blueapi.tiled.get(f"metadata/{bs.INSTRUMENT}/{bs.PROPOSAL}/{bs.SESSION}/{uid}", bob).status_code == 404
+    assert blueapi.tiled.get(f"metadata/processed/{bs.SESSION}/{uid}", bob).status_code == 404
+
+
+def test_carol_task_completes_but_no_flow_run_and_the_log_says_why(blueapi, prefect):
+    carol = blueapi.token("carol")
+    uid = run_uid(blueapi.blueapi.run(carol, "peak_scan", {"num": 4}))
+    run = raw_run(blueapi, carol, uid)
+    assert run.metadata["stop"]["exit_status"] == "success" and len(run["primary"]["det"].read()) == 4
+    deadline = time.monotonic() + 60
+    pattern = re.compile(rf"REFUSED (peak_stats) for visit {bs.SESSION} run {uid}: the IdP says "
+                         r"invalid_scope.*run:\1:" + re.escape(bs.SESSION))
+    while len(set(m[1] for m in pattern.finditer(blueapi.blueapi.log()))) < len(ANALYSES) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    refusals = {m[1] for m in pattern.finditer(blueapi.blueapi.log())}
+    assert refusals == set(ANALYSES), blueapi.blueapi.log()[-3000:]
+    time.sleep(2)
+    assert flow_runs_of(prefect, uid) == []
+
+
+def test_prefect_unreachable_task_completes_and_runs_appear_later(blueapi, prefect):
+    alice = blueapi.token("alice")
+    blueapi.proxy.cut()
+    try:
+        t0 = time.monotonic()
+        uid = run_uid(blueapi.blueapi.run(alice, "peak_scan", {"num": 6}))
+        took = time.monotonic() - t0
+        time.sleep(3)   # the trigger keeps retrying in the background meanwhile
+        assert flow_runs_of(prefect, uid) == []
+        assert blueapi.proxy.refused > 0, "the trigger did try to reach Prefect"
+    finally:
+        blueapi.proxy.enabled = True
+    runs = wait_flow_runs(prefect, uid, 2 * len(ANALYSES), timeout=120)
+    assert len(runs) == 2 * len(ANALYSES), runs
+    for r in runs:
+        assert prefect.wait_for_flow_run(r["id"], timeout=300)["state"]["type"] == "COMPLETED", r["name"]
+    print(f"task with Prefect unreachable took {took:.1f}s")
+
+
+def test_plan_without_analyses_runs_as_if_visitflow_were_absent(blueapi, prefect):
+    alice = blueapi.token("alice")
+    uid = run_uid(blueapi.blueapi.run(alice, "plain_scan", {"num": 3}))
+    run = raw_run(blueapi, alice, uid)
+    assert "analyses" not in run.metadata["start"] and run.metadata["stop"]["exit_status"] == "success"
+    time.sleep(2)
+    assert flow_runs_of(prefect, uid) == []
+    ours = [line for line in blueapi.blueapi.log().splitlines() if "visitflow" in line and uid in line]
+    assert ours == [], "the trigger said something about a run without analyses"
+
+
+def test_manual_rerun_makes_a_new_flow_run_each_time(blueapi, prefect):
+    """``visitflow trigger`` for a run whose post analysis already completed: a new flow run
+    each time it is asked, with its name, link and (--wait) final state printed."""
+    alice = blueapi.token("alice")
+    uid = run_uid(blueapi.blueapi.run(alice, "peak_scan", {"num": 4}))
+    first = wait_flow_runs(prefect, uid, 2 * len(ANALYSES))
+    for r in first:
+        prefect.wait_for_flow_run(r["id"], timeout=300)
+    env = {"VISITFLOW_TRIGGER_CLIENT_SECRET": "blueapi-dev-secret", "VISITFLOW_PASSWORD": "alice"}
+    argv = [sys.executable, "-m", "visitflow.cli", "trigger", "--analysis", "peak_stats", "--visit", bs.SESSION,
+            "--run", uid, "--variant", "post", "--user", "alice", "--issuer", blueapi.idp.issuer,
+            "--prefect-api", blueapi.prefect_api, "--wait"]
+    import os
+
+    ids = []
+    for _ in range(2):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        assert out.returncode == 0, out.stdout + out.stderr
+        m = re.search(r"^(peak-stats/post \S+ \S+): COMPLETED  flow run (\S+)  -> (\S+)$", out.stdout, re.M)
+        assert m, out.stdout
+        assert m[3] == f"{blueapi.prefect_api[:-4]}/runs/flow-run/{m[2]}"
+        ids.append(m[2])
+    before = {r["id"] for r in first}
+    assert len(set(ids)) == 2 and not set(ids) & before
+    posts = [r for r in flow_runs_of(prefect, uid) if "variant:post" in r["tags"] and "analysis:peak_stats" in r["tags"]]
+    assert len(posts) == 3
+    for fr in ids:
+        assert prefect.flow_run(fr)["idempotency_key"].startswith(
+            grants.idempotency_key("peak_stats", "post", bs.SESSION, uid) + "/rerun-")
+
+
+def test_anonymous_gets_nothing_from_the_tiled_blueapi_writes_to(blueapi):
+    """That Tiled lets anonymous requests in (blueapi's tiled[client] 0.2.18 needs it to send
+    the pass-through header at all): they must see and do nothing, and bad tokens stay 401."""
+    alice = blueapi.token("alice")
+    uid = run_uid(blueapi.blueapi.run(alice, "plain_scan", {"num": 2}))
+    session = f"{bs.INSTRUMENT}/{bs.PROPOSAL}/{bs.SESSION}"
+    assert blueapi.tiled.get(f"metadata/{session}/{uid}", alice).status_code == 200
+    for path in ("", bs.INSTRUMENT, session, "processed"):
+        r = blueapi.tiled.get(f"search/{path}")
+        assert r.status_code in (401, 403, 404) or r.json()["data"] == [], (path, r.status_code, r.text[:300])
+    assert blueapi.tiled.get(f"metadata/{session}/{uid}").status_code in (401, 403, 404)
+    assert blueapi.tiled.get(f"array/full/{session}/{uid}/primary/internal").status_code in (401, 403, 404)
+    r = blueapi.tiled.request("POST", f"metadata/{session}", json={
+        "metadata": {}, "structure_family": "container", "specs": [], "data_sources": [], "id": "anon"})
+    assert r.status_code in (401, 403, 404), r.text
+    bad = blueapi.idp.sign(blueapi.idp.claims(aud=["tiled"]), key=blueapi.idp.other_key)
+    assert blueapi.tiled.get(f"metadata/{session}/{uid}", bad).status_code == 401
