@@ -19,9 +19,8 @@ import jwt
 import pytest
 
 from tests.fixtures.federation_fixtures import TS_SECRETS
+from tests.fixtures.prefect_fixtures import running_prefect
 from tests.fixtures.scans import held_scan, run_scan, start_scan_thread, user_root
-from visitflow.stack.services import free_port
-from visitflow.stack import prefect as pstack
 from visitflow.trigger import AnalysisTrigger, TriggerSettings
 
 pytestmark = [pytest.mark.opa, pytest.mark.e2e]
@@ -30,25 +29,9 @@ pytestmark = [pytest.mark.opa, pytest.mark.e2e]
 @pytest.fixture(scope="module")
 def facility_prefect(tmp_path_factory, token_service, facility_tiled):
     """A Prefect server + worker whose ScopedCredentials block points at the token service."""
-    from visitflow.core.prefect_api import PrefectAPI
-
-    state = tmp_path_factory.mktemp("facility-prefect")
-    port = free_port()
-    server = pstack.start_server(state, port, ui=False)
-    worker = None
-    try:
-        server.wait_ready(timeout=180)
-        env = pstack.prefect_env(f"http://127.0.0.1:{port}/api", state / "prefect")
-        pstack.configure(env, issuer=token_service.issuer, tiled_uri=facility_tiled.uri)
-        worker = pstack.start_worker(state, env, health_port=free_port(), client_secret=TS_SECRETS["visitflow"])
-        worker.wait_ready(timeout=120)
-        api = PrefectAPI(env["PREFECT_API_URL"])
-        yield api
-        api.close()
-    finally:
-        if worker is not None:
-            worker.stop()
-        server.stop()
+    with running_prefect(tmp_path_factory.mktemp("facility-prefect"), issuer=token_service.issuer,
+                         tiled_uri=facility_tiled.uri, client_secret=TS_SECRETS["visitflow"]) as stack:
+        yield stack.api
 
 
 def saxs_plan(det, saxs, motor, md):

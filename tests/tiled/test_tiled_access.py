@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from visitflow.core.tiled_client import BearerAuth, connect, node_uri, processed_client, raw_client
+from visitflow.core.tokens import unverified_claims
 
 FRAME = (16, 12)
 
@@ -148,7 +149,7 @@ def test_deep_search_does_not_leak_other_visits(tiled_server, uids, bob_token, a
 
 # ---------------------------------------------------------------------- delegated T_data
 def test_delegated_token_reads_only_its_run(tiled_server, runs, uids, t_data):
-    claims = jwt.decode(t_data, options={"verify_signature": False})
+    claims = unverified_claims(t_data)
     assert claims["aud"] in ("tiled", ["tiled"]) and claims["sub"] == "alice" and claims.get("act")
     auth = BearerAuth(lambda: t_data)
     run = raw_client(tiled_server.uri, auth, visit="a1", run=uids[0])
@@ -379,7 +380,7 @@ def test_auth_refreshes_before_expiry(tiled_server, idp, uids):
     url = f"{tiled_server.api}/metadata/raw/a1/{uids[0]}"
     with httpx.Client(auth=auth) as client:
         assert client.get(url).status_code == 200
-        exp = jwt.decode(issued[0], options={"verify_signature": False})["exp"]
+        exp = unverified_claims(issued[0])["exp"]
         now[0] = exp - 61          # still outside the margin: no refresh
         assert client.get(url).status_code == 200 and auth.fetches == 1
         now[0] = exp - 59          # inside the margin: refreshed *before* sending

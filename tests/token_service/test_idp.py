@@ -11,7 +11,7 @@ import jwt
 import pytest
 import yaml
 
-from visitflow.core.tokens import InvalidToken, TokenValidator
+from visitflow.core.tokens import InvalidToken, TokenValidator, unverified_claims
 
 from tests.fixtures.idp_fixtures import IDP_CONFIG, start_idp
 
@@ -21,7 +21,7 @@ DATA = f"read:raw:a1/{UID} write:processed:a1/{UID}"
 
 
 def decode(token):
-    return jwt.decode(token, options={"verify_signature": False})
+    return unverified_claims(token)
 
 
 def test_discovery_and_jwks(idp):
@@ -308,12 +308,12 @@ def test_user_claims_reach_login_tokens_and_reserved_ones_are_refused(tmp_path):
     handle = start_idp(tmp_path, config=path)
     try:
         body = handle.login("alice")
-        claims = jwt.decode(body["access_token"], options={"verify_signature": False})
+        claims = unverified_claims(body["access_token"])
         assert claims["fedid"] == "ali12345" and claims["sub"] == "alice"
         refreshed = handle.post({"grant_type": "refresh_token", "refresh_token": body["refresh_token"],
                                  "client_id": "visitflow-cli"}).json()
-        assert jwt.decode(refreshed["access_token"], options={"verify_signature": False})["fedid"] == "ali12345"
-        assert "fedid" not in jwt.decode(handle.token("bob"), options={"verify_signature": False})
+        assert unverified_claims(refreshed["access_token"])["fedid"] == "ali12345"
+        assert "fedid" not in unverified_claims(handle.token("bob"))
     finally:
         handle.service.stop()
     config["users"]["alice"]["claims"] = {"sub": "mallory"}

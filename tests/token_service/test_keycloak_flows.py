@@ -9,61 +9,29 @@ the ScopedCredentials block.  Results must equal numpy on the raw frames.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 
 import pytest
 
-from tests.fixtures.prefect_fixtures import CLIENT_SECRET, PrefectStack
+from tests.fixtures.prefect_fixtures import running_prefect
 from tests.fixtures.scans import run_scan, start_scan_thread, user_root
 from tests.flow.test_flows_e2e import assert_outputs_equal, expected, state_of
 from tests.fixtures.tiled_fixtures import running_tiled
-from visitflow.core.prefect_api import PrefectAPI
 from visitflow.core.scopes import grant_scopes
-from visitflow.stack.services import free_port
-from visitflow.stack import prefect as pstack
 from visitflow.flow.sink import read_result
 
 pytestmark = [pytest.mark.keycloak, pytest.mark.e2e]
 
 
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def kc_stack(keycloak, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kc-stack")
-    with running_tiled(keycloak, tmp / "tiled") as tiled:
-        port = free_port()
-        server = pstack.start_server(tmp / "prefect", port, ui=False,
-                                     database_url=os.environ.get("VISITFLOW_TEST_KEYCLOAK_PREFECT_DATABASE_URL"))
-        worker = None
-        try:
-            server.wait_ready(timeout=180)
-            env = pstack.prefect_env(f"http://127.0.0.1:{port}/api", tmp / "prefect" / "home")
-            with _env(VISITFLOW_GRANT_SCOPE="visit"):
-                pstack.configure(env, issuer=keycloak.issuer, tiled_uri=tiled.uri)
-            worker = pstack.start_worker(tmp / "prefect", env, health_port=free_port(), client_secret=CLIENT_SECRET)
-            worker.wait_ready(timeout=120)
-            api = PrefectAPI(env["PREFECT_API_URL"])
-            yield tiled, PrefectStack(env["PREFECT_API_URL"], env, server, worker, api)
-            api.close()
-        finally:
-            if worker is not None:
-                worker.stop()
-            server.stop()
+    with running_tiled(keycloak, tmp / "tiled") as tiled, \
+            running_prefect(tmp / "prefect", issuer=keycloak.issuer, tiled_uri=tiled.uri, grant_scope="visit",
+                            home=tmp / "prefect" / "home",
+                            database_url=os.environ.get("VISITFLOW_TEST_KEYCLOAK_PREFECT_DATABASE_URL")) as stack:
+        yield tiled, stack
 
 
 def delegate(keycloak, stack, analysis: str, uid: str) -> str:

@@ -104,30 +104,32 @@ class PathTemplate:
         )
 
     def format(self, **values: str) -> str:
-        values = implied_values(values)
-        out = []
-        for seg in self.segments:
-            m = _PLACEHOLDER.match(seg)
-            if m:
-                if m[1] not in values:
-                    raise KeyError(f"path template {self.template!r} needs {m[1]!r}")
-                out.append(check_name(values[m[1]], m[1]))
-            else:
-                out.append(seg)
-        return "/".join(out)
+        """The full path; every placeholder needs a value, and each value must be a valid name."""
+        return self._render(values, partial=False)
 
     def prefix(self, **values: str) -> str:
         """Format as far as values are given (e.g. the visit container path)."""
+        return self._render(values, partial=True)
+
+    def _render(self, values: dict[str, str], *, partial: bool) -> str:
+        """The one segment loop of :meth:`format` and :meth:`prefix`.
+
+        ``partial`` stops at the first placeholder without a value (a prefix) and takes the
+        values as given (its callers check the names they pass, e.g. ``ensure_visits``);
+        otherwise a missing value is a ``KeyError`` and each value must pass :func:`check_name`.
+        """
         values = implied_values(values)
         out = []
         for seg in self.segments:
             m = _PLACEHOLDER.match(seg)
-            if m:
-                if m[1] not in values:
-                    break
-                out.append(values[m[1]])
-            else:
+            if not m:
                 out.append(seg)
+            elif m[1] in values:
+                out.append(values[m[1]] if partial else check_name(values[m[1]], m[1]))
+            elif partial:
+                break
+            else:
+                raise KeyError(f"path template {self.template!r} needs {m[1]!r}")
         return "/".join(out)
 
 

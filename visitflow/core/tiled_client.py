@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Optional, Union
 import httpx
 import jwt
 
+from .tokens import unverified_claims
+
 __all__ = [
     'token_expiry', 'BearerAuth', 'ClientCredentials', 'IDENTITY_HEADERS', 'node_uri', 'connect',
     'raw_client', 'processed_client', 'child', 'ensure_container',
@@ -32,7 +34,7 @@ TokenProvider = Callable[[], Union[str, TokenAndExpiry]]
 def token_expiry(token: str) -> Optional[float]:
     """The ``exp`` of a JWT, unverified (only to schedule refreshes), or None."""
     try:
-        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        exp = unverified_claims(token).get("exp")
         return float(exp) if exp is not None else None
     except jwt.PyJWTError:
         return None

@@ -24,7 +24,7 @@ from .scopes import ScopeSet
 
 __all__ = [
     'InsufficientScope', 'InvalidToken', 'ALGORITHMS', 'ACCESS_TOKEN_TYPES', 'REQUIRED_CLAIMS',
-    'Claims', 'decode_verified', 'discover', 'TokenValidator',
+    'Claims', 'decode_verified', 'unverified_claims', 'discover', 'TokenValidator',
 ]
 
 #: The only signing algorithms we accept.  Never derive this from the token header.
@@ -99,6 +99,34 @@ def decode_verified(token: str, key, *, issuer: str, audience: list[str] | None,
         raise InvalidToken("token signature does not verify", code="bad_signature") from exc
     except jwt.PyJWTError as exc:
         raise InvalidToken(f"invalid token: {exc}") from exc
+
+
+#: Nothing is checked when reading claims unverified: not the signature, nor any claim.
+_UNVERIFIED = {"verify_signature": False, "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+               "verify_aud": False, "verify_iss": False, "verify_sub": False, "verify_jti": False}
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """A JWT's claims read **without any verification** (signature, ``exp``, ``aud``, ``iat``,
+    ``nbf``, ``iss``...): an expired or foreign token still yields its claims.  Raises
+    ``jwt.PyJWTError`` (``DecodeError``) when ``token`` is not a JWT with a JSON object payload.
+
+    Never the basis of an access decision — that is :class:`TokenValidator`'s alone.  Each use
+    in this project is one of these, and is safe because a forged value can mislead it only
+    into a harmless outcome:
+
+    * **routing** — read ``iss`` to pick the validator that then verifies the token (Tiled's
+      authenticator, the token service's federation): a lying ``iss`` meets a validator that
+      refuses it;
+    * **timing** — read ``exp`` to schedule a refresh, or to explain a refusal the server has
+      already made (Tiled client, delegation, the trigger's outage handling): a wrong ``exp``
+      only refreshes early or late, or words an error differently;
+    * **reporting** — provenance written next to results, and the scope an IdP says it issued
+      (checked early so the message is useful; Tiled enforces it again on every request);
+    * **clean-up** — grant hygiene reads a stored grant's run and ``exp`` to delete it: the
+      worst outcome is an early deletion, after which the run fails closed.
+    """
+    return jwt.decode(token, options=_UNVERIFIED)
 
 
 def discover(issuer: str, *, client: httpx.Client | None = None, timeout: float = 10.0) -> dict:

@@ -21,7 +21,7 @@ import jwt
 from ..core import oauth
 from ..errors import DelegationError, DelegationExpired, GrantInvalid, GrantMissing, NotAuthorised
 from ..core.scopes import ScopeSet, data_token_scopes, grant_scopes
-from ..core.tokens import Claims, InvalidToken, TokenValidator
+from ..core.tokens import Claims, InvalidToken, TokenValidator, unverified_claims
 
 __all__ = [
     'DelegationError', 'DelegationExpired', 'GrantInvalid', 'GrantMissing', 'NotAuthorised',
@@ -57,7 +57,7 @@ def _expired(token: str, now: float | None = None) -> bool:
     """True if ``token``'s ``exp`` has passed.  Unverified on purpose: the grant was verified by
     :func:`check_grant`; this only tells *why* the IdP refused it, whatever its wording."""
     try:
-        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        exp = unverified_claims(token).get("exp")
     except jwt.PyJWTError:
         return False
     return isinstance(exp, (int, float)) and exp <= (time.time() if now is None else now)
@@ -129,7 +129,7 @@ class DataTokenSource:
         granted = resp.scope
         if not granted:  # the response may omit scope (RFC 6749 §5.1): read the token's claim
             try:  # unverified on purpose: Tiled verifies; this only reads what was issued
-                granted = jwt.decode(resp.access_token, options={"verify_signature": False}).get("scope", "")
+                granted = unverified_claims(resp.access_token).get("scope", "")
             except jwt.PyJWTError:
                 return  # an opaque token: nothing to check here, Tiled will decide
         missing = ScopeSet.lenient(granted).uncovered(data_token_scopes(self.visit, self.run_id, self.per))

@@ -37,6 +37,8 @@ import time
 
 import jwt
 
+from ..core.tokens import unverified_claims
+
 __all__ = [
     'LAST_TRY_MARGIN', 'CLOCK_SKEW', 'token_expiry', 'retry_in', 'died_during_outage', 'scrub', 'recovery_command',
     'unreachable_reason', 'lost_token_reason', 'failed_state',
@@ -54,8 +56,7 @@ _MAX_ERROR = 300
 def token_expiry(token: str) -> float | None:
     """The token's ``exp`` (Unix time), unverified; ``None`` if it is not a JWT with one."""
     try:
-        exp = jwt.decode(token, options={"verify_signature": False, "verify_exp": False,
-                                         "verify_aud": False, "verify_iat": False, "verify_nbf": False}).get("exp")
+        exp = unverified_claims(token).get("exp")
     except jwt.PyJWTError:
         return None
     return float(exp) if isinstance(exp, (int, float)) else None
