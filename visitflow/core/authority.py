@@ -32,7 +32,7 @@ from ..errors import AuthorityUnavailable, ConfigError
 from .scopes import CONCRETE_STORES, DataScope, RunScope, ScopeSet
 
 __all__ = ["Decision", "Subject", "Authority", "ScopesAuthority", "OPAAuthority", "decide_scopes",
-           "authority_from_config", "AuthorityUnavailable"]
+           "authority_from_config",]
 
 
 @dataclass(frozen=True)

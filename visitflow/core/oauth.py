@@ -13,8 +13,7 @@ import httpx
 
 from ..errors import OAuthRefused, OAuthUnavailable
 
-__all__ = [
-    'OAuthRefused', 'OAuthUnavailable', 'TOKEN_EXCHANGE', 'ACCESS_TOKEN_TYPE',
+__all__ = [ 'TOKEN_EXCHANGE', 'ACCESS_TOKEN_TYPE',
     'REFRESH_TOKEN_TYPE', 'REFUSALS', 'TokenResponse', 'token_endpoint', 'post_token', 'exchange',
     'refresh', 'password_login', 'introspect', 'introspect_async', 'revoke',
 ]

@@ -21,9 +21,9 @@ import httpx
 from . import names as grants
 from ..errors import PrefectRefused, PrefectUnavailable
 
-__all__ = ['PrefectRefused', 'PrefectUnavailable', 'RETRY_STATUS', 'PrefectAPI']
+__all__ = [ 'RETRY_STATUS', 'PrefectAPI']
 
-log = logging.getLogger("visitflow.core.prefect_api")
+log = logging.getLogger("visitflow.prefect_api")
 RETRY_STATUS = {429, 502, 503, 504}
 
 

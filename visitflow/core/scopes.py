@@ -27,8 +27,7 @@ from typing import Iterable, Literal, Union
 
 from ..errors import ScopeError
 
-__all__ = [
-    'ScopeError', 'ACTIONS', 'STORES', 'CONCRETE_STORES', 'valid_name', 'check_name', 'DataScope',
+__all__ = [ 'ACTIONS', 'STORES', 'CONCRETE_STORES', 'valid_name', 'check_name', 'DataScope',
     'RunScope', 'OpaqueScope', 'parse_scope', 'split_scope_string', 'ScopeSet',
     'GRANT_SCOPE_MODES', 'grant_scopes', 'data_token_scopes', 'ADMIN_SCOPE',
 ]

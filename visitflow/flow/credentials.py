@@ -24,16 +24,15 @@ from prefect.blocks.system import Secret
 from pydantic import Field, SecretStr
 
 from ..core import names as grants
-from .delegation import DataTokenSource, GrantMissing, check_grant
-from ..errors import ConfigError
+from .delegation import DataTokenSource, check_grant
+from ..errors import ConfigError, GrantMissing
 from ..core.layout import Layout
 from ..core.tokens import Claims, TokenValidator
 
-__all__ = [
-    'ConfigError', 'REPOSITORY', 'LOGO_PATH', 'LOGO_URL', 'RunAccess', 'ScopedCredentials', 'save',
+__all__ = [ 'REPOSITORY', 'LOGO_PATH', 'LOGO_URL', 'RunAccess', 'ScopedCredentials', 'save',
 ]
 
-log = logging.getLogger("visitflow.flow.credentials")
+log = logging.getLogger("visitflow.blocks")
 
 REPOSITORY = "https://github.com/visitflow/visitflow"
 LOGO_PATH = "blocks/logo.png"

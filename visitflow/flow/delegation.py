@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import jwt
 
 from ..core import oauth
-from ..errors import DelegationError, DelegationExpired, GrantInvalid, GrantMissing, NotAuthorised
+from ..errors import DelegationExpired, GrantInvalid, InvalidToken, NotAuthorised
 from ..core.scopes import ScopeSet, data_token_scopes, grant_scopes
-from ..core.tokens import Claims, InvalidToken, TokenValidator
+from ..core.tokens import Claims, TokenValidator
+from .. import errors
 
 __all__ = [
-    'DelegationError', 'DelegationExpired', 'GrantInvalid', 'GrantMissing', 'NotAuthorised',
     'GRANT_AUDIENCE', 'DATA_AUDIENCE', 'PER_RUN_HINT', 'check_grant', 'DataTokenSource',
 ]
 
@@ -94,7 +94,7 @@ class DataTokenSource:
     def _exchange(self) -> oauth.TokenResponse:
         try:
             resp = self._call_exchange()
-        except oauth.OAuthRefused as exc:
+        except errors.OAuthRefused as exc:
             if _expired(self.grant):  # decided by the grant's own exp, not the IdP's wording
                 raise DelegationExpired(f"cannot renew data access for {self.visit}/{self.run_id}: the "
                                         "delegation grant has expired") from exc
@@ -116,7 +116,7 @@ class DataTokenSource:
             try:
                 return oauth.exchange(self.token_url, self.grant, requested_token_type=oauth.REFRESH_TOKEN_TYPE,
                                       **kwargs)
-            except oauth.OAuthRefused as exc:
+            except errors.OAuthRefused as exc:
                 if exc.error != "invalid_request":
                     raise
                 self._want_refresh = False
@@ -146,7 +146,7 @@ class DataTokenSource:
                                      client_secret=self.client_secret)
                 self.refreshes += 1
                 return resp
-            except oauth.OAuthRefused:
+            except errors.OAuthRefused:
                 pass  # refresh dead (session maximum, revoked): fall back to the grant
         return self._exchange()
 

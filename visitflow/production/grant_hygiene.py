@@ -34,7 +34,7 @@ from ..core.scopes import RunScope, ScopeSet
 
 __all__ = ['FINAL', 'SweepResult', 'grant_secrets', 'sweep', 'revoker', 'add_arguments', 'run']
 
-log = logging.getLogger("visitflow.core.names")
+log = logging.getLogger("visitflow.grants")
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core import oauth
 from .local import DEV_SECRETS, LocalStack, StackConfig, say
+from .. import errors
 
 __all__ = ['run_user_scan', 'main', 'add_arguments', 'run']
 
@@ -143,7 +144,7 @@ def run(args) -> int:
                        scope=f"run:saxs_average:a1 read:raw:a1/{uid} write:processed:a1/{uid}")
         say("bob: UNEXPECTEDLY allowed to delegate on a1")
         ok = False
-    except oauth.OAuthRefused as exc:
+    except errors.OAuthRefused as exc:
         say(f"bob asks to analyse alice's run: refused by the IdP ({exc.error}: {exc.description})")
 
     say("open:")

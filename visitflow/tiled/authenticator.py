@@ -49,7 +49,9 @@ from tiled.authenticators import ProxiedOIDCAuthenticator
 from ..core import oauth
 from . import facility_users
 from ..core.scopes import ADMIN_SCOPE, OpaqueScope, ScopeSet
-from ..core.tokens import ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, InvalidToken, TokenValidator, discover
+from ..core.tokens import ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, TokenValidator, discover
+from ..errors import InvalidToken
+from .. import errors
 
 logger = logging.getLogger(__name__)
 
@@ -477,7 +479,7 @@ properties:
         try:
             answer = oauth.introspect(endpoint, token, client_id=client_id, client_secret=secret,
                                       client=self._introspect_client)
-        except (oauth.OAuthUnavailable, oauth.OAuthRefused, ValueError) as exc:
+        except (errors.OAuthUnavailable, errors.OAuthRefused, ValueError) as exc:
             raise self._introspection_failed(exc)
         self._refuse_inactive(answer)
 
@@ -486,7 +488,7 @@ properties:
         try:
             answer = await oauth.introspect_async(endpoint, token, client_id=client_id, client_secret=secret,
                                                   client=self._aclient)
-        except (oauth.OAuthUnavailable, oauth.OAuthRefused, ValueError) as exc:
+        except (errors.OAuthUnavailable, errors.OAuthRefused, ValueError) as exc:
             raise self._introspection_failed(exc)
         self._refuse_inactive(answer)
 

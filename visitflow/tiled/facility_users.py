@@ -28,8 +28,7 @@ from ..core.scopes import DataScope, ScopeSet
 from ..core.layout import Location
 from ..core.tokens import Claims
 
-__all__ = [
-    'AuthorityUnavailable', 'USER_SCOPE', 'USER_TILED_SCOPES', 'user_name', 'claims_for_tiled',
+__all__ = [ 'USER_SCOPE', 'USER_TILED_SCOPES', 'user_name', 'claims_for_tiled',
     'is_facility_user', 'subject_of', 'scopes_for',
 ]
 

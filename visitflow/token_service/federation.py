@@ -37,16 +37,15 @@ from typing import Optional
 import jwt
 
 from ..core.authority import Authority, Subject, authority_from_config, decide_scopes
-from ..errors import AuthorityUnavailable, ConfigError, InvalidToken, OAuthError
-from ..core.scopes import ScopeError, ScopeSet
+from ..errors import AuthorityUnavailable, ConfigError, InvalidToken, OAuthError, ScopeError
+from ..core.scopes import ScopeSet
 from ..core.tokens import TokenValidator
 
-__all__ = [
-    'AuthorityUnavailable', 'ConfigError', 'InvalidToken', 'OAuthError', 'IDENTITY_CLAIMS',
+__all__ = [ 'IDENTITY_CLAIMS',
     'TrustedIssuer', 'unavailable', 'Federation', 'identity_extra',
 ]
 
-log = logging.getLogger("visitflow.token_service.federation")
+log = logging.getLogger("visitflow.idp.federation")
 
 #: Identity claims carried from the facility token into T_grant and T_data (provenance, and
 #: what the authority is asked about at the second hop).

@@ -31,11 +31,13 @@ from typing import Callable
 import httpx
 
 from ..core import names as grants, oauth
-from ..core.options import OptionError, canonical, check_plan_values, schema_problem
-from ..core.prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
-from ..core.scopes import GRANT_SCOPE_MODES, ScopeError, check_name, grant_scopes
+from ..core.options import canonical, check_plan_values, schema_problem
+from ..errors import OptionError, PrefectRefused, PrefectUnavailable, ScopeError
+from ..core.prefect_api import PrefectAPI
+from ..core.scopes import GRANT_SCOPE_MODES, check_name, grant_scopes
 from . import outage
 from .outbox import Outbox
+from .. import errors
 
 __all__ = ['TriggerSettings', 'AnalysisTrigger', 'subscribe_for']
 
@@ -311,7 +313,7 @@ class AnalysisTrigger:
                                   # Keycloak lets visitflow refresh its data tokens only if this
                                   # exchange opened a blueapi client session (docs/production.md)
                                   requested_token_type=oauth.REFRESH_TOKEN_TYPE)
-        except oauth.OAuthRefused as exc:
+        except errors.OAuthRefused as exc:
             if g.attempts and outage.died_during_outage(exc.error, expires_at):  # refused as expired, after it
                 self._give_up(g, self._unreachable(g, expires_at))
                 return
@@ -320,7 +322,7 @@ class AnalysisTrigger:
             self.outbox.set_grant(g, state="refused", error=str(exc))
             self._fail_requests(g, "refused", str(exc))
             return
-        except (oauth.OAuthUnavailable, httpx.HTTPError, ValueError, OSError) as exc:  # discovery too: retried
+        except (errors.OAuthUnavailable, httpx.HTTPError, ValueError, OSError) as exc:  # discovery too: retried
             delay = outage.retry_in(self._backoff(g.attempts), expires_at)
             if delay is None:   # the user's token dies before the next try could reach the IdP
                 g.attempts, g.error = g.attempts + 1, str(exc)
