@@ -71,7 +71,7 @@ def test_the_check_finds_a_dangling_citation(tmp_path):
 
 # ------------------------------------------------------------------ docs/architecture.md
 
-ARCHITECTURE_DOC = "docs/architecture.md"
+ARCH_DOC = "docs/architecture.md"
 #: A citation of the design brief the project was built from, which is not in the repository
 #: (written in two pieces so that this file does not match itself).
 STALE = re.compile("ARCHI" + r"TECTURE(?:\.md|\s*§)")
@@ -131,7 +131,7 @@ def citation_problems(text: str, architecture: str, where: Path | None = None) -
         numbers = [int(n) for n in re.findall(r"\d+", m["sections"])]
         for n in numbers:
             if n not in sections:
-                problems.append(f"{m[0]!r}: {ARCHITECTURE_DOC} has no section {n}")
+                problems.append(f"{m[0]!r}: {ARCH_DOC} has no section {n}")
         if numbers[0] in sections:
             section = sections[numbers[0]]
             missing = _steps(m) - section["steps"]
@@ -141,11 +141,11 @@ def citation_problems(text: str, architecture: str, where: Path | None = None) -
                 problems.append(f"{m[0]!r}: section {numbers[0]} is {section['title']!r}")
     for m in ANCHOR_CITATION.finditer(text):
         relative_to = where.parent if m["text"] is not None and where is not None else REPO
-        if (relative_to / m["path"]).resolve() != (REPO / ARCHITECTURE_DOC).resolve():
-            problems.append(f"{m[0]!r}: links to {m['path']}, not to {ARCHITECTURE_DOC}")
+        if (relative_to / m["path"]).resolve() != (REPO / ARCH_DOC).resolve():
+            problems.append(f"{m[0]!r}: links to {m['path']}, not to {ARCH_DOC}")
             continue
         if m["anchor"] not in anchors:
-            problems.append(f"{m[0]!r}: {ARCHITECTURE_DOC} has no heading with anchor #{m['anchor']}")
+            problems.append(f"{m[0]!r}: {ARCH_DOC} has no heading with anchor #{m['anchor']}")
             continue
         said = LINK_TEXT.search(m["text"] or "")
         if said:
@@ -163,7 +163,7 @@ def _text_of(path: Path) -> str | None:
 
 
 def test_the_architecture_is_in_the_repository_and_every_citation_of_it_resolves():
-    architecture = (REPO / ARCHITECTURE_DOC).read_text()
+    architecture = (REPO / ARCH_DOC).read_text()
     assert len(architecture_sections(architecture)) >= 9
     found, problems = 0, []
     for f in repository_files():
@@ -173,11 +173,11 @@ def test_the_architecture_is_in_the_repository_and_every_citation_of_it_resolves
         found += len(SECTION_CITATION.findall(text)) + len(ANCHOR_CITATION.findall(text))
         problems += [f"{f}: {p}" for p in citation_problems(text, architecture, REPO / f)]
     assert not problems, "\n".join(problems)
-    assert found >= 16, f"only {found} citations of {ARCHITECTURE_DOC} found: is the pattern still right?"
+    assert found >= 16, f"only {found} citations of {ARCH_DOC} found: is the pattern still right?"
 
 
 def test_the_check_finds_bad_architecture_citations():
-    architecture = (REPO / ARCHITECTURE_DOC).read_text()
+    architecture = (REPO / ARCH_DOC).read_text()
     doc = REPO / "docs" / "example.md"
     md, sec = "architecture" + ".md", " §"
     good = (f"docs/{md}{sec}2 step 5, docs/{md}{sec}1, §4, docs/{md}{sec}6 \"Trust boundaries\", "
