@@ -1,6 +1,6 @@
 """The authority: "may S run analysis X on visit V?", "may S read/write store T of V (run R)?".
 
-One protocol, two implementations (ARCHITECTURE §1, §4):
+One protocol, two implementations (docs/architecture.md §1, §4):
 
 * :class:`ScopesAuthority` — the embedded default and today's behaviour: the subject's own
   token scopes decide (the dev IdP's users carry ``read:data:a1 run:saxs_average:a1``...).

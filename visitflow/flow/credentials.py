@@ -7,9 +7,9 @@ variable (``client_secret_env``, default ``VISITFLOW_CLIENT_SECRET``) that the w
 environment provides (a Kubernetes Secret in production).  ``client_secret`` exists for
 single-machine setups and is stored encrypted-at-rest-as-Prefect-does, shown masked.
 
-``for_run`` is every analysis flow's first act (ARCHITECTURE §2 step 5).  The documents each
-environment saves are defined, runnable and tested, in ``blocks/`` (``blocks/local.py``,
-``blocks/kubernetes.py``); :func:`save` is how they register and save.
+``for_run`` is every analysis flow's first act (docs/architecture.md §2 step 5).  The
+documents each environment saves are defined, runnable and tested, in ``blocks/``
+(``blocks/local.py``, ``blocks/kubernetes.py``); :func:`save` is how they register and save.
 """
 
 from __future__ import annotations

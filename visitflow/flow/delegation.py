@@ -1,5 +1,6 @@
 """From a stored delegation grant (T_grant) to a refreshing data token (T_data) — the token
-mechanics of ARCHITECTURE §2 step 5, independent of Prefect so they can be tested and reused.
+mechanics of docs/architecture.md §2 step 5, independent of Prefect so they can be tested
+and reused.
 
 1. Validate T_grant: signature (JWKS), issuer, expiry, ``aud=visitflow``.
 2. Check it covers ``run:<analysis>:<visit>``, ``read:raw:<visit>/<run>`` and

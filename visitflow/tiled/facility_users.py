@@ -1,5 +1,6 @@
 """Facility users in Tiled: their own tokens come from the facility IdP and carry identity,
-not visit scopes, so the authority decides what they may see and write (ARCHITECTURE §4).
+not visit scopes, so the authority decides what they may see and write
+(docs/architecture.md §4).
 
 Two kinds of bearer token reach a production Tiled:
 
