@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from ..core import oauth
+from .cli import add_port_arguments, config_from_args
 from .local import DEV_SECRETS, LocalStack, StackConfig, say
 from .. import errors
 
@@ -77,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay", type=float, default=0.25, help="seconds between points (default 0.25)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the analyses")
     p.add_argument("--no-ui", action="store_true", help="start the Prefect server without its UI")
+    add_port_arguments(p)   # the same ports as `visitflow up` (defaults 8180, 8000, 4200, 8181)
 
 
 def run(args) -> int:
@@ -85,9 +87,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("visitflow.trigger").setLevel(logging.INFO)
-    config = StackConfig(ui=not args.no_ui)
-    if args.state_dir:
-        config.state_dir = __import__("pathlib").Path(args.state_dir)
+    config = config_from_args(args)
     stack = LocalStack(config)
     stack.up()
 
