@@ -44,10 +44,10 @@ from typing import Any, Iterable, Optional
 import httpx
 import jwt
 from fastapi import HTTPException
-from tiled.authenticators import ProxiedOIDCAuthenticator
 
 from ..core import oauth
 from . import facility_users
+from .tiled_compat import ProxiedOIDCAuthenticator
 from ..core.scopes import ADMIN_SCOPE, OpaqueScope, ScopeSet
 from ..core.tokens import ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, TokenValidator, discover
 from ..errors import InvalidToken
