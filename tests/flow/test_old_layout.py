@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -220,22 +221,37 @@ def test_new_code_registering_keeps_the_stored_schema(old_server, new_client):
     assert html.unescape(block_type["code_example"]) == html.unescape(record("block_type")["code_example"])
 
 
+def _wait_for_worker(api: PrefectAPI, pool: str, worker, timeout: float = 240) -> None:
+    """Ready = the pool lists this worker (its first heartbeat), read from the server rather
+    than from a health port another process on this machine might answer; a worker that
+    exits instead (e.g. "Could not find a package for worker type 'visitflow'") fails here."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert worker.process.poll() is None, f"{worker.name} exited:\n{worker.log_tail()}"
+        names = [w["name"] for w in api.request("POST", f"/work_pools/{pool}/workers/filter", json={})]
+        if worker.name in names:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{worker.name} never reached pool {pool}:\n{worker.log_tail()}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def workers(old_server):
     """The new code's warm worker on the stored ``visitflow`` pool (its stored base job
     template) and a stock process worker on the stored ``process`` pool."""
-    state, env, _ = old_server
+    state, env, api = old_server
     started = []
     try:
         for pool, kind in (("visitflow-local", "visitflow"), ("visitflow-process", "process")):
             worker = pstack.start_worker(state, env, health_port=free_port(), name=f"{pool}-worker",
                                          client_secret="unused-secret", worker_type=kind, pool=pool)
-            started.append(worker)
-        for worker in started:
-            worker.wait_ready(timeout=180)
-        yield started
+            started.append((pool, worker))
+        for pool, worker in started:
+            _wait_for_worker(api, pool, worker)
+        yield [worker for _, worker in started]
     finally:
-        for worker in started:
+        for _, worker in started:
             worker.stop()
 
 
