@@ -84,10 +84,14 @@ class ScopedCredentials(Block):
     """Act for the user who triggered an analysis: load the run's delegation grant, check it,
     exchange it for a short-lived, refreshing Tiled token limited to that one run.
 
+    The example imports from the public path ``visitflow.blocks``, not this module: Prefect
+    shows it as the block type's code example, and servers holding the previous layout's
+    records show that same line (tests/flow/test_old_layout.py).
+
     Example:
         Load the saved document and get Tiled access for one run (a flow does this first):
         ```python
-        from visitflow.flow.credentials import ScopedCredentials
+        from visitflow.blocks import ScopedCredentials
 
         credentials = ScopedCredentials.load("BLOCK_NAME")
         access = credentials.for_run("a1", "<run uid>", "saxs_average")
