@@ -83,7 +83,7 @@ from typing import Any
 from ..errors import TiledIncompatible, TiledVersionWarning
 
 __all__ = [
-    'TiledIncompatible', 'TiledVersionWarning', 'TESTED', 'InternalName', 'INTERNAL_NAMES',
+    'TESTED', 'InternalName', 'INTERNAL_NAMES',
     'installed_tiled', 'is_tested', 'resolve', 'check', 'at_risk',
     # principals
     'oauth2_scheme', 'get_api_key', 'get_api_key_websocket', 'get_decoded_access_token',
