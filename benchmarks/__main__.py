@@ -397,7 +397,7 @@ class Bench:
         t0 = time.time()
         created = {}
 
-        from visitflow.core.prefect_api import PrefectUnavailable
+        from visitflow.errors import PrefectUnavailable
 
         retries = [0]
 

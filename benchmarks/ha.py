@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visitflow.core import names as grants, oauth  # noqa: E402
-from visitflow.core.prefect_api import PrefectAPI, PrefectUnavailable  # noqa: E402
+from visitflow.core.prefect_api import PrefectAPI
+from visitflow.errors import PrefectUnavailable
 from visitflow.production.ha_recovery import PROBE_DEPLOYMENT, deploy_probe  # noqa: E402
 from visitflow.production.ha_topology import PREFIX, HATopology, _sh  # noqa: E402
 from visitflow.core.scopes import grant_scopes  # noqa: E402

@@ -16,7 +16,7 @@ Differences from ``blocks/local.py``, each for a reason:
   mint one per run (docs/production.md, "grant scope");
 - ``raw_template`` follows blueapi's layout (``VISITFLOW_RAW_TEMPLATE`` to change it).
 
-Tested by tests/test_blocks.py (saved to and loaded from a real Prefect server).
+Tested by tests/flow/test_blocks.py (saved to and loaded from a real Prefect server).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
         --issuer http://127.0.0.1:8180 --raw-uri http://127.0.0.1:8000
 
 The client secret is *not* stored: the local worker's environment carries it in
-``--secret-env`` (default ``VISITFLOW_CLIENT_SECRET``).  Tested by tests/test_blocks.py.
+``--secret-env`` (default ``VISITFLOW_CLIENT_SECRET``).  Tested by tests/flow/test_blocks.py.
 """
 
 from __future__ import annotations

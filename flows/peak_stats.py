@@ -11,7 +11,7 @@ Numerics: motor positions sit far from zero (10–12 keV energies, millimetre of
 count rates carry a large baseline, so the textbook ``E[x²] − E[x]²`` cancels
 catastrophically.  Post uses two passes (mean, then squared deviations); live merges
 per-batch moments with Chan et al.'s update (West's weighted form), so both agree with a
-float64 two-pass reference to ~1e-12 (tests/test_numerics.py).
+float64 two-pass reference to ~1e-12 (tests/flow/test_numerics.py).
 """
 
 import numpy as np

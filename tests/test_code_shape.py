@@ -1,5 +1,5 @@
 """The code shape a maintainer meets first: one exception root with machine-readable codes,
-no import cycles.  (Pure inspection of the package: no servers.)"""
+no import cycles, folders that import only what their process may (docs/architecture.md).  (Pure inspection of the package: no servers.)"""
 
 from __future__ import annotations
 
@@ -76,14 +76,18 @@ def test_no_exception_class_is_defined_outside_errors():
                     assert cls.__module__ == "visitflow.errors", f"{module}.{node.name} is defined outside errors"
 
 
-@pytest.mark.parametrize("module, name", [
-    ("visitflow.flow.engine", "RunAborted"), ("visitflow.flow.engine", "MissingField"),
-    ("visitflow.flow.delegation", "DelegationExpired"), ("visitflow.core.tokens", "InvalidToken"),
-    ("visitflow.core.oauth", "OAuthRefused"), ("visitflow.core.prefect_api", "PrefectUnavailable"),
-    ("visitflow.flow.spec", "AnalysisDefinitionError"), ("visitflow.core.scopes", "ScopeError"),
-])
-def test_errors_stay_importable_where_they_are_raised(module, name):
-    assert getattr(importlib.import_module(module), name) is getattr(errors, name)
+def test_errors_are_exported_only_by_visitflow_errors():
+    """One exception root, one import path: no module re-exports an error in its ``__all__``
+    (the modules that raise them import them from :mod:`visitflow.errors` like everyone)."""
+    names = {cls.__name__ for cls in _error_classes()}
+    offenders = {}
+    for module in _module_names() + ["visitflow"]:
+        if module == "visitflow.errors":
+            continue
+        exported = set(getattr(importlib.import_module(module), "__all__", ())) & names
+        if exported:
+            offenders[module] = sorted(exported)
+    assert offenders == {}, offenders
 
 
 def test_old_standard_bases_are_kept():
@@ -155,3 +159,143 @@ def test_no_import_cycles():
 def test_leaf_modules_import_nothing_of_visitflow_but_errors():
     assert _imports("visitflow.errors") == set()
     assert _imports("visitflow.flow.engine") <= {"visitflow.errors", "visitflow.core.outputs"}
+
+
+# ------------------------------------------------------------------ folders by process
+
+#: Each top-level folder of visitflow/ runs in one kind of process; what it may import of
+#: visitflow (besides itself).  ``None``: anything (operator programs: they start the others).
+FOLDER_RULES = {
+    "core": {"errors"},                                   # light: every process, blueapi's too
+    "trigger": {"errors", "core"},                        # inside blueapi
+    "flow": {"errors", "core"},                           # inside a flow run
+    "tiled": {"errors", "core"},                          # inside Tiled's server
+    "token_service": {"errors", "core"},                  # the token service's own process
+    "worker": {"errors", "core"},                         # the Prefect worker (and its zygote)
+    "stack": None,                                        # `visitflow up/down/demo`, tests
+    "production": None,                                   # generators, HA lab, grant hygiene
+}
+#: Top-level modules: the public faces and the console script.
+TOP_LEVEL_RULES = {
+    "visitflow": {"flow"},                                # lazy: analysis, read_result
+    "visitflow.errors": set(),
+    "visitflow.options": {"core"},
+    "visitflow.blocks": {"flow"},
+    "visitflow.testing": {"flow"},
+    "visitflow.cli": set(),                               # sub-commands by name, on demand
+}
+
+
+def _folder(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "visitflow"
+    if (PACKAGE_DIR / parts[1]).is_dir():
+        return parts[1]
+    return parts[1] if len(parts) == 2 and parts[1] == "errors" else module
+
+
+def folder_violations(graph: dict[str, set[str]]) -> list[str]:
+    """``module -> folder`` edges that the rules above forbid."""
+    bad = []
+    for module, targets in graph.items():
+        folder = _folder(module)
+        if folder in FOLDER_RULES:
+            allowed = FOLDER_RULES[folder]
+            if allowed is None:
+                continue
+            allowed = allowed | {folder}
+        else:
+            allowed = TOP_LEVEL_RULES.get(module)
+            assert allowed is not None, f"{module}: a top-level module the rules do not know (add it, or move it into a folder)"
+            allowed = allowed | {"errors"}
+        for target in targets:
+            tf = _folder(target)
+            tf = "errors" if target == "visitflow.errors" else tf
+            if tf not in allowed and target != "visitflow":
+                bad.append(f"{module} imports {target} ({folder} may import {sorted(allowed)})")
+            if target == "visitflow" and module.startswith("visitflow."):
+                bad.append(f"{module} imports the package root (its lazy attributes load flow/)")
+    return sorted(bad)
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: _imports(m) for m in _module_names() + ["visitflow"]}
+
+
+def test_every_folder_is_known_and_imports_only_what_its_process_may():
+    folders = {p.name for p in PACKAGE_DIR.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(FOLDER_RULES), "a folder of visitflow/ has no rule (or a rule has no folder)"
+    assert folder_violations(_graph()) == []
+
+
+def test_the_folder_rule_catches_a_forbidden_import():
+    """The rule above is not vacuous: the imports that the reorganisation removed are caught."""
+    graph = _graph()
+    graph["visitflow.flow.spec"] = graph["visitflow.flow.spec"] | {"visitflow.flow.builder"}  # allowed: same folder
+    graph["visitflow.core.scopes"] = graph["visitflow.core.scopes"] | {"visitflow.flow.spec"}
+    graph["visitflow.tiled.cli"] = graph["visitflow.tiled.cli"] | {"visitflow.stack.local"}
+    graph["visitflow.trigger.callback"] = graph["visitflow.trigger.callback"] | {"visitflow.tiled.authenticator"}
+    assert folder_violations(graph) == [
+        "visitflow.core.scopes imports visitflow.flow.spec (core may import ['core', 'errors'])",
+        "visitflow.tiled.cli imports visitflow.stack.local (tiled may import ['core', 'errors', 'tiled'])",
+        "visitflow.trigger.callback imports visitflow.tiled.authenticator (trigger may import ['core', 'errors', 'trigger'])",
+    ]
+
+
+def test_a_forbidden_import_put_back_in_a_file_fails(tmp_path, monkeypatch):
+    """End to end through the AST reader: a function-local import written into a copy of a
+    core module is found (lazy imports count) and refused."""
+    src = _source_of("visitflow.core.scopes").read_text() + "\n\ndef _sneak():\n    from ..flow import spec\n"
+    fake = tmp_path / "scopes.py"
+    fake.write_text(src)
+    real = _source_of
+    monkeypatch.setitem(globals(), "_source_of", lambda m: fake if m == "visitflow.core.scopes" else real(m))
+    assert "visitflow.flow.spec" in _imports("visitflow.core.scopes")
+    assert any(v.startswith("visitflow.core.scopes imports visitflow.flow.spec") for v in folder_violations(_graph()))
+
+
+def test_the_light_distribution_is_core_trigger_and_errors():
+    import tomllib
+
+    repo = PACKAGE_DIR.parent
+    config = tomllib.loads((repo / "visitflow-trigger" / "pyproject.toml").read_text())
+    shipped = config["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    assert shipped == {
+        "../visitflow/__init__.py": "visitflow/__init__.py",
+        "../visitflow/errors.py": "visitflow/errors.py",
+        "../visitflow/core": "visitflow/core",
+        "../visitflow/trigger": "visitflow/trigger",
+    }
+
+
+#: What the light folders may import at module level besides the standard library: all of it
+#: is in blueapi's environment already (tests/trigger/test_blueapi.py installs it there).
+LIGHT_THIRD_PARTY = {"httpx", "jwt", "pydantic", "jsonschema", "yaml"}
+#: The trigger runs inside blueapi, so blueapi's own RunEngine packages are there for it too
+#: (``uses_analyses`` is a bluesky plan decorator); core must not need them.
+TRIGGER_ALSO = {"bluesky", "event_model"}
+
+
+def test_light_folders_import_only_light_packages_at_module_level():
+    import sys
+
+    heavy = {}
+    for module in _module_names():
+        if _folder(module) not in ("core", "trigger") and module != "visitflow.errors":
+            continue
+        tree = ast.parse(_source_of(module).read_text())
+        for node in tree.body:  # module level only: functions may import more, on use
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in LIGHT_THIRD_PARTY or top in ("visitflow", "__future__"):
+                    continue
+                if _folder(module) == "trigger" and top in TRIGGER_ALSO:
+                    continue
+                heavy.setdefault(module, []).append(name)
+    assert heavy == {}, heavy

@@ -11,8 +11,10 @@ The tree (``code`` of each class in brackets)::
     │   ├── FileRootError [file_root]           an unusable detector-file root template (ValueError)
     │   ├── UsageError [usage]                  a call's arguments cannot work (ValueError)
     │   ├── OptionError [option]                an analysis option value or declaration (ValueError)
-    │   └── PrefectIncompatible [prefect_incompatible]  the installed Prefect lacks a private name
-    │                                           the warm worker relies on (ImportError)
+    │   ├── PrefectIncompatible [prefect_incompatible]  the installed Prefect lacks a private name
+    │   │                                       the warm worker relies on (ImportError)
+    │   └── TiledIncompatible [tiled_incompatible]  the installed Tiled lacks an internal name the
+    │                                           server plug-ins rely on (ImportError)
     ├── InvalidToken [invalid_token]            a token that must be refused (401); ``reason`` is safe
     │   │                                       to send back; ``code`` says which check failed:
     │   │                                       ``expired``, ``bad_signature``, ``wrong_audience``, …
@@ -40,7 +42,8 @@ The tree (``code`` of each class in brackets)::
     │   ├── ServiceFailed [service_failed]      a server did not come up or died
     │   └── ZygoteDied [zygote_died]            the warm worker's pre-imported parent died
     ├── OAuthError [oauth_error]                the dev IdP's own error answer (RFC 6749 body)
-    └── PrefectVersionWarning [prefect_version]  a warning: Prefect outside the tested range (UserWarning)
+    ├── PrefectVersionWarning [prefect_version]  a warning: Prefect outside the tested range (UserWarning)
+    └── TiledVersionWarning [tiled_version]  a warning: Tiled outside the plug-ins' tested range (UserWarning)
 
 Each class keeps the standard base that callers used before (``TimeoutError``, ``KeyError``,
 ``ValueError``, …), and each stays importable from the module that raises it
@@ -55,14 +58,14 @@ from __future__ import annotations
 __all__ = [
     "VisitflowError",
     "DefinitionError", "AnalysisDefinitionError", "ScopeError", "ConfigError", "FileRootError", "UsageError",
-    "OptionError", "PrefectIncompatible",
+    "OptionError", "PrefectIncompatible", "TiledIncompatible",
     "InvalidToken", "InsufficientScope",
     "DelegationError", "GrantMissing", "GrantInvalid", "DelegationExpired", "NotAuthorised",
     "RemoteError", "Refused", "OAuthRefused", "PrefectRefused",
     "Unavailable", "OAuthUnavailable", "PrefectUnavailable", "AuthorityUnavailable",
     "RunError", "RunNotFinished", "RunAborted", "EmptyRun", "MissingField", "LiveIdleTimeout",
     "ServiceError", "ServiceFailed", "ZygoteDied",
-    "OAuthError", "PrefectVersionWarning",
+    "OAuthError", "PrefectVersionWarning", "TiledVersionWarning",
 ]
 
 
@@ -125,6 +128,14 @@ class PrefectIncompatible(DefinitionError, ImportError):
     version and the tested range."""
 
     code = "prefect_incompatible"
+
+
+class TiledIncompatible(DefinitionError, ImportError):
+    """The installed Tiled lacks an internal name (or a parameter, or a behaviour we read in its
+    source) that visitflow's Tiled server plug-ins rely on (:mod:`visitflow.tiled.tiled_compat`);
+    the message names each one, the installed version and the tested range."""
+
+    code = "tiled_incompatible"
 
 
 # -- tokens --------------------------------------------------------------------------------
@@ -330,3 +341,11 @@ class PrefectVersionWarning(VisitflowError, UserWarning):
     error with ``-W error::visitflow.errors.PrefectVersionWarning``."""
 
     code = "prefect_version"
+
+
+class TiledVersionWarning(VisitflowError, UserWarning):
+    """Tiled is outside the range the server plug-ins were tested on, though every internal
+    name they rely on is still there (:mod:`visitflow.tiled.tiled_compat`).  Turn it into an
+    error with ``VISITFLOW_STRICT_TILED=1`` or ``-W error::visitflow.errors.TiledVersionWarning``."""
+
+    code = "tiled_version"

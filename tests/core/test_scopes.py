@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from visitflow.core.scopes import DataScope, OpaqueScope, RunScope, ScopeError, ScopeSet, grant_scopes, parse_scope
+from visitflow.core.scopes import DataScope, OpaqueScope, RunScope, ScopeSet, grant_scopes, parse_scope
+from visitflow.errors import ScopeError
 from visitflow.core.layout import Layout, PathTemplate
 
 names = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,6}\Z")

@@ -9,8 +9,8 @@ import pytest
 from pydantic import Field, SecretStr
 
 from visitflow.core import names as grants
-from visitflow.core.options import OptionError, Options, canonical, digest, schema_problem
-from visitflow.flow.spec import AnalysisDefinitionError
+from visitflow.core.options import Options, canonical, digest, schema_problem
+from visitflow.errors import AnalysisDefinitionError, OptionError
 from visitflow.flow.builder import analysis
 from visitflow.trigger import AnalysisTrigger
 from visitflow.trigger.plans import uses_analyses

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from visitflow import errors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from visitflow.flow import engine
-from visitflow.flow.spec import AnalysisDefinitionError
+from visitflow.errors import AnalysisDefinitionError
 from visitflow.flow.builder import analysis
 
 from tests.fixtures.memory_run import MemoryRun, MemorySink
@@ -124,7 +126,7 @@ def test_live_after_the_end_processes_everything_once():
 def test_live_idle_timeout():
     run = MemoryRun(saxs_data(5), visible=2)
     clock = iter(range(0, 10**6, 10))
-    with pytest.raises(engine.LiveIdleTimeout, match="no new frames"):
+    with pytest.raises(errors.LiveIdleTimeout, match="no new frames"):
         engine.run_live(saxs_average.spec, run, MemorySink(),
                         engine.LiveSettings(poll_interval=0, idle_timeout=30), sleep=lambda _: None,
                         clock=lambda: next(clock))
@@ -132,10 +134,10 @@ def test_live_idle_timeout():
 
 def test_post_waits_then_refuses_aborted_runs():
     run = MemoryRun(saxs_data(5), visible=5, finished=True, exit_status="abort")
-    with pytest.raises(engine.RunAborted, match="abort"):
+    with pytest.raises(errors.RunAborted, match="abort"):
         engine.run_post(saxs_average.spec, run, MemorySink())
     unfinished = MemoryRun(saxs_data(5), visible=3)
-    with pytest.raises(engine.RunNotFinished):
+    with pytest.raises(errors.RunNotFinished):
         engine.run_post(saxs_average.spec, unfinished, MemorySink(),
                         engine.PostSettings(wait_timeout=0.05, poll_interval=0.01), sleep=lambda s: None)
 
@@ -143,7 +145,7 @@ def test_post_waits_then_refuses_aborted_runs():
 def test_live_keeps_partial_result_of_aborted_run():
     run = MemoryRun(saxs_data(6), exit_status="abort")
     sink = MemorySink()
-    with pytest.raises(engine.RunAborted):
+    with pytest.raises(errors.RunAborted):
         engine.run_live(saxs_average.spec, run, sink, FAST, sleep=lambda _: run.publish(4))
     assert sink.writes[-1][1:] == (6, "ended:abort")
 

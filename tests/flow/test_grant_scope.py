@@ -21,9 +21,10 @@ from tests.fixtures.idp_fixtures import start_fixed_scopes_idp
 from tests.fixtures.scans import run_scan
 from tests.fixtures.tiled_fixtures import running_tiled
 from visitflow.core import names as grants
-from visitflow.flow.delegation import DataTokenSource, NotAuthorised, check_grant
+from visitflow.flow.delegation import DataTokenSource, check_grant
+from visitflow.errors import NotAuthorised, ScopeError
 from visitflow.core.oauth import token_endpoint
-from visitflow.core.scopes import ScopeError, ScopeSet, data_token_scopes, grant_scopes
+from visitflow.core.scopes import ScopeSet, data_token_scopes, grant_scopes
 from visitflow.core.tiled_client import BearerAuth, processed_client, raw_client
 from visitflow.core.tokens import TokenValidator, unverified_claims
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from visitflow.core import names as grants
-from visitflow.flow.spec import AnalysisDefinitionError
+from visitflow.errors import AnalysisDefinitionError
 from visitflow.flow.testing import assert_check, load_analyses
 
 pytestmark = pytest.mark.analysts

@@ -20,7 +20,8 @@ from tests.fixtures.scans import user_root
 from tests.fixtures.tiled_fixtures import VISITS, running_tiled
 from visitflow.flow import engine
 from visitflow.core.tiled_client import BearerAuth, processed_client, raw_client
-from visitflow.tiled.file_roots import FileRootError, FileRoots, asset_uris, file_path
+from visitflow.tiled.file_roots import FileRoots, asset_uris, file_path
+from visitflow.errors import FileRootError
 from visitflow.flow.sink import TiledResultSink, read_result
 from visitflow.flow.source import TiledRawRun
 from visitflow.core.layout import Layout

@@ -1,7 +1,8 @@
 """Prefect server and a Tiled catalog on PostgreSQL: real servers, fresh databases.
 
-Skipped unless ``VISITFLOW_TEST_POSTGRES_URL`` names a PostgreSQL role that may create
-databases, e.g. the throwaway cluster of ``deployments/postgres/start-local.sh``::
+Needs ``VISITFLOW_TEST_POSTGRES_URL``, naming a PostgreSQL role that may create databases,
+e.g. the throwaway cluster of ``deployments/postgres/start-local.sh`` (``.ci/run`` starts one);
+without it the module skips, and fails under CI (tests/fixtures/ci.py)::
 
     export VISITFLOW_TEST_POSTGRES_URL=$(deployments/postgres/start-local.sh /tmp/vf-pg 55432)
     python -m pytest tests/production/test_production_postgres.py -q -s
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
+from tests.fixtures.ci import missing_part
 from visitflow.production import kubernetes as k8s
 from visitflow.stack.services import free_port, start_service
 
@@ -36,11 +38,15 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PG_URL = os.environ.get("VISITFLOW_TEST_POSTGRES_URL", "")
 
-pytestmark = pytest.mark.skipif(
-    not PG_URL,
-    reason="PostgreSQL tests need VISITFLOW_TEST_POSTGRES_URL (a role that may CREATE DATABASE); "
-           "e.g. export VISITFLOW_TEST_POSTGRES_URL=$(deployments/postgres/start-local.sh /tmp/vf-pg 55432)",
-)
+
+@pytest.fixture(scope="module", autouse=True)
+def postgres_url() -> str:
+    """The cluster to test on.  Without one the module skips -- or FAILS under CI, where
+    ``.ci/run`` starts a throwaway cluster (tests/fixtures/ci.py)."""
+    if not PG_URL:
+        missing_part("PostgreSQL tests need VISITFLOW_TEST_POSTGRES_URL (a role that may CREATE DATABASE); "
+                     "e.g. export VISITFLOW_TEST_POSTGRES_URL=$(deployments/postgres/start-local.sh /tmp/vf-pg 55432)")
+    return PG_URL
 
 
 def db_url(database: str, driver: str = "postgresql") -> str:
@@ -71,7 +77,7 @@ async def _fetch(database: str, sql: str, *args):
 
 
 @pytest.fixture(scope="module")
-def databases():
+def databases(postgres_url):
     suffix = uuid.uuid4().hex[:10]
     names = {"prefect": f"vf_test_prefect_{suffix}", "tiled": f"vf_test_tiled_{suffix}"}
     asyncio.run(_admin([f'CREATE DATABASE "{n}"' for n in names.values()]))

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from visitflow import errors
+
 from tests.fixtures.scans import run_scan
 from tests.fixtures.tiled_fixtures import running_tiled, start_tiled
 from visitflow.core import oauth
@@ -69,7 +71,7 @@ def test_revoking_the_refresh_token_ends_every_token_of_that_session(checked_til
     oauth.revoke(revocation, data.refresh_token, client_id="visitflow", client_secret="visitflow-dev-secret")
     time.sleep(CACHE + 0.5)
     assert checked_tiled.get(path, data.access_token).status_code == 401
-    with pytest.raises(oauth.OAuthRefused):
+    with pytest.raises(errors.OAuthRefused):
         oauth.refresh(token_url, data.refresh_token, client_id="visitflow", client_secret="visitflow-dev-secret")
 
 

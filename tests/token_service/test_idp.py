@@ -11,7 +11,8 @@ import jwt
 import pytest
 import yaml
 
-from visitflow.core.tokens import InvalidToken, TokenValidator, unverified_claims
+from visitflow.core.tokens import TokenValidator, unverified_claims
+from visitflow.errors import InvalidToken
 
 from tests.fixtures.idp_fixtures import IDP_CONFIG, start_idp
 
@@ -299,7 +300,8 @@ def test_non_string_kid_is_a_401_not_a_500(idp):
 
 def test_user_claims_reach_login_tokens_and_reserved_ones_are_refused(tmp_path):
     """``claims`` per user (blueapi's ``fedid``) appear in login and refreshed tokens only."""
-    from visitflow.token_service.config import ConfigError, IdPConfig
+    from visitflow.token_service.config import IdPConfig
+    from visitflow.errors import ConfigError
 
     config = yaml.safe_load(IDP_CONFIG.read_text())
     config["users"]["alice"]["claims"] = {"fedid": "ali12345"}

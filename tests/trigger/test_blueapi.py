@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+from visitflow import errors
+
 from visitflow.core import names as grants
 from visitflow.core.prefect_api import PrefectAPI
 from visitflow.core.tiled_client import BearerAuth, connect
@@ -110,12 +112,12 @@ def test_hook_settings_refuse_what_is_missing_or_unknown(tmp_path, monkeypatch):
     s = hook.load_settings(env)
     assert (s.issuer, s.client_secret, s.post_on, str(s.state_dir)) == ("http://idp", "s", ("success", "abort"), "/tmp/x")
     assert hook.load_settings({**env, "VISITFLOW_ISSUER": "http://other"}).issuer == "http://other"
-    with pytest.raises(hook.ConfigError, match="no client secret"):
+    with pytest.raises(errors.ConfigError, match="no client secret"):
         hook.load_settings({hook.CONFIG_ENV: str(cfg)})
-    with pytest.raises(hook.ConfigError, match="'issuer' is not set"):
+    with pytest.raises(errors.ConfigError, match="'issuer' is not set"):
         hook.load_settings({"VISITFLOW_TRIGGER_CLIENT_SECRET": "s"})
     cfg.write_text("issuer: x\nprefect_api_url: y\nprefect_url: typo\n")
-    with pytest.raises(hook.ConfigError, match="unknown visitflow trigger settings \\['prefect_url'\\]"):
+    with pytest.raises(errors.ConfigError, match="unknown visitflow trigger settings \\['prefect_url'\\]"):
         hook.load_settings(env)
     assert hook.install() is False   # no blueapi in this environment: logged, not raised
     assert hook.bearer_of(object()) is None

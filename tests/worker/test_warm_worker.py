@@ -74,3 +74,39 @@ def test_cancellation(prefect_stack, warm):
 
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the child (and its process group) is gone
+
+
+def _zygotes_of(worker_pid: int) -> list[int]:
+    """Live zygote processes whose parent is the worker (from /proc: no private state)."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            state, ppid = fields[0], fields[1]
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if int(ppid) == worker_pid and state not in ("Z", "X") and "visitflow.worker.zygote" in cmdline:
+            out.append(int(proc.name))
+    return out
+
+
+def test_a_killed_zygote_is_restarted_for_the_next_run(prefect_stack, warm):
+    """The zygote killed (OOM killer, an operator): the worker starts a new one and runs on."""
+    import os
+    import signal
+    import time
+
+    (old,) = _zygotes_of(warm.pid)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while old in _zygotes_of(warm.pid):   # SIGKILL is delivered asynchronously
+        assert time.monotonic() < deadline, "the zygote survived SIGKILL"
+        time.sleep(0.1)
+    _, done = run(prefect_stack.api, "hello", {"x": 5}, timeout=300)
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    assert "x=5" in prefect_stack.logs(done["id"], wait_for="x=5")
+    (new,) = _zygotes_of(warm.pid)
+    assert new != old
+    assert "visitflow zygote died; restarting it" in warm.log_path.read_text(errors="replace")
+    assert warm.process.poll() is None, "the worker survived"

@@ -1,6 +1,6 @@
 """The authority: "may S run analysis X on visit V?", "may S read/write store T of V (run R)?".
 
-One protocol, two implementations (ARCHITECTURE §1, §4):
+One protocol, two implementations (docs/architecture.md §1, §4):
 
 * :class:`ScopesAuthority` — the embedded default and today's behaviour: the subject's own
   token scopes decide (the dev IdP's users carry ``read:data:a1 run:saxs_average:a1``...).
@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import httpx
 
@@ -32,7 +32,7 @@ from ..errors import AuthorityUnavailable, ConfigError
 from .scopes import CONCRETE_STORES, DataScope, RunScope, ScopeSet
 
 __all__ = ["Decision", "Subject", "Authority", "ScopesAuthority", "OPAAuthority", "decide_scopes",
-           "authority_from_config", "AuthorityUnavailable"]
+           "authority_from_config",]
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,11 @@ class ScopesAuthority:
 
 
 class _TTLCache:
-    """A small, thread-safe decision cache: answers live ``seconds``, at most ``size`` kept."""
+    """A small, thread-safe decision cache: answers live ``seconds``, at most ``size`` kept.
+    ``clock`` (monotonic seconds) is injectable so a test can step over the window."""
 
-    def __init__(self, seconds: float, size: int = 8192):
-        self.seconds, self.size = seconds, size
+    def __init__(self, seconds: float, size: int = 8192, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.size, self.clock = seconds, size, clock
         self._items: dict = {}
         self._lock = threading.Lock()
 
@@ -155,7 +156,7 @@ class _TTLCache:
             return None
         with self._lock:
             hit = self._items.get(key)
-            if hit is None or hit[0] < time.monotonic():
+            if hit is None or hit[0] < self.clock():
                 return None
             return hit[1]
 
@@ -165,7 +166,7 @@ class _TTLCache:
         with self._lock:
             if len(self._items) >= self.size:
                 self._items.clear()
-            self._items[key] = (time.monotonic() + self.seconds, value)
+            self._items[key] = (self.clock() + self.seconds, value)
 
     def clear(self) -> None:
         with self._lock:
@@ -178,15 +179,24 @@ class OPAAuthority:
     Queries ``<package>/decision`` (input: subject, action, store, visit, run, analysis →
     ``{"allow", "reason"}``) and ``<package>/readable_visits`` (input: subject → list).
     Positive and negative answers are cached for ``cache_seconds``; failures are never cached.
+
+    ``transport`` / ``async_transport`` carry the sync / async queries (``None``: the network;
+    an ``httpx.MockTransport``, which is both, serves both when only ``transport`` is given)
+    and ``clock`` times the cache window: what unit tests inject to run without OPA.
     """
 
     def __init__(self, url: str, package: str = "visitflow/authz", *, cache_seconds: float = 5.0,
-                 timeout: float = 2.0):
+                 timeout: float = 2.0, transport: httpx.BaseTransport | None = None,
+                 async_transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.url = url.rstrip("/")
         self.package = package.strip("/").replace(".", "/")
         self.timeout = timeout
-        self.cache = _TTLCache(cache_seconds)
-        self._client = httpx.Client(timeout=timeout)
+        self.cache = _TTLCache(cache_seconds, clock=clock)
+        self._client = httpx.Client(timeout=timeout, transport=transport)
+        if async_transport is None and isinstance(transport, httpx.AsyncBaseTransport):
+            async_transport = transport
+        self._async_transport = async_transport
         self._aclient: Optional[httpx.AsyncClient] = None
 
     # -- transport ---------------------------------------------------------------------
@@ -201,6 +211,8 @@ class OPAAuthority:
             body = resp.json()
         except ValueError as exc:
             raise AuthorityUnavailable(f"the authority (OPA) sent no JSON for {rule}") from exc
+        if not isinstance(body, dict):  # a JSON string or list: "in" would not mean "has the key"
+            raise AuthorityUnavailable(f"the authority (OPA) sent no JSON object for {rule}")
         if "result" not in body:
             raise AuthorityUnavailable(f"the authority (OPA) has no rule {rule} (is the policy loaded?)")
         return body["result"]
@@ -217,7 +229,7 @@ class OPAAuthority:
 
     async def _aquery(self, rule: str, inp: dict) -> Any:
         if self._aclient is None:
-            self._aclient = httpx.AsyncClient(timeout=self.timeout)
+            self._aclient = httpx.AsyncClient(timeout=self.timeout, transport=self._async_transport)
         for attempt in (1, 2):
             try:
                 return self._result(rule, await self._aclient.post(self._endpoint(rule), json={"input": inp}))

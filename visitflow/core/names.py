@@ -19,8 +19,7 @@ import re
 from ..errors import UsageError
 from .scopes import check_name
 
-__all__ = [
-    'UsageError', 'PREFIX', 'grant_secret_name', 'flow_name', 'deployment_name', 'idempotency_key',
+__all__ = [ 'PREFIX', 'grant_secret_name', 'flow_name', 'deployment_name', 'idempotency_key',
     'rerun_key', 'run_tags', 'flow_run_name',
 ]
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, SecretBytes, SecretStr, ValidationEr
 from ..errors import AnalysisDefinitionError, OptionError
 from .scopes import valid_name
 
-__all__ = ["Options", "OptionError", "describe", "RESERVED", "check_model", "resolve", "flow_parameters", "docstring_args",
+__all__ = ["Options", "describe", "RESERVED", "check_model", "resolve", "flow_parameters", "docstring_args",
            "check_plan_values", "canonical", "digest", "schema_problem"]
 
 #: Flow parameters the framework owns; an option may not shadow them.

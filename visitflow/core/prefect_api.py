@@ -13,17 +13,17 @@ import base64
 import logging
 import random
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import httpx
 
 from . import names as grants
 from ..errors import PrefectRefused, PrefectUnavailable
 
-__all__ = ['PrefectRefused', 'PrefectUnavailable', 'RETRY_STATUS', 'PrefectAPI']
+__all__ = [ 'RETRY_STATUS', 'PrefectAPI']
 
-log = logging.getLogger("visitflow.core.prefect_api")
+log = logging.getLogger("visitflow.prefect_api")
 RETRY_STATUS = {429, 502, 503, 504}
 
 
@@ -41,13 +41,20 @@ class PrefectAPI:
     #: waits for the lock is slow, not lost.  Connecting stays quick (5 s) so a server that
     #: is down is noticed at once.  Prefect's own client waits 60 s.
     timeout: float = 30.0
+    #: what carries the requests (``None``: httpx's own, i.e. the network).  Unit tests pass an
+    #: ``httpx.MockTransport`` so the retry, refusal and outage paths run without a server.
+    transport: httpx.BaseTransport | None = field(default=None, repr=False, compare=False)
+    #: how the backoff between attempts (and the poll of :meth:`wait_for_flow_run`) waits;
+    #: unit tests pass a recorder so a retried call takes no wall-clock time.
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
 
     def __post_init__(self):
         headers = {}
         if self.auth_string:
             headers["Authorization"] = "Basic " + base64.b64encode(self.auth_string.encode()).decode()
         self._client = httpx.Client(base_url=self.api_url.rstrip("/"), headers=headers,
-                                   timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)))
+                                   timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)),
+                                   transport=self.transport)
         self._ids: dict[str, str] = {}
 
     def close(self) -> None:
@@ -79,7 +86,7 @@ class PrefectAPI:
                     return resp.json() if resp.content else None
             if attempt == self.attempts:
                 raise PrefectUnavailable(err)
-            time.sleep(delay * (1 + random.random() / 2))
+            self.sleep(delay * (1 + random.random() / 2))
             delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
 
@@ -101,21 +108,27 @@ class PrefectAPI:
         return self._ids["secret_type"], self._ids["secret_schema"]
 
     def save_secret(self, name: str, value: str) -> str:
-        """Create or overwrite the Secret block ``name``; returns its id."""
+        """Create or overwrite the Secret block ``name``; returns its id.
+
+        A 409 on create means another writer made it between the look-up and the create: look
+        it up again and overwrite it.  Once only: a server that answers 409 and then cannot
+        find the name again is refused (:class:`PrefectRefused`), not asked forever."""
         type_id, schema_id = self._secret_ids()
-        existing = self.request("GET", f"/block_types/slug/secret/block_documents/name/{name}", ok404=True)
-        if existing:
-            self.request("PATCH", f"/block_documents/{existing['id']}",
-                         json={"data": {"value": value}, "merge_existing_data": False})
-            return existing["id"]
-        try:
-            doc = self.request("POST", "/block_documents/", json={
-                "name": name, "block_type_id": type_id, "block_schema_id": schema_id, "data": {"value": value}})
-        except PrefectRefused as exc:
-            if exc.status != 409:
-                raise
-            return self.save_secret(name, value)  # lost a race with another writer: overwrite
-        return doc["id"]
+        for attempt in (1, 2):
+            existing = self.request("GET", f"/block_types/slug/secret/block_documents/name/{name}", ok404=True)
+            if existing:
+                self.request("PATCH", f"/block_documents/{existing['id']}",
+                             json={"data": {"value": value}, "merge_existing_data": False})
+                return existing["id"]
+            try:
+                doc = self.request("POST", "/block_documents/", json={
+                    "name": name, "block_type_id": type_id, "block_schema_id": schema_id, "data": {"value": value}})
+            except PrefectRefused as exc:
+                if exc.status != 409 or attempt == 2:
+                    raise
+                continue  # lost a race with another writer: overwrite theirs
+            return doc["id"]
+        raise AssertionError("unreachable")
 
     def delete_secret(self, name: str) -> bool:
         existing = self.request("GET", f"/block_types/slug/secret/block_documents/name/{name}", ok404=True)
@@ -205,4 +218,4 @@ class PrefectAPI:
                 return run
             if time.monotonic() > deadline:
                 raise TimeoutError(f"flow run {flow_run_id} still {state.get('type')} after {timeout}s")
-            time.sleep(interval)
+            self.sleep(interval)

@@ -1,7 +1,7 @@
 """The scope grammar: the one place that knows what a visitflow scope string means.
 
 The seed's "scope read data visit=a1" becomes the OAuth scope ``read:data:a1``.  Grammar
-(ARCHITECTURE §3)::
+(docs/architecture.md §3)::
 
     <action>:<store>:<visit>[/<run>]     action ∈ {read, write}, store ∈ {data, raw, processed}
     run:<analysis>:<visit>               analysis may be ``*`` (any analysis)
@@ -27,8 +27,7 @@ from typing import Iterable, Literal, Union
 
 from ..errors import ScopeError
 
-__all__ = [
-    'ScopeError', 'ACTIONS', 'STORES', 'CONCRETE_STORES', 'valid_name', 'check_name', 'DataScope',
+__all__ = [ 'ACTIONS', 'STORES', 'CONCRETE_STORES', 'valid_name', 'check_name', 'DataScope',
     'RunScope', 'OpaqueScope', 'parse_scope', 'split_scope_string', 'ScopeSet',
     'GRANT_SCOPE_MODES', 'grant_scopes', 'data_token_scopes', 'ADMIN_SCOPE',
 ]
@@ -281,7 +280,8 @@ class ScopeSet:
 
 #: How narrowly a delegation is scoped (the IdP decides what is possible):
 #:
-#: ``run``   one run — the design (ARCHITECTURE §2): T_grant/T_data name ``<visit>/<run>``.
+#: ``run``   one run — the design (docs/architecture.md §2): T_grant/T_data name
+#:           ``<visit>/<run>``.
 #:           Needs an IdP that mints per-run scopes (the dev IdP; an exchange service).
 #: ``visit`` the visit's data — for IdPs whose scopes are a fixed list, such as Keycloak's
 #:           client scopes (docs/production.md §3).  Tiled still stops the flow at the visit
@@ -297,13 +297,14 @@ def _check_mode(per: str) -> str:
 
 
 def grant_scopes(analysis: str, visit: str, run: str, per: str = "run") -> ScopeSet:
-    """T_grant's scopes (ARCHITECTURE §2 step 3): run the analysis, read the raw run, write
-    that run's processed data (``per="visit"``: the visit's data, see GRANT_SCOPE_MODES)."""
+    """T_grant's scopes (docs/architecture.md §2 step 3): run the analysis, read the raw run,
+    write that run's processed data (``per="visit"``: the visit's data, see GRANT_SCOPE_MODES)."""
     return ScopeSet(frozenset({RunScope(analysis, visit), *data_token_scopes(visit, run, per)}))
 
 
 def data_token_scopes(visit: str, run: str, per: str = "run") -> ScopeSet:
-    """T_data's scopes (§2 step 5): the grant minus the right to start analyses."""
+    """T_data's scopes (docs/architecture.md §2 step 5): the grant minus the right to start
+    analyses."""
     if _check_mode(per) == "visit":
         return ScopeSet(frozenset({DataScope("read", "data", visit), DataScope("write", "data", visit)}))
     return ScopeSet(

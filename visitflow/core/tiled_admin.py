@@ -1,7 +1,7 @@
 """The admin step: create store roots and visit containers before anyone writes.
 
-Only the admin may create these (ARCHITECTURE §5), so the first writer of a visit cannot
-choose its shape or metadata.  The admin authenticates like everyone else — a JWT from the
+Only the admin may create these (docs/architecture.md §5), so the first writer of a visit
+cannot choose its shape or metadata.  The admin authenticates like everyone else — a JWT from the
 IdP, ``client_credentials`` of the service account ``visitflow-admin`` whose only scope is
 ``visitflow:admin`` — rather than with a Tiled API key: one credential system, tokens that
 expire, and revocation/rotation at the IdP instead of a long-lived secret in Tiled's

@@ -19,11 +19,10 @@ from typing import Any, Iterable
 import httpx
 import jwt
 
-from ..errors import InsufficientScope, InvalidToken
+from ..errors import InvalidToken
 from .scopes import ScopeSet
 
-__all__ = [
-    'InsufficientScope', 'InvalidToken', 'ALGORITHMS', 'ACCESS_TOKEN_TYPES', 'REQUIRED_CLAIMS',
+__all__ = [ 'ALGORITHMS', 'ACCESS_TOKEN_TYPES', 'REQUIRED_CLAIMS',
     'Claims', 'decode_verified', 'unverified_claims', 'discover', 'TokenValidator',
 ]
 

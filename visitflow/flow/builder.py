@@ -7,7 +7,7 @@ run_id, **options}``.  Tuning comes from the environment (deployment job variabl
 parameters: ``VISITFLOW_CREDENTIALS_BLOCK`` (default ``visitflow``),
 ``VISITFLOW_LIVE_POLL_INTERVAL``, ``VISITFLOW_LIVE_IDLE_TIMEOUT``,
 ``VISITFLOW_POST_WAIT_TIMEOUT``; ``VISITFLOW_LIVE_PUSH=0`` makes live poll only (it follows
-the run by Tiled's websocket stream by default, polling as fallback: :mod:`.tiled.stream`).
+the run by Tiled's websocket stream by default, polling as fallback: :mod:`.push`).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ variable (``client_secret_env``, default ``VISITFLOW_CLIENT_SECRET``) that the w
 environment provides (a Kubernetes Secret in production).  ``client_secret`` exists for
 single-machine setups and is stored encrypted-at-rest-as-Prefect-does, shown masked.
 
-``for_run`` is every analysis flow's first act (ARCHITECTURE §2 step 5).  The documents each
-environment saves are defined, runnable and tested, in ``blocks/`` (``blocks/local.py``,
-``blocks/kubernetes.py``); :func:`save` is how they register and save.
+``for_run`` is every analysis flow's first act (docs/architecture.md §2 step 5).  The
+documents each environment saves are defined, runnable and tested, in ``blocks/``
+(``blocks/local.py``, ``blocks/kubernetes.py``); :func:`save` is how they register and save.
 """
 
 from __future__ import annotations
@@ -24,16 +24,15 @@ from prefect.blocks.system import Secret
 from pydantic import Field, SecretStr
 
 from ..core import names as grants
-from .delegation import DataTokenSource, GrantMissing, check_grant
-from ..errors import ConfigError
+from .delegation import DataTokenSource, check_grant
+from ..errors import ConfigError, GrantMissing
 from ..core.layout import Layout
 from ..core.tokens import Claims, TokenValidator, unverified_claims
 
-__all__ = [
-    'ConfigError', 'REPOSITORY', 'LOGO_PATH', 'LOGO_URL', 'RunAccess', 'ScopedCredentials', 'save',
+__all__ = [ 'REPOSITORY', 'LOGO_PATH', 'LOGO_URL', 'RunAccess', 'ScopedCredentials', 'save',
 ]
 
-log = logging.getLogger("visitflow.flow.credentials")
+log = logging.getLogger("visitflow.blocks")
 
 REPOSITORY = "https://github.com/visitflow/visitflow"
 LOGO_PATH = "blocks/logo.png"
@@ -83,10 +82,14 @@ class ScopedCredentials(Block):
     """Act for the user who triggered an analysis: load the run's delegation grant, check it,
     exchange it for a short-lived, refreshing Tiled token limited to that one run.
 
+    The example imports from the public path ``visitflow.blocks``, not this module: Prefect
+    shows it as the block type's code example, and servers holding the previous layout's
+    records show that same line (tests/flow/test_old_layout.py).
+
     Example:
         Load the saved document and get Tiled access for one run (a flow does this first):
         ```python
-        from visitflow.flow.credentials import ScopedCredentials
+        from visitflow.blocks import ScopedCredentials
 
         credentials = ScopedCredentials.load("BLOCK_NAME")
         access = credentials.for_run("a1", "<run uid>", "saxs_average")

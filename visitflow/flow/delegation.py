@@ -1,5 +1,6 @@
 """From a stored delegation grant (T_grant) to a refreshing data token (T_data) — the token
-mechanics of ARCHITECTURE §2 step 5, independent of Prefect so they can be tested and reused.
+mechanics of docs/architecture.md §2 step 5, independent of Prefect so they can be tested
+and reused.
 
 1. Validate T_grant: signature (JWKS), issuer, expiry, ``aud=visitflow``.
 2. Check it covers ``run:<analysis>:<visit>``, ``read:raw:<visit>/<run>`` and
@@ -19,12 +20,12 @@ from dataclasses import dataclass
 import jwt
 
 from ..core import oauth
-from ..errors import DelegationError, DelegationExpired, GrantInvalid, GrantMissing, NotAuthorised
+from ..errors import DelegationExpired, GrantInvalid, InvalidToken, NotAuthorised
 from ..core.scopes import ScopeSet, data_token_scopes, grant_scopes
-from ..core.tokens import Claims, InvalidToken, TokenValidator, unverified_claims
+from ..core.tokens import Claims, TokenValidator, unverified_claims
+from .. import errors
 
 __all__ = [
-    'DelegationError', 'DelegationExpired', 'GrantInvalid', 'GrantMissing', 'NotAuthorised',
     'GRANT_AUDIENCE', 'DATA_AUDIENCE', 'PER_RUN_HINT', 'check_grant', 'DataTokenSource',
 ]
 
@@ -94,7 +95,7 @@ class DataTokenSource:
     def _exchange(self) -> oauth.TokenResponse:
         try:
             resp = self._call_exchange()
-        except oauth.OAuthRefused as exc:
+        except errors.OAuthRefused as exc:
             if _expired(self.grant):  # decided by the grant's own exp, not the IdP's wording
                 raise DelegationExpired(f"cannot renew data access for {self.visit}/{self.run_id}: the "
                                         "delegation grant has expired") from exc
@@ -116,7 +117,7 @@ class DataTokenSource:
             try:
                 return oauth.exchange(self.token_url, self.grant, requested_token_type=oauth.REFRESH_TOKEN_TYPE,
                                       **kwargs)
-            except oauth.OAuthRefused as exc:
+            except errors.OAuthRefused as exc:
                 if exc.error != "invalid_request":
                     raise
                 self._want_refresh = False
@@ -146,7 +147,7 @@ class DataTokenSource:
                                      client_secret=self.client_secret)
                 self.refreshes += 1
                 return resp
-            except oauth.OAuthRefused:
+            except errors.OAuthRefused:
                 pass  # refresh dead (session maximum, revoked): fall back to the grant
         return self._exchange()
 

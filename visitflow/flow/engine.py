@@ -23,19 +23,18 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..errors import EmptyRun, LiveIdleTimeout, MissingField, RunAborted, RunError, RunNotFinished
+from ..errors import EmptyRun, LiveIdleTimeout, RunAborted, RunError, RunNotFinished
 from ..core.outputs import check_outputs
 
 if TYPE_CHECKING:  # annotations only: the engine is a leaf (no import of spec or flowrun)
     from .spec import AnalysisSpec
 
 __all__ = [
-    'EmptyRun', 'LiveIdleTimeout', 'MissingField', 'RunAborted', 'RunError', 'RunNotFinished',
     'RawStatus', 'RawSource', 'ResultSink', 'LiveSettings', 'PostSettings', 'wait_for_stop',
     'run_post', 'run_live',
 ]
 
-log = logging.getLogger("visitflow.flow.engine")
+log = logging.getLogger("visitflow.engine")
 
 
 def _empty(spec: "AnalysisSpec", status: "RawStatus") -> EmptyRun:

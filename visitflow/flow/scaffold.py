@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..core.scopes import valid_name
-from .spec import AnalysisDefinitionError
+from ..errors import AnalysisDefinitionError
 
 __all__ = [
     'FLOW', 'INCREMENTAL', 'TEST', 'DEPLOYMENTS', 'render', 'new_analysis',

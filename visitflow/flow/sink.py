@@ -42,7 +42,7 @@ from ..core.tiled_client import ensure_container
 
 __all__ = ['TiledResultSink', 'read_result']
 
-log = logging.getLogger("visitflow.core.outputs")
+log = logging.getLogger("visitflow.outputs")
 
 
 def _now(timespec: str = "seconds") -> str:

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine import MissingField, RawStatus
+from .engine import RawStatus
+from ..errors import MissingField
 
 __all__ = ['TiledRawRun']
 

@@ -28,6 +28,7 @@ import numpy as np
 from . import engine
 from .engine import RawStatus
 from .spec import AnalysisSpec
+from .. import errors
 
 __all__ = ["MemoryRun", "MemorySink", "CheckReport", "check", "synthetic_data", "spec_of", "load_recorded",
            "load_analyses"]
@@ -244,7 +245,7 @@ def _resumed_live(spec: AnalysisSpec, data: dict, cut: int, rng: np.random.Gener
     try:
         engine.run_live(spec, first, sink, engine.LiveSettings(poll_interval=0, idle_timeout=5, max_batch=3),
                         sleep=lambda _: None, clock=lambda: next(ticks))
-    except engine.LiveIdleTimeout:
+    except errors.LiveIdleTimeout:
         pass
     second = MemoryRun(data, visible=cut)
     step = max(1, int(rng.integers(1, max(2, n // 3) + 1)))

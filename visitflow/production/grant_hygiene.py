@@ -35,7 +35,7 @@ from ..core.tokens import unverified_claims
 
 __all__ = ['FINAL', 'SweepResult', 'grant_secrets', 'sweep', 'revoker', 'add_arguments', 'run']
 
-log = logging.getLogger("visitflow.core.names")
+log = logging.getLogger("visitflow.grants")
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 

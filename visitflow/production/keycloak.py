@@ -49,7 +49,8 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from ..token_service.config import TOKEN_EXCHANGE, IdPConfig
-from ..core.scopes import OpaqueScope, ScopeError, parse_scope
+from ..core.scopes import OpaqueScope, parse_scope
+from ..errors import ScopeError
 
 __all__ = [
     'BUILTIN_CLIENTS', 'EXCHANGE_ENABLED', 'EXCHANGE_REFRESH', 'DOWNSCOPE_EXECUTOR',

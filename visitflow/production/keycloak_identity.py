@@ -22,7 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..core.scopes import OpaqueScope, ScopeError, parse_scope
+from ..core.scopes import OpaqueScope, parse_scope
+from ..errors import ScopeError
 from .keycloak import client_audiences
 
 __all__ = [

@@ -8,8 +8,8 @@ from pathlib import Path
 from .local import LocalStack, StackConfig
 
 __all__ = [
-    'add_up_arguments', 'run_up', 'add_down_arguments', 'run_down', 'add_status_arguments',
-    'run_status',
+    'add_port_arguments', 'config_from_args', 'add_up_arguments', 'run_up', 'add_down_arguments', 'run_down',
+    'add_status_arguments', 'run_status',
 ]
 
 
@@ -17,19 +17,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None, help="state, logs and stack.json (default .visitflow or $VISITFLOW_STATE)")
 
 
-def add_up_arguments(p: argparse.ArgumentParser) -> None:
-    _common(p)
+def add_port_arguments(p: argparse.ArgumentParser) -> None:
+    """The stack's loopback ports: ``up`` and ``demo`` take the same ones, so a demo can run on
+    a stack started elsewhere than the defaults (a second stack, a test)."""
     p.add_argument("--idp-port", type=int, default=8180)
     p.add_argument("--tiled-port", type=int, default=8000)
     p.add_argument("--prefect-port", type=int, default=4200)
     p.add_argument("--worker-health-port", type=int, default=8181)
+
+
+def add_up_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    add_port_arguments(p)
     p.add_argument("--visit", action="append", default=None, help="visit containers to create (default a1 a2)")
     p.add_argument("--no-ui", action="store_true", help="Prefect server without its UI")
     p.add_argument("--worker-type", choices=["visitflow", "process"], default=None,
                    help="visitflow: warm forked flow runs (default); process: Prefect's stock worker")
 
 
-def _config(args) -> StackConfig:
+def config_from_args(args) -> StackConfig:
+    """The stack's config from whichever of the stack flags ``args`` has (up, down, status, demo)."""
     config = StackConfig()
     if args.state_dir:
         config.state_dir = Path(args.state_dir)
@@ -46,7 +53,7 @@ def _config(args) -> StackConfig:
 
 
 def run_up(args) -> int:
-    stack = LocalStack(_config(args))
+    stack = LocalStack(config_from_args(args))
     rec = stack.up()
     c = stack.config
     print(f"\nvisitflow is up (state in {stack.state}):\n"
@@ -61,7 +68,7 @@ def add_down_arguments(p):
 
 
 def run_down(args) -> int:
-    LocalStack(_config(args)).down()
+    LocalStack(config_from_args(args)).down()
     return 0
 
 
@@ -70,7 +77,7 @@ def add_status_arguments(p):
 
 
 def run_status(args) -> int:
-    rows = LocalStack(_config(args)).status()
+    rows = LocalStack(config_from_args(args)).status()
     if not rows:
         print("nothing started from this state directory (visitflow up)")
         return 1

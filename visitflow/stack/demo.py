@@ -20,7 +20,9 @@ import time
 import numpy as np
 
 from ..core import oauth
+from .cli import add_port_arguments, config_from_args
 from .local import DEV_SECRETS, LocalStack, StackConfig, say
+from .. import errors
 
 __all__ = ['run_user_scan', 'main', 'add_arguments', 'run']
 
@@ -76,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay", type=float, default=0.25, help="seconds between points (default 0.25)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the analyses")
     p.add_argument("--no-ui", action="store_true", help="start the Prefect server without its UI")
+    add_port_arguments(p)   # the same ports as `visitflow up` (defaults 8180, 8000, 4200, 8181)
 
 
 def run(args) -> int:
@@ -84,9 +87,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("visitflow.trigger").setLevel(logging.INFO)
-    config = StackConfig(ui=not args.no_ui)
-    if args.state_dir:
-        config.state_dir = __import__("pathlib").Path(args.state_dir)
+    config = config_from_args(args)
     stack = LocalStack(config)
     stack.up()
 
@@ -143,7 +144,7 @@ def run(args) -> int:
                        scope=f"run:saxs_average:a1 read:raw:a1/{uid} write:processed:a1/{uid}")
         say("bob: UNEXPECTEDLY allowed to delegate on a1")
         ok = False
-    except oauth.OAuthRefused as exc:
+    except errors.OAuthRefused as exc:
         say(f"bob asks to analyse alice's run: refused by the IdP ({exc.error}: {exc.description})")
 
     say("open:")

@@ -19,7 +19,8 @@ from typing import Optional
 
 import httpx
 
-from .services import ServiceFailed, start_service, stop_group
+from .services import start_service, stop_group
+from ..errors import ServiceFailed
 from . import prefect as pstack
 
 __all__ = ['DEV_SECRETS', 'StackConfig', 'Record', 'healthy', 'alive', 'say', 'LocalStack']

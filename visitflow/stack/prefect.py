@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ..core.prefect_api import PrefectAPI
-from .services import Service, ServiceFailed, start_service
+from .services import Service, start_service
+from ..errors import ServiceFailed
 
 __all__ = [
     'REPO', 'POOL', 'BLOCK', 'DEFAULT_WORKER_TYPE', 'prefect_env', 'server_command',

@@ -20,7 +20,7 @@ import httpx
 
 from ..errors import ServiceFailed
 
-__all__ = ['ServiceFailed', 'free_port', 'Service', 'stop_group', 'start_service']
+__all__ = [ 'free_port', 'Service', 'stop_group', 'start_service']
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -51,8 +51,6 @@ from fastapi import HTTPException
 from tiled.access_control.access_policies import NO_ACCESS
 from tiled.access_control.protocols import AccessPolicy, normalize_access_tags
 from tiled.access_control.scopes import ALL_SCOPES
-from tiled.catalog import orm
-from tiled.catalog.adapter import CatalogNodeAdapter
 from tiled.queries import AccessTagsFilter
 
 from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout, Location
@@ -61,6 +59,7 @@ from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
 from . import facility_users, node_tags
 from .file_roots import FileRoots
 from .request_context import CREATE_ROUTES, REQUEST, RequestInfo
+from .tiled_compat import CatalogNodeAdapter, Node
 
 __all__ = [
     'META', 'NONE', 'ADMIN_WITHOUT_REGISTER', '_LAST_PLACE', 'Place', 'DirectChildren',
@@ -101,9 +100,9 @@ class DirectChildren:
 
 
 def _direct_children(query: DirectChildren, tree):
-    condition = orm.Node.parent == query.parent_id
+    condition = Node.parent == query.parent_id
     if query.keys is not None:
-        condition = condition & orm.Node.key.in_(query.keys)
+        condition = condition & Node.key.in_(query.keys)
     return tree.new_variation(conditions=tree.conditions + [condition])
 
 

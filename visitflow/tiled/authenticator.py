@@ -44,12 +44,15 @@ from typing import Any, Iterable, Optional
 import httpx
 import jwt
 from fastapi import HTTPException
-from tiled.authenticators import ProxiedOIDCAuthenticator
 
 from ..core import oauth
 from . import facility_users
+from .tiled_compat import ProxiedOIDCAuthenticator
 from ..core.scopes import ADMIN_SCOPE, OpaqueScope, ScopeSet
-from ..core.tokens import ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, InvalidToken, TokenValidator, discover, unverified_claims
+from ..core.tokens import (ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, TokenValidator, discover,
+                           unverified_claims)
+from ..errors import InvalidToken
+from .. import errors
 
 logger = logging.getLogger(__name__)
 
@@ -477,7 +480,7 @@ properties:
         try:
             answer = oauth.introspect(endpoint, token, client_id=client_id, client_secret=secret,
                                       client=self._introspect_client)
-        except (oauth.OAuthUnavailable, oauth.OAuthRefused, ValueError) as exc:
+        except (errors.OAuthUnavailable, errors.OAuthRefused, ValueError) as exc:
             raise self._introspection_failed(exc)
         self._refuse_inactive(answer)
 
@@ -486,7 +489,7 @@ properties:
         try:
             answer = await oauth.introspect_async(endpoint, token, client_id=client_id, client_secret=secret,
                                                   client=self._aclient)
-        except (oauth.OAuthUnavailable, oauth.OAuthRefused, ValueError) as exc:
+        except (errors.OAuthUnavailable, errors.OAuthRefused, ValueError) as exc:
             raise self._introspection_failed(exc)
         self._refuse_inactive(answer)
 

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import yaml
 
 from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout
-from .authenticator import ADMIN_SCOPE
+from ..core.scopes import ADMIN_SCOPE
 
 __all__ = [
     'PROVIDER', 'render_config', 'streaming_cache_config', 'prepare_state_dir', 'to_yaml',

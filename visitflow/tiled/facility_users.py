@@ -1,5 +1,6 @@
 """Facility users in Tiled: their own tokens come from the facility IdP and carry identity,
-not visit scopes, so the authority decides what they may see and write (ARCHITECTURE §4).
+not visit scopes, so the authority decides what they may see and write
+(docs/architecture.md §4).
 
 Two kinds of bearer token reach a production Tiled:
 
@@ -28,8 +29,7 @@ from ..core.scopes import DataScope, ScopeSet
 from ..core.layout import Location
 from ..core.tokens import Claims
 
-__all__ = [
-    'AuthorityUnavailable', 'USER_SCOPE', 'USER_TILED_SCOPES', 'user_name', 'claims_for_tiled',
+__all__ = [ 'USER_SCOPE', 'USER_TILED_SCOPES', 'user_name', 'claims_for_tiled',
     'is_facility_user', 'subject_of', 'scopes_for',
 ]
 

@@ -32,7 +32,7 @@ from ..errors import FileRootError
 from ..core.layout import Layout
 from ..core.scopes import check_name
 
-__all__ = ['FileRootError', 'FileRoot', 'file_path', 'FileRoots', 'asset_uris']
+__all__ = [ 'FileRoot', 'file_path', 'FileRoots', 'asset_uris']
 
 _PLACEHOLDER = re.compile(r"^\{([a-z_]+)\}$")
 

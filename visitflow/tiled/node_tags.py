@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 from ..core.layout import Location
 from ..core.scopes import valid_name
+from .tiled_compat import AccessTag
 
 __all__ = ['PREFIX', 'tag_for', 'locations_from_tags', 'TagRows']
 
@@ -65,8 +66,6 @@ class TagRows:
         context = getattr(self.catalog, "context", None)
         if context is None:
             return False
-        from tiled.catalog import orm
-
         async with context.session() as db:
             connection = await db.connection()
             if connection.dialect.name == "postgresql":
@@ -74,7 +73,7 @@ class TagRows:
             else:
                 from sqlalchemy.dialects.sqlite import insert
             await connection.execute(
-                insert(orm.AccessTag.__table__).values([{"name": n, "is_public": False} for n in sorted(names)])
+                insert(AccessTag.__table__).values([{"name": n, "is_public": False} for n in sorted(names)])
                 .on_conflict_do_nothing(index_elements=["name"]))
             await db.commit()
         self._known |= names

@@ -1,6 +1,7 @@
 """How Tiled turns a validated external token into its ``Principal`` — cached, and right on
 websockets too.  Installed by ``visitflow tiled serve`` through FastAPI's
-``dependency_overrides`` (tiled's own plugin point for its dependencies).
+``dependency_overrides`` (tiled's own plugin point for its dependencies; the dependencies
+themselves are Tiled internals, imported from :mod:`.tiled_compat`).
 
 Why: for every request with a proxied-OIDC token tiled 0.2.20 looks the identity up in its
 principals database *and commits* (``latest_login``) — three SELECTs and a write per GET,
@@ -25,20 +26,23 @@ from typing import Optional
 
 from fastapi import Depends, Query, Request, WebSocket
 from fastapi.security import SecurityScopes
-from tiled.server import schemas
-from tiled.server.authentication import (
+
+from .tiled_compat import (
+    Identity,
+    Principal,
+    PrincipalType,
     get_api_key,
     get_api_key_websocket,
     get_current_principal,
     get_current_principal_websocket,
+    get_database_session_factory,
     get_decoded_access_token,
     get_decoded_access_token_websocket,
     get_or_create_principal,
+    get_settings,
     move_api_key,
     oauth2_scheme,
 )
-from tiled.server.connection_pool import get_database_session_factory
-from tiled.server.settings import get_settings
 
 __all__ = ['PrincipalCache', 'install']
 
@@ -65,9 +69,8 @@ class PrincipalCache:
             if len(self._uuids) >= self.max_entries:
                 self._uuids.clear()
             hit = self._uuids[key] = (now + self.ttl, found.uuid)
-        return schemas.Principal(uuid=hit[1], type=schemas.PrincipalType.user,
-                                 identities=[schemas.Identity(id=identity, provider=provider)],
-                                 access_token=access_token)
+        return Principal(uuid=hit[1], type=PrincipalType.user,
+                         identities=[Identity(id=identity, provider=provider)], access_token=access_token)
 
 
 def install(app, ttl: float = 60.0) -> PrincipalCache:

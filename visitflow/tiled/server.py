@@ -22,8 +22,7 @@ __all__ = ['build_app', 'serve']
 
 def build_app(config: dict[str, Any]):
     """The Tiled ASGI app for a config dict (see :func:`.config.render_config`), wrapped."""
-    from tiled.config import Config
-    from tiled.server.app import build_app_from_config
+    from .tiled_compat import Config, build_app_from_config
 
     parsed = Config.model_validate(config)
     app = build_app_from_config(parsed)

@@ -13,11 +13,10 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
-from ..core.scopes import ScopeError, ScopeSet
+from ..errors import ConfigError, ScopeError
+from ..core.scopes import ScopeSet
 
-__all__ = [
-    'ConfigError', 'TOKEN_EXCHANGE', 'KNOWN_GRANTS', 'Lifetimes', 'Client', 'User',
+__all__ = [ 'TOKEN_EXCHANGE', 'KNOWN_GRANTS', 'Lifetimes', 'Client', 'User',
     'RESERVED_CLAIMS', 'IdPConfig',
 ]
 

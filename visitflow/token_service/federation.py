@@ -1,10 +1,11 @@
 """The token service's production mode: federate the facility IdP, ask the authority.
 
 In production ``visitflow idp`` is not an IdP: users log in at the facility's IdP (Keycloak)
-and nobody has a password here.  What it keeps is the token service (ARCHITECTURE §2 steps 3
-and 5): it accepts the facility IdP's access tokens as RFC 8693 *subject tokens*, asks the
-authority (:mod:`visitflow.core.authority`, OPA at a facility) whether the subject may have what
-is asked for, and mints the run-bound T_grant and T_data with ``act`` naming the actor.
+and nobody has a password here.  What it keeps is the token service
+(docs/architecture.md §2 steps 3 and 5): it accepts the facility IdP's access tokens as RFC
+8693 *subject tokens*, asks the authority (:mod:`visitflow.core.authority`, OPA at a
+facility) whether the subject may have what is asked for, and mints the run-bound T_grant
+and T_data with ``act`` naming the actor.
 
 Rules this module owns (config key ``federation`` of the token service YAML):
 
@@ -37,16 +38,15 @@ from typing import Optional
 import jwt
 
 from ..core.authority import Authority, Subject, authority_from_config, decide_scopes
-from ..errors import AuthorityUnavailable, ConfigError, InvalidToken, OAuthError
-from ..core.scopes import ScopeError, ScopeSet
+from ..errors import AuthorityUnavailable, ConfigError, InvalidToken, OAuthError, ScopeError
+from ..core.scopes import ScopeSet
 from ..core.tokens import TokenValidator, unverified_claims
 
-__all__ = [
-    'AuthorityUnavailable', 'ConfigError', 'InvalidToken', 'OAuthError', 'IDENTITY_CLAIMS',
+__all__ = [ 'IDENTITY_CLAIMS',
     'TrustedIssuer', 'unavailable', 'Federation', 'identity_extra',
 ]
 
-log = logging.getLogger("visitflow.token_service.federation")
+log = logging.getLogger("visitflow.idp.federation")
 
 #: Identity claims carried from the facility token into T_grant and T_data (provenance, and
 #: what the authority is asked about at the second hop).

@@ -44,22 +44,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..errors import OAuthError
-from ..core.scopes import ScopeError, ScopeSet
-from ..core.tokens import ALGORITHMS, InvalidToken, decode_verified
+from ..errors import InvalidToken, OAuthError, ScopeError
+from ..core.scopes import ScopeSet
+from ..core.tokens import ALGORITHMS, decode_verified
 from . import keycloak_rules
 from .config import TOKEN_EXCHANGE, Client, IdPConfig
 from .federation import Federation, identity_extra
 from .keys import KeyStore
 from .revocations import RevocationLog
 
-__all__ = [
-    'OAuthError', 'ACCESS_TOKEN_TYPE', 'REFRESH_TOKEN_TYPE', 'JWT_TOKEN_TYPE', 'error_response',
+__all__ = [ 'ACCESS_TOKEN_TYPE', 'REFRESH_TOKEN_TYPE', 'JWT_TOKEN_TYPE', 'error_response',
     'invalid_scope', 'Session', 'RefreshRecord', 'State', 'IdP', 'authenticate_client',
     'create_app',
 ]
 
-log = logging.getLogger("visitflow.token_service")
+log = logging.getLogger("visitflow.idp")
 
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 REFRESH_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:refresh_token"

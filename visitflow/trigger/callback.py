@@ -31,11 +31,13 @@ from typing import Callable
 import httpx
 
 from ..core import names as grants, oauth
-from ..core.options import OptionError, canonical, check_plan_values, schema_problem
-from ..core.prefect_api import PrefectAPI, PrefectRefused, PrefectUnavailable
-from ..core.scopes import GRANT_SCOPE_MODES, ScopeError, check_name, grant_scopes
+from ..core.options import canonical, check_plan_values, schema_problem
+from ..errors import OptionError, PrefectRefused, PrefectUnavailable, ScopeError
+from ..core.prefect_api import PrefectAPI
+from ..core.scopes import GRANT_SCOPE_MODES, check_name, grant_scopes
 from . import outage
 from .outbox import Outbox
+from .. import errors
 
 __all__ = ['TriggerSettings', 'AnalysisTrigger', 'subscribe_for']
 
@@ -81,9 +83,14 @@ class AnalysisTrigger:
 
     A user token is held in memory only until its run's grants are obtained (or their
     exchange finally failed): then it is dropped.
+
+    ``transport`` carries the sender's calls to the IdP and Prefect (``None``: the network)
+    and ``sleep`` waits out Prefect's backoff: not settings, but what unit tests inject
+    (an ``httpx.MockTransport``, a no-op) to run the send path without servers.
     """
 
-    def __init__(self, settings: TriggerSettings, token: str | TokenSource, *, start_sender: bool = True):
+    def __init__(self, settings: TriggerSettings, token: str | TokenSource, *, start_sender: bool = True,
+                 transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep):
         if settings.grant_scope not in GRANT_SCOPE_MODES:
             raise ValueError(f"grant_scope must be one of {GRANT_SCOPE_MODES}, not {settings.grant_scope!r}")
         self.settings = settings
@@ -96,6 +103,8 @@ class AnalysisTrigger:
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
         self._token_url: str | None = None
+        self._transport = transport
+        self._sleep = sleep
         self.decisions: list[str] = []              # what was decided, for logs and tests
         if start_sender:
             self.start()
@@ -242,8 +251,13 @@ class AnalysisTrigger:
     def _backoff(self, attempts: int) -> float:
         return min(self.settings.max_backoff, 0.5 * 2 ** attempts)
 
+    def prefect_api(self, attempts: int = 2) -> PrefectAPI:
+        """The Prefect client the sender uses (close it after use); pass it to :meth:`send_once`."""
+        return PrefectAPI(self.settings.prefect_api_url, self.settings.prefect_auth_string, attempts=attempts,
+                          transport=self._transport, sleep=self._sleep)
+
     def _run_sender(self) -> None:
-        api = PrefectAPI(self.settings.prefect_api_url, self.settings.prefect_auth_string, attempts=2)
+        api = self.prefect_api()
         try:
             while not self._stop.is_set():
                 try:
@@ -304,14 +318,14 @@ class AnalysisTrigger:
             return
         try:
             if self._token_url is None:
-                self._token_url = oauth.token_endpoint(self.settings.issuer)
+                self._token_url = oauth.token_endpoint(self.settings.issuer, transport=self._transport)
             resp = oauth.exchange(self._token_url, user_token, client_id=self.settings.client_id,
                                   client_secret=self.settings.client_secret, audience="visitflow",
                                   scope=str(grant_scopes(g.analysis, g.visit, g.run, self.settings.grant_scope)),
                                   # Keycloak lets visitflow refresh its data tokens only if this
                                   # exchange opened a blueapi client session (docs/production.md)
-                                  requested_token_type=oauth.REFRESH_TOKEN_TYPE)
-        except oauth.OAuthRefused as exc:
+                                  requested_token_type=oauth.REFRESH_TOKEN_TYPE, transport=self._transport)
+        except errors.OAuthRefused as exc:
             if g.attempts and outage.died_during_outage(exc.error, expires_at):  # refused as expired, after it
                 self._give_up(g, self._unreachable(g, expires_at))
                 return
@@ -320,7 +334,7 @@ class AnalysisTrigger:
             self.outbox.set_grant(g, state="refused", error=str(exc))
             self._fail_requests(g, "refused", str(exc))
             return
-        except (oauth.OAuthUnavailable, httpx.HTTPError, ValueError, OSError) as exc:  # discovery too: retried
+        except (errors.OAuthUnavailable, httpx.HTTPError, ValueError, OSError) as exc:  # discovery too: retried
             delay = outage.retry_in(self._backoff(g.attempts), expires_at)
             if delay is None:   # the user's token dies before the next try could reach the IdP
                 g.attempts, g.error = g.attempts + 1, str(exc)

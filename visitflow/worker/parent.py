@@ -47,6 +47,7 @@ class Zygote:
         self._started: dict[int, tuple[threading.Event, dict]] = {}
         self._exits: dict[int, tuple[threading.Event, dict]] = {}
         self.import_seconds: float | None = None
+        self._preloaded = False   # the zygote said "ready" (its stdout may also close without it)
 
     def start(self, timeout: float = 120) -> None:
         self.proc = subprocess.Popen(
@@ -58,6 +59,13 @@ class Zygote:
         threading.Thread(target=self._read, args=(self.proc, ready), daemon=True, name="zygote-reader").start()
         if not ready.wait(timeout):
             raise ZygoteDied(f"zygote not ready after {timeout}s")
+        if not self._preloaded:
+            # Its stdout closed before "ready": it is exiting, though poll() may not show it yet.
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            raise ZygoteDied(f"zygote exited with {self.proc.returncode} during preload")
         if self.proc.poll() is not None:
             raise ZygoteDied(f"zygote exited with {self.proc.returncode} during preload")
 
@@ -72,6 +80,7 @@ class Zygote:
                 continue
             if msg.get("ready"):
                 self.import_seconds = msg.get("import_seconds")
+                self._preloaded = True
                 ready.set()
             elif "id" in msg:
                 with self._lock:

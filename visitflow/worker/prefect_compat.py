@@ -41,8 +41,7 @@ from typing import Any
 
 from ..errors import PrefectIncompatible, PrefectVersionWarning
 
-__all__ = [
-    'PrefectIncompatible', 'PrefectVersionWarning', 'TESTED', 'PrivateName', 'PRIVATE_NAMES',
+__all__ = [ 'TESTED', 'PrivateName', 'PRIVATE_NAMES',
     'UNDERSCORE_ATTRIBUTES', 'installed_prefect', 'is_tested', 'resolve', 'check', 'at_risk',
     'ProcessHandle', 'FlowRunExecutorContext', 'process_group_handle', 'run_flow_run',
 ]
