@@ -73,13 +73,13 @@ behaviour.  ``TESTED`` moves with ``constraints.txt``; raise it only after ``.ci
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from ..core import compat as _compat
 from ..errors import TiledIncompatible, TiledVersionWarning
 
 __all__ = [
@@ -210,22 +210,15 @@ INTERNAL_NAMES: tuple[InternalName, ...] = (
 
 
 def installed_tiled() -> str:
-    from importlib.metadata import version
-
-    return version("tiled")
+    return _compat.installed("tiled")
 
 
 def is_tested(version: str, tested: str = TESTED) -> bool:
-    from packaging.specifiers import SpecifierSet
-
-    return SpecifierSet(tested).contains(version, prereleases=True)
+    return _compat.is_tested(version, tested)
 
 
 def _lookup(entry: InternalName) -> Any:
-    obj: Any = importlib.import_module(entry.module)
-    for part in entry.name.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return _compat.lookup(entry.module, entry.name)
 
 
 def resolve(entry: InternalName) -> Any:

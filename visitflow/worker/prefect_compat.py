@@ -32,13 +32,13 @@ all at import:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from ..core import compat as _compat
 from ..errors import PrefectIncompatible, PrefectVersionWarning
 
 __all__ = [ 'TESTED', 'PrivateName', 'PRIVATE_NAMES',
@@ -108,22 +108,15 @@ UNDERSCORE_ATTRIBUTES: tuple[PrivateName, ...] = tuple(
 
 
 def installed_prefect() -> str:
-    from importlib.metadata import version
-
-    return version("prefect")
+    return _compat.installed("prefect")
 
 
 def is_tested(version: str, tested: str = TESTED) -> bool:
-    from packaging.specifiers import SpecifierSet
-
-    return SpecifierSet(tested).contains(version, prereleases=True)
+    return _compat.is_tested(version, tested)
 
 
 def _lookup(entry: PrivateName) -> Any:
-    obj: Any = importlib.import_module(entry.module)
-    for part in entry.name.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return _compat.lookup(entry.module, entry.name)
 
 
 def resolve(entry: PrivateName) -> Any:
