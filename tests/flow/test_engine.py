@@ -56,7 +56,7 @@ def live_and_post(flow_obj, data, batches):
 
 
 def assert_same(a, b):
-    assert a.keys() == b.keys()
+    assert a and a.keys() == b.keys(), (sorted(a), sorted(b))
     for k in a:
         np.testing.assert_allclose(np.asarray(a[k], dtype=float), np.asarray(b[k], dtype=float), rtol=1e-9, atol=1e-9,
                                    err_msg=k)

@@ -10,6 +10,7 @@ import pytest
 from visitflow.core import names as grants
 from visitflow.flow.sink import read_result
 
+from tests.fixtures.references import assert_matches, reference_of
 from tests.fixtures.scans import run_scan, start_scan_thread, user_root
 
 pytestmark = pytest.mark.e2e
@@ -28,22 +29,6 @@ def state_of(run):
     return run["state"]["type"], run["state"].get("message") or ""
 
 
-def expected(analysis, raw):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "flows"))
-    module = __import__(analysis)
-    spec = getattr(module, analysis).spec
-    return spec.compute({f: raw[f].read() for f in spec.reads})
-
-
-def assert_outputs_equal(got, want):
-    assert set(got) >= set(want)
-    for k, v in want.items():
-        np.testing.assert_allclose(np.asarray(got[k], dtype=float), np.asarray(v, dtype=float), rtol=1e-6, err_msg=k)
-
-
 @pytest.mark.parametrize("analysis", ["saxs_average", "peak_stats"])
 def test_post_run_writes_result_with_provenance(idp, tiled_server, prefect_stack, analysis):
     alice = idp.token("alice")
@@ -57,7 +42,7 @@ def test_post_run_writes_result_with_provenance(idp, tiled_server, prefect_stack
 
     root = user_root(tiled_server.uri, idp.token("alice"))  # Alice reads with her own token
     node = root[f"processed/a1/{uid}/{analysis}"]
-    assert_outputs_equal(read_result(node), expected(analysis, root[f"raw/a1/{uid}/primary"]))
+    assert_matches(read_result(node), reference_of(analysis, root[f"raw/a1/{uid}/primary"]))
     meta = node[node.metadata["current"]].metadata
     assert meta["status"] == "complete" and meta["frames_processed"] == 15 and meta["variant"] == "post"
     assert meta["raw_uri"].endswith(f"/raw/a1/{uid}")
@@ -136,6 +121,7 @@ def test_live_during_scan_matches_post(idp, tiled_server, prefect_stack):
     thread, out = start_scan_thread(tiled_server.uri, alice, num=30, delay=0.3,
                                     subscribers=[_live_run_on_start(prefect_stack, idp, "saxs_average", created)])
     thread.join(120)
+    assert not thread.is_alive(), "the scan did not finish"
     uid = out["uid"]
     live = prefect_stack.api.wait_for_flow_run(created["live"]["id"], timeout=240)
     assert state_of(live)[0] == "COMPLETED", prefect_stack.logs(live["id"])
@@ -146,8 +132,8 @@ def test_live_during_scan_matches_post(idp, tiled_server, prefect_stack):
     live_meta = node["live"].metadata
     assert live_meta["frames_processed"] == 30 and live_meta["status"] == "complete"
     np.testing.assert_allclose(node["live"]["average"].read(), read_result(node)["average"], rtol=1e-6)
-    assert_outputs_equal({"average": node["live"]["average"].read()},
-                         expected("saxs_average", root[f"raw/a1/{uid}/primary"]))
+    assert_matches({"average": node["live"]["average"].read()},
+                   reference_of("saxs_average", root[f"raw/a1/{uid}/primary"]))
     assert node.metadata["current"].startswith("post-"), "a complete post result outranks live"
     source = re.search(r"live source: (\{.*\})", prefect_stack.logs(live["id"], wait_for="live source:"))
     assert source, "the live flow did not report its source"
@@ -186,6 +172,7 @@ def test_live_killed_mid_scan_resumes_from_checkpoint(idp, tiled_server, prefect
     second = prefect_stack.run("saxs_average", "live", "a1", run_id, wait=False,
                                idempotency_key=f"restart-{run_id}")
     thread.join(120)
+    assert not thread.is_alive(), "the scan did not finish"
     done = prefect_stack.api.wait_for_flow_run(second["id"], timeout=240)
     assert state_of(done)[0] == "COMPLETED", prefect_stack.logs(done["id"])
     node = user_root(tiled_server.uri, idp.token("alice"))[f"processed/a1/{run_id}/saxs_average"]

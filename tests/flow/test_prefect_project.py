@@ -27,6 +27,7 @@ def test_every_analysis_has_live_and_post():
 
 def test_deployments_carry_no_parameters_or_secrets():
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert project["deployments"], "prefect.yaml deploys nothing"
     for d in project["deployments"]:
         assert not d.get("parameters"), d["name"]
         env = d["work_pool"]["job_variables"]["env"]

@@ -82,9 +82,10 @@ def test_the_project_test_sees_every_analysis_deployed(tmp_path):
     new_analysis(root, "edge_mean", ["det"], incremental=True)
     project_yaml = yaml.safe_load((root / "prefect.yaml").read_text())
     deployed = {(d["entrypoint"], d["name"]) for d in project_yaml["deployments"]}
-    for path in sorted((root / "flows").glob("*.py")):
-        for name in load_analyses(path):
-            assert {(f"flows/{path.name}:{name}", v) for v in ("live", "post")} <= deployed
+    analyses = [(path, name) for path in sorted((root / "flows").glob("*.py")) for name in load_analyses(path)]
+    assert ("edge_mean.py", "edge_mean") in {(p.name, n) for p, n in analyses}, analyses
+    for path, name in analyses:
+        assert {(f"flows/{path.name}:{name}", v) for v in ("live", "post")} <= deployed
     with pytest.raises(AnalysisDefinitionError):
         new_analysis(root, "x", [])
 

@@ -201,7 +201,7 @@ def test_delegated_token_analyses_the_file_live_and_post(files_tiled, idp, file_
     np.testing.assert_allclose(read_result(node)["average"], want, rtol=1e-9)
 
 
-def test_registering_another_visits_file_is_refused_with_the_reason(files_tiled, idp, beamline, frames):
+def test_registering_another_visits_file_is_refused_with_the_reason(files_tiled, idp, beamline, frames, file_run):
     theirs = beamline / "a2" / "secret.h5"
     with h5py.File(theirs, "w") as f:
         f["/entry/data"] = frames
@@ -211,10 +211,13 @@ def test_registering_another_visits_file_is_refused_with_the_reason(files_tiled,
     assert "outside the data directory of visit a1" in str(err.value)
     # nothing readable came of it: no node points at a2's file
     alice = user_root(files_tiled.uri, idp.token("alice"))
+    uris = {}
     for uid in alice["raw/a1"]:
         stream = alice[f"raw/a1/{uid}"]
         if "primary" in stream and "saxs" in stream["primary"]:
-            assert "/a2/" not in stream["primary"]["saxs"].data_sources()[0].assets[0].data_uri
+            uris[uid] = stream["primary"]["saxs"].data_sources()[0].assets[0].data_uri
+    assert file_run in uris, f"the check saw no registered file (not even {file_run}'s): {uris}"
+    assert not [u for u in uris.values() if "/a2/" in u], uris
 
 
 def register_body(key: str, uri: str) -> dict:
@@ -330,6 +333,7 @@ def test_live_follows_a_detector_file_as_it_grows(files_tiled, idp, beamline):
     out = engine.run_live(saxs_average.spec, source, sink,
                           engine.LiveSettings(poll_interval=0.1, max_poll_interval=0.3, idle_timeout=60))
     thread.join(30)
+    assert not thread.is_alive(), "the writer did not finish"
     np.testing.assert_allclose(out["average"], frames.astype(float).mean(axis=0), rtol=1e-9)
     assert seen[-1] == 20 and len(set(seen)) > 2, seen   # it wrote results while the file grew
     assert seen == sorted(seen)

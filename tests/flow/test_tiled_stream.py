@@ -22,7 +22,7 @@ from visitflow.flow.sink import TiledResultSink
 
 from tests.fixtures.ci import missing_part
 from tests.fixtures.scans import held_scan
-from tests.fixtures.stream_helpers import assert_same, follow, numpy_answer, push_source, scan_in_thread, spec_of
+from tests.fixtures.stream_helpers import assert_answer, follow, push_source, scan_in_thread, spec_of
 from tests.fixtures.tiled_fixtures import TiledHandle, running_tiled
 
 pytestmark = pytest.mark.stream
@@ -39,9 +39,10 @@ def test_live_by_push_equals_numpy(idp, tiled_server, analysis):
         outputs, sink = follow(source, spec)
         stats = source.stats()
     thread.join(60)
+    assert not thread.is_alive(), "the scan did not finish"
     assert "error" not in out
     assert sink.writes[-1][1:] == (25, "complete")
-    assert_same(outputs, numpy_answer(spec, tiled_server.uri, alice, "a1", cap.uid))
+    assert_answer(outputs, spec, tiled_server.uri, alice, "a1", cap.uid)
     assert stats["push_reads"] > 0 and stats["http_reads"] <= 2, stats   # HTTP at most for a catch-up at start
     # polling is only the reconciliation: far fewer HTTP looks than frames
     assert stats["http_polls"] < 25, stats
@@ -67,14 +68,16 @@ def test_one_runs_messages_never_reach_another_runs_analysis(idp, tiled_server):
         w.start()
     for w in workers:
         w.join(180)
+    assert not any(w.is_alive() for w in workers), "a live analysis did not finish"
     stats = [s.stats() for s in sources]
     for s in sources:
         s.close()
     for _, thread, _ in runs:
         thread.join(60)
+        assert not thread.is_alive(), "the scan did not finish"
     assert len(results) == 2
     for i, outputs in results:
-        assert_same(outputs, numpy_answer(spec, tiled_server.uri, alice, "a1", uids[i]))
+        assert_answer(outputs, spec, tiled_server.uri, alice, "a1", uids[i])
         urls = list(stats[i]["subscriptions"])
         assert urls and all(f"/raw/a1/{uids[i]}" in u for u in urls), urls
         assert not any(uids[1 - i] in u for u in urls)
@@ -92,8 +95,9 @@ def test_tiled_without_streaming_cache_completes_by_polling(idp, tmp_path_factor
             outputs, sink = follow(source, spec)
             stats = source.stats()
         thread.join(60)
+        assert not thread.is_alive(), "the scan did not finish"
         assert sink.writes[-1][1:] == (12, "complete")
-        assert_same(outputs, numpy_answer(spec, tiled.uri, alice, "a1", cap.uid))
+        assert_answer(outputs, spec, tiled.uri, alice, "a1", cap.uid)
         subs = stats["subscriptions"].values()
         assert subs and all(s["disabled"] and s["messages"] == 0 for s in subs), stats
         assert stats["push_reads"] == 0 and stats["http_reads"] > 0
@@ -153,10 +157,12 @@ def test_tiled_restart_mid_live_completes_exactly_once(idp, tmp_path_factory):
         time.sleep(2.0)   # let the live analysis notice the new server before frames flow again
         resume.set()
         thread.join(120)
+        assert not thread.is_alive(), "the scan did not finish"
         follower.join(180)
+        assert not follower.is_alive(), "the live analysis did not finish"
         assert "error" not in out, out
         assert "error" not in result, result
-        assert_same(result["outputs"], numpy_answer(spec, uri, alice, "a1", cap.uid))
+        assert_answer(result["outputs"], spec, uri, alice, "a1", cap.uid)
         assert sink.checkpoint() == num
         live_node = connect(uri, BearerAuth(lambda: alice))[f"processed/a1/{cap.uid}/{spec.name}/live"]
         assert live_node.metadata["frames_processed"] == num and live_node.metadata["status"] == "complete"
@@ -217,9 +223,10 @@ def test_redis_streaming_cache_across_two_tiled_processes(idp, tmp_path_factory,
                 outputs, sink = follow(source, spec)
                 stats = source.stats()
             thread.join(60)
+            assert not thread.is_alive(), "the scan did not finish"
             assert "error" not in out
             assert sink.writes[-1][1:] == (20, "complete")
-            assert_same(outputs, numpy_answer(spec, writer_uri, alice, "a1", cap.uid))
+            assert_answer(outputs, spec, writer_uri, alice, "a1", cap.uid)
             assert stats["push_reads"] > 0 and stats["http_reads"] <= 2, stats   # HTTP at most for a catch-up at start
         finally:
             reader.stop()

@@ -7,11 +7,11 @@ warm worker, ``blueapi serve``)."""
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from visitflow import errors
@@ -22,6 +22,7 @@ from visitflow.core.tiled_client import BearerAuth, connect
 from visitflow.flow.sink import read_result
 
 from tests.fixtures import blueapi_stack as bs
+from tests.fixtures.references import assert_matches, reference_of
 
 pytestmark = pytest.mark.blueapi
 ANALYSES = ("peak_stats",)   # scalars only: see deployments/blueapi/visitflow_example_plans.py
@@ -51,13 +52,43 @@ def run_uid(task: dict) -> str:
     return task["outcome"]["result"]
 
 
-def expected(analysis: str, primary) -> dict:
-    """The numpy reference, from the raw data as Alice reads it."""
-    y = np.asarray(primary["det"].read(), dtype=np.float64)
-    x = np.asarray(primary["motor"].read(), dtype=np.float64)
-    w = np.clip(y, 0, None)
-    centroid = (w * x).sum() / w.sum()
-    return {"centroid": centroid, "integral": np.trapezoid(y, x), "frames": y.size}
+def outbox_rows(blueapi, uid: str) -> tuple[list[dict], list[dict]]:
+    """The trigger's own record of run ``uid`` inside blueapi: its outbox rows (grants,
+    requests), read-only from the trigger's state directory."""
+    path = blueapi.blueapi.trigger_state / "outbox.sqlite"
+    assert path.exists(), f"no trigger outbox at {path}: the trigger is not attached to blueapi's tasks"
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        db.row_factory = sqlite3.Row
+        grants = [dict(r) for r in db.execute("SELECT analysis, state, attempts, error FROM grants WHERE run = ?",
+                                              (uid,))]
+        requests = [dict(r) for r in db.execute("SELECT key, variant, state, flow_run_id, error FROM requests "
+                                                "WHERE run = ?", (uid,))]
+    finally:
+        db.close()
+    return grants, requests
+
+
+def settled(blueapi, uid: str):
+    """(grants, requests) once the trigger has decided every one of the run's requests
+    (nothing left to exchange, store, create or record); None before."""
+    grants, requests = outbox_rows(blueapi, uid)
+    if requests and not {r["state"] for r in requests} & {"pending", "report"} \
+            and not {g["state"] for g in grants} & {"exchange", "store"}:
+        return grants, requests
+    return None
+
+
+def wait_until(predicate, timeout: float, what: str):
+    """Poll ``predicate`` until it returns something truthy (returned) or fail with ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} (after {timeout:.0f}s)")
+        time.sleep(0.2)
 
 
 def outputs_of(result_node) -> dict:
@@ -146,23 +177,26 @@ def test_alice_task_triggers_live_and_post_with_her_rights(blueapi, prefect):
         assert r["parameters"] == {"visit": bs.SESSION, "run_id": uid}
         done = prefect.wait_for_flow_run(r["id"], timeout=300)
         assert done["state"]["type"] == "COMPLETED", (r["name"], done["state"])
-    time.sleep(1.0)
+    # The trigger's own record: each request created its flow run and nothing is left to send,
+    # so the count below is final.
+    _, requests = wait_until(lambda: settled(blueapi, uid), 60, f"the trigger did not settle run {uid}")
+    assert sorted((r["key"].split("/")[0], r["variant"], r["state"]) for r in requests) == sorted(
+        (a, v, "done") for a in ANALYSES for v in ("live", "post")), requests
+    assert {r["flow_run_id"] for r in requests} == {r["id"] for r in runs}
     assert len(flow_runs_of(prefect, uid)) == 2 * len(ANALYSES), "exactly one live and one post per analysis"
 
     # Results under the same session, read by Alice with her own token, equal numpy.
     root = connect(blueapi.tiled.uri, BearerAuth(lambda: alice))
     primary = raw_run(blueapi, alice, uid)["primary"]
     for analysis in ANALYSES:
-        want = expected(analysis, primary)
+        want = reference_of(analysis, primary)
         node = root[f"processed/{bs.SESSION}/{uid}/{analysis}"]
         children = {"live": node["live"], "post": next(node[k] for k in node if k.startswith("post-"))}
         assert read_result(node) is not None
         for variant, child in children.items():
             got = outputs_of(child)
             assert child.metadata["status"] == "complete", (analysis, variant, child.metadata)
-            for key, value in want.items():
-                np.testing.assert_allclose(np.asarray(got[key], dtype=np.float64), value, rtol=1e-9, atol=1e-9,
-                                           err_msg=f"{analysis}/{variant}/{key}")
+            assert_matches(got, want, rtol=1e-9, atol=1e-9, where=f"{analysis}/{variant}/")
     meta = root[f"processed/{bs.SESSION}/{uid}/peak_stats"]["live"].metadata
     assert meta["token_sub"] == "alice" and meta["visit"] == bs.SESSION and meta["run_id"] == uid
     assert meta["user"] == bs.FEDIDS["alice"]          # the start document's user, kept in provenance
@@ -187,7 +221,11 @@ def test_carol_task_completes_but_no_flow_run_and_the_log_says_why(blueapi, pref
         time.sleep(0.3)
     refusals = {m[1] for m in pattern.finditer(blueapi.blueapi.log())}
     assert refusals == set(ANALYSES), blueapi.blueapi.log()[-3000:]
-    time.sleep(2)
+    # The trigger's own record: the grant refused and both flow runs dropped, nothing left to send.
+    grants, requests = wait_until(lambda: settled(blueapi, uid), 60, f"the trigger did not settle run {uid}")
+    assert {(g["analysis"], g["state"]) for g in grants} == {(a, "refused") for a in ANALYSES}, grants
+    assert sorted((r["variant"], r["state"], r["flow_run_id"]) for r in requests) == sorted(
+        (v, "refused", None) for _ in ANALYSES for v in ("live", "post")), requests
     assert flow_runs_of(prefect, uid) == []
 
 
@@ -198,8 +236,17 @@ def test_prefect_unreachable_task_completes_and_runs_appear_later(blueapi, prefe
         t0 = time.monotonic()
         uid = run_uid(blueapi.blueapi.run(alice, "peak_scan", {"num": 6}))
         took = time.monotonic() - t0
-        time.sleep(3)   # the trigger keeps retrying in the background meanwhile
-        assert flow_runs_of(prefect, uid) == []
+
+        def store_failed():   # the trigger's own record: exchanged, and storing it in Prefect failed
+            grants, requests = outbox_rows(blueapi, uid)
+            done = grants and all(g["state"] == "store" and g["attempts"] >= 1 and g["error"] for g in grants)
+            return done and (grants, requests)
+
+        grants, requests = wait_until(store_failed, 60, "the trigger never tried to store its grant in Prefect")
+        assert {g["analysis"] for g in grants} == set(ANALYSES), grants
+        assert sorted((r["variant"], r["state"]) for r in requests) == sorted(
+            (v, "pending") for _ in ANALYSES for v in ("live", "post")), requests
+        assert flow_runs_of(prefect, uid) == []   # no flow run before its grant is stored
         assert blueapi.proxy.refused > 0, "the trigger did try to reach Prefect"
     finally:
         blueapi.proxy.enabled = True
@@ -215,7 +262,10 @@ def test_plan_without_analyses_runs_as_if_visitflow_were_absent(blueapi, prefect
     uid = run_uid(blueapi.blueapi.run(alice, "plain_scan", {"num": 3}))
     run = raw_run(blueapi, alice, uid)
     assert "analyses" not in run.metadata["start"] and run.metadata["stop"]["exit_status"] == "success"
-    time.sleep(2)
+    # The trigger decides in the RunEngine's thread (TriggeringTiledWriter calls it for each
+    # document), so by the time the task is complete it has decided: nothing queued for this
+    # run is nothing its sender will ever send.
+    assert outbox_rows(blueapi, uid) == ([], []), "the trigger queued something for a run without analyses"
     assert flow_runs_of(prefect, uid) == []
     ours = [line for line in blueapi.blueapi.log().splitlines() if "visitflow" in line and uid in line]
     assert ours == [], "the trigger said something about a run without analyses"
@@ -227,6 +277,7 @@ def test_manual_rerun_makes_a_new_flow_run_each_time(blueapi, prefect):
     alice = blueapi.token("alice")
     uid = run_uid(blueapi.blueapi.run(alice, "peak_scan", {"num": 4}))
     first = wait_flow_runs(prefect, uid, 2 * len(ANALYSES))
+    assert len(first) == 2 * len(ANALYSES), first
     for r in first:
         prefect.wait_for_flow_run(r["id"], timeout=300)
     env = {"VISITFLOW_TRIGGER_CLIENT_SECRET": "blueapi-dev-secret", "VISITFLOW_PASSWORD": "alice"}

@@ -83,16 +83,24 @@ def runs_for(stack, uid):
     return stack.api.flow_runs(tags=[f"run:{uid}"])
 
 
-class Timed:
-    """Wraps a callback and records how long each document took (the RunEngine's cost)."""
+def wait_until(predicate, timeout: float, what: str):
+    """Poll ``predicate`` until it returns something truthy (returned) or fail with ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} (after {timeout:.0f}s)")
+        time.sleep(0.1)
 
-    def __init__(self, cb):
-        self.cb, self.times = cb, []
 
-    def __call__(self, name, doc):
-        t0 = time.perf_counter()
-        self.cb(name, doc)
-        self.times.append(time.perf_counter() - t0)
+def store_attempted(trig, uid: str):
+    """The trigger's own outcome while Prefect is away: each of the run's grants exchanged at
+    the IdP and at least one attempt to store it in Prefect failed (attempts counted, the error
+    kept, retried later).  Until a grant is stored no flow run can be created."""
+    grants = [trig.outbox.grant(a, "a1", uid) for a in ANALYSES]
+    return all(g is not None and g.state == "store" and g.attempts >= 1 and g.error for g in grants) and grants
 
 
 @pytest.mark.e2e
@@ -128,6 +136,7 @@ def test_scan_with_trigger_runs_each_analysis_live_and_post_once(tmp_path, idp, 
         # live == post on real servers, for every shipped analysis
         live, post = node["live"], node[node.metadata["current"]]
         assert live.metadata["frames_processed"] == post.metadata["frames_processed"] == 12
+        assert post.metadata["outputs"], f"{a}: the post result lists no outputs"
         for key in post.metadata["outputs"]:
             got = live[key].read() if key in live else live.metadata["scalars"][key]
             want = post[key].read() if key in post else post.metadata["scalars"][key]
@@ -141,27 +150,26 @@ def test_prefect_down_during_scan_then_back(tmp_path, idp, tiled_server, prefect
     proxy = SwitchableProxy(port, enabled=False)
     token = idp.token("alice")
     trig = AnalysisTrigger(settings_for(tmp_path, idp.issuer, f"http://127.0.0.1:{proxy.port}/api"), token=token)
-    timed = Timed(trig)
-    t0 = time.monotonic()
-    uid = run_scan(tiled_server.uri, token, plan=analysis_plan, subscribers=[timed])
-    scan_s = time.monotonic() - t0
-    time.sleep(2)  # the sender keeps failing meanwhile
+    # The scan completes with Prefect down: the trigger only queues (its time per document is
+    # measured by benchmarks/trigger_documents.py, not asserted here).
+    uid = run_scan(tiled_server.uri, token, plan=analysis_plan, subscribers=[trig])
+    wait_until(lambda: store_attempted(trig, uid), 60, "the sender never tried to store a grant in Prefect")
     assert proxy.refused > 0, "the trigger did try to reach Prefect"
     assert runs_for(prefect_stack, uid) == []
-    assert max(timed.times) < 0.25, f"a document took {max(timed.times):.3f}s in the trigger"
     pending = {r.key for r in trig.outbox.requests("pending")}
     assert len(pending) == 4, pending
+    assert {r.key for r in trig.outbox.requests()} == pending, "every flow run waits in the outbox"
     proxy.enabled = True
     assert trig.flush(60), [(r.key, r.state, r.error) for r in trig.outbox.requests()]
     trig.close()
     # A new trigger process on the same outbox (blueapi restarted) sends nothing twice.
     again = AnalysisTrigger(settings_for(tmp_path, idp.issuer, prefect_stack.api_url), token=token)
-    again.flush(5)
+    assert again.flush(5)
+    assert {r.state for r in again.outbox.requests()} == {"done"}
     again.close()
     runs = runs_for(prefect_stack, uid)
     assert len(runs) == 4, [r["name"] for r in runs]
     proxy.close()
-    print(f"scan with Prefect down: {scan_s:.2f}s; slowest document in the trigger {max(timed.times) * 1000:.1f} ms")
 
 
 @pytest.mark.e2e
@@ -169,7 +177,7 @@ def test_user_without_run_scope_gets_no_flow_run(tmp_path, idp, tiled_server, pr
     token = idp.token("carol")
     trig = AnalysisTrigger(settings_for(tmp_path, idp.issuer, prefect_stack.api_url), token=token)
     uid = run_scan(tiled_server.uri, token, plan=analysis_plan, subscribers=[trig])
-    trig.flush(30)
+    assert trig.flush(30), [(r.key, r.state, r.error) for r in trig.outbox.requests()]
     states = {r.state for r in trig.outbox.requests()}
     trig.close()
     assert runs_for(prefect_stack, uid) == []
