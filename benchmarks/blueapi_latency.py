@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "deployments" / "blueapi"))
 
-from tests import blueapi_stack as bs  # noqa: E402
+from tests.fixtures import blueapi_stack as bs  # noqa: E402
 from visitflow.core.prefect_api import PrefectAPI  # noqa: E402
 
 SECTION = "## blueapi: start document → flow body running (benchmarks/blueapi_latency.py)"
