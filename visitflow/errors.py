@@ -27,7 +27,7 @@ The tree (``code`` of each class in brackets)::
     ├── RemoteError [remote]                    a server visitflow calls answered badly
     │   ├── Refused [refused]                   it decided: retrying the same request cannot help
     │   │   ├── OAuthRefused [oauth_refused]    the IdP's 4xx; ``error`` is the RFC 6749 code
-    │   │   └── PrefectRefused [prefect_refused]    Prefect's 4xx; ``status`` is the HTTP status
+    │   │   └── PrefectRefused [prefect_refused]    Prefect's 4xx or 500; ``status`` is the HTTP status
     │   └── Unavailable [unavailable]           not reachable, 5xx or 429: try again later
     │       ├── OAuthUnavailable [oauth_unavailable]
     │       ├── PrefectUnavailable [prefect_unavailable]
@@ -236,7 +236,10 @@ class OAuthUnavailable(Unavailable):
 
 
 class PrefectRefused(Refused):
-    """Prefect answered 4xx: the request itself is wrong (e.g. no such deployment)."""
+    """Prefect answered an error that retrying in place will not fix: a 4xx (the request itself
+    is wrong, e.g. no such deployment) or a 500.  Only 429/502/503/504 are retried inside
+    ``PrefectAPI`` (as Prefect's own client does); the trigger's outbox retries the rest on its
+    own schedule."""
 
     code = "prefect_refused"
 
@@ -246,7 +249,7 @@ class PrefectRefused(Refused):
 
 
 class PrefectUnavailable(Unavailable):
-    """Prefect could not be reached, or kept answering 5xx/429: try again later."""
+    """Prefect could not be reached, or kept answering 429/502/503/504: try again later."""
 
     code = "prefect_unavailable"
 
