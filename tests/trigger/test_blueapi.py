@@ -21,6 +21,7 @@ from visitflow.core.prefect_api import PrefectAPI
 from visitflow.core.tiled_client import BearerAuth, connect
 from visitflow.flow.sink import read_result
 
+from tests.fixtures.waiting import wait_until
 from tests.fixtures import blueapi_stack as bs
 from tests.fixtures.references import assert_matches, reference_of
 
@@ -77,18 +78,6 @@ def settled(blueapi, uid: str):
             and not {g["state"] for g in grants} & {"exchange", "store"}:
         return grants, requests
     return None
-
-
-def wait_until(predicate, timeout: float, what: str):
-    """Poll ``predicate`` until it returns something truthy (returned) or fail with ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} (after {timeout:.0f}s)")
-        time.sleep(0.2)
 
 
 def outputs_of(result_node) -> dict:

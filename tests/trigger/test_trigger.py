@@ -2,7 +2,6 @@
 RunEngine, TiledWriter, IdP, Tiled and Prefect server + worker."""
 
 import json
-import time
 
 import numpy as np
 
@@ -11,6 +10,7 @@ import pytest
 from visitflow.trigger import AnalysisTrigger, TriggerSettings
 from visitflow.trigger.outbox import Outbox
 
+from tests.fixtures.waiting import wait_until
 from tests.fixtures.scans import run_scan, user_root
 from tests.fixtures.tcp_proxy import SwitchableProxy
 
@@ -81,18 +81,6 @@ def analysis_plan(det, saxs, motor, md):
 
 def runs_for(stack, uid):
     return stack.api.flow_runs(tags=[f"run:{uid}"])
-
-
-def wait_until(predicate, timeout: float, what: str):
-    """Poll ``predicate`` until it returns something truthy (returned) or fail with ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} (after {timeout:.0f}s)")
-        time.sleep(0.1)
 
 
 def store_attempted(trig, uid: str):

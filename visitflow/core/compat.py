@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["installed", "is_tested", "lookup"]
+__all__ = ["installed", "is_tested", "lookup", "resolve_all"]
 
 
 def installed(distribution: str) -> str:
@@ -35,3 +35,16 @@ def lookup(module: str, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def resolve_all(entries, resolve) -> tuple[dict[str, Any], list[str]]:
+    """``resolve`` every entry (a ``LookupError`` says what is wrong with it): the resolved
+    objects by ``qualname``, and one line per failure with why the entry is needed, so the
+    caller can raise a single error naming every broken name at once."""
+    resolved, problems = {}, []
+    for entry in entries:
+        try:
+            resolved[entry.qualname] = resolve(entry)
+        except LookupError as exc:
+            problems.append(f"  {exc} — needed because it {entry.why}")
+    return resolved, problems

@@ -251,12 +251,7 @@ def resolve(entry: InternalName) -> Any:
 
 def check(entries=INTERNAL_NAMES, version: str | None = None) -> dict[str, Any]:
     """Resolve every entry; raise one :class:`TiledIncompatible` naming all that fail."""
-    resolved, problems = {}, []
-    for entry in entries:
-        try:
-            resolved[entry.qualname] = resolve(entry)
-        except LookupError as exc:
-            problems.append(f"  {exc} — needed because it {entry.why}")
+    resolved, problems = _compat.resolve_all(entries, resolve)
     if problems:
         raise TiledIncompatible(
             f"visitflow's Tiled plug-ins cannot run on tiled {version or installed_tiled()} (tested: {TESTED}); "

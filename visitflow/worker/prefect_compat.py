@@ -139,12 +139,7 @@ def resolve(entry: PrivateName) -> Any:
 
 def check(entries=PRIVATE_NAMES, version: str | None = None) -> dict[str, Any]:
     """Resolve every entry; raise one :class:`PrefectIncompatible` naming all that fail."""
-    resolved, problems = {}, []
-    for entry in entries:
-        try:
-            resolved[entry.qualname] = resolve(entry)
-        except LookupError as exc:
-            problems.append(f"  {exc} — needed because it {entry.why}")
+    resolved, problems = _compat.resolve_all(entries, resolve)
     if problems:
         raise PrefectIncompatible(
             f"visitflow's warm worker cannot run on prefect {version or installed_prefect()} (tested: {TESTED}); "
