@@ -135,8 +135,9 @@ def test_live_during_scan_matches_post(idp, tiled_server, prefect_stack):
     assert_matches({"average": node["live"]["average"].read()},
                    reference_of("saxs_average", root[f"raw/a1/{uid}/primary"]))
     assert node.metadata["current"].startswith("post-"), "a complete post result outranks live"
-    source = re.search(r"live source: (\{.*\})", prefect_stack.logs(live["id"], wait_for="live source:"))
-    assert source, "the live flow did not report its source"
+    logs = prefect_stack.logs(live["id"], wait_for="live source:")
+    source = re.search(r"live source: (\{.*\})", logs)
+    assert source, f"the live flow did not report its source; its last logs:\n{logs[-2000:]}"
     push_reads = int(re.search(r"'push_reads': (\d+)", source.group(1)).group(1))
     http_reads = int(re.search(r"'http_reads': (\d+)", source.group(1)).group(1))
     assert push_reads > 0 and push_reads > http_reads, source.group(1)   # HTTP only for a catch-up at start
