@@ -17,7 +17,7 @@ from . import principals
 from .auth_gate import AuthGate
 from .request_context import RequestContextMiddleware
 
-__all__ = ['build_app', 'serve']
+__all__ = ['build_app', 'load_config', 'serve', 'serve_file']
 
 
 def build_app(config: dict[str, Any]):
@@ -34,6 +34,22 @@ def build_app(config: dict[str, Any]):
     authenticators = list((parsed.authentication.authenticators or {}).values()) if parsed.authentication else []
     gate = next((a for a in authenticators if hasattr(a, "prevalidate")), None)
     return AuthGate(wrapped, gate) if gate is not None else wrapped
+
+
+def load_config(path) -> dict[str, Any]:
+    """A Tiled config file as the dict :func:`build_app` takes.
+
+    Through Tiled's own parser (``tiled.config.parse_configs``: environment-variable
+    expansion, a directory of files merged), so a file that ``tiled serve config`` accepts is
+    accepted here, and then served with visitflow's wrappers around it."""
+    from tiled.config import parse_configs
+
+    return parse_configs(str(path))
+
+
+def serve_file(path, *, log_level: str = "info") -> None:
+    """``visitflow tiled serve --config FILE``: like ``tiled serve config FILE``, but wrapped."""
+    serve(load_config(path), log_level=log_level)
 
 
 def serve(config: dict[str, Any], *, log_level: str = "info") -> None:
