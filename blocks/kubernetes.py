@@ -34,8 +34,6 @@ import os
 import sys
 
 from visitflow.blocks import ScopedCredentials, save
-from visitflow.core.layout import DEFAULT_RAW_TEMPLATE, PathTemplate
-from visitflow.errors import ScopeError
 
 BLUEAPI_RAW_TEMPLATE = "{instrument}/{proposal}/{visit}/{run}"
 #: What RunAccess.raw_path formats a raw template with (an instrument session as the visit).
@@ -49,10 +47,11 @@ def raw_template(env: dict) -> str:
     elif env.get("VISITFLOW_INSTRUMENT"):
         template = BLUEAPI_RAW_TEMPLATE.replace("{instrument}", env["VISITFLOW_INSTRUMENT"])
     else:
-        template = DEFAULT_RAW_TEMPLATE
-    try:
-        PathTemplate("raw", template).format(**SAMPLE_RUN)
-    except (KeyError, ScopeError) as exc:
+        template = ScopedCredentials.model_fields["raw_template"].default  # raw/{visit}/{run}
+    try:  # as RunAccess.raw_path does it, through the block's own layout
+        ScopedCredentials(issuer="https://x", raw_uri="https://x", raw_template=template).layout().raw.format(
+            **SAMPLE_RUN)
+    except (KeyError, ValueError) as exc:  # ValueError: visitflow.errors.ScopeError (a malformed template)
         raise SystemExit(f"blocks/kubernetes.py: raw template {template!r} cannot be filled from a run's "
                          f"visit and run ({exc}); set VISITFLOW_INSTRUMENT or a VISITFLOW_RAW_TEMPLATE "
                          "without other placeholders") from None

@@ -60,6 +60,9 @@ SHIPPED: dict[str, tuple[str, ...]] = {
         "tests/token_service/test_keycloak.py"),
     "deployments/keycloak/fetch.sh": (f"{HERE}::test_shell_scripts_parse",
                                       "tests/production/test_keycloak_production.py::test_production_keycloak_imports_the_shipped_facility_realm"),
+    "deployments/keycloak/build-production.sh": (
+        f"{HERE}::test_shell_scripts_parse",
+        "tests/production/test_keycloak_production.py::test_production_keycloak_imports_the_shipped_facility_realm"),
     "deployments/keycloak/start.sh": (f"{HERE}::test_shell_scripts_parse", "tests/token_service/test_keycloak.py"),
     "deployments/kubernetes/Dockerfile": (
         "tests/production/test_production_kubernetes.py::test_dockerfile_builds_a_pinned_non_root_compiled_image",),
