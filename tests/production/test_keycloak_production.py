@@ -181,8 +181,9 @@ def test_production_keycloak_imports_the_shipped_facility_realm(kc_prod):
 
 @pytest.fixture(scope="module")
 def overlay(kc_prod):
-    """The test-only overlay, through the admin API after the import: user alice and a
-    password-grant client with the login client's audience mappers."""
+    """The test-only overlay, through the admin API after the import: user alice (with
+    visitflow's ``delegate`` role) and a password-grant client with the login client's
+    audience mappers."""
     import copy
     import json
 
@@ -199,6 +200,17 @@ def overlay(kc_prod):
         "firstName": "Alice", "lastName": "Test", "credentials": [{"type": "password", "value": USER[1],
                                                                      "temporary": False}]})
     assert r.status_code == 201, r.text
+    # as realm.json's users (and the dev overlay's): visitflow's client role `delegate`, so the
+    # audience-resolve scope lets `blueapi` exchange alice's token for audience visitflow
+    user_id = r.headers["Location"].rstrip("/").rsplit("/", 1)[1]
+    visitflow = next(c for c in kc["client"].get(f"{kc['base']}/admin/realms/{REALM}/clients",
+                                                 params={"clientId": "visitflow"}, headers=headers).json())
+    role = kc["client"].get(f"{kc['base']}/admin/realms/{REALM}/clients/{visitflow['id']}/roles/delegate",
+                            headers=headers)
+    assert role.status_code == 200, role.text
+    r = kc["client"].post(f"{kc['base']}/admin/realms/{REALM}/users/{user_id}/role-mappings/clients/{visitflow['id']}",
+                          json=[role.json()], headers=headers)
+    assert r.status_code == 204, r.text
     return kc
 
 
