@@ -171,6 +171,7 @@ def test_production_keycloak_imports_the_shipped_facility_realm(kc_prod):
                     "fullScopeAllowed"):
             assert got.get(key) == want.get(key), (want["clientId"], key)
         assert {m["name"] for m in got.get("protocolMappers") or []} == {m["name"] for m in want["protocolMappers"]}
+        assert got["clientId"] != OVERLAY_CLIENT
         if not want["publicClient"]:
             secret = kc["client"].get(f"{kc['base']}/admin/realms/{REALM}/clients/{got['id']}/client-secret",
                                       headers=_admin(kc)).json()["value"]
@@ -192,6 +193,11 @@ def overlay(kc_prod):
     login = copy.deepcopy(shipped["visitflow-cli"])
     login.update(clientId=OVERLAY_CLIENT, name=OVERLAY_CLIENT, directAccessGrantsEnabled=True,
                  description="TESTS ONLY (overlay of test_keycloak_production.py)")
+    # RFC 8693 §4.4: the subject token names who may act for the user (blueapi), for the delegation try
+    login["protocolMappers"].append({
+        "name": "may_act blueapi", "protocol": "openid-connect", "protocolMapper": "oidc-hardcoded-claim-mapper",
+        "config": {"claim.name": "may_act", "claim.value": '{"client_id": "blueapi"}', "jsonType.label": "JSON",
+                   "access.token.claim": "true", "id.token.claim": "false", "introspection.token.claim": "true"}})
     headers = _admin(kc)
     r = kc["client"].post(f"{kc['base']}/admin/realms/{REALM}/clients", json=login, headers=headers)
     assert r.status_code == 201, r.text
@@ -247,6 +253,7 @@ def test_delegation_what_this_keycloak_gives(overlay, record_property):
     delegation = {n: e for n, e in features.items() if "DELEGATION" in n.upper()}
     version = info["systemInfo"]["version"]
     token = _login(kc, OVERLAY_CLIENT).json()["access_token"]
+    may_act = jwt.decode(token, options={"verify_signature": False}).get("may_act")
     blueapi = _clients(kc)["blueapi"]
     secret = kc["client"].get(f"{kc['base']}/admin/realms/{REALM}/clients/{blueapi['id']}/client-secret",
                               headers=headers).json()["value"]
@@ -257,7 +264,7 @@ def test_delegation_what_this_keycloak_gives(overlay, record_property):
     act = None
     if r.status_code == 200:
         act = jwt.decode(exchanged["access_token"], options={"verify_signature": False}).get("act")
-    note = (f"Keycloak {version}: delegation features {delegation or 'none offered'}; "
+    note = (f"Keycloak {version}: delegation features {delegation or 'none offered'}; subject may_act={may_act}; "
             f"standard exchange -> {r.status_code} {exchanged.get('error', '')} "
             f"{exchanged.get('error_description', '')} act={act}")
     if any(delegation.values()):  # RFC 8693 delegation: the actor's own token as actor_token
