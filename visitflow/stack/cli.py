@@ -23,7 +23,7 @@ def add_port_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idp-port", type=int, default=8180)
     p.add_argument("--tiled-port", type=int, default=8000)
     p.add_argument("--prefect-port", type=int, default=4200)
-    p.add_argument("--worker-health-port", type=int, default=8181)
+    p.add_argument("--worker-health-port", type=int, default=8182)  # not 8181: OPA's default
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:

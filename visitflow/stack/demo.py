@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay", type=float, default=0.25, help="seconds between points (default 0.25)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the analyses")
     p.add_argument("--no-ui", action="store_true", help="start the Prefect server without its UI")
-    add_port_arguments(p)   # the same ports as `visitflow up` (defaults 8180, 8000, 4200, 8181)
+    add_port_arguments(p)   # the same ports as `visitflow up` (defaults 8180, 8000, 4200, 8182)
 
 
 def run(args) -> int:

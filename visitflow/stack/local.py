@@ -35,7 +35,7 @@ class StackConfig:
     idp_port: int = 8180
     tiled_port: int = 8000
     prefect_port: int = 4200
-    worker_health_port: int = 8181
+    worker_health_port: int = 8182  # not 8181: OPA's default port, which a facility host may run
     visits: tuple = ("a1", "a2")
     idp_config: Path = pstack.REPO / "deployments" / "idp.yaml"
     post_limit: int = 4          # post runs at once, overall (work-queue limit)
