@@ -11,6 +11,8 @@ Live guarantees:
   no frame is lost or counted twice, even if the crash came between outputs and checkpoint.
 - It finishes after the stop document plus a final drain; it fails after ``idle_timeout``
   seconds without new frames or a stop document (a run that never ends).
+- A source may offer ``blocks(start, stop, size)`` (the reads of ``read`` in blocks, the
+  next one fetched while this one is fed): replay and catch-up then overlap reads and compute.
 - A source that is told of changes (push, :mod:`visitflow.flow.push`) offers
   ``wait_for_change(timeout)``: the idle wait then ends as soon as something arrives, and
   the poll interval (with its backoff) is only the fallback.
@@ -120,7 +122,13 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
     state = spec.start_incremental()
     outputs: dict | None = None
 
+    blocks = getattr(source, "blocks", None)  # a source that prefetches the next block (TiledRawRun)
+
     def feed(start: int, stop: int) -> None:
+        if blocks is not None and stop - start > settings.max_batch:
+            for block in blocks(start, stop, settings.max_batch):
+                state.update(**block)
+            return
         for lo in range(start, stop, settings.max_batch):
             state.update(**source.read(lo, min(lo + settings.max_batch, stop)))
 
