@@ -36,8 +36,9 @@ def log(msg):
     print(f"[bench] {msg}", flush=True)
 
 
-def _rounds(variants: dict, rounds: int, mb: float) -> dict[str, float]:
-    """MB/s (median over interleaved rounds) of each variant; all must return equal arrays."""
+def _rounds(variants: dict, rounds: int) -> tuple[dict[str, float], dict, float]:
+    """MB/s (median over interleaved rounds) of each variant, their times and the array's MB;
+    all variants must return equal arrays."""
     times = {k: [] for k in variants}
     ref = None
     for _ in range(rounds):
@@ -49,7 +50,8 @@ def _rounds(variants: dict, rounds: int, mb: float) -> dict[str, float]:
                 ref = data
             assert data.shape == ref.shape and np.array_equal(data, ref), name
             del data
-    return {k: mb / statistics.median(v) for k, v in times.items()}, times
+    mb = ref.nbytes / 1e6
+    return {k: mb / statistics.median(v) for k, v in times.items()}, times, mb
 
 
 def zarr_storage_path(data_dir: Path, arr) -> Path:
@@ -88,8 +90,7 @@ def p3(root, scan, rounds: int, quick: bool, data_dir: Path | None):
     num, shape = (100, (256, 256)) if quick else (400, (256, 256))
     t0 = time.monotonic()
     uid = scan(num, shape, 50)
-    log(f"P3: wrote {num} frames of {shape} float32 in {time.monotonic() - t0:.0f}s")
-    mb = num * int(np.prod(shape)) * 4 / 1e6
+    log(f"P3: wrote {num} frames of {shape} in {time.monotonic() - t0:.0f}s")
     path = f"raw/a1/{uid}/primary/saxs"
 
     def naive():
@@ -97,7 +98,7 @@ def p3(root, scan, rounds: int, quick: bool, data_dir: Path | None):
 
     def best_plain():  # identity encoding, 8 MB frame-aligned pieces, 4 parallel requests
         arr = root()[path]
-        step = max(1, (8 << 20) // (int(np.prod(shape)) * 4))
+        step = max(1, (8 << 20) // (int(np.prod(shape)) * np.dtype(arr.dtype).itemsize))
         with ThreadPoolExecutor(4) as pool:
             parts = list(pool.map(lambda a: arr[a:a + step], range(0, num, step)))
         return np.concatenate(parts)
@@ -109,10 +110,11 @@ def p3(root, scan, rounds: int, quick: bool, data_dir: Path | None):
     variants = {"naive": naive, "ours": ours, "best": best_plain}
     if data_dir is not None:
         variants["ceiling"] = ceiling_zarr(zarr_storage_path(data_dir, root()[path]))
-    thr, times = _rounds(variants, rounds, mb)
+    thr, times, mb = _rounds(variants, rounds)
     ceil = thr.get("ceiling")
+    dtype = np.dtype(root()[path].dtype)
     row = ("P3 post read throughput, "
-           f"{num}×{shape[0]}² float32 ({mb:.0f} MB, TiledWriter zarr, 50-frame chunks)",
+           f"{num}×{shape[0]}² {dtype.name} as TiledWriter stores it ({mb:.0f} MB, zarr, 50-frame chunks)",
            f"naive [:] {thr['naive']:.0f} MB/s; ceiling (zarr from disk) "
            + (f"{ceil:.0f} MB/s" if ceil else "n/a"),
            f"ours {thr['ours']:.0f} MB/s; best plain-tiled {thr['best']:.0f} MB/s",
@@ -177,7 +179,7 @@ def p8(root, file_dir: Path, rounds: int, quick: bool):
         src = TiledRawRun(root()[f"raw/a1/{uid}"], ("saxs",))
         return src.read(0, src.status().frames)["saxs"]
 
-    thr, times = _rounds({"naive": naive, "ours": ours, "ceiling": ceiling_h5(h5, "/entry/data")}, rounds, mb)
+    thr, times, mb = _rounds({"naive": naive, "ours": ours, "ceiling": ceiling_h5(h5, "/entry/data")}, rounds)
     row = (f"P8 registered HDF5 detector file, {num}×1024² uint32 ({mb:.0f} MB, 1-frame chunks)",
            f"naive [:] {thr['naive']:.0f} MB/s; ceiling (h5py from disk) {thr['ceiling']:.0f} MB/s",
            f"ours {thr['ours']:.0f} MB/s",
