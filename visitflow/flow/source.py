@@ -151,28 +151,30 @@ def _fetch_into(arr, a: int, b: int, out: np.ndarray) -> None:
     if url is None or out.size == 0:
         out[...] = np.asarray(arr[a:b])
         return
-    view = memoryview(out.reshape(-1).view(np.uint8))
     params = {"slice": f"{a}:{b}", "expected_shape": ",".join(map(str, out.shape))}
     try:
-        with arr.context.http_client.stream("GET", url, params=params, headers=RAW_HEADERS) as resp:
-            if resp.is_error:
-                resp.read()
-                _raise_for(resp)
-            pos = 0
-            for piece in resp.iter_raw():
-                end = pos + len(piece)
-                if end > view.nbytes:
-                    raise _ShortOrLong(end)
-                view[pos:end] = piece
-                pos = end
-            if pos != view.nbytes:
-                raise _ShortOrLong(pos)
-    except (httpx.TransportError, _ShortOrLong):
-        out[...] = np.asarray(arr[a:b])
+        if _stream_into(arr.context.http_client, url, params, memoryview(out.reshape(-1).view(np.uint8))):
+            return
+    except httpx.TransportError:
+        pass
+    out[...] = np.asarray(arr[a:b])
 
 
-class _ShortOrLong(Exception):
-    """The body's length was not the slice's size (e.g. a content-encoding we did not ask for)."""
+def _stream_into(client, url: str, params: dict, view: memoryview) -> bool:
+    """GET the raw body into ``view``; False if its length was not the slice's size (e.g. a
+    content-encoding we did not ask for), so the caller falls back.  Error statuses raise."""
+    with client.stream("GET", url, params=params, headers=RAW_HEADERS) as resp:
+        if resp.is_error:
+            resp.read()
+            _raise_for(resp)
+        pos = 0
+        for piece in resp.iter_raw():
+            end = pos + len(piece)
+            if end > view.nbytes:
+                return False
+            view[pos:end] = piece
+            pos = end
+        return pos == view.nbytes
 
 
 def _raise_for(resp) -> None:
