@@ -8,9 +8,13 @@ P4  live CPU (push, and poll) vs post CPU on the same 1,000 frames (written 10 a
 P5  live peak RSS at n vs 10n frames (incremental form)
 P6  authorised Tiled metadata GET (JWT + policy) vs API-key GET  (benchmarks/tiled_auth.py)
 P7  a burst of 100 triggers, 20 concurrent analyses: all run, once; p95 start
+P8  post read of a registered HDF5 detector file (200×1024² uint32) vs h5py on the file
+    (P3 and P8 also have a ceiling: the same array read straight from its storage; see
+    benchmarks/post_read.py, which runs them on their own)
 
 Everything runs on loopback against real servers; numbers are ratios measured in the same
-run.  Writes ``benchmarks/RESULTS.md`` with the machine and date.  ``--quick`` shrinks sizes.
+run.  Writes ``benchmarks/RESULTS.md`` with the machine, the date and the load average at
+the start and end (warned about when above 1: the absolute numbers are then inflated).  ``--quick`` shrinks sizes.
 """
 
 from __future__ import annotations
@@ -55,7 +59,10 @@ class Bench:
         self.tmp, self.quick = tmp, quick
         self.config = StackConfig(state_dir=tmp / "stack", idp_port=free_port(), tiled_port=free_port(),
                                   prefect_port=free_port(), worker_health_port=free_port(), ui=False,
-                                  worker_type="visitflow", live_per_visit=30)
+                                  worker_type="visitflow", live_per_visit=30,
+                                  raw_file_root=str(tmp / "beamline") + "/{visit}")
+        self.files = tmp / "beamline"
+        (self.files / "a1").mkdir(parents=True, exist_ok=True)
         self.stack = LocalStack(self.config)
         self.rows: list[tuple[str, str, str, str]] = []
 
@@ -89,8 +96,10 @@ class Bench:
     def root(self, token=None, compression=False):
         from visitflow.core.tiled_client import BearerAuth, connect
 
-        tok = token or self.alice()
-        return connect(self.config.tiled_uri, BearerAuth(lambda: tok), compression=compression)
+        # Without a given token, log in again when alice's expires (BearerAuth refreshes from
+        # the JWT's exp): under load P5's 10,000-frame scan outlived one token.
+        provider = (lambda: token) if token else self.alice
+        return connect(self.config.tiled_uri, BearerAuth(provider), compression=compression)
 
     def down(self):
         try:
@@ -268,48 +277,23 @@ class Bench:
                     for i in range(done):
                         seen.setdefault(i, when)
 
-    # ------------------------------------------------------------------ P3
+    # ------------------------------------------------------------------ P3 / P8
     def p3(self):
-        from concurrent.futures import ThreadPoolExecutor
+        from benchmarks import post_read
 
-        from visitflow.flow.source import TiledRawRun
+        row, details = post_read.p3(lambda compression=False: self.root(compression=compression),
+                                    lambda num, shape, batch_size: self.scan(num, shape, batch_size=batch_size),
+                                    2 if self.quick else 3, self.quick, self.stack.state / "tiled")
+        self.rows.append(row)
+        self.details["P3"] = details
 
-        num, shape = (100, (256, 256)) if self.quick else (400, (256, 256))
-        t0 = time.monotonic()
-        uid = self.scan(num, shape, batch_size=50)
-        log(f"P3: wrote {num} frames of {shape} float32 in {time.monotonic() - t0:.0f}s")
-        mb = num * np.prod(shape) * 4 / 1e6
+    def p8(self):
+        from benchmarks import post_read
 
-        def naive():
-            return self.root(compression=True)[f"raw/a1/{uid}/primary/saxs"][:]
-
-        def best_plain():  # identity encoding, frame-chunked, 4 parallel requests
-            arr = self.root()[f"raw/a1/{uid}/primary/saxs"]
-            step = max(1, (8 << 20) // (np.prod(shape) * 4))
-            with ThreadPoolExecutor(4) as pool:
-                parts = list(pool.map(lambda a: arr[a:a + step], range(0, num, step)))
-            return np.concatenate(parts)
-
-        def ours():
-            src = TiledRawRun(self.root()[f"raw/a1/{uid}"], ("saxs",))
-            st = src.status()
-            return src.read(0, st.frames)["saxs"]
-
-        ref = None
-        times = {k: [] for k in ("naive", "ours", "best")}
-        for _ in range(2 if self.quick else 3):  # interleaved rounds
-            for name, fn in (("naive", naive), ("ours", ours), ("best", best_plain)):
-                t = time.perf_counter()
-                data = fn()
-                times[name].append(time.perf_counter() - t)
-                if ref is None:
-                    ref = data
-                assert np.array_equal(data, ref), name
-        thr = {k: mb / statistics.median(v) for k, v in times.items()}
-        self.rows.append(("P3 post read throughput", f"naive [:] {thr['naive']:.0f} MB/s",
-                          f"ours {thr['ours']:.0f} MB/s; best plain-tiled {thr['best']:.0f} MB/s",
-                          f"ours/naive {thr['ours'] / thr['naive']:.1f}×, ours/best {thr['ours'] / thr['best']:.2f}×"))
-        self.details["P3"] = {"MB": mb, "seconds": times}
+        row, details = post_read.p8(lambda compression=False: self.root(compression=compression),
+                                    self.files, 2 if self.quick else 3, self.quick)
+        self.rows.append(row)
+        self.details["P8"] = details
 
     # ------------------------------------------------------------------ P4 / P5
     def probe(self, uid, variant, timeout=900, name="saxs_average"):
@@ -447,7 +431,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
-    p.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7")
+    p.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
     p.add_argument("--prefect-db", choices=["auto", "sqlite"], default="auto",
                    help="auto: Prefect on a throwaway PostgreSQL when the server is installed "
@@ -468,15 +452,18 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    from benchmarks.load import LoadWatch
+
     only = {s.strip().upper() for s in args.only.split(",")}
     t_all = time.monotonic()
+    load = LoadWatch()
     with tempfile.TemporaryDirectory(prefix="vf-bench-") as tmp:
         bench = Bench(Path(tmp), args.quick)
         bench.details = {}
         try:
             if only - {"P6"}:
                 bench.up()
-            for name in ("P1", "P2", "P3", "P4", "P5", "P6", "P7"):
+            for name in ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"):
                 if name in only:
                     t0 = time.monotonic()
                     log(f"{name}...")
@@ -488,14 +475,16 @@ def _run(args) -> int:
         finally:
             if only - {"P6"}:
                 bench.down()
+    load.end()
+    bench.details["load_average"] = load.as_dict()
     header = ("| measure | baseline | visitflow | ratio |", "|---|---|---|---|")
     lines = [*header, *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in bench.rows)]
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     db = os.environ.get("VISITFLOW_PREFECT_DATABASE_URL", "sqlite").split(":", 1)[0]
     text = "\n".join([f"# visitflow benchmarks", "", f"{stamp} · {machine()} · Prefect on {db} · "
-                      f"{'quick' if args.quick else 'full'} run, {time.monotonic() - t_all:.0f}s", "",
+                      f"{'quick' if args.quick else 'full'} run, {time.monotonic() - t_all:.0f}s", "", load.note(), "",
                       "Reproduce: `python -m benchmarks` (add `--quick` for a smoke run).", "", *lines, ""])
-    print("\n" + "\n".join(lines))
+    print("\n" + load.note() + "\n\n" + "\n".join(lines))
     Path(args.out).write_text(text)
     (Path(args.out).with_suffix(".json")).write_text(json.dumps(bench.details, indent=1, default=str))
     log(f"wrote {args.out} ({time.monotonic() - t_all:.0f}s)")

@@ -187,3 +187,42 @@ def test_bad_outputs_are_reported():
 
     with pytest.raises(AnalysisDefinitionError, match="dict of outputs"):
         returns_list.spec.compute({"saxs": np.zeros((1, 2))})
+
+
+def _slow_writes_live(pacing):
+    """30 frames published one per 0.1 s (fake clock); every sink write takes 1 s."""
+    data = saxs_data(30)
+    run = MemoryRun(data)
+    now = [0.0]
+
+    class SlowSink(MemorySink):
+        def write(self, outputs, *, frames, status):
+            now[0] += 1.0
+            super().write(outputs, frames=frames, status=status)
+
+    def sleep(dt):
+        now[0] += max(dt, 0.1)
+        run.publish(1)
+
+    settings_ = engine.LiveSettings(poll_interval=0.1, max_poll_interval=0.1, idle_timeout=60, max_batch=7,
+                                    write_pacing=pacing)
+    sink = SlowSink()
+    out = engine.run_live(saxs_average.spec, run, sink, settings_, sleep=sleep, clock=lambda: now[0])
+    return data, out, sink
+
+
+def test_live_writes_are_paced_by_their_cost_and_the_result_is_unchanged():
+    data, paced, paced_sink = _slow_writes_live(1.0)
+    _, unpaced, unpaced_sink = _slow_writes_live(0.0)
+    for out in (paced, unpaced):
+        np.testing.assert_allclose(out["average"], data["saxs"].mean(axis=0), rtol=1e-12)
+    running = [w for w in paced_sink.writes if w[2] == "running"]
+    unpaced_running = [w for w in unpaced_sink.writes if w[2] == "running"]
+    assert paced_sink.writes[-1][1:] == (30, "complete") == unpaced_sink.writes[-1][1:]
+    # Unpaced: a write per frame (each arrives while the previous write "took" 1 s, so more
+    # frames pile up: still one write per poll).  Paced: a write at most every 2 s.
+    assert len(unpaced_running) == 30 and len(running) <= len(unpaced_running) // 5
+    frames = [w[1] for w in running]
+    assert frames == sorted(frames) and len(set(frames)) == len(frames), "checkpoints only move forward"
+    gaps = np.diff([w[1] for w in running])
+    assert (gaps >= 1).all()

@@ -6,11 +6,16 @@ Live guarantees:
 - Only frames present in *every* ``reads`` field are processed (fields are written at
   slightly different moments); frames are fed in bounded batches, so with an incremental
   analysis memory stays flat however long the scan.
-- After each batch the outputs are written, *then* the checkpoint (frames done).  A
+- After each batch the outputs are written, *then* the checkpoint (frames done) — paced by
+  ``LiveSettings.write_pacing``: while the last write is recent relative to how long it
+  took, frames are fed but the write waits, so under load several batches share one write
+  (the checkpoint then lags the state, and a restart replays a little more).  A
   restarted live run replays frames ``[0, checkpoint)`` into a fresh state and continues, so
   no frame is lost or counted twice, even if the crash came between outputs and checkpoint.
 - It finishes after the stop document plus a final drain; it fails after ``idle_timeout``
   seconds without new frames or a stop document (a run that never ends).
+- A source may offer ``blocks(start, stop, size)`` (the reads of ``read`` in blocks, the
+  next one fetched while this one is fed): replay and catch-up then overlap reads and compute.
 - A source that is told of changes (push, :mod:`visitflow.flow.push`) offers
   ``wait_for_change(timeout)``: the idle wait then ends as soon as something arrives, and
   the poll interval (with its backoff) is only the fallback.
@@ -65,6 +70,10 @@ class LiveSettings:
     max_poll_interval: float = 2.0  # backoff ceiling when idle
     idle_timeout: float = 600.0     # no new frames and no stop document for this long → fail
     max_batch: int = 256            # frames read per request (bounds memory)
+    #: after a running write that took w seconds, the next waits until pacing×w has passed
+    #: (frames keep being fed meanwhile): at most 1/(1+pacing) of the time spent writing, so
+    #: under load writes coalesce into fewer, larger batches; 0 writes after every batch.
+    write_pacing: float = 1.0
 
 
 @dataclass
@@ -120,7 +129,13 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
     state = spec.start_incremental()
     outputs: dict | None = None
 
+    blocks = getattr(source, "blocks", None)  # a source that prefetches the next block (TiledRawRun)
+
     def feed(start: int, stop: int) -> None:
+        if blocks is not None and stop - start > settings.max_batch:
+            for block in blocks(start, stop, settings.max_batch):
+                state.update(**block)
+            return
         for lo in range(start, stop, settings.max_batch):
             state.update(**source.read(lo, min(lo + settings.max_batch, stop)))
 
@@ -128,6 +143,17 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
         log.info("resuming live %s from checkpoint: replaying %d frames", spec.name, done)
         feed(0, done)
     wait_for_change = getattr(source, "wait_for_change", None)
+    written, next_write = done, -float("inf")
+
+    def write_running(outs, frames: int) -> float:
+        """Write a running result; returns when the next running write may be made."""
+        nonlocal written
+        t0 = clock()
+        sink.write(outs, frames=frames, status="running")
+        written = frames
+        end = clock()
+        return end + settings.write_pacing * (end - t0)
+
     last_compute = -float("inf")
     last_progress = clock()
     interval = settings.poll_interval
@@ -148,18 +174,23 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
             else:  # plain form, throttled: wait for the next slot, frames keep arriving
                 sleep(max(0.0, min(settings.poll_interval, spec.live_throttle - (clock() - last_compute))))
                 continue
-            sink.write(outputs, frames=done, status="running")
+            if clock() >= next_write:
+                next_write = write_running(outputs, done)
             interval = settings.poll_interval
             continue  # drain: look again at once
         if status.finished:
             break  # stop document seen and every frame processed: final drain done
+        if written < done and clock() >= next_write:  # a paced write still owed: make it now
+            next_write = write_running(outputs, done)
+            continue
         if clock() - last_progress > settings.idle_timeout:
             raise LiveIdleTimeout(f"no new frames and no stop document for {settings.idle_timeout:.0f}s "
                                   f"after {done} frames")
+        wait = interval if written >= done else max(0.0, min(interval, next_write - clock()))
         if wait_for_change is not None:
-            wait_for_change(interval)
+            wait_for_change(wait)
         else:
-            sleep(interval)
+            sleep(wait)
         interval = min(interval * 1.5, settings.max_poll_interval)
 
     if outputs is None:  # zero frames, or plain form whose last compute is already current
