@@ -92,8 +92,10 @@ scopes := s if {
 	s := {x | some tag in input.access_tags; some x in tag_scopes(tag)} | root_scopes
 }
 
-# The root node carries no tags: every holder of a data scope may list it.
-root_scopes := {"read:metadata"} if {
+# Nodes without tags: the root, and what Tiled serves from inside a node without a catalog
+# entry of its own (a table's columns, `.../internal/motor`).  Readable by any holder of a data
+# scope: Tiled reaches them only through tagged ancestors, each filtered by `tags` below.
+root_scopes := read_scopes if {
 	count(input.access_tags) == 0
 	count(grants) > 0
 } else := set()
@@ -126,6 +128,19 @@ tag_scopes(tag) := s if {
 default tags := []
 
 tags := sort(array.concat(["visitflow:store"], [t | some t in visible])) if count(grants) > 0
+
+# The admin holds no data scopes; a tag list cannot say "everything", so it names every visit the
+# user office knows (data.facility.sessions, deployments/opa/data.json).
+tags := sort(array.concat(["visitflow:store"], [t | some t in admin_visible])) if {
+	admin
+	count(grants) == 0
+}
+
+admin_visible contains sprintf("visitflow:%s:%s%s", [store, visit, suffix]) if {
+	some visit, _ in data.facility.sessions
+	some store in ["raw", "processed"]
+	some suffix in ["", "/*"]
+}
 
 visible contains sprintf("visitflow:%s:%s", [store, g.visit]) if {
 	some g in grants

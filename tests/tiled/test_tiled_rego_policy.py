@@ -32,7 +32,8 @@ from visitflow.core.tiled_admin import admin_auth
 
 pytestmark = pytest.mark.opa
 
-REGO = (OPA_DIR / "tiled_entry.rego", OPA_DIR / "tiled_visitflow.rego", OPA_DIR / "facility_tiled.rego")
+REGO = (OPA_DIR / "tiled_entry.rego", OPA_DIR / "tiled_visitflow.rego", OPA_DIR / "facility_tiled.rego",
+        OPA_DIR / "data.json")
 ACCESS_CONTROL = OPA_DIR / "tiled-access-control.yml"
 
 
@@ -127,10 +128,10 @@ test_alice_writes_runs_with_tiledwriter_and_reads_them_back = matrix.test_alice_
 test_identity_encoding_is_requested_and_honoured = matrix.test_identity_encoding_is_requested_and_honoured
 test_bob_lists_only_his_visit = matrix.test_bob_lists_only_his_visit
 test_bob_cannot_read_a1 = matrix.test_bob_cannot_read_a1
-test_deep_search_does_not_leak_other_visits = matrix.test_deep_search_does_not_leak_other_visits
 test_delegated_token_reads_only_its_run = matrix.test_delegated_token_reads_only_its_run
 test_delegated_token_cannot_write_raw = matrix.test_delegated_token_cannot_write_raw
 test_processed_scope_cannot_write_raw = matrix.test_processed_scope_cannot_write_raw
+test_only_admin_creates_visits_and_store_roots = matrix.test_only_admin_creates_visits_and_store_roots
 test_control_token_is_accepted = matrix.test_control_token_is_accepted
 test_bad_tokens_are_401_with_a_reason = matrix.test_bad_tokens_are_401_with_a_reason
 test_valid_token_for_another_visit_is_403_or_404 = matrix.test_valid_token_for_another_visit_is_403_or_404
@@ -140,9 +141,9 @@ UNTAGGED = "the case creates untagged nodes; under a tag-only policy an untagged
 test_bob_cannot_create_under_a1_but_can_under_a2 = differs(UNTAGGED)(matrix.test_bob_cannot_create_under_a1_but_can_under_a2)
 test_delegated_token_writes_processed_for_its_run_only = differs(UNTAGGED)(matrix.test_delegated_token_writes_processed_for_its_run_only)
 test_run_scoped_raw_writer_may_create_exactly_its_run = differs(UNTAGGED)(matrix.test_run_scoped_raw_writer_may_create_exactly_its_run)
-test_only_admin_creates_visits_and_store_roots = differs(
-    "creating under a visit needs write:metadata on it (Tiled asks for write:metadata + create:node), "
-    "so a visit writer may also PATCH the visit container's metadata")(matrix.test_only_admin_creates_visits_and_store_roots)
+test_deep_search_does_not_leak_other_visits = differs(
+    "deep search from the root returns every descendant the caller may see (Bob's own a2 too); the "
+    "plug-in policy confines it to direct children")(matrix.test_deep_search_does_not_leak_other_visits)
 
 
 # ------------------------------------------------------------------ their tagged counterparts
@@ -168,6 +169,27 @@ def test_delegated_token_writes_tagged_processed_for_its_run(tiled_server, runs,
     assert tagged(tiled_server, "processed/a1", t_data, uids[1], run_tags("processed", "a1", uids[1]), tag_sync).status_code == 403
     assert tagged(tiled_server, f"processed/a1/{uids[0]}", t_data, "x", run_tags("raw", "a1", uids[0]), tag_sync).status_code == 403
     assert tiled_server.keys("processed/a1", t_data) == [uids[0]]
+
+
+def test_deep_search_shows_only_what_the_caller_may_see(tiled_server, runs, uids, bob_token, t_data):
+    def deep(path, token):
+        r = tiled_server.get(f"search-deep/{path}", token, params={"page[limit]": 300})
+        assert r.status_code == 200, r.text
+        return [item["id"] for item in r.json()["data"]]
+
+    assert set(deep("", bob_token)) == {"raw", "processed", "a2"}
+    found = deep("raw", t_data)
+    assert not any(uids[1] in key for key in found) and any(uids[0] in key for key in found), found
+    assert "a2" not in found and uids[0] in found, found
+
+
+def test_untagged_columns_are_reached_only_through_tagged_ancestors(tiled_server, runs, uids, bob_token, t_data):
+    """A table's columns carry no tags of their own (the policy grants read on untagged nodes);
+    the ancestors' tag filters keep other visits' and other runs' columns out of reach."""
+    column = "array/full/raw/a1/{}/primary/internal/motor"
+    assert tiled_server.get(column.format(uids[0]), t_data).status_code == 200
+    assert tiled_server.get(column.format(uids[1]), t_data).status_code == 404
+    assert tiled_server.get(column.format(uids[0]), bob_token).status_code in (403, 404)
 
 
 def test_the_key_is_not_checked_only_the_tags(tiled_server, uids, t_data, tag_sync):
