@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from tiled.access_control.access_policies import ExternalPolicyDecisionPoint
+from .tiled_compat import ExternalPolicyDecisionPoint
 
 __all__ = ['OPAInput']
 
