@@ -42,6 +42,12 @@ def runs(tiled_server, alice_auth):
 
     Returns {uid: the saxs frames the event documents carried} to compare reads exactly.
     """
+    return write_runs(tiled_server, alice_auth)
+
+
+def write_runs(tiled_server, alice_auth, wrap=lambda writer: writer):
+    """The two scans; ``wrap`` may stand between the RunEngine and TiledWriter (the Rego-policy
+    module uses it to tag each run, tests/tiled/test_tiled_rego_policy.py)."""
     import bluesky.plans as bp
     from bluesky import RunEngine
     from bluesky_tiled_plugins import TiledWriter
@@ -51,7 +57,7 @@ def runs(tiled_server, alice_auth):
     saxs = SynSignal(func=lambda: rng.random(FRAME), name="saxs")  # 2-D detector, data inline
     visit = raw_client(tiled_server.uri, alice_auth, visit="a1")
     RE = RunEngine({})
-    RE.subscribe(TiledWriter(visit))
+    RE.subscribe(wrap(TiledWriter(visit)))
     emitted: list[np.ndarray] = []
     RE.subscribe(lambda name, doc: emitted.append(np.asarray(doc["data"]["saxs"])), "event")
     out = {}

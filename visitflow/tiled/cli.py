@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE
 
 __all__ = [
     'add_tiled_config_arguments', 'run_tiled_config', 'add_tiled_arguments', 'serve_tiled',
-    'ensure_visits_cmd', 'run_tiled',
+    'ensure_visits_cmd', 'run_tiled', 'load_access_control',
 ]
 
 
@@ -125,6 +126,9 @@ def add_tiled_arguments(parser: argparse.ArgumentParser) -> None:
                             "own) instead of rendering one from the options; visitflow's middleware and "
                             "AuthGate are still put around it (a plain `tiled serve config` drops them)")
     serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--access-control", default=None, metavar="YAML",
+                       help="replace the access policy with this Tiled access_control section "
+                            "(${VAR}s expanded), e.g. deployments/opa/tiled-access-control.yml")
     serve.add_argument("--config-out", help="also write the rendered config here (default <state>/tiled.yml)")
     ensure = sub.add_parser("ensure-visits", help="admin step: create store roots and visit containers")
     ensure.add_argument("--uri", required=True, help="Tiled base URI, e.g. http://127.0.0.1:8000")
@@ -139,6 +143,17 @@ def add_tiled_arguments(parser: argparse.ArgumentParser) -> None:
     ensure.add_argument("visits", nargs="+")
 
 
+def load_access_control(path: str) -> dict:
+    """A Tiled ``access_control`` section from a YAML file, environment variables expanded
+    (a shipped file names ``${VISITFLOW_OPA_URL}`` rather than a host)."""
+    import yaml
+
+    text = os.path.expandvars(Path(path).read_text())
+    if "${" in text:
+        raise SystemExit(f"{path}: an environment variable it names is not set")
+    return yaml.safe_load(text)
+
+
 def serve_tiled(args) -> int:
     from .config import prepare_state_dir, write_config
     from .server import serve, serve_file
@@ -150,6 +165,8 @@ def serve_tiled(args) -> int:
         raise SystemExit("visitflow tiled serve: give --issuer and --state-dir, or --config FILE")
     state = prepare_state_dir(args.state_dir)
     config = _render(args)
+    if args.access_control:
+        config["access_control"] = load_access_control(args.access_control)
     write_config(config, args.config_out or state / "tiled.yml")
     serve(config, log_level=args.log_level)
     return 0

@@ -96,6 +96,8 @@ __all__ = [
     'SQLAdapter',
     # node tags, access policy
     'AccessTag', 'Node', 'CatalogNodeAdapter',
+    # opa_input
+    'ExternalPolicyDecisionPoint',
 ]
 
 #: Tiled releases the server plug-ins were tested on (pip specifier syntax): the one
@@ -216,6 +218,12 @@ INTERNAL_NAMES: tuple[InternalName, ...] = (
     InternalName(_ORM, "Node", "is the ORM class of Tiled's nodes table"),
     InternalName(_ORM, "Node.parent", "is the column DirectChildren filters on"),
     InternalName(_ORM, "Node.key", "is the column DirectChildren filters on"),
+    # -- opa_input.py: Tiled's own OPA policy, its one abstract method --------------------------
+    InternalName("tiled.access_control.access_policies", "ExternalPolicyDecisionPoint",
+                 "is Tiled's OPA access policy (deployments/opa/tiled-access-control.yml)"),
+    InternalName("tiled.access_control.access_policies", "ExternalPolicyDecisionPoint.build_input",
+                 "is the abstract method opa_input.py fills in",
+                 ("self", "principal", "authn_access_tags", "authn_scopes", "access_tags"), positional=True),
 )
 
 
@@ -316,3 +324,5 @@ SQLAdapter = _NAMES["tiled.adapters.sql.SQLAdapter"]
 AccessTag = _NAMES[f"{_ORM}.AccessTag"]
 Node = _NAMES[f"{_ORM}.Node"]
 CatalogNodeAdapter = _NAMES[f"{_ADAPTER}.CatalogNodeAdapter"]
+# opa_input.py
+ExternalPolicyDecisionPoint = _NAMES["tiled.access_control.access_policies.ExternalPolicyDecisionPoint"]
