@@ -109,6 +109,8 @@ def add_tiled_arguments(parser: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", help="run Tiled with our authenticator and access policy")
     _common(serve)
     serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--log-format", choices=("text", "json"), default=None,
+                       help="json: one object a line (default $VISITFLOW_LOG_FORMAT, else text)")
     serve.add_argument("--config-out", help="also write the rendered config here (default <state>/tiled.yml)")
     ensure = sub.add_parser("ensure-visits", help="admin step: create store roots and visit containers")
     ensure.add_argument("--uri", required=True, help="Tiled base URI, e.g. http://127.0.0.1:8000")
@@ -130,7 +132,7 @@ def serve_tiled(args) -> int:
     state = prepare_state_dir(args.state_dir)
     config = _render(args)
     write_config(config, args.config_out or state / "tiled.yml")
-    serve(config, log_level=args.log_level)
+    serve(config, log_level=args.log_level, log_format=args.log_format)
     return 0
 
 

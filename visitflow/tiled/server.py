@@ -10,11 +10,11 @@ synchronous ``decode_token`` sees them and re-checks websocket subscriptions, an
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from . import principals
 from .auth_gate import AuthGate
+from .ops_endpoints import OpsEndpoints, readiness_checks
 from .request_context import RequestContextMiddleware
 
 __all__ = ['build_app', 'serve']
@@ -33,15 +33,18 @@ def build_app(config: dict[str, Any]):
     wrapped = RequestContextMiddleware(app)
     authenticators = list((parsed.authentication.authenticators or {}).values()) if parsed.authentication else []
     gate = next((a for a in authenticators if hasattr(a, "prevalidate")), None)
-    return AuthGate(wrapped, gate) if gate is not None else wrapped
+    gated = AuthGate(wrapped, gate) if gate is not None else wrapped
+    return OpsEndpoints(gated, readiness_checks(config))  # /healthz /readyz /metrics, no token
 
 
-def serve(config: dict[str, Any], *, log_level: str = "info") -> None:
+def serve(config: dict[str, Any], *, log_level: str = "info", log_format: str | None = None) -> None:
     """Blocking: serve until SIGINT/SIGTERM."""
     import uvicorn
 
     uv = dict(config.get("uvicorn") or {})
     host, port = uv.pop("host", "127.0.0.1"), int(uv.pop("port", 8000))
-    logging.basicConfig(level=log_level.upper())
+    from ..core.jsonlog import configure_logging
+
+    configure_logging(log_format, log_level)  # json: one object a line (core.jsonlog)
     app = build_app(config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **uv)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=None, **uv)
