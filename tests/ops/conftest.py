@@ -5,7 +5,7 @@ one set of processes serves the health, metrics, alert, log and runbook tests.
 * ``ops_opa`` — a real OPA with deployments/opa/ (its own: the tests stop it).
 * ``ops_token_service`` — the token service in production mode (deployments/token-service.yaml
   with this IdP and OPA) trusting ``ops_idp``'s login tokens as subject tokens.
-* ``ops_tiled`` — Tiled with visitflow's plug-ins, trusting ``ops_idp``.
+* ``ops_tiled`` — Tiled with visitflow's plug-ins, trusting ``ops_idp``, introspecting tokens.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def monkeypatch_module():
 def ops_tiled(tmp_path_factory, ops_idp):
     from tests.fixtures.tiled_fixtures import running_tiled
 
-    with running_tiled(ops_idp, tmp_path_factory.mktemp("ops-tiled"), extra_args=JSON_LOGS) as handle:
+    with running_tiled(ops_idp, tmp_path_factory.mktemp("ops-tiled"), extra_args=(*JSON_LOGS, "--introspect-client", "tiled"),
+                       env={"VISITFLOW_TILED_CLIENT_SECRET": SECRETS["tiled"]}) as handle:
         yield handle
 
 
@@ -73,6 +74,18 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def save(name: str, url: str) -> str:
+    """Keep a scrape's text under $TMPDIR/visitflow-ops-metrics/ (what the closing note quotes)."""
+    import os
+    from pathlib import Path
+
+    text = httpx.get(url, timeout=10).text
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / "visitflow-ops-metrics"
+    out.mkdir(exist_ok=True)
+    (out / name).write_text(text)
+    return text
+
+
 def total(samples: dict[str, float], name: str, **labels) -> float:
     """Sum of ``name``'s samples whose labels include ``labels``."""
     found = 0.0
@@ -86,4 +99,4 @@ def total(samples: dict[str, float], name: str, **labels) -> float:
     return found
 
 
-__all__ = ["SECRETS", "scrape", "total"]
+__all__ = ["SECRETS", "scrape", "save", "total"]
