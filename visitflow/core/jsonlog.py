@@ -23,8 +23,12 @@ import os
 import re
 import time
 
-__all__ = ['ID_FIELDS', 'log_context', 'current_ids', 'redact', 'JsonFormatter', 'RedactingFormatter',
+__all__ = ['PREFECT_JSON_LOGS', 'ID_FIELDS', 'log_context', 'current_ids', 'redact', 'JsonFormatter', 'RedactingFormatter',
            'configure_logging']
+
+#: Prefect's processes (server, worker, flow runs) log JSON with Prefect's own formatter, which
+#: carries ``flow_run_id``/``flow_run_name``/``task_run_id``: set this in their environment.
+PREFECT_JSON_LOGS = {"PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER": "json"}
 
 ID_FIELDS = ("visit", "run", "analysis", "flow_run", "request_id")
 _ids: contextvars.ContextVar[dict] = contextvars.ContextVar("visitflow_log_ids", default={})

@@ -98,7 +98,7 @@ class WorkerOps:
         checks["zygote"] = {"ok": alive, "detail": "alive" if alive else "the zygote is not running: no run can start"}
         if self.prefect_api_url:
             try:
-                r = httpx.get(f"{self.prefect_api_url.rstrip('/')}/health", timeout=3)
+                r = httpx.get(f"{self.prefect_api_url.rstrip('/')}/health", timeout=10)
                 checks["prefect-api"] = {"ok": r.status_code == 200,
                                          "detail": f"{self.prefect_api_url} answered {r.status_code}"}
             except httpx.HTTPError as exc:
