@@ -28,6 +28,7 @@ from tests.fixtures.scans import run_scan
 from tests.fixtures.waiting import wait_until
 from tests.ops.conftest import SECRETS, save, scrape, total
 from tests.ops.test_alert_rules import promtool_test
+from tests.ops.test_runbooks import run_runbook
 from visitflow.core.jsonlog import PREFECT_JSON_LOGS
 from visitflow.stack.services import free_port
 
@@ -147,6 +148,18 @@ def test_worker_not_ready_while_its_zygote_is_dead_and_ready_after_the_next_run(
     assert run["state"]["type"] == "COMPLETED"
     wait_until(lambda: httpx.get(f"{ops_prefect.ops_url}/readyz", timeout=30).status_code == 200, timeout=60,
                what=f"ready again: {httpx.get(f'{ops_prefect.ops_url}/readyz', timeout=30).text}")
+
+
+def test_stuck_live_run_and_upgrade_runbooks(story, ops_prefect):
+    from visitflow.stack.prefect import POOL
+
+    env = {**ops_prefect.env, "WORKER": ops_prefect.ops_url, "POOL": POOL}
+    out = run_runbook("stuck-live-run", env)
+    assert out.startswith('{"status": "ready"'), out
+    assert 'visitflow_worker_running_runs{variant="live"} 0.0' in out and "visitflow_worker_heartbeat" in out
+    out = run_runbook("upgrade", env)
+    assert "True" in out, out          # paused while upgrading
+    assert ops_prefect.api.request("GET", f"/work_pools/{POOL}")["is_paused"] is False   # resumed
 
 
 def test_no_heartbeat_alert_silent_on_the_moving_heartbeat_and_firing_on_the_frozen_worker(tmp_path, story,
