@@ -144,7 +144,8 @@ def test_worker_not_ready_while_its_zygote_is_dead_and_ready_after_the_next_run(
     body = httpx.get(f"{ops_prefect.ops_url}/readyz", timeout=10).json()
     assert body["failing"] == ["zygote"] and "no run can start" in body["checks"]["zygote"]["detail"]
     # The next run restarts the zygote (VisitflowWorker._ensure_zygote).
-    run = ops_prefect.run("saxs_average", "post", "a1", story["uid"], timeout=300)
+    run = ops_prefect.run("saxs_average", "post", "a1", story["uid"], timeout=300,
+                          idempotency_key=uuid.uuid4().hex)     # a new run, not the story's
     assert run["state"]["type"] == "COMPLETED"
     wait_until(lambda: httpx.get(f"{ops_prefect.ops_url}/readyz", timeout=30).status_code == 200, timeout=60,
                what=f"ready again: {httpx.get(f'{ops_prefect.ops_url}/readyz', timeout=30).text}")
