@@ -10,7 +10,7 @@ it is 60 lines and the light distribution (inside blueapi) may not add a depende
 
 Tokens never reach a log line: :func:`redact` replaces anything shaped like a JWT or a
 bearer/basic credential, in every format (text too), as a last line of defence behind the
-rule that code logs no credential (tests/ops/test_logs.py scans a whole story's logs).
+rule that code logs no credential (tests/ops/test_story.py scans a whole story's logs).
 """
 
 from __future__ import annotations
