@@ -212,6 +212,8 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         def progress(done: int, known: int | None, message: str) -> None:
             flow_metrics.observe_progress(spec.name, variant, counted[0], done, known)  # via the worker's /metrics
             counted[0] = max(counted[0], done)
+            if message == "live":
+                return   # each live batch: metrics only (no artifact update, no log line)
             now = time.monotonic()
             if message != "running" or now - last[0] >= 1.0:
                 last[0] = now
