@@ -10,14 +10,20 @@ synchronous ``decode_token`` sees them and re-checks websocket subscriptions, an
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from ..core.asgi_limits import DEFAULT_MAX_HEADER_BYTES, HeaderLimit
 from . import principals
 from .auth_gate import AuthGate
 from .ops_endpoints import OpsEndpoints, readiness_checks
+from .ws_deadline import FirstMessageDeadline
 from .request_context import RequestContextMiddleware
 
-__all__ = ['build_app', 'serve']
+__all__ = ['MAX_HEADER_ENV', 'build_app', 'serve']
+
+#: request-header cap of ``visitflow tiled serve`` (bytes; default 16 KiB)
+MAX_HEADER_ENV = "VISITFLOW_MAX_HEADER_BYTES"
 
 
 def build_app(config: dict[str, Any]):
@@ -33,8 +39,12 @@ def build_app(config: dict[str, Any]):
     wrapped = RequestContextMiddleware(app)
     authenticators = list((parsed.authentication.authenticators or {}).values()) if parsed.authentication else []
     gate = next((a for a in authenticators if hasattr(a, "prevalidate")), None)
-    gated = AuthGate(wrapped, gate) if gate is not None else wrapped
-    return OpsEndpoints(gated, readiness_checks(config))  # /healthz /readyz /metrics, no token
+    app = AuthGate(wrapped, gate) if gate is not None else wrapped
+    app = OpsEndpoints(app, readiness_checks(config))  # /healthz /readyz /metrics, no token
+    # issue 20 finding 4, kept apart from AuthGate: a websocket's first-message deadline, and
+    # a header cap checked before any token is looked at (visitflow/core/asgi_limits.py says
+    # why a middleware and not uvicorn's h11 option)
+    return HeaderLimit(FirstMessageDeadline(app), int(os.environ.get(MAX_HEADER_ENV, DEFAULT_MAX_HEADER_BYTES)))
 
 
 def serve(config: dict[str, Any], *, log_level: str = "info", log_format: str | None = None) -> None:
