@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Protocol
 import httpx
 
 from ..errors import AuthorityUnavailable, ConfigError
+from . import signals
 from .scopes import CONCRETE_STORES, DataScope, RunScope, ScopeSet
 
 __all__ = ["Decision", "Subject", "Authority", "ScopesAuthority", "OPAAuthority", "decide_scopes",
@@ -157,9 +158,9 @@ class _TTLCache:
             return None
         with self._lock:
             hit = self._items.get(key)
-            if hit is None or hit[0] < self.clock():
-                return None
-            return hit[1]
+            fresh = hit is not None and hit[0] >= self.clock()
+        signals.emit("authority.cache", hit=fresh)
+        return hit[1] if fresh else None
 
     def put(self, key, value) -> None:
         if self.seconds <= 0:
@@ -227,23 +228,35 @@ class OPAAuthority:
     # A query is idempotent, so a transport error is retried once at once: a pooled keep-alive
     # connection that OPA (or a proxy) closed meanwhile must not turn into a 503.
     def _query(self, rule: str, inp: dict) -> Any:
-        for attempt in (1, 2):
-            try:
-                return self._result(rule, self._client.post(self._endpoint(rule), json={"input": inp}))
-            except httpx.TransportError as exc:
-                if attempt == 2:
-                    raise self._unreachable(exc) from exc
+        start, ok = time.monotonic(), False
+        try:
+            for attempt in (1, 2):
+                try:
+                    out = self._result(rule, self._client.post(self._endpoint(rule), json={"input": inp}))
+                    ok = True
+                    return out
+                except httpx.TransportError as exc:
+                    if attempt == 2:
+                        raise self._unreachable(exc) from exc
+        finally:  # what /metrics counts (core.signals): latency, and whether OPA answered
+            signals.emit("authority.decision", kind="opa", seconds=time.monotonic() - start, ok=ok)
 
     async def _aquery(self, rule: str, inp: dict) -> Any:
         if self._aclient is None:
             self._aclient = httpx.AsyncClient(timeout=self.timeout, transport=self._async_transport,
                                               headers=self._headers)
-        for attempt in (1, 2):
-            try:
-                return self._result(rule, await self._aclient.post(self._endpoint(rule), json={"input": inp}))
-            except httpx.TransportError as exc:
-                if attempt == 2:
-                    raise self._unreachable(exc) from exc
+        start, ok = time.monotonic(), False
+        try:
+            for attempt in (1, 2):
+                try:
+                    out = self._result(rule, await self._aclient.post(self._endpoint(rule), json={"input": inp}))
+                    ok = True
+                    return out
+                except httpx.TransportError as exc:
+                    if attempt == 2:
+                        raise self._unreachable(exc) from exc
+        finally:
+            signals.emit("authority.decision", kind="opa", seconds=time.monotonic() - start, ok=ok)
 
     def _unreachable(self, exc: Exception) -> AuthorityUnavailable:
         return AuthorityUnavailable(f"the authority (OPA at {self.url}) cannot be reached: {type(exc).__name__}")

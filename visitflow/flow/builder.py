@@ -30,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.concurrency.sync import concurrency
 
 from . import engine
+from . import metrics as flow_metrics
 from ..core import endpoints, names as grants
 from ..errors import UsageError
 from ..core.options import docstring_args, flow_parameters
@@ -206,9 +207,13 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         progress_id = create_progress_artifact(
             0.0, key=f"{spec.flow_name}-{variant}-progress",
             description=f"{spec.name} {variant}: frames processed of frames available")
-        last = [0.0]
+        last, counted = [0.0], [0]
 
         def progress(done: int, known: int | None, message: str) -> None:
+            flow_metrics.observe_progress(spec.name, variant, counted[0], done, known)  # via the worker's /metrics
+            counted[0] = max(counted[0], done)
+            if message == "live":
+                return   # each live batch: metrics only (no artifact update, no log line)
             now = time.monotonic()
             if message != "running" or now - last[0] >= 1.0:
                 last[0] = now

@@ -83,7 +83,8 @@ class PostSettings:
     max_poll_interval: float = 10.0
 
 
-Progress = Callable[[int, int | None, str], None]  # (frames done, frames known, message)
+#: (frames done, frames known, message); message "live": a live batch (counted, not shown)
+Progress = Callable[[int, int | None, str], None]
 
 
 def _noop(done, total, message):
@@ -163,6 +164,7 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
             raise RunError(f"raw run shrank: {status.frames} frames < checkpoint {done}")
         if status.frames > done:
             last_progress = clock()
+            progress(done, status.frames, "live")   # behind by this much (metrics only: flow/metrics.py)
             if state is not None:
                 feed(done, status.frames)
                 done = status.frames
@@ -176,6 +178,7 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
                 continue
             if clock() >= next_write:
                 next_write = write_running(outputs, done)
+            progress(done, status.frames, "live")
             interval = settings.poll_interval
             continue  # drain: look again at once
         if status.finished:

@@ -46,7 +46,7 @@ import jwt
 from fastapi import HTTPException
 
 from ..core import oauth
-from . import facility_users
+from . import facility_users, metrics
 from .tiled_compat import ProxiedOIDCAuthenticator
 from ..core.scopes import ADMIN_SCOPE, OpaqueScope, ScopeSet
 from ..core.tokens import (ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, TokenValidator, discover,
@@ -392,6 +392,8 @@ properties:
             until = now + (1.0 if result.status_code >= 500 else min(5.0, self.cache_seconds))
         else:
             until = min(float(result["exp"]), now + self.cache_seconds)
+        metrics.DECISIONS.labels("accepted" if not isinstance(result, HTTPException) else
+                                 "unavailable" if result.status_code >= 500 else "refused").inc()
         if len(self._cache) >= 4096:
             for key in [k for k, (t, _) in self._cache.items() if t <= now] or list(self._cache)[:1024]:
                 self._cache.pop(key, None)
@@ -403,7 +405,9 @@ properties:
         Never raises for a bad token (Tiled then refuses it, with our reason, from the
         cache).  Concurrent requests with the same new token share one validation."""
         if self._cached(token) is not None:
+            metrics.CACHE.labels("true").inc()
             return
+        metrics.CACHE.labels("false").inc()
         pending = self._pending.get(token)
         if pending is None:
             pending = self._pending[token] = asyncio.ensure_future(self._prevalidate(token))
@@ -486,11 +490,14 @@ properties:
 
     async def _check_active_async(self, token: str) -> None:
         endpoint, client_id, secret = self._introspection
+        start = time.monotonic()
         try:
             answer = await oauth.introspect_async(endpoint, token, client_id=client_id, client_secret=secret,
                                                   client=self._aclient)
         except (errors.OAuthUnavailable, errors.OAuthRefused, ValueError) as exc:
             raise self._introspection_failed(exc)
+        finally:
+            metrics.INTROSPECTION_SECONDS.observe(time.monotonic() - start)
         self._refuse_inactive(answer)
 
     @staticmethod

@@ -129,6 +129,8 @@ def add_tiled_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--access-control", default=None, metavar="YAML",
                        help="replace the access policy with this Tiled access_control section "
                             "(${VAR}s expanded), e.g. deployments/opa/tiled-access-control.yml")
+    serve.add_argument("--log-format", choices=("text", "json"), default=None,
+                       help="json: one object a line (default $VISITFLOW_LOG_FORMAT, else text)")
     serve.add_argument("--config-out", help="also write the rendered config here (default <state>/tiled.yml)")
     ensure = sub.add_parser("ensure-visits", help="admin step: create store roots and visit containers")
     ensure.add_argument("--uri", required=True, help="Tiled base URI, e.g. http://127.0.0.1:8000")
@@ -159,7 +161,7 @@ def serve_tiled(args) -> int:
     from .server import serve, serve_file
 
     if args.config:
-        serve_file(args.config, log_level=args.log_level)
+        serve_file(args.config, log_level=args.log_level, log_format=args.log_format)
         return 0
     if not args.issuer or not args.state_dir:
         raise SystemExit("visitflow tiled serve: give --issuer and --state-dir, or --config FILE")
@@ -168,7 +170,7 @@ def serve_tiled(args) -> int:
     if args.access_control:
         config["access_control"] = load_access_control(args.access_control)
     write_config(config, args.config_out or state / "tiled.yml")
-    serve(config, log_level=args.log_level)
+    serve(config, log_level=args.log_level, log_format=args.log_format)
     return 0
 
 

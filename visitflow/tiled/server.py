@@ -10,13 +10,13 @@ synchronous ``decode_token`` sees them and re-checks websocket subscriptions, an
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 from ..core.asgi_limits import DEFAULT_MAX_HEADER_BYTES, HeaderLimit
 from . import principals
 from .auth_gate import AuthGate
+from .ops_endpoints import OpsEndpoints, readiness_checks
 from .ws_deadline import FirstMessageDeadline
 from .request_context import RequestContextMiddleware
 
@@ -42,6 +42,7 @@ def build_app(config: dict[str, Any]):
     authenticators = list((parsed.authentication.authenticators or {}).values()) if parsed.authentication else []
     gate = next((a for a in authenticators if hasattr(a, "prevalidate")), None)
     app = AuthGate(wrapped, gate) if gate is not None else wrapped
+    app = OpsEndpoints(app, readiness_checks(config))  # /healthz /readyz /metrics, no token
     # issue 20 finding 4, kept apart from AuthGate: a websocket's first-message deadline, and
     # a header cap checked before any token is looked at (visitflow/core/asgi_limits.py says
     # why a middleware and not uvicorn's h11 option)
@@ -61,9 +62,9 @@ def load_config(path) -> dict[str, Any]:
     return parse_config_file(Path(path))
 
 
-def serve_file(path, *, log_level: str = "info") -> None:
+def serve_file(path, *, log_level: str = "info", log_format: str | None = None) -> None:
     """``visitflow tiled serve --config FILE``: like ``tiled serve config FILE``, but wrapped."""
-    serve(load_config(path), log_level=log_level)
+    serve(load_config(path), log_level=log_level, log_format=log_format)
 
 
 def initialize_authn_database(config: dict[str, Any]) -> None:
@@ -89,13 +90,15 @@ def initialize_authn_database(config: dict[str, Any]) -> None:
         raise ConfigError(f"Tiled's authentication database could not be initialized: {done.stderr[-500:]}")
 
 
-def serve(config: dict[str, Any], *, log_level: str = "info") -> None:
+def serve(config: dict[str, Any], *, log_level: str = "info", log_format: str | None = None) -> None:
     """Blocking: serve until SIGINT/SIGTERM."""
     import uvicorn
 
     uv = dict(config.get("uvicorn") or {})
     host, port = uv.pop("host", "127.0.0.1"), int(uv.pop("port", 8000))
-    logging.basicConfig(level=log_level.upper())
+    from ..core.jsonlog import configure_logging
+
+    configure_logging(log_format, log_level)  # json: one object a line (core.jsonlog)
     initialize_authn_database(config)
     app = build_app(config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **uv)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=None, **uv)

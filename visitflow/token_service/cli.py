@@ -4,7 +4,6 @@ the token service; or rotate its signing key."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
@@ -26,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotate-keys", action="store_true",
                    help="add a new signing key to --keys-dir and exit; a running IdP picks it up")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("VISITFLOW_LOG_FORMAT", "text"),
+                   help="json: one object per line with request ids (docs/operations.md)")
+    p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from .config import IdPConfig
     from .server import create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ..core.jsonlog import configure_logging
+
+    configure_logging(args.log_format, args.log_level)
     config = IdPConfig.load(args.config)
     if config.production and not args.state_dir:
         raise SystemExit("production mode needs --state-dir: signing keys and revocations must survive restarts")
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"visitflow idp: {mode}, issuer {issuer}", flush=True)
     # header cap: a middleware, not uvicorn's h11 option (httptools ignores it): visitflow/core/asgi_limits.py
     uvicorn.run(HeaderLimit(app, config.limits.max_header_bytes), host=args.host, port=args.port,
-                log_level=args.log_level, access_log=False)
+                log_level=args.log_level, access_log=args.access_log,
+                log_config=None)  # its lines reach our root handler
     return 0
 
 

@@ -47,9 +47,12 @@ from starlette.routing import Route
 from ..errors import InvalidToken, OAuthError, ScopeError
 from ..core.scopes import ScopeSet
 from ..core.tokens import ALGORITHMS, decode_verified
-from . import keycloak_rules
+from ..core.jsonlog import log_context
+from ..core.readiness import run_checks
+from . import keycloak_rules, metrics
 from .config import TOKEN_EXCHANGE, Client, IdPConfig
 from .federation import Federation, identity_extra
+from .health import readiness_checks
 from .keys import KeyStore
 from .revocations import RevocationLog
 
@@ -131,6 +134,7 @@ class IdP:
     def _revoke_session(self, session: Session) -> None:
         session.revoked = True
         self.state.revoked_sid[session.sid] = session.max_expiry
+        metrics.REVOCATIONS.labels("sid").inc()
         self.revocations.append("sid", session.sid, max(session.max_expiry, time.time() + 86400))
 
     # ---------------------------------------------------------------- issuing
@@ -425,9 +429,14 @@ class IdP:
             with self.state.lock:
                 self.state.revoked_jti[claims["jti"]] = claims["exp"]
             self.revocations.append("jti", claims["jti"], float(claims["exp"]))
+            metrics.REVOCATIONS.labels("jti").inc()
 
 
 # -------------------------------------------------------------------- HTTP layer
+#: grant_type -> metric label (bounded: a client cannot invent label values)
+_GRANT_LABELS = {"password": "password", "client_credentials": "client_credentials",
+                 "refresh_token": "refresh_token", TOKEN_EXCHANGE: "token_exchange"}
+
 def _basic_credentials(request: Request) -> tuple[str, str] | None:
     header = request.headers.get("authorization", "")
     if not header.lower().startswith("basic "):
@@ -496,21 +505,29 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str, revocations: Revo
         return JSONResponse(idp.keys.jwks(), headers={"Cache-Control": "max-age=60"})
 
     async def token(request: Request):
+        start, client_label, grant_label = time.monotonic(), "unauthenticated", "unknown"
         try:
-            form = await request.form()
-            client = authenticate_client(idp, request, form)
-            grant = form.get("grant_type", "")
-            handler = grants.get(grant)
-            if handler is None:
-                raise OAuthError("unsupported_grant_type", f"unsupported grant_type {grant!r}")
-            if grant not in client.grants:
-                raise OAuthError("unauthorized_client", f"client {client.client_id} may not use {grant}", 403)
-            # Off the event loop: federation may fetch a JWKS and ask the authority (OPA).
-            body = await run_in_threadpool(handler, client, form)
-            return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+            with log_context(request_id=request.headers.get("x-request-id") or uuid.uuid4().hex[:16]):
+                form = await request.form()
+                grant = form.get("grant_type", "")
+                grant_label = _GRANT_LABELS.get(grant, "unknown")
+                client = authenticate_client(idp, request, form)
+                client_label = client.client_id
+                handler = grants.get(grant)
+                if handler is None:
+                    raise OAuthError("unsupported_grant_type", f"unsupported grant_type {grant!r}")
+                if grant not in client.grants:
+                    raise OAuthError("unauthorized_client", f"client {client.client_id} may not use {grant}", 403)
+                # Off the event loop: federation may fetch a JWKS and ask the authority (OPA).
+                body = await run_in_threadpool(handler, client, form)
+                metrics.REQUESTS.labels(client_label, grant_label, "ok").inc()
+                return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
         except OAuthError as exc:
-            log.info("token refused: %s", exc)
+            log.info("token refused: client=%s grant=%s: %s", client_label, grant_label, exc)
+            metrics.REQUESTS.labels(client_label, grant_label, exc.error).inc()
             return error_response(exc)
+        finally:
+            metrics.REQUEST_SECONDS.labels(grant_label).observe(time.monotonic() - start)
 
     async def introspect(request: Request):
         try:
@@ -545,7 +562,21 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str, revocations: Revo
                              "scope": claims.get("scope", "")})
 
     async def health(request: Request):
+        """Liveness (``/health``, kept for old probes, and ``/healthz``): the process serves."""
         return JSONResponse({"status": "ok", "issuer": idp.issuer})
+
+    checks = readiness_checks(idp)
+
+    async def readyz(request: Request):
+        """Readiness: every dependency answers now (:mod:`.health`); else 503 naming which and why."""
+        ready, body = await run_checks(checks)
+        return JSONResponse(body, 200 if ready else 503, headers={"Cache-Control": "no-store"})
+
+    async def metrics_endpoint(request: Request):
+        from starlette.responses import Response
+
+        payload, content_type = metrics.exposition()
+        return Response(payload, media_type=content_type)
 
     app = Starlette(routes=[
         Route("/.well-known/openid-configuration", discovery),
@@ -555,6 +586,10 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str, revocations: Revo
         Route("/revoke", revoke, methods=["POST"]),
         Route("/userinfo", userinfo, methods=["GET", "POST"]),
         Route("/health", health),
+        Route("/healthz", health),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
     ])
+    metrics.install()
     app.state.idp = idp
     return app

@@ -35,6 +35,7 @@ from ..core.options import canonical, check_plan_values, schema_problem
 from ..errors import OptionError, PrefectRefused, PrefectUnavailable, ScopeError
 from ..core.prefect_api import PrefectAPI
 from ..core.scopes import GRANT_SCOPE_MODES, check_name, grant_scopes
+from ..core import signals
 from . import outage
 from .outbox import Outbox
 from .. import errors
@@ -65,6 +66,8 @@ class TriggerSettings:
     #: "run" (the design) or "visit" (IdPs with a fixed scope list, e.g. Keycloak): see
     #: scopes.GRANT_SCOPE_MODES.  Must match the ScopedCredentials block's grant_scope.
     grant_scope: str = field(default_factory=lambda: os.environ.get("VISITFLOW_GRANT_SCOPE", "run"))
+    #: serve the trigger's ``/metrics`` on this loopback port (visitflow.trigger.metrics); None: off
+    metrics_port: int | None = None
 
 
 def _visit_of(start: dict) -> str | None:
@@ -106,6 +109,11 @@ class AnalysisTrigger:
         self._transport = transport
         self._sleep = sleep
         self.decisions: list[str] = []              # what was decided, for logs and tests
+        self.metrics = None
+        if settings.metrics_port is not None:
+            from .metrics import serve_metrics
+
+            self.metrics = serve_metrics(self.outbox, int(settings.metrics_port))
         if start_sender:
             self.start()
 
@@ -236,6 +244,9 @@ class AnalysisTrigger:
         self._wake.set()
         if self._sender is not None:
             self._sender.join(timeout)
+        if self.metrics is not None:
+            self.metrics.server.shutdown()
+            self.metrics.close()
         self.outbox.close()
 
     def flush(self, timeout: float = 60.0) -> bool:
@@ -302,6 +313,7 @@ class AnalysisTrigger:
         if problem is None:
             return True
         self._decide("REFUSED %s for visit %s run %s: %s — no flow run", g.analysis, g.visit, g.run, problem)
+        signals.emit("trigger.refused", reason="options")
         self.outbox.set_grant(g, state="refused", error=problem)
         self._fail_requests(g, "refused", problem)
         return False
@@ -316,6 +328,7 @@ class AnalysisTrigger:
         if g.attempts and expires_at <= time.time():
             self._give_up(g, self._unreachable(g, expires_at))   # died while the IdP was away
             return
+        started = time.monotonic()
         try:
             if self._token_url is None:
                 self._token_url = oauth.token_endpoint(self.settings.issuer, transport=self._transport)
@@ -326,15 +339,18 @@ class AnalysisTrigger:
                                   # exchange opened a blueapi client session (docs/production.md)
                                   requested_token_type=oauth.REFRESH_TOKEN_TYPE, transport=self._transport)
         except errors.OAuthRefused as exc:
+            signals.emit("trigger.exchange", seconds=time.monotonic() - started, outcome=exc.error or "refused")
             if g.attempts and outage.died_during_outage(exc.error, expires_at):  # refused as expired, after it
                 self._give_up(g, self._unreachable(g, expires_at))
                 return
+            signals.emit("trigger.refused", reason=exc.error or "refused")
             self._decide("REFUSED %s for visit %s run %s: the IdP says %s — no flow run", g.analysis, g.visit,
                          g.run, exc)
             self.outbox.set_grant(g, state="refused", error=str(exc))
             self._fail_requests(g, "refused", str(exc))
             return
         except (errors.OAuthUnavailable, httpx.HTTPError, ValueError, OSError) as exc:  # discovery too: retried
+            signals.emit("trigger.exchange", seconds=time.monotonic() - started, outcome="unavailable")
             delay = outage.retry_in(self._backoff(g.attempts), expires_at)
             if delay is None:   # the user's token dies before the next try could reach the IdP
                 g.attempts, g.error = g.attempts + 1, str(exc)
@@ -342,6 +358,7 @@ class AnalysisTrigger:
             else:
                 self.outbox.set_grant(g, state="exchange", error=str(exc), retry_in=delay)
             return
+        signals.emit("trigger.exchange", seconds=time.monotonic() - started, outcome="ok")
         self.outbox.set_grant(g, state="store", token=resp.access_token)
         self._decide("delegated %s on %s/%s", g.analysis, g.visit, g.run)
 
@@ -355,6 +372,7 @@ class AnalysisTrigger:
         """No grant will come: each of its flow runs is to be recorded in Prefect as Failed."""
         self._decide("FAILED %s for visit %s run %s: %s (recorded in Prefect as Failed flow runs)", g.analysis,
                      g.visit, g.run, reason)
+        signals.emit("trigger.refused", reason="gave_up")
         self.outbox.set_grant(g, state="failed", error=reason)
         self._fail_requests(g, "report", reason)
 
@@ -388,6 +406,8 @@ class AnalysisTrigger:
             return
         except PrefectRefused as exc:
             final = exc.status in (400, 404, 409, 422)  # 409: Prefect's own parameter-schema check
+            if final:
+                signals.emit("trigger.refused", reason=f"prefect_{exc.status}")
             self._decide("Prefect refused %s: %s%s", r.key, exc, "" if final else " (will retry)")
             self.outbox.set_request(r.key, state="failed" if final else "pending", error=str(exc),
                                     retry_in=None if final else self._backoff(r.attempts))

@@ -193,3 +193,16 @@ class Outbox:
         row = self._exec("SELECT MIN(next_at) FROM (SELECT next_at FROM requests WHERE state IN ('pending', 'report') "
                          "UNION ALL SELECT next_at FROM grants WHERE state IN ('exchange', 'store'))")
         return row[0][0] if row and row[0][0] is not None else None
+
+    def depth(self) -> dict[str, int]:
+        """What still waits, by table and state (``/metrics``: the outbox-stuck alert)."""
+        rows = self._exec("SELECT 'request', state, COUNT(*) FROM requests WHERE state IN ('pending', 'report') "
+                          "GROUP BY state UNION ALL SELECT 'grant', state, COUNT(*) FROM grants "
+                          "WHERE state IN ('exchange', 'store') GROUP BY state")
+        return {f"{kind}:{state}": n for kind, state, n in rows}
+
+    def oldest_pending_created(self) -> float | None:
+        """``created`` of the oldest request or grant still waiting (None: nothing waits)."""
+        row = self._exec("SELECT MIN(created) FROM (SELECT created FROM requests WHERE state IN ('pending', 'report') "
+                         "UNION ALL SELECT created FROM grants WHERE state IN ('exchange', 'store'))")
+        return row[0][0] if row and row[0][0] is not None else None

@@ -17,6 +17,7 @@ The Prefect internals this needs (the run executor, the process handle) come fro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -33,6 +34,7 @@ from prefect.exceptions import ObjectNotFound
 from ..core import endpoints
 from ..errors import EndpointNotAllowed
 from .parent import Zygote, ZygoteStarter
+from .ops_server import WorkerOps, ops_port
 from .prefect_compat import FlowRunExecutorContext
 
 __all__ = ['VisitflowWorker']
@@ -51,6 +53,16 @@ class VisitflowWorker(ProcessWorker):
     async def __aenter__(self):
         worker = await super().__aenter__()
         preload = [m for m in os.environ.get("VISITFLOW_WORKER_PRELOAD", "").split(",") if m]
+        self._ops = None
+        if ops_port() is not None:  # /healthz /readyz /metrics (docs/operations.md)
+            from prefect.settings import PREFECT_API_URL
+
+            self._ops = WorkerOps(ops_port(), zygote_alive=lambda: self._zygote.alive(),
+                                  prefect_api_url=PREFECT_API_URL.value())
+            # The flow runs' metrics (visitflow.flow.metrics) reach our /metrics through
+            # prometheus-client's multiprocess files: the zygote and its children inherit this.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._ops.multiproc_dir
+            self._beat(asyncio.get_running_loop())
         self._zygote = Zygote(preload)
         await anyio.to_thread.run_sync(self._zygote.start)
         get_worker_logger(self).info("visitflow zygote ready (pid %s, preload %.1fs)", self._zygote.proc.pid,
@@ -62,6 +74,13 @@ class VisitflowWorker(ProcessWorker):
             await super().__aexit__(*exc_info)
         finally:
             self._zygote.stop()
+            if self._ops is not None:
+                self._ops.close()
+
+    def _beat(self, loop) -> None:
+        """The heartbeat gauge moves only while this event loop runs callbacks."""
+        self._ops.beat()
+        loop.call_later(5.0, self._beat, loop)
 
     async def _ensure_zygote(self) -> Zygote:
         if not self._zygote.alive():
@@ -95,11 +114,33 @@ class VisitflowWorker(ProcessWorker):
 
     async def run(self, flow_run, configuration: ProcessJobConfiguration,
                   task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:
-        from prefect.flows import load_flow_from_flow_run
-
         if task_status is None:
             task_status = anyio.TASK_STATUS_IGNORED
         await self._check_endpoints(configuration)   # raises before anything starts: Crashed, with the reason
+        if self._ops is not None:
+            variant = next((t.split(":", 1)[1] for t in (flow_run.tags or []) if t.startswith("variant:")), "other")
+            expected = getattr(flow_run, "expected_start_time", None)
+            outer_status, pid_box = task_status, []
+
+            class _Started:  # the run's process is running: its start latency, and it counts as running
+                def started(_, value=None):
+                    pid_box.append(value)
+                    self._ops.started(variant, expected.timestamp() if expected else None)
+                    outer_status.started(value)
+
+            outcome = "crashed"
+            try:
+                result = await self._run(flow_run, configuration, _Started())
+                outcome = "ok" if result.status_code == 0 else "failed"
+                return result
+            finally:
+                if pid_box:
+                    self._ops.finished(variant, outcome, pid_box[0])
+        return await self._run(flow_run, configuration, task_status)
+
+    async def _run(self, flow_run, configuration: ProcessJobConfiguration, task_status) -> ProcessWorkerResult:
+        from prefect.flows import load_flow_from_flow_run
+
         zygote = await self._ensure_zygote()
         working_dir_ctx = (tempfile.TemporaryDirectory(suffix="prefect") if not configuration.working_dir
                            else contextlib.nullcontext(configuration.working_dir))
