@@ -28,9 +28,11 @@ def build_app(config: dict[str, Any]):
 
     parsed = Config.model_validate(config)
     app = build_app_from_config(parsed)
-    rows = getattr(getattr(app.state, "access_policy", None), "tag_rows", None)
-    if rows is not None:  # the policy records node tags through the catalog's own session
-        rows.catalog = getattr(app.state, "root_tree", None)
+    policy = getattr(app.state, "access_policy", None)
+    for part in ("tag_rows", "frozen_runs"):   # the policy reads/writes through the catalog
+        holder = getattr(policy, part, None)
+        if holder is not None:
+            holder.catalog = getattr(app.state, "root_tree", None)
     principals.install(app)
     close_routes(app)   # GraphQL: not covered by the access policy (see .routes)
     wrapped = ClosedRoutes(RequestContextMiddleware(app))
