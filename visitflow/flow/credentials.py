@@ -159,7 +159,7 @@ class ScopedCredentials(Block):
         grant = self.load_grant(analysis, visit, run_id)
         claims = check_grant(self.validator(), grant, analysis, visit, run_id)
         tokens = DataTokenSource(token_endpoint(self.issuer), grant, self.client_id, self.secret(),
-                                 visit, run_id, margin=self.refresh_margin, per=self.grant_scope)
+                                 visit, run_id, margin=self.refresh_margin, per=self.grant_scope, analysis=analysis)
         tokens()  # exchange now: refusals surface here, before any data access
         auth = BearerAuth(tokens, refresh_margin=self.refresh_margin)
         raw_root = connect(self.raw_uri, auth)

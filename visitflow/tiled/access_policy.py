@@ -27,6 +27,9 @@ Rules (non-admin; ``visitflow:admin`` may do everything):
 * a run container and everything below it: read/write as the scopes allow; writing implies
   reading (a writer must be able to find what it writes); deleting only in processed runs
   (analyses replace their outputs; raw data is only ever added to);
+* inside a processed run, a write scope naming an analysis
+  (``write:processed:<visit>/<run>/<analysis>``, what data tokens carry) writes only that
+  analysis's node and below; on the run container it may only create that node;
 * a raw run is append-only (:mod:`.raw_runs`): only the principal that created it writes to
   it, only until its stop document; others with raw write scopes read (a 403 says why);
 * ``register`` (pointing a node at detector files) inside a run the principal may write,
@@ -226,6 +229,13 @@ class VisitflowAccessPolicy(AccessPolicy):
                 out.append((template, loc))
         return out
 
+    def _analysis_at(self, path: tuple[str, ...], store: str) -> Optional[str]:
+        """The analysis a node of ``store`` lies in, from its path (the place tags name the run only)."""
+        for template, loc in self._locations(path):
+            if template.store == store and loc.analysis is not None:
+                return loc.analysis
+        return None
+
     @staticmethod
     def _names_ok(loc: Location) -> bool:
         return valid_name(loc.visit) and (loc.run is None or valid_name(loc.run))
@@ -262,12 +272,25 @@ class VisitflowAccessPolicy(AccessPolicy):
                 elif request.creates_child_of(path):
                     key = request.new_key
                     run = key if key is not None and valid_name(key) else None
-                    if (key is None or run is not None) and scopes.allows("write", store, visit, run):
+                    # a run's container: for whoever may write some part of that run (e.g. one
+                    # analysis's results); a key Tiled generates: visit-wide writers only
+                    if (scopes.allows_some("write", store, visit, run) if run is not None
+                            else key is None and scopes.allows("write", store, visit)):
                         result |= META | {"write:metadata", "create:node"}
                 continue
             if scopes.allows("read", store, visit, loc.run):
                 result |= READ_SCOPES
-            if scopes.allows("write", store, visit, loc.run):
+            analysis = loc.analysis if loc.analysis is not None else self._analysis_at(path, store)
+            if store == "processed" and analysis is None and not scopes.allows("write", store, visit, loc.run):
+                # The processed run container, for a token that writes one analysis of it: it may
+                # see the container and create its own analysis's node in it, nothing else.
+                if scopes.allows_some("write", store, visit, loc.run):
+                    result |= READ_SCOPES
+                    key = request.new_key if request is not None and request.creates_child_of(path) else None
+                    if key is not None and valid_name(key) and scopes.allows("write", store, visit, loc.run, key):
+                        result |= {"write:metadata", "create:node"}
+                continue
+            if scopes.allows("write", store, visit, loc.run, analysis):
                 result |= READ_SCOPES | WRITE_SCOPES
                 if store == "processed":   # outputs get replaced; raw is append-only
                     result |= DELETE_SCOPES
