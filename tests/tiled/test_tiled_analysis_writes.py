@@ -92,3 +92,23 @@ def test_an_old_run_wide_data_token_still_writes_the_run(idp, tiled_server, run)
     _grant, old = idp.delegate(idp.token("alice"), "a1", run["uid"])
     r = _create(tiled_server, old, f"processed/a1/{run['uid']}", "legacy_analysis")
     assert r.status_code == 200, r.text
+
+
+def test_opa_mode_per_analysis_data_tokens(facility, token_service, facility_tiled):
+    """The OPA mode: alice's facility (Keycloak) token, the token service asking the real OPA
+    (deployments/opa/authz.rego) before it mints, and the facility Tiled.  OPA decides at run
+    granularity; the minted data token names one analysis, and Tiled holds it to that."""
+    alice = facility.token("alice")
+    uid = run_scan(facility_tiled.uri, alice, num=1)
+    saxs = _data_token(token_service, alice, uid, "saxs_average")
+    peak = _data_token(token_service, alice, uid, "peak_stats")
+    assert _create(facility_tiled, saxs, "processed/a1", uid, {"run_id": uid}).status_code == 200
+    assert _create(facility_tiled, saxs, f"processed/a1/{uid}", "saxs_average").status_code == 200
+    assert _patch(facility_tiled, saxs, f"processed/a1/{uid}/saxs_average", "post-1").status_code == 200
+    assert _create(facility_tiled, peak, f"processed/a1/{uid}", "peak_stats").status_code == 200
+    for r in (_patch(facility_tiled, peak, f"processed/a1/{uid}/saxs_average", "forged"),
+              facility_tiled.request("DELETE", f"metadata/processed/a1/{uid}/saxs_average", peak),
+              _create(facility_tiled, peak, f"processed/a1/{uid}", "not_peak_stats")):
+        assert r.status_code in (401, 403, 404), (r.status_code, r.text)
+    md = facility_tiled.get(f"metadata/processed/a1/{uid}/saxs_average", saxs).json()["data"]["attributes"]
+    assert md["metadata"]["current"] == "post-1"
