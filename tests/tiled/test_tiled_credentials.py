@@ -143,7 +143,7 @@ def test_ws_first_message_token_beside_an_api_key_is_refused(tiled_server, uid, 
 def test_ws_first_message_beside_a_query_token_is_refused(idp, tiled_server):
     """On a live run (a finished run's replay can end before the client's first message)."""
     alice = idp.token("alice")
-    cap, thread, _out = scan_in_thread(tiled_server.uri, alice, num=80, delay=0.15)
+    cap, thread, _out = scan_in_thread(tiled_server.uri, alice, num=40, delay=0.15)
     try:
         good = idp.delegate(alice, "a1", cap.uid)[1]
         other = idp.delegate(alice, "a1", cap.uid)[1]
