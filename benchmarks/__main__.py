@@ -64,8 +64,8 @@ class Bench:
         t0 = time.monotonic()
         self.stack.up()
         c = self.config
-        self.env = pstack.prefect_env(c.prefect_api, self.stack.state / "prefect")
-        self.api = PrefectAPI(c.prefect_api, timeout=30)
+        self.env = pstack.prefect_env(c.prefect_api, self.stack.state / "prefect", self.stack.prefect_auth)
+        self.api = PrefectAPI(c.prefect_api, self.stack.prefect_auth, timeout=30)
         # A second pool served by Prefect's stock process worker, and a probe flow on both.
         pstack.run_cli(["work-pool", "create", "bench-stock", "--type", "process", "--overwrite"], self.env)
         pstack.run_cli(["work-pool", "set-concurrency-limit", pstack.POOL, "20"], self.env)  # P7: 20 at once
@@ -154,6 +154,7 @@ class Bench:
         from visitflow.trigger import AnalysisTrigger, TriggerSettings
 
         trig = AnalysisTrigger(TriggerSettings(issuer=self.config.issuer, prefect_api_url=self.config.prefect_api,
+                                               prefect_auth_string=self.stack.prefect_auth,
                                                client_secret=DEV_SECRETS["blueapi"], live=True, post_on=(),
                                                state_dir=self.tmp / "trig-p1"), token=self.alice())
         out = []
@@ -199,6 +200,7 @@ class Bench:
                 state["n"] += 1
 
         trig = AnalysisTrigger(TriggerSettings(issuer=self.config.issuer, prefect_api_url=self.config.prefect_api,
+                                               prefect_auth_string=self.stack.prefect_auth,
                                                client_secret=DEV_SECRETS["blueapi"], post_on=(),
                                                state_dir=self.tmp / "trig-p2"), token=self.alice())
         watchers = [threading.Thread(target=self._watch_live, args=(state, nodes[k], seen[k]), daemon=True)

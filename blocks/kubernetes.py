@@ -3,8 +3,8 @@
 Values come from the environment an operator (or a CI job) sets for the target facility,
 so nothing site-specific lives in git::
 
-    VISITFLOW_ISSUER=https://keycloak.example/realms/visitflow \\
-    VISITFLOW_TILED_URI=https://tiled.example \\
+    VISITFLOW_ISSUER=https://token-service.example \\
+    VISITFLOW_TILED_URI=https://tiled.example VISITFLOW_INSTRUMENT=i22 \\
     PREFECT_API_URL=... python blocks/kubernetes.py            # --print: show, do not save
 
 Differences from ``blocks/local.py``, each for a reason:
@@ -12,9 +12,16 @@ Differences from ``blocks/local.py``, each for a reason:
 - ``client_secret_env=VISITFLOW_CLIENT_SECRET`` and never ``client_secret``: the job
   template (deployments/kubernetes/base-job-template.json) fills that variable from the
   Kubernetes Secret ``visitflow-oidc``, so the secret never enters Prefect's database;
-- ``grant_scope=visit`` by default: Keycloak has a fixed list of client scopes and cannot
-  mint one per run (docs/production.md, "grant scope");
-- ``raw_template`` follows blueapi's layout (``VISITFLOW_RAW_TEMPLATE`` to change it).
+- ``grant_scope=run`` by default: the facility topology is the token-service one
+  (docs/production.md §9), whose issuer mints per-run scopes.  ``VISITFLOW_GRANT_SCOPE=visit``
+  only when ``VISITFLOW_ISSUER`` is a Keycloak realm itself (a fixed list of client scopes
+  cannot name one run: docs/production.md, "grant scope"); the trigger's setting must match;
+- ``raw_template`` follows blueapi's layout for the beamline ``VISITFLOW_INSTRUMENT``
+  (``i22/{proposal}/{visit}/{run}``; ``{proposal}`` follows from the visit), else visitflow's
+  ``raw/{visit}/{run}``; ``VISITFLOW_RAW_TEMPLATE`` overrides both.  A flow run formats it
+  with the visit and run only (``RunAccess.raw_path``), so :func:`definition` refuses a
+  template that needs anything else (``{instrument}`` unfilled was a ``KeyError`` in every
+  flow run).
 
 Tested by tests/flow/test_blocks.py (saved to and loaded from a real Prefect server).
 """
@@ -29,6 +36,26 @@ import sys
 from visitflow.blocks import ScopedCredentials, save
 
 BLUEAPI_RAW_TEMPLATE = "{instrument}/{proposal}/{visit}/{run}"
+#: What RunAccess.raw_path formats a raw template with (an instrument session as the visit).
+SAMPLE_RUN = {"visit": "cm12345-1", "run": "0f1e2d3c"}
+
+
+def raw_template(env: dict) -> str:
+    """The raw template for ``env``, refused unless a flow run can fill it (see the module doc)."""
+    if env.get("VISITFLOW_RAW_TEMPLATE"):
+        template = env["VISITFLOW_RAW_TEMPLATE"]
+    elif env.get("VISITFLOW_INSTRUMENT"):
+        template = BLUEAPI_RAW_TEMPLATE.replace("{instrument}", env["VISITFLOW_INSTRUMENT"])
+    else:
+        template = ScopedCredentials.model_fields["raw_template"].default  # raw/{visit}/{run}
+    try:  # as RunAccess.raw_path does it, through the block's own layout
+        ScopedCredentials(issuer="https://x", raw_uri="https://x", raw_template=template).layout().raw.format(
+            **SAMPLE_RUN)
+    except (KeyError, ValueError) as exc:  # ValueError: visitflow.errors.ScopeError (a malformed template)
+        raise SystemExit(f"blocks/kubernetes.py: raw template {template!r} cannot be filled from a run's "
+                         f"visit and run ({exc}); set VISITFLOW_INSTRUMENT or a VISITFLOW_RAW_TEMPLATE "
+                         "without other placeholders") from None
+    return template
 
 
 def definition(env: dict | None = None) -> ScopedCredentials:
@@ -41,10 +68,10 @@ def definition(env: dict | None = None) -> ScopedCredentials:
         issuer=env["VISITFLOW_ISSUER"],
         raw_uri=env["VISITFLOW_TILED_URI"],
         processed_uri=env.get("VISITFLOW_PROCESSED_URI") or None,
-        raw_template=env.get("VISITFLOW_RAW_TEMPLATE", BLUEAPI_RAW_TEMPLATE),
+        raw_template=raw_template(env),
         processed_template=env.get("VISITFLOW_PROCESSED_TEMPLATE", "processed/{visit}/{run}/{analysis}"),
         client_secret_env="VISITFLOW_CLIENT_SECRET",
-        grant_scope=env.get("VISITFLOW_GRANT_SCOPE", "visit"),
+        grant_scope=env.get("VISITFLOW_GRANT_SCOPE", "run"),
     )
 
 

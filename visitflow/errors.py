@@ -24,7 +24,9 @@ The tree (``code`` of each class in brackets)::
     │   ├── GrantMissing [grant_missing]        no grant stored: the trigger never delegated
     │   ├── GrantInvalid [grant_invalid]        the stored grant is not a valid visitflow token
     │   ├── DelegationExpired [delegation_expired]  the grant (and every refresh) has expired
-    │   └── NotAuthorised [not_authorised]      valid, but does not cover this analysis/visit/run
+    │   ├── NotAuthorised [not_authorised]      valid, but does not cover this analysis/visit/run
+    │   └── EndpointNotAllowed [endpoint_not_allowed]  an issuer, Tiled URI or token endpoint off
+    │                                           the worker's own allow-list: no secret is sent there
     ├── RemoteError [remote]                    a server visitflow calls answered badly
     │   ├── Refused [refused]                   it decided: retrying the same request cannot help
     │   │   ├── OAuthRefused [oauth_refused]    the IdP's 4xx; ``error`` is the RFC 6749 code
@@ -62,6 +64,7 @@ __all__ = [
     "OptionError", "PrefectIncompatible", "TiledIncompatible",
     "InvalidToken", "InsufficientScope", "MoreThanOneCredential",
     "DelegationError", "GrantMissing", "GrantInvalid", "DelegationExpired", "NotAuthorised",
+    "EndpointNotAllowed",
     "RemoteError", "Refused", "OAuthRefused", "PrefectRefused",
     "Unavailable", "OAuthUnavailable", "PrefectUnavailable", "AuthorityUnavailable",
     "RunError", "RunNotFinished", "RunAborted", "EmptyRun", "MissingField", "LiveIdleTimeout",
@@ -208,6 +211,14 @@ class NotAuthorised(DelegationError):
     """The grant is valid but does not cover this analysis / visit / run."""
 
     code = "not_authorised"
+
+
+class EndpointNotAllowed(DelegationError):
+    """A credentials Block (or the issuer's discovery document) names an issuer, Tiled URI or
+    token endpoint that is not on the worker's own allow-list (``VISITFLOW_ALLOWED_ENDPOINTS``):
+    whoever can create a flow run must not choose where the worker sends its client secret."""
+
+    code = "endpoint_not_allowed"
 
 
 # -- servers visitflow calls ---------------------------------------------------------------

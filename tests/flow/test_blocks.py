@@ -97,8 +97,8 @@ def test_blocks_local_saves_what_visitflow_up_saves(prefect_stack, idp, tiled_se
 
 @pytest.mark.e2e
 def test_blocks_kubernetes_saves_the_facility_document(prefect_stack):
-    env = {**prefect_stack.env, "VISITFLOW_ISSUER": "https://keycloak.example/realms/visitflow",
-           "VISITFLOW_TILED_URI": "https://tiled.example"}
+    env = {**prefect_stack.env, "VISITFLOW_ISSUER": "https://token-service.example",
+           "VISITFLOW_TILED_URI": "https://tiled.example", "VISITFLOW_INSTRUMENT": "i22"}
     shown = _run("kubernetes.py", "--print", env=env)
     assert shown.returncode == 0, shown.stderr
     doc = json.loads(shown.stdout)
@@ -107,7 +107,7 @@ def test_blocks_kubernetes_saves_the_facility_document(prefect_stack):
     saved = _load(prefect_stack, "k8s-check")
     for key in ("issuer", "raw_uri", "raw_template", "grant_scope", "client_secret_env"):
         assert saved[key] == doc[key], key
-    assert saved["grant_scope"] == "visit" and saved["raw_template"] == "{instrument}/{proposal}/{visit}/{run}"
+    assert saved["grant_scope"] == "run" and saved["raw_template"] == "i22/{proposal}/{visit}/{run}"
     assert saved["client_secret"] is None, "the facility's secret stays in the Kubernetes Secret"
     refused = _run("kubernetes.py", "--print", env={k: v for k, v in env.items() if k != "VISITFLOW_TILED_URI"})
     assert refused.returncode != 0 and "VISITFLOW_TILED_URI" in refused.stderr
@@ -117,9 +117,34 @@ def test_blocks_definitions_build_valid_documents():
     spec = importlib.util.spec_from_file_location("blocks_kubernetes", REPO / "blocks" / "kubernetes.py")
     k8s = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(k8s)
-    block = k8s.definition({"VISITFLOW_ISSUER": "https://kc/realms/v", "VISITFLOW_TILED_URI": "https://t",
-                            "VISITFLOW_GRANT_SCOPE": "run"})
-    assert block.grant_scope == "run" and block.layout().raw.format(instrument="i22", proposal="cm1", visit="a1",
-                                                                    run="u") == "i22/cm1/a1/u"
+    need = {"VISITFLOW_ISSUER": "https://kc/realms/facility", "VISITFLOW_TILED_URI": "https://t"}
+    block = k8s.definition({**need, "VISITFLOW_GRANT_SCOPE": "visit", "VISITFLOW_INSTRUMENT": "i22"})
+    assert block.grant_scope == "visit" and block.raw_template == "i22/{proposal}/{visit}/{run}"
     with pytest.raises(SystemExit, match="VISITFLOW_ISSUER"):
         k8s.definition({})
+
+
+def test_blocks_kubernetes_defaults_format_with_what_a_flow_run_has():
+    """The shipped defaults, through RunAccess.raw_path's own call (visit and run only): the
+    old default ``{instrument}/...`` raised KeyError in every flow run."""
+    from visitflow.flow.credentials import RunAccess
+
+    k8s = _module("kubernetes.py")
+    need = {"VISITFLOW_ISSUER": "https://token-service.example", "VISITFLOW_TILED_URI": "https://t"}
+
+    def raw_path(block, visit="cm12345-1", run="r1"):
+        return RunAccess(visit, run, "saxs_average", None, None, None, None, block.layout()).raw_path
+
+    plain = k8s.definition(need)
+    assert plain.grant_scope == "run", "token-service mode mints per-run scopes"
+    assert raw_path(plain) == "raw/cm12345-1/r1"
+    assert raw_path(k8s.definition({**need, "VISITFLOW_INSTRUMENT": "i22"})) == "i22/cm12345/cm12345-1/r1"
+    with pytest.raises(SystemExit, match="instrument"):
+        k8s.definition({**need, "VISITFLOW_RAW_TEMPLATE": "{instrument}/{proposal}/{visit}/{run}"})
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"blocks_{name[:-3]}", REPO / "blocks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

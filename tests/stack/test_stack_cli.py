@@ -91,8 +91,11 @@ def test_up_prints_where_each_service_runs(user_stack):
     assert f"visitflow is up (state in {user_stack.state.resolve()})" in out, out
     assert f"IdP          {user_stack.url('idp')}\n" in out, out
     assert f"Tiled        {user_stack.url('tiled')}\n" in out, out
-    assert f"Prefect UI   {user_stack.url('prefect')}\n" in out, out
-    assert f"Prefect API  {user_stack.url('prefect')}/api\n" in out, out
+    auth_file = user_stack.state.resolve() / "prefect-auth"
+    assert f"Prefect UI   {user_stack.url('prefect')}   (its login asks for the auth string: cat {auth_file})\n" \
+        in out, out
+    assert f"Prefect API  {user_stack.url('prefect')}/api   (needs it too: export PREFECT_API_AUTH_STRING=" \
+           f"$(cat {auth_file}))\n" in out, out
     assert "next: visitflow demo   |   visitflow down" in out, out
     for name in ("idp", "tiled", "prefect-server", "worker"):
         assert re.search(rf"\[visitflow\] {name}: started in [0-9.]+s \(pid \d+, log .+{name}\.log\)", out), (name, out)
@@ -100,6 +103,24 @@ def test_up_prints_where_each_service_runs(user_stack):
     assert answers(f"{user_stack.url('idp')}/health")
     assert answers(f"{user_stack.url('prefect')}/api/health")
     assert answers(f"{user_stack.url('worker-health')}/health")
+
+
+def test_up_guards_prefect_with_the_stacks_auth_string(user_stack):
+    """Issue 20 finding 3: the local Prefect API was open to every local user (pending grants in
+    clear).  Now it needs the auth string ``up`` generated, readable by its owner only."""
+    auth_file = user_stack.state / "prefect-auth"
+    assert auth_file.stat().st_mode & 0o777 == 0o600
+    auth = auth_file.read_text().strip()
+    assert auth.startswith("visitflow:") and len(auth) > 30
+    api = f"{user_stack.url('prefect')}/api"
+    query = {"block_types": {"slug": {"any_": ["secret"]}}, "include_secrets": True}
+    anonymous = httpx.post(f"{api}/block_documents/filter", json=query, timeout=30)
+    assert anonymous.status_code == 401, anonymous.text
+    wrong = httpx.post(f"{api}/block_documents/filter", json=query, auth=("visitflow", "guess"), timeout=30)
+    assert wrong.status_code == 401, wrong.text
+    user, password = auth.split(":", 1)
+    assert httpx.post(f"{api}/block_documents/filter", json=query, auth=(user, password),
+                      timeout=30).status_code == 200
 
 
 def test_status_says_what_runs_where(user_stack):
@@ -143,7 +164,7 @@ def test_demo_runs_the_story_and_says_where_to_look(user_stack):
         rf"{re.escape(prefect)}/runs/flow-run/([0-9a-f-]+)", out))
     assert set(runs) == {(f, v) for f in ("saxs-average", "peak-stats") for v in ("live", "post")}, out
     # ... and Prefect agrees
-    with PrefectAPI(f"{prefect}/api") as api:
+    with PrefectAPI(f"{prefect}/api", (user_stack.state / "prefect-auth").read_text().strip()) as api:
         for flow_run_id in runs.values():
             fr = api.flow_run(flow_run_id)
             assert fr["state"]["type"] == "COMPLETED" and f"run:{uid}" in fr["tags"], fr

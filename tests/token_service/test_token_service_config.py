@@ -23,12 +23,17 @@ def shipped() -> dict:
 def test_shipped_config_loads_with_secrets_from_the_environment(monkeypatch):
     for name in ("BLUEAPI", "VISITFLOW", "TILED", "ADMIN"):
         monkeypatch.setenv(f"VISITFLOW_{name}_SECRET", f"s-{name}")
+    monkeypatch.setenv("VISITFLOW_OPA_TOKEN", "t-opa")
     config = IdPConfig.from_dict(shipped())
     assert config.production and not config.users
     assert config.clients["blueapi"].secret == "s-BLUEAPI"
     assert all("password" not in c.grants for c in config.clients.values())
     fed = Federation.from_config(config.federation)
-    assert fed.trusts("http://127.0.0.1:8080/realms/visitflow")
+    assert fed.trusts("http://127.0.0.1:8080/realms/facility")
+    assert fed.authority._headers == {"Authorization": "Bearer t-opa"}, "OPA is asked with its token"
+    monkeypatch.delenv("VISITFLOW_OPA_TOKEN")
+    with pytest.raises(ConfigError, match="VISITFLOW_OPA_TOKEN"):
+        Federation.from_config(config.federation)
     monkeypatch.delenv("VISITFLOW_TILED_SECRET")
     with pytest.raises(ConfigError, match="VISITFLOW_TILED_SECRET"):
         IdPConfig.from_dict(shipped())

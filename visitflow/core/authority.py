@@ -21,6 +21,7 @@ on verbatim (OPA's reason reaches the user in the token service's ``error_descri
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -183,17 +184,23 @@ class OPAAuthority:
     ``transport`` / ``async_transport`` carry the sync / async queries (``None``: the network;
     an ``httpx.MockTransport``, which is both, serves both when only ``transport`` is given)
     and ``clock`` times the cache window: what unit tests inject to run without OPA.
+
+    ``token``: sent as ``Authorization: Bearer`` on every query, for an OPA run with
+    ``--authentication=token --authorization=basic`` (deployments/opa/system_authz.rego):
+    without it anyone who reaches OPA's port could also ``PUT`` its data.  The configuration
+    names an environment variable (``token_env``), read by :func:`authority_from_config` only.
     """
 
     def __init__(self, url: str, package: str = "visitflow/authz", *, cache_seconds: float = 5.0,
-                 timeout: float = 2.0, transport: httpx.BaseTransport | None = None,
+                 timeout: float = 2.0, token: str | None = None, transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.url = url.rstrip("/")
         self.package = package.strip("/").replace(".", "/")
         self.timeout = timeout
         self.cache = _TTLCache(cache_seconds, clock=clock)
-        self._client = httpx.Client(timeout=timeout, transport=transport)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(timeout=timeout, transport=transport, headers=self._headers)
         if async_transport is None and isinstance(transport, httpx.AsyncBaseTransport):
             async_transport = transport
         self._async_transport = async_transport
@@ -229,7 +236,8 @@ class OPAAuthority:
 
     async def _aquery(self, rule: str, inp: dict) -> Any:
         if self._aclient is None:
-            self._aclient = httpx.AsyncClient(timeout=self.timeout, transport=self._async_transport)
+            self._aclient = httpx.AsyncClient(timeout=self.timeout, transport=self._async_transport,
+                                              headers=self._headers)
         for attempt in (1, 2):
             try:
                 return self._result(rule, await self._aclient.post(self._endpoint(rule), json={"input": inp}))
@@ -303,7 +311,10 @@ class OPAAuthority:
 
 def authority_from_config(config: Optional[dict]) -> Authority:
     """``None`` / ``{kind: scopes}`` → :class:`ScopesAuthority`; ``{kind: opa, url, package,
-    cache_seconds, timeout}`` → :class:`OPAAuthority`."""
+    cache_seconds, timeout, token_env}`` → :class:`OPAAuthority`.
+
+    ``token_env`` names the environment variable holding OPA's bearer token: this is the one
+    place that reads it (a set but empty or missing variable is refused, not sent empty)."""
     config = dict(config or {})
     kind = config.pop("kind", "scopes")
     if kind == "scopes":
@@ -313,9 +324,14 @@ def authority_from_config(config: Optional[dict]) -> Authority:
     if kind == "opa":
         if "url" not in config:
             raise ConfigError("authority kind opa needs url (e.g. http://127.0.0.1:8181)")
-        unknown = set(config) - {"url", "package", "cache_seconds", "timeout"}
+        unknown = set(config) - {"url", "package", "cache_seconds", "timeout", "token_env"}
         if unknown:
             raise ConfigError(f"unknown authority options {sorted(unknown)}")
+        token_env = config.pop("token_env", None)
+        if token_env:
+            if not os.environ.get(token_env):
+                raise ConfigError(f"authority kind opa: ${token_env} (its bearer token) is not set")
+            config["token"] = os.environ[token_env]
         return OPAAuthority(config.pop("url"), **config)
     raise ConfigError(f"unknown authority kind {kind!r} (scopes or opa)")
 

@@ -166,7 +166,8 @@ class PrefectAPI:
         return {"id": self._ids[key]}
 
     def create_flow_run(self, deployment: str, parameters: dict, *, idempotency_key: str,
-                        tags: list[str] | None = None, name: str | None = None, state: dict | None = None) -> dict:
+                        tags: list[str] | None = None, name: str | None = None, state: dict | None = None,
+                        job_variables: dict | None = None) -> dict:
         """Create a flow run of ``deployment``; the same idempotency key returns the same run.
         ``state`` (a StateCreate, e.g. ``{"type": "FAILED", "message": …}``) creates it in
         that state instead of Scheduled: how the trigger records a run it could not start."""
@@ -177,6 +178,8 @@ class PrefectAPI:
             body["name"] = name
         if state:
             body["state"] = state
+        if job_variables:
+            body["job_variables"] = job_variables
         return self.request("POST", f"/deployments/{dep_id}/create_flow_run", json=body)
 
     def deployment_parameter_schema(self, name: str) -> dict:

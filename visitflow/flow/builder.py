@@ -30,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.concurrency.sync import concurrency
 
 from . import engine
-from ..core import names as grants
+from ..core import endpoints, names as grants
 from ..errors import UsageError
 from ..core.options import docstring_args, flow_parameters
 
@@ -41,7 +41,7 @@ __all__ = [
     'variant_from_deployment', 'result_markdown', 'make_flow',
 ]
 
-DEFAULT_BLOCK = "visitflow"
+DEFAULT_BLOCK = endpoints.DEFAULT_BLOCK
 
 
 def _env_float(name: str, default: float) -> float:
@@ -186,7 +186,7 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         if variant not in ("live", "post"):
             raise UsageError(f"variant must be 'live' or 'post', not {variant!r}")
         run_spec = spec.with_options(options)  # a bad option fails here, before any data access
-        block_name = os.environ.get("VISITFLOW_CREDENTIALS_BLOCK", DEFAULT_BLOCK)
+        block_name = os.environ.get(endpoints.BLOCK_ENV, DEFAULT_BLOCK)
         creds = ScopedCredentials.load(block_name, _sync=True)
         access = creds.for_run(visit, run_id, spec.name)  # fails here, before any data access
         logger.info("acting for %s via %s on raw %s", access.grant_claims.sub,

@@ -23,7 +23,7 @@ from prefect.blocks.core import Block
 from prefect.blocks.system import Secret
 from pydantic import Field, SecretStr
 
-from ..core import names as grants
+from ..core import endpoints, names as grants
 from .delegation import DataTokenSource, check_grant
 from ..errors import ConfigError, GrantMissing
 from ..core.layout import Layout
@@ -152,13 +152,29 @@ class ScopedCredentials(Block):
                 f"no delegation grant stored for {analysis} on {visit}/{run_id} (Secret {name!r}); "
                 "analyses are started by the trigger, or by `visitflow trigger` with your own token") from exc
 
+    def check_endpoints(self):
+        """Refuse (:class:`~visitflow.errors.EndpointNotAllowed`) an issuer or Tiled URI that is
+        not on the worker's allow-list (its ``VISITFLOW_ALLOWED_ENDPOINTS``, which the
+        ``visitflow`` worker does not let job variables change): a Block document is data
+        anyone with Prefect access can write.  Returns the list (None: none configured)."""
+        allow = endpoints.allowed()
+        if allow is None:
+            log.warning("%s is not set on this worker: %s's endpoints are not checked", endpoints.ENV,
+                        self._block_document_name or "this block")
+        endpoints.check_block({"issuer": self.issuer, "raw_uri": self.raw_uri,
+                               "processed_uri": self.processed_uri}, allow)
+        return allow
+
     def for_run(self, visit: str, run_id: str, analysis: str) -> RunAccess:
         from ..core.oauth import token_endpoint
         from ..core.tiled_client import BearerAuth, connect
 
+        allow = self.check_endpoints()
         grant = self.load_grant(analysis, visit, run_id)
         claims = check_grant(self.validator(), grant, analysis, visit, run_id)
-        tokens = DataTokenSource(token_endpoint(self.issuer), grant, self.client_id, self.secret(),
+        token_url = token_endpoint(self.issuer)
+        endpoints.check(token_url, "token endpoint (from the issuer's discovery document)", allow)
+        tokens = DataTokenSource(token_url, grant, self.client_id, self.secret(),
                                  visit, run_id, margin=self.refresh_margin, per=self.grant_scope, analysis=analysis)
         tokens()  # exchange now: refusals surface here, before any data access
         auth = BearerAuth(tokens, refresh_margin=self.refresh_margin)

@@ -10,6 +10,13 @@ grant Secret that
   flow run of the triple is in a final state (a ``live`` run alone may still be followed by
   the post run the trigger creates at the stop document);
 
+but never one issued after the newest flow run of its triple was created, while it is younger
+than ``creation_window`` (default 10 min): that is a by-hand re-run (``visitflow trigger``)
+whose grant is saved *before* its flow run is created, and whose older, ended runs would
+otherwise make it look finished (issue 20 finding 7).  The trigger writes the grant first on
+purpose — a flow run created first could be picked up by the worker before its grant exists
+— so the sweep, not the trigger, closes the window;
+
 and, given a token service, also *revokes* the grant there (RFC 7009, as client
 ``visitflow``, which is the grant's audience), so a copy taken before deletion is dead too.
 
@@ -33,7 +40,7 @@ from ..core.prefect_api import PrefectAPI
 from ..core.scopes import RunScope, ScopeSet
 from ..core.tokens import unverified_claims
 
-__all__ = ['FINAL', 'SweepResult', 'grant_secrets', 'sweep', 'revoker', 'add_arguments', 'run']
+__all__ = ['FINAL', 'CREATION_WINDOW', 'SweepResult', 'grant_secrets', 'sweep', 'revoker', 'add_arguments', 'run']
 
 log = logging.getLogger("visitflow.grants")
 
@@ -44,6 +51,19 @@ FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 class SweepResult:
     deleted: dict  # secret name -> why
     kept: int
+
+
+#: how long a grant newer than every flow run of its triple is kept for its flow run to appear
+CREATION_WINDOW = 600.0
+
+
+def _created(run: dict) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(run.get("created")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("inf")   # unreadable: treat as new, i.e. do not let it hide a young grant
 
 
 def _grant_run(token: str) -> Optional[tuple[str, str, str, float]]:
@@ -68,7 +88,9 @@ def grant_secrets(api: PrefectAPI, prefix: str = grants.PREFIX) -> list[dict]:
 
 
 def sweep(api: PrefectAPI, *, prefix: str = grants.PREFIX, revoke: Optional[Callable[[str], None]] = None,
-          now: Optional[float] = None) -> SweepResult:
+          now: Optional[float] = None, creation_window: float = CREATION_WINDOW) -> SweepResult:
+    """Delete (and revoke) the grants described in the module docstring; ``creation_window=0``
+    turns the re-run protection off (what the sweep did before issue 20)."""
     now = time.time() if now is None else now
     deleted, kept = {}, 0
     for doc in grant_secrets(api, prefix):
@@ -86,7 +108,9 @@ def sweep(api: PrefectAPI, *, prefix: str = grants.PREFIX, revoke: Optional[Call
                 runs = api.flow_runs(tags=[f"run:{run}", f"analysis:{analysis}", f"visit:{visit}"])
                 states = [(r.get("state") or {}).get("type") for r in runs]
                 has_post = any("variant:post" in r.get("tags", []) for r in runs)
-                if has_post and all(s in FINAL for s in states):
+                iat = float(unverified_claims(token).get("iat") or 0)
+                awaiting_run = iat > max((_created(r) for r in runs), default=0) and now - iat < creation_window
+                if has_post and all(s in FINAL for s in states) and not awaiting_run:
                     why = "its runs have ended"
                 else:
                     kept += 1

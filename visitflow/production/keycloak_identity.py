@@ -13,6 +13,13 @@ facility one cannot drift apart silently.  The result is shipped as
 ``deployments/keycloak/realm-facility.json`` (what a facility imports, and what the ``opa``
 suite runs on real Keycloak); ``tests/production/test_keycloak_identity_realm.py`` fails when it is stale.
 Regenerate it with ``python -m visitflow.production.keycloak_identity``.
+
+The facility realm is what a facility imports, so it is also *not* the dev realm: realm.json's
+demo users (password = username), its ``*-dev-secret`` client secrets, the password grant and
+its long (86400 s) token lifespans stay behind (docs/production.md §9, "the facility realm").
+Keycloak generates a secret for each confidential client on import; the operator reads it
+from the admin console into the services' Secrets.  Tests that need users add them in an
+overlay of their own (tests/fixtures/keycloak_fixtures.py), never by editing the shipped file.
 """
 
 from __future__ import annotations
@@ -27,12 +34,18 @@ from ..errors import ScopeError
 from .keycloak import client_audiences
 
 __all__ = [
-    'LOGIN_CLIENT', 'LOGIN_AUDIENCES', 'per_visit_parts', 'identity_realm', 'identity_problems', 'render',
+    'LOGIN_CLIENT', 'LOGIN_AUDIENCES', 'FACILITY_REALM', 'MAX_ACCESS_LIFESPAN', 'per_visit_parts',
+    'dev_parts', 'identity_realm', 'identity_problems', 'render',
     'main',
 ]
 
 LOGIN_CLIENT = "visitflow-cli"
 LOGIN_AUDIENCES = ("blueapi", "tiled")
+#: The facility realm's name: its issuer is ``https://KEYCLOAK/realms/facility`` (the embedded
+#: dev realm, realm.json, is ``visitflow``).
+FACILITY_REALM = "facility"
+#: Longest access-token lifespan a facility realm may set (a login token is refreshed, not long-lived).
+MAX_ACCESS_LIFESPAN = 3600
 
 
 def _per_visit(name: str) -> bool:
@@ -49,9 +62,51 @@ def per_visit_parts(realm: dict) -> list[str]:
     return roles + scopes
 
 
+def _dev_user(user: dict) -> bool:
+    return bool(user.get("credentials")) or "visitflow.dev-only" in (user.get("attributes") or {})
+
+
+def dev_parts(realm: dict) -> list[str]:
+    """What only a dev realm may carry: users with passwords in the file (demo users),
+    client secrets in the file (``*-dev-secret``), the password grant, long access tokens."""
+    out = []
+    for user in realm.get("users") or []:
+        creds = [c for c in user.get("credentials") or [] if c.get("type") == "password"]
+        if any(c.get("value") == user.get("username") for c in creds):
+            out.append(f"user {user.get('username')} is a dev user (password = username)")
+        elif _dev_user(user):
+            out.append(f"user {user.get('username')} is a dev user (credentials in the realm file)")
+    for client in realm.get("clients") or []:
+        cid = client.get("clientId")
+        secret = client.get("secret")
+        if secret and not client.get("publicClient"):
+            kind = "a dev secret" if str(secret).endswith("-dev-secret") else "a secret"
+            out.append(f"client {cid} ships {kind} in the realm file")
+        if client.get("directAccessGrantsEnabled"):
+            out.append(f"client {cid} allows the password grant (directAccessGrantsEnabled)")
+        life = (client.get("attributes") or {}).get("access.token.lifespan")
+        if life and int(life) > MAX_ACCESS_LIFESPAN:
+            out.append(f"client {cid} access tokens live {life} s (> {MAX_ACCESS_LIFESPAN})")
+    if int(realm.get("accessTokenLifespan") or 0) > MAX_ACCESS_LIFESPAN:
+        out.append(f"realm access tokens live {realm['accessTokenLifespan']} s (> {MAX_ACCESS_LIFESPAN})")
+    return out
+
+
 def identity_realm(realm: dict) -> dict:
-    """``realm`` without per-visit roles and client scopes (and every reference to them)."""
+    """``realm`` without per-visit roles and client scopes (and every reference to them), and
+    without its dev parts (:func:`dev_parts`), named :data:`FACILITY_REALM`."""
     out = copy.deepcopy(realm)
+    out["realm"] = FACILITY_REALM
+    out["users"] = [u for u in out.get("users") or [] if not _dev_user(u)]
+    for client in out.get("clients") or []:
+        client.pop("secret", None)
+        client["directAccessGrantsEnabled"] = False
+        attrs = client.get("attributes") or {}
+        if int(attrs.get("access.token.lifespan") or 0) > MAX_ACCESS_LIFESPAN:
+            del attrs["access.token.lifespan"]
+        if client.get("clientId") == LOGIN_CLIENT:
+            client["description"] = ("Public login client (users): the browser (PKCE) or the device flow; "
+                                     "no password grant in the facility realm.")
     roles = out.get("roles") or {}
     roles["realm"] = [r for r in roles.get("realm") or [] if not _per_visit(r["name"])]
     out["clientScopes"] = [s for s in out.get("clientScopes") or [] if not _per_visit(s["name"])]
@@ -71,8 +126,10 @@ def identity_realm(realm: dict) -> dict:
 
 
 def identity_problems(realm: dict) -> list[str]:
-    """Why ``realm`` is not an identity-only realm for the token-service topology ([] = fine)."""
+    """Why ``realm`` is not an identity-only facility realm for the token-service topology
+    ([] = fine): per-visit parts, and the dev parts of :func:`dev_parts`."""
     problems = [f"{part} is per visit: authority belongs to OPA" for part in per_visit_parts(realm)]
+    problems += dev_parts(realm)
     login = [c for c in realm.get("clients") or [] if c.get("clientId") == LOGIN_CLIENT]
     if not login:
         problems.append(f"no login client {LOGIN_CLIENT}")

@@ -23,7 +23,7 @@ def add_port_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idp-port", type=int, default=8180)
     p.add_argument("--tiled-port", type=int, default=8000)
     p.add_argument("--prefect-port", type=int, default=4200)
-    p.add_argument("--worker-health-port", type=int, default=8181)
+    p.add_argument("--worker-health-port", type=int, default=8182)  # not 8181: OPA's default
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,9 @@ def run_up(args) -> int:
     c = stack.config
     print(f"\nvisitflow is up (state in {stack.state}):\n"
           f"  IdP          {rec.issuer}\n  Tiled        {rec.tiled_uri}\n"
-          f"  Prefect UI   {c.prefect_ui}\n  Prefect API  {rec.prefect_api}\n"
+          f"  Prefect UI   {c.prefect_ui}   (its login asks for the auth string: cat {stack.state}/prefect-auth)\n"
+          f"  Prefect API  {rec.prefect_api}   (needs it too: export PREFECT_API_AUTH_STRING=$(cat "
+          f"{stack.state}/prefect-auth))\n"
           f"  next: visitflow demo   |   visitflow down")
     return 0
 

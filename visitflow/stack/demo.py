@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core import oauth
 from .cli import add_port_arguments, config_from_args
+from . import prefect as pstack
 from .local import DEV_SECRETS, LocalStack, StackConfig, say
 from .. import errors
 
@@ -53,7 +54,8 @@ def run_user_scan(config: StackConfig, user: str, visit: str, num: int, delay: f
     root = connect(config.tiled_uri, BearerAuth(lambda: (login.access_token, login.expires_at)))
     trigger = AnalysisTrigger(TriggerSettings(
         issuer=config.issuer, prefect_api_url=config.prefect_api, client_id="blueapi",
-        client_secret=DEV_SECRETS["blueapi"], state_dir=config.state_dir.resolve() / "trigger"),
+        client_secret=DEV_SECRETS["blueapi"], state_dir=config.state_dir.resolve() / "trigger",
+        prefect_auth_string=pstack.auth_string(config.state_dir.resolve())),
         token=login.access_token)
     motor, det, saxs = make_devices(shape)
     RE = RunEngine({}, context_managers=[])
@@ -78,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay", type=float, default=0.25, help="seconds between points (default 0.25)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the analyses")
     p.add_argument("--no-ui", action="store_true", help="start the Prefect server without its UI")
-    add_port_arguments(p)   # the same ports as `visitflow up` (defaults 8180, 8000, 4200, 8181)
+    add_port_arguments(p)   # the same ports as `visitflow up` (defaults 8180, 8000, 4200, 8182)
 
 
 def run(args) -> int:
@@ -108,7 +110,7 @@ def run(args) -> int:
     runs = [r for r in trigger.outbox.requests() if r.run == uid]
     trigger.close()
     ok = True
-    with PrefectAPI(config.prefect_api) as api:
+    with PrefectAPI(config.prefect_api, stack.prefect_auth) as api:
         for r in runs:
             if r.state != "done":
                 say(f"{r.key}: {r.state} {r.error or ''}")
@@ -149,6 +151,7 @@ def run(args) -> int:
 
     say("open:")
     say(f"  Prefect UI  {config.prefect_ui}/runs   (flow runs, logs, artifacts: result images)")
+    say(f"              its login asks for the auth string: cat {stack.state / pstack.AUTH_FILE}")
     say(f"  Tiled       {config.tiled_uri}/api/v1/metadata/processed/a1/{uid}  (Bearer token needed)")
     say("  stop everything: visitflow down")
     return 0 if ok else 1

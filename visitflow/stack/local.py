@@ -35,7 +35,7 @@ class StackConfig:
     idp_port: int = 8180
     tiled_port: int = 8000
     prefect_port: int = 4200
-    worker_health_port: int = 8181
+    worker_health_port: int = 8182  # not 8181: OPA's default port, which a facility host may run
     visits: tuple = ("a1", "a2")
     idp_config: Path = pstack.REPO / "deployments" / "idp.yaml"
     post_limit: int = 4          # post runs at once, overall (work-queue limit)
@@ -111,6 +111,11 @@ class LocalStack:
         self.logs = self.state / "logs"
         self.record = Record.load(self.state)
 
+    @property
+    def prefect_auth(self) -> str:
+        """This stack's Prefect auth string (``<state>/prefect-auth``, 0600; made on first use)."""
+        return pstack.auth_string(self.state)
+
     # ---------------------------------------------------------------- one service
     def _ensure(self, name: str, argv: list[str], health: str, *, env: dict | None = None,
                 timeout: float = 180) -> bool:
@@ -152,10 +157,11 @@ class LocalStack:
                                 c.visits)
         if created:
             say(f"tiled: created {', '.join(created)}")
-        argv, env, health = pstack.server_command(self.state, c.prefect_port, ui=c.ui,
+        auth = self.prefect_auth
+        argv, env, health = pstack.server_command(self.state, c.prefect_port, ui=c.ui, auth=auth,
                                                   database_url=os.environ.get("VISITFLOW_PREFECT_DATABASE_URL"))
         server_started = self._ensure("prefect-server", argv, health, env=env, timeout=240)
-        env = pstack.prefect_env(c.prefect_api, self.state / "prefect")
+        env = pstack.prefect_env(c.prefect_api, self.state / "prefect", auth)
         worker_health = f"http://127.0.0.1:{c.worker_health_port}/health"
         if server_started or not healthy(worker_health):
             say("prefect: work pool, queues, block and deployments (prefect deploy --all)...")
@@ -165,7 +171,8 @@ class LocalStack:
             self._visit_limits()
             say(f"prefect: configured in {time.monotonic() - t0:.1f}s")
         argv, wenv, _ = pstack.worker_command(env, health_port=c.worker_health_port,
-                                              client_secret=DEV_SECRETS["visitflow"], worker_type=c.worker_type)
+                                              client_secret=DEV_SECRETS["visitflow"], worker_type=c.worker_type,
+                                              allowed_endpoints=(c.issuer, c.tiled_uri))
         self._ensure("worker", argv, worker_health, env=wenv, timeout=120)
         self.record.issuer, self.record.tiled_uri, self.record.prefect_api = c.issuer, c.tiled_uri, c.prefect_api
         self.record.save(self.state)
@@ -174,7 +181,7 @@ class LocalStack:
     def _visit_limits(self) -> None:
         from ..core.prefect_api import PrefectAPI
 
-        with PrefectAPI(self.config.prefect_api) as api:
+        with PrefectAPI(self.config.prefect_api, self.prefect_auth) as api:
             for visit in self.config.visits:
                 api.ensure_concurrency_limit(f"visitflow-live-{visit}", self.config.live_per_visit)
 

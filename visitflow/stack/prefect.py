@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..core.endpoints import ENV as ENDPOINTS_ENV
 from ..core.prefect_api import PrefectAPI
 from .services import Service, start_service
 from ..errors import ServiceFailed
 
 __all__ = [
-    'REPO', 'POOL', 'BLOCK', 'DEFAULT_WORKER_TYPE', 'prefect_env', 'server_command',
+    'REPO', 'POOL', 'BLOCK', 'DEFAULT_WORKER_TYPE', 'AUTH_FILE', 'auth_string', 'prefect_env', 'server_command',
     'start_server', 'run_cli', 'configure', 'worker_query_seconds', 'worker_command',
     'start_worker',
 ]
@@ -30,9 +31,39 @@ BLOCK = "visitflow"
 DEFAULT_WORKER_TYPE = os.environ.get("VISITFLOW_WORKER_TYPE", "visitflow")
 
 
-def prefect_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
-    """Environment for every Prefect process of one stack (server, CLI, worker, flow runs)."""
+AUTH_FILE = "prefect-auth"
+
+
+def auth_string(state: Path) -> str:
+    """The stack's Prefect auth string (``visitflow:<random>``), made on first use and kept in
+    ``state/prefect-auth`` (mode 0600).  Why: without it every local user can read every
+    pending grant (``include_secrets``) and start flow runs (issue 20 finding 3).  The server
+    gets it as ``PREFECT_SERVER_API_AUTH_STRING``; the worker, the trigger, the CLI and the UI's
+    login prompt as ``PREFECT_API_AUTH_STRING`` (``export PREFECT_API_AUTH_STRING=$(cat
+    .visitflow/prefect-auth)``)."""
+    import secrets
+
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / AUTH_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        value = path.read_text().strip()
+        if value:
+            return value
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        value = f"visitflow:{secrets.token_urlsafe(24)}"
+        f.write(value + "\n")
+    return value
+
+
+def prefect_env(api_url: str, home: Path, auth: str | None = None, **extra: str) -> dict[str, str]:
+    """Environment for every Prefect process of one stack (server, CLI, worker, flow runs);
+    ``auth``: the server's auth string (see :func:`auth_string`)."""
     return {
+        **({"PREFECT_API_AUTH_STRING": auth} if auth else {}),
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -43,12 +74,14 @@ def prefect_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def server_command(state: Path, port: int, *, ui: bool = True,
-                   database_url: str | None = None) -> tuple[list[str], dict, str]:
-    """(argv, env, health URL) of a Prefect server whose home is ``state/prefect``."""
+def server_command(state: Path, port: int, *, ui: bool = True, database_url: str | None = None,
+                   auth: str | None = None) -> tuple[list[str], dict, str]:
+    """(argv, env, health URL) of a Prefect server whose home is ``state/prefect``; with
+    ``auth`` it requires that auth string on every API call but the health probe."""
     home = state / "prefect"
     home.mkdir(parents=True, exist_ok=True)
-    env = prefect_env(f"http://127.0.0.1:{port}/api", home,
+    env = prefect_env(f"http://127.0.0.1:{port}/api", home, auth,
+                      **({"PREFECT_SERVER_API_AUTH_STRING": auth} if auth else {}),
                       PREFECT_UI_ENABLED="true" if ui else "false",
                       PREFECT_API_DATABASE_CONNECTION_URL=database_url
                       or f"sqlite+aiosqlite:///{home / 'prefect.db'}")
@@ -57,8 +90,8 @@ def server_command(state: Path, port: int, *, ui: bool = True,
 
 
 def start_server(state: Path, port: int, *, ui: bool = True, log_dir: Path | None = None,
-                 database_url: str | None = None) -> Service:
-    argv, env, health = server_command(state, port, ui=ui, database_url=database_url)
+                 database_url: str | None = None, auth: str | None = None) -> Service:
+    argv, env, health = server_command(state, port, ui=ui, database_url=database_url, auth=auth)
     return start_service("prefect-server", argv, log_dir=log_dir or state / "logs", env=env, health_url=health)
 
 
@@ -101,13 +134,15 @@ def worker_query_seconds(worker_type: str | None) -> str:
 
 def worker_command(env: dict, *, health_port: int, name: str = "visitflow-local-worker", client_secret: str,
                    secret_env: str = "VISITFLOW_CLIENT_SECRET", worker_type: str | None = DEFAULT_WORKER_TYPE,
-                   extra_env: dict | None = None, pool: str = POOL) -> tuple[list[str], dict, str]:
+                   extra_env: dict | None = None, pool: str = POOL,
+                   allowed_endpoints: tuple[str, ...] | None = None) -> tuple[list[str], dict, str]:
     """(argv, env, health URL) of a worker for ``pool``; the client secret reaches flow runs
     through its environment.
 
     Polls every 0.25 s (warm) or 1 s (stock); Prefect's default 10 s would be most of a live
     analysis' start latency.  Readiness is the worker's own health endpoint
-    (``--with-healthcheck``)."""
+    (``--with-healthcheck``).  ``allowed_endpoints``: the worker's own allow-list of issuers and
+    Tiled URIs (``VISITFLOW_ALLOWED_ENDPOINTS``, :mod:`visitflow.core.endpoints`)."""
     argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
             "--with-healthcheck"]
     if worker_type:
@@ -115,6 +150,7 @@ def worker_command(env: dict, *, health_port: int, name: str = "visitflow-local-
     env = {**env, secret_env: client_secret, "PREFECT_WORKER_QUERY_SECONDS": worker_query_seconds(worker_type),
            "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONUNBUFFERED": "1",
            "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(health_port),
+           **({ENDPOINTS_ENV: " ".join(allowed_endpoints)} if allowed_endpoints is not None else {}),
            **(extra_env or {})}
     return argv, env, f"http://127.0.0.1:{health_port}/health"
 

@@ -18,9 +18,9 @@ __all__ = [
 ]
 
 
-def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> None:
-    parser.add_argument("--issuer", required=True, help="OIDC issuer URL (discovery at <issuer>/.well-known/...)")
-    parser.add_argument("--state-dir", required=state_required, help="catalog, storage and logs live here")
+def _common(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--issuer", required=required, help="OIDC issuer URL (discovery at <issuer>/.well-known/...)")
+    parser.add_argument("--state-dir", required=required, help="catalog, storage and logs live here")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--raw-template", default=DEFAULT_RAW_TEMPLATE,
@@ -44,14 +44,24 @@ def _common(parser: argparse.ArgumentParser, *, state_required: bool = True) -> 
                         help="the facility IdP: accept users' own tokens from it, decided by --authority-url")
     parser.add_argument("--authority-url", default=None, metavar="URL",
                         help="OPA server deciding facility users' access (policy deployments/opa/authz.rego)")
+    parser.add_argument("--authority-token-env", default=None, metavar="NAME",
+                        help="environment variable holding the bearer token for an OPA run with "
+                             "--authentication=token (deployments/opa/system_authz.rego)")
     parser.add_argument("--authority-cache", type=float, default=5.0, metavar="SECONDS",
                         help="how long an authority decision is reused (default 5)")
     parser.add_argument("--streaming-cache", default="memory", metavar="memory|redis://HOST:PORT/DB|none",
                         help="where Tiled keeps the appends it pushes to websocket subscribers (live "
                              "analyses follow runs by push): memory for one process, Redis when several "
                              "Tiled processes share a catalog, none to turn streaming off (live polls)")
-    parser.add_argument("--tabular-storage", default=None,
-                        help="SQL URI for TiledWriter's tables (default sqlite file in the state dir)")
+    parser.add_argument("--tabular-storage", default=None, metavar="URI",
+                        help="SQL URI for TiledWriter's tables (default sqlite file in the state dir; "
+                             "postgresql://... in production)")
+    parser.add_argument("--catalog-database", default=None, metavar="URI",
+                        help="SQLAlchemy URI of the catalog (default sqlite file in the state dir; "
+                             "postgresql+asyncpg://... in production: SQLite locks under concurrent scans)")
+    parser.add_argument("--authn-database", default=None, metavar="URI",
+                        help="SQLAlchemy URI of Tiled's principals table (default sqlite file in the "
+                             "state dir; the catalog's PostgreSQL server in production)")
 
 
 def _render(args):
@@ -61,11 +71,13 @@ def _render(args):
         issuer=args.issuer, state_dir=args.state_dir, host=args.host, port=args.port,
         raw_template=args.raw_template or None, processed_template=args.processed_template or None,
         audience=args.audience, tabular_storage=args.tabular_storage,
+        catalog_uri=args.catalog_database, authn_database_uri=args.authn_database,
         file_roots=_file_roots(args.file_root),
         introspect_client_id=args.introspect_client, cache_seconds=args.token_cache,
         allow_anonymous=args.allow_anonymous,
         user_issuer=args.user_issuer,
-        authority=({"kind": "opa", "url": args.authority_url, "cache_seconds": args.authority_cache}
+        authority=({"kind": "opa", "url": args.authority_url, "cache_seconds": args.authority_cache,
+                    **({"token_env": args.authority_token_env} if args.authority_token_env else {})}
                    if args.authority_url else None),
         streaming_cache=None if args.streaming_cache in ("", "none") else args.streaming_cache,
     )
@@ -107,7 +119,11 @@ tiled_config = run_tiled_config
 def add_tiled_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tiled_command", metavar="{serve,ensure-visits}", required=True)
     serve = sub.add_parser("serve", help="run Tiled with our authenticator and access policy")
-    _common(serve)
+    _common(serve, required=False)
+    serve.add_argument("--config", metavar="FILE",
+                       help="serve this Tiled config file (e.g. from `visitflow tiled-config`, or a site's "
+                            "own) instead of rendering one from the options; visitflow's middleware and "
+                            "AuthGate are still put around it (a plain `tiled serve config` drops them)")
     serve.add_argument("--log-level", default="warning")
     serve.add_argument("--config-out", help="also write the rendered config here (default <state>/tiled.yml)")
     ensure = sub.add_parser("ensure-visits", help="admin step: create store roots and visit containers")
@@ -125,8 +141,13 @@ def add_tiled_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_tiled(args) -> int:
     from .config import prepare_state_dir, write_config
-    from .server import serve
+    from .server import serve, serve_file
 
+    if args.config:
+        serve_file(args.config, log_level=args.log_level)
+        return 0
+    if not args.issuer or not args.state_dir:
+        raise SystemExit("visitflow tiled serve: give --issuer and --state-dir, or --config FILE")
     state = prepare_state_dir(args.state_dir)
     config = _render(args)
     write_config(config, args.config_out or state / "tiled.yml")

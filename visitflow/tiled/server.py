@@ -12,20 +12,28 @@ synchronous ``decode_token`` sees them and re-checks websocket subscriptions, fo
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
+from ..core.asgi_limits import DEFAULT_MAX_HEADER_BYTES, HeaderLimit
 from . import principals
 from .auth_gate import AuthGate
+from .ws_deadline import FirstMessageDeadline
 from .request_context import RequestContextMiddleware
 from .routes import ClosedRoutes, close_routes
 
-__all__ = ['build_app', 'serve']
+__all__ = ['MAX_HEADER_ENV', 'build_app', 'load_config', 'initialize_authn_database', 'serve', 'serve_file']
+
+#: request-header cap of ``visitflow tiled serve`` (bytes; default 16 KiB)
+MAX_HEADER_ENV = "VISITFLOW_MAX_HEADER_BYTES"
 
 
 def build_app(config: dict[str, Any]):
     """The Tiled ASGI app for a config dict (see :func:`.config.render_config`), wrapped."""
+    from . import sql_storage
     from .tiled_compat import Config, build_app_from_config
 
+    sql_storage.install()
     parsed = Config.model_validate(config)
     app = build_app_from_config(parsed)
     policy = getattr(app.state, "access_policy", None)
@@ -38,7 +46,52 @@ def build_app(config: dict[str, Any]):
     wrapped = ClosedRoutes(RequestContextMiddleware(app))
     authenticators = list((parsed.authentication.authenticators or {}).values()) if parsed.authentication else []
     gate = next((a for a in authenticators if hasattr(a, "prevalidate")), None)
-    return AuthGate(wrapped, gate) if gate is not None else wrapped
+    app = AuthGate(wrapped, gate) if gate is not None else wrapped
+    # issue 20 finding 4, kept apart from AuthGate: a websocket's first-message deadline, and
+    # a header cap checked before any token is looked at (visitflow/core/asgi_limits.py says
+    # why a middleware and not uvicorn's h11 option)
+    return HeaderLimit(FirstMessageDeadline(app), int(os.environ.get(MAX_HEADER_ENV, DEFAULT_MAX_HEADER_BYTES)))
+
+
+def load_config(path) -> dict[str, Any]:
+    """A Tiled config file as the dict :func:`build_app` takes.
+
+    Through Tiled's own reader (``tiled.config.parse``: YAML, ``${VAR}`` expanded from the
+    environment, so a site keeps database passwords out of the file as with ``tiled serve
+    config``); :func:`build_app` validates it with Tiled's ``Config``."""
+    from pathlib import Path
+
+    from .tiled_compat import parse_config_file
+
+    return parse_config_file(Path(path))
+
+
+def serve_file(path, *, log_level: str = "info") -> None:
+    """``visitflow tiled serve --config FILE``: like ``tiled serve config FILE``, but wrapped."""
+    serve(load_config(path), log_level=log_level)
+
+
+def initialize_authn_database(config: dict[str, Any]) -> None:
+    """Create Tiled's principals tables in a PostgreSQL ``database.uri`` before the server starts.
+
+    Tiled 0.2.20 does this itself at start-up (``init_if_not_exists``) by running ``tiled
+    admin initialize-database str(engine.url)`` — and SQLAlchemy's ``str(URL)`` masks the
+    password as ``***``, so on any password-protected PostgreSQL the start fails
+    (CalledProcessError; seen by tests/tiled/test_tiled_postgres.py).  We run the same public
+    command with the real URI first; "already initialized" is fine.  SQLite needs nothing."""
+    import subprocess
+    import sys
+
+    from ..errors import ConfigError
+
+    db = config.get("database") or {}
+    uri = str(db.get("uri") or "")
+    if not uri or uri.startswith("sqlite") or not db.get("init_if_not_exists"):
+        return
+    done = subprocess.run([sys.executable, "-m", "tiled", "admin", "initialize-database", uri],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "already initialized" not in done.stdout + done.stderr:
+        raise ConfigError(f"Tiled's authentication database could not be initialized: {done.stderr[-500:]}")
 
 
 def serve(config: dict[str, Any], *, log_level: str = "info") -> None:
@@ -48,5 +101,6 @@ def serve(config: dict[str, Any], *, log_level: str = "info") -> None:
     uv = dict(config.get("uvicorn") or {})
     host, port = uv.pop("host", "127.0.0.1"), int(uv.pop("port", 8000))
     logging.basicConfig(level=log_level.upper())
+    initialize_authn_database(config)
     app = build_app(config)
     uvicorn.run(app, host=host, port=port, log_level=log_level, **uv)

@@ -91,7 +91,9 @@ __all__ = [
     'get_current_principal_websocket', 'get_or_create_principal', 'get_database_session_factory',
     'get_settings', 'Principal', 'PrincipalType', 'Identity',
     # authenticator, server
-    'ProxiedOIDCAuthenticator', 'Config', 'build_app_from_config',
+    'ProxiedOIDCAuthenticator', 'Config', 'build_app_from_config', 'parse_config_file',
+    # sql_storage
+    'SQLAdapter',
     # node tags, access policy
     'AccessTag', 'Node', 'CatalogNodeAdapter',
 ]
@@ -179,6 +181,14 @@ INTERNAL_NAMES: tuple[InternalName, ...] = (
     InternalName("tiled.config", "Config", "is Tiled's parsed configuration"),
     InternalName("tiled.config", "Config.model_validate", "parses the config dict we render"),
     InternalName("tiled.config", "Authentication.authenticators", "is where the server finds our authenticator"),
+    InternalName("tiled.config", "parse", "reads a config file as `tiled serve config` does (env vars expanded)"),
+    # -- sql_storage.py: concurrent table creation on PostgreSQL -------------------------------
+    InternalName("tiled.adapters.sql", "SQLAdapter", "is the tabular adapter whose init_storage we wrap"),
+    InternalName("tiled.adapters.sql", "SQLAdapter.init_storage",
+                 "is wrapped: two new tables of one schema at once race in CREATE TABLE IF NOT EXISTS",
+                 ("storage", "data_source", "path_parts"), positional=True),
+    InternalName("tiled.adapters.sql", "SQLAdapter.init_storage", "commits once, at its end (safe to retry)",
+                 source_has="conn.commit()"),
     InternalName(_APP, "build_app_from_config", "builds the app our middlewares wrap"),
     InternalName(_APP, "build_app", "is where the server finds the access policy",
                  source_has="app.state.access_policy ="),
@@ -302,6 +312,9 @@ Identity = _NAMES["tiled.server.schemas.Identity"]
 ProxiedOIDCAuthenticator = _NAMES[f"tiled.authenticators.{_PROXIED}"]
 Config = _NAMES["tiled.config.Config"]
 build_app_from_config = _NAMES[f"{_APP}.build_app_from_config"]
+parse_config_file = _NAMES["tiled.config.parse"]
+# sql_storage.py
+SQLAdapter = _NAMES["tiled.adapters.sql.SQLAdapter"]
 # node_tags.py, access_policy.py
 AccessTag = _NAMES[f"{_ORM}.AccessTag"]
 Node = _NAMES[f"{_ORM}.Node"]

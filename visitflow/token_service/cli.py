@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from ..core.asgi_limits import HeaderLimit
     from .config import IdPConfig
     from .server import create_app
 
@@ -56,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(config, KeyStore(args.keys_dir), issuer, revocations)
     mode = "token service (production: federated, no users)" if config.production else "dev IdP"
     print(f"visitflow idp: {mode}, issuer {issuer}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    # header cap: a middleware, not uvicorn's h11 option (httptools ignores it): visitflow/core/asgi_limits.py
+    uvicorn.run(HeaderLimit(app, config.limits.max_header_bytes), host=args.host, port=args.port,
+                log_level=args.log_level, access_log=False)
     return 0
 
 

@@ -17,7 +17,7 @@ from ..errors import ConfigError, ScopeError
 from ..core.scopes import ScopeSet
 
 __all__ = [ 'TOKEN_EXCHANGE', 'KNOWN_GRANTS', 'Lifetimes', 'Client', 'User',
-    'RESERVED_CLAIMS', 'IdPConfig',
+    'RESERVED_CLAIMS', 'Limits', 'IdPConfig',
 ]
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -73,6 +73,27 @@ RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "s
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one token may carry (issue 20 finding 4: a 481 KiB token of 20,000 scopes made
+    every request with it cost 5x).  Over a limit the request is refused with the reason
+    (``invalid_scope``, 400) — never silently truncated: a token that says less than the
+    user asked for would fail later, somewhere less clear.  ``max_header_bytes`` caps the
+    request headers the token service reads (:mod:`visitflow.core.asgi_limits`)."""
+
+    max_scopes: int = 200
+    max_token_bytes: int = 12 * 1024
+    max_header_bytes: int = 16 * 1024
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Limits":
+        d = dict(d or {})
+        out = cls(**{k: int(d.pop(k)) for k in ("max_scopes", "max_token_bytes", "max_header_bytes") if k in d})
+        if d:
+            raise ConfigError(f"limits: unknown keys {sorted(d)}")
+        return out
+
+
+@dataclass
 class IdPConfig:
     issuer: str | None = None
     lifetimes: Lifetimes = field(default_factory=Lifetimes)
@@ -88,6 +109,7 @@ class IdPConfig:
     #: subject tokens from the trusted facility IdP, decisions by the authority.
     production: bool = False
     federation: dict | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def lifetimes_for(self, audience: str | list | None) -> Lifetimes:
         """Lifetimes of a token for ``audience``: the single audience's override, else defaults."""
@@ -103,7 +125,7 @@ class IdPConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IdPConfig":
         unknown = set(d) - {"issuer", "lifetimes", "audiences", "clients", "users", "fixed_scopes",
-                            "production", "federation"}
+                            "production", "federation", "limits"}
         if unknown:
             raise ConfigError(f"unknown top-level keys {sorted(unknown)}")
         base = Lifetimes.from_dict(d.get("lifetimes"))
@@ -163,4 +185,4 @@ class IdPConfig:
                 raise ConfigError("production mode needs federation (the facility IdP it trusts, the authority)")
         return cls(issuer=d.get("issuer"), lifetimes=base, audiences=audiences, clients=clients, users=users,
                    fixed_scopes=bool(d.get("fixed_scopes", False)), production=production,
-                   federation=d.get("federation"))
+                   federation=d.get("federation"), limits=Limits.from_dict(d.get("limits")))

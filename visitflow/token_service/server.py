@@ -142,6 +142,10 @@ class IdP:
     def access_token(self, *, sub: str, client_id: str, aud: list, scopes: ScopeSet,
                      sid: str | None = None, act: dict | None = None, extra: dict | None = None,
                      not_after: float | None = None) -> tuple[str, int]:
+        limits = self.config.limits
+        if len(scopes) > limits.max_scopes:
+            raise OAuthError("invalid_scope", f"this token would carry {len(scopes)} scopes; the limit is "
+                             f"{limits.max_scopes}: ask for the scopes you need (scope=...)", 400)
         now = int(time.time())
         lifetime = self.config.lifetimes_for(aud).access
         if not_after is not None:  # never outlive the user session / the subject token it came from
@@ -163,7 +167,11 @@ class IdP:
         if act:
             claims["act"] = act
         claims.update(extra or {})
-        return self._sign(claims), lifetime
+        token = self._sign(claims)
+        if len(token) > limits.max_token_bytes:
+            raise OAuthError("invalid_scope", f"this token would be {len(token)} bytes; the limit is "
+                             f"{limits.max_token_bytes}: ask for fewer scopes (scope=...)", 400)
+        return token, lifetime
 
     def id_token(self, *, sub: str, client_id: str, username: str | None) -> str:
         now = int(time.time())

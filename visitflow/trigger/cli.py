@@ -67,6 +67,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         trigger = AnalysisTrigger(TriggerSettings(issuer=args.issuer, prefect_api_url=args.prefect_api,
                                                   client_id=args.client_id, client_secret=secret,
+                                                  prefect_auth_string=os.environ.get("PREFECT_API_AUTH_STRING"),
                                                   state_dir=Path(tmp), grant_scope=args.grant_scope), token=token)
         try:
             try:

@@ -28,6 +28,10 @@ import anyio.abc
 from prefect.logging.loggers import get_worker_logger
 from prefect.workers.process import ProcessJobConfiguration, ProcessVariables, ProcessWorker, ProcessWorkerResult
 
+from prefect.exceptions import ObjectNotFound
+
+from ..core import endpoints
+from ..errors import EndpointNotAllowed
 from .parent import Zygote, ZygoteStarter
 from .prefect_compat import FlowRunExecutorContext
 
@@ -66,12 +70,36 @@ class VisitflowWorker(ProcessWorker):
             await anyio.to_thread.run_sync(self._zygote.start)
         return self._zygote
 
+    async def _check_endpoints(self, configuration: ProcessJobConfiguration) -> None:
+        """Refuse a flow run whose job variables change a protected environment name (the
+        allow-list, where Prefect is) or whose credentials Block names an endpoint off this
+        worker's allow-list (:mod:`visitflow.core.endpoints`; issue 20 finding 3).  Raising
+        here, before the run is submitted, makes Prefect mark it Crashed with this reason."""
+        changed = endpoints.env_overrides(configuration.env or {})
+        if changed:
+            raise EndpointNotAllowed(
+                f"job variables set {', '.join(changed)}: only the worker's own environment may (refused)")
+        allow = endpoints.allowed()
+        if allow is None:
+            return
+        name = (configuration.env or {}).get(endpoints.BLOCK_ENV) or os.environ.get(endpoints.BLOCK_ENV) \
+            or endpoints.DEFAULT_BLOCK
+        try:
+            doc = await self.client.read_block_document_by_name(name, block_type_slug=endpoints.BLOCK_TYPE_SLUG)
+        except ObjectNotFound:
+            return   # the flow run fails on its own, saying which Block is missing; nothing is sent
+        try:
+            endpoints.check_block(doc.data, allow)
+        except EndpointNotAllowed as exc:
+            raise EndpointNotAllowed(f"credentials Block {name!r}: {exc}") from None
+
     async def run(self, flow_run, configuration: ProcessJobConfiguration,
                   task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:
         from prefect.flows import load_flow_from_flow_run
 
         if task_status is None:
             task_status = anyio.TASK_STATUS_IGNORED
+        await self._check_endpoints(configuration)   # raises before anything starts: Crashed, with the reason
         zygote = await self._ensure_zygote()
         working_dir_ctx = (tempfile.TemporaryDirectory(suffix="prefect") if not configuration.working_dir
                            else contextlib.nullcontext(configuration.working_dir))

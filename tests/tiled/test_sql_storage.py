@@ -1,0 +1,76 @@
+"""Tiled's tabular storage on PostgreSQL when several writers create the same table at once
+(visitflow/tiled/sql_storage.py): real PostgreSQL, Tiled's own ``SQLAdapter.init_storage``.
+
+Eight threads released together ask for a table of one schema (as concurrent scans of one
+plan do).  Tiled's own function loses the ``CREATE TABLE IF NOT EXISTS`` race on PostgreSQL
+(the control: most of them fail with a unique violation); wrapped, every one succeeds with
+its own dataset id.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from tests.fixtures.postgres_fixtures import db_url, fresh_databases
+from visitflow.tiled import sql_storage
+
+pytestmark = pytest.mark.e2e
+
+WRITERS = 8
+
+
+def _together(init, storage, schema_tag: str) -> tuple[list[int], list[BaseException]]:
+    import pyarrow
+    from tiled.structures.core import StructureFamily
+    from tiled.structures.data_source import DataSource, Management
+    from tiled.structures.table import TableStructure
+
+    schema = pyarrow.schema([("seq_num", pyarrow.int64()), (f"x_{schema_tag}", pyarrow.float64())])
+    structure = TableStructure.from_schema(schema, npartitions=1)
+    barrier, ids, errors = threading.Barrier(WRITERS), [], []
+
+    def writer():
+        source = DataSource(structure_family=StructureFamily.table, structure=structure,
+                            mimetype="application/x-tiled-sql-table", parameters={}, management=Management.writable)
+        barrier.wait(timeout=60)
+        try:
+            ids.append(init(storage, source, []).parameters["dataset_id"])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(WRITERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return ids, errors
+
+
+def test_concurrent_table_creation_races_in_tiled_and_not_through_visitflow():
+    from tiled.adapters.sql import SQLAdapter
+    from tiled.storage import parse_storage
+
+    with fresh_databases("tables") as dbs:
+        storage = parse_storage(db_url(dbs["tables"]))
+        original = SQLAdapter.__dict__["init_storage"].__func__
+        sql_storage.install()
+        wrapped = SQLAdapter.init_storage
+        assert getattr(SQLAdapter.__dict__["init_storage"].__func__, "visitflow_retry", False)
+
+        ids, errors = _together(lambda *a: original(SQLAdapter, *a), storage, uuid.uuid4().hex[:6])
+        assert errors, "the control: Tiled's own init_storage did not race this time"
+        assert all(sql_storage.is_creation_race(e) for e in errors), [str(e)[:200] for e in errors]
+
+        ids, errors = _together(wrapped, storage, uuid.uuid4().hex[:6])
+        assert errors == [] and len(ids) == WRITERS and len(set(ids)) == WRITERS, (ids, errors)
+
+
+def test_other_errors_are_not_retried():
+    assert not sql_storage.is_creation_race(ValueError("primary_key column 'x' is not in the structure columns"))
+    assert not sql_storage.is_creation_race(RuntimeError('INSERT INTO "t" ...: duplicate key value (23505)'))
+    assert sql_storage.is_creation_race(RuntimeError(
+        "INTEGRITY: [libpq] Failed to execute query 'CREATE TABLE IF NOT EXISTS \"table_1\" (...)': ERROR: "
+        "duplicate key value violates unique constraint \"pg_type_typname_nsp_index\". SQLSTATE: 23505"))
