@@ -18,7 +18,8 @@ The tree (``code`` of each class in brackets)::
     ├── InvalidToken [invalid_token]            a token that must be refused (401); ``reason`` is safe
     │   │                                       to send back; ``code`` says which check failed:
     │   │                                       ``expired``, ``bad_signature``, ``wrong_audience``, …
-    │   └── InsufficientScope [insufficient_scope]  valid, but lacks the scope needed (403)
+    │   ├── InsufficientScope [insufficient_scope]  valid, but lacks the scope needed (403)
+    │   └── MoreThanOneCredential [more_than_one_credential]  several credentials in one request (400)
     ├── DelegationError [delegation]            a flow run cannot act for the user
     │   ├── GrantMissing [grant_missing]        no grant stored: the trigger never delegated
     │   ├── GrantInvalid [grant_invalid]        the stored grant is not a valid visitflow token
@@ -61,7 +62,7 @@ __all__ = [
     "VisitflowError",
     "DefinitionError", "AnalysisDefinitionError", "ScopeError", "ConfigError", "FileRootError", "UsageError",
     "OptionError", "PrefectIncompatible", "TiledIncompatible",
-    "InvalidToken", "InsufficientScope",
+    "InvalidToken", "InsufficientScope", "MoreThanOneCredential",
     "DelegationError", "GrantMissing", "GrantInvalid", "DelegationExpired", "NotAuthorised",
     "EndpointNotAllowed",
     "RemoteError", "Refused", "OAuthRefused", "PrefectRefused",
@@ -167,6 +168,17 @@ class InsufficientScope(InvalidToken):
 
     def __init__(self, reason: str):
         super().__init__(reason, status=403)
+
+
+class MoreThanOneCredential(InvalidToken):
+    """A request or stream subscription carried more than one credential (HTTP 400): refused,
+    never guessed between (see :mod:`visitflow.tiled.credentials`).  ``places`` says where."""
+
+    code = "more_than_one_credential"
+
+    def __init__(self, reason: str, *, places: tuple[str, ...] = ()):
+        super().__init__(reason, status=400)
+        self.places = tuple(places)
 
 
 # -- delegation (a flow run acting for the user) -------------------------------------------

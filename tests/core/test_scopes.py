@@ -149,3 +149,21 @@ def test_proposal_follows_from_a_blueapi_instrument_session():
     with pytest.raises(KeyError, match="proposal"):
         t.format(visit="a1", run="u1")
     assert t.match(["i22", "cm12345", "cm12345-1", "u1"]).visit == "cm12345-1"
+
+
+# -- per-analysis writes (issue 20, finding 6) ----------------------------------------------
+
+def test_an_analysis_scope_covers_only_its_own_analysis():
+    from visitflow.core.scopes import ScopeSet, data_token_scopes, grant_scopes, parse_scope
+
+    mine = ScopeSet.parse("write:processed:a1/u1/saxs_average")
+    assert str(parse_scope("write:processed:a1/u1/saxs_average")) == "write:processed:a1/u1/saxs_average"
+    assert mine.allows("write", "processed", "a1", "u1", "saxs_average")
+    assert not mine.allows("write", "processed", "a1", "u1", "peak_stats")
+    assert not mine.allows("write", "processed", "a1", "u1")          # not the whole run
+    assert mine.allows_some("write", "processed", "a1", "u1") and not mine.allows_some("write", "processed", "a1", "u2")
+    old = ScopeSet.parse("read:raw:a1/u1 write:processed:a1/u1")         # a pre-issue-20 grant
+    assert old.narrows_to(data_token_scopes("a1", "u1", analysis="saxs_average"))
+    assert "write:processed:a1/u1/saxs_average" in str(grant_scopes("saxs_average", "a1", "u1"))
+    with pytest.raises(ScopeError):
+        parse_scope("write:raw:a1/u1/saxs_average")                      # raw has no analyses

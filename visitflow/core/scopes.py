@@ -3,11 +3,12 @@
 The seed's "scope read data visit=a1" becomes the OAuth scope ``read:data:a1``.  Grammar
 (docs/architecture.md §3)::
 
-    <action>:<store>:<visit>[/<run>]     action ∈ {read, write}, store ∈ {data, raw, processed}
+    <action>:<store>:<visit>[/<run>[/<analysis>]]   action ∈ {read, write}, store ∈ {data, raw, processed}
     run:<analysis>:<visit>               analysis may be ``*`` (any analysis)
 
 ``data`` means both stores.  A scope **covers** another when the action is equal, the store
-is equal or ``data``, the visit is equal, and the run is absent or equal.  Token exchange may
+is equal or ``data``, the visit is equal, the run is absent or equal, and (with a run) the
+analysis is absent or equal.  Token exchange may
 only *narrow*: every requested scope must be covered by a scope of the subject token.
 
 Everything else (the IdP's exchange check, the Tiled authenticator and access policy, the
@@ -44,7 +45,8 @@ ADMIN_SCOPE = "visitflow:admin"
 #: grammar separators, whitespace separates scopes, ``*`` is the analysis wildcard.
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._\-]*"
 _NAME_RE = re.compile(rf"^{_NAME}$")
-_DATA_RE = re.compile(rf"^(?P<action>[a-z]+):(?P<store>[a-z]+):(?P<visit>{_NAME})(?:/(?P<run>{_NAME}))?$")
+_DATA_RE = re.compile(
+    rf"^(?P<action>[a-z]+):(?P<store>[a-z]+):(?P<visit>{_NAME})(?:/(?P<run>{_NAME})(?:/(?P<analysis>{_NAME}))?)?$")
 _RUN_RE = re.compile(rf"^run:(?P<analysis>\*|{_NAME}):(?P<visit>{_NAME})$")
 
 Action = Literal["read", "write"]
@@ -66,12 +68,15 @@ def check_name(name: str, what: str) -> str:
 
 @dataclass(frozen=True, order=True)
 class DataScope:
-    """``<action>:<store>:<visit>[/<run>]`` — read or write one store (or both) of a visit."""
+    """``<action>:<store>:<visit>[/<run>[/<analysis>]]`` — read or write one store (or both) of
+    a visit, one run of it, or one analysis's results of a run (``processed/<visit>/<run>/<analysis>``:
+    what a data token writes, so one analysis cannot touch another's results)."""
 
     action: str
     store: str
     visit: str
     run: str | None = None
+    analysis: str | None = None
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -81,9 +86,16 @@ class DataScope:
         check_name(self.visit, "visit")
         if self.run is not None:
             check_name(self.run, "run id")
+        if self.analysis is not None:
+            if self.run is None or self.store != "processed":
+                raise ScopeError("only processed results belong to an analysis: "
+                                 "<action>:processed:<visit>/<run>/<analysis>")
+            check_name(self.analysis, "analysis name")
 
     def __str__(self) -> str:
         base = f"{self.action}:{self.store}:{self.visit}"
+        if self.analysis:
+            return f"{base}/{self.run}/{self.analysis}"
         return f"{base}/{self.run}" if self.run else base
 
     def covers(self, other: "Scope") -> bool:
@@ -94,6 +106,7 @@ class DataScope:
             and (self.store == other.store or self.store == "data")
             and self.visit == other.visit
             and (self.run is None or self.run == other.run)
+            and (self.run is None or self.analysis is None or self.analysis == other.analysis)
         )
 
 
@@ -156,9 +169,9 @@ def parse_scope(text: str) -> Scope:
         m = _DATA_RE.match(text)
         if not m:
             raise ScopeError(
-                f"invalid scope {text!r}: expected <read|write>:<data|raw|processed>:<visit>[/<run>]"
+                f"invalid scope {text!r}: expected <read|write>:<data|raw|processed>:<visit>[/<run>[/<analysis>]]"
             )
-        return DataScope(m["action"], m["store"], m["visit"], m["run"])  # checks action/store
+        return DataScope(m["action"], m["store"], m["visit"], m["run"], m["analysis"])  # checks action/store
     return OpaqueScope(text)
 
 
@@ -222,13 +235,23 @@ class ScopeSet:
     def narrows_to(self, requested: "ScopeSet | str | Iterable[str]") -> bool:
         return not self.uncovered(requested)
 
-    def allows(self, action: str, store: str, visit: str, run: str | None = None) -> bool:
-        """May this token do ``action`` on ``store`` for (visit, run)?
+    def allows(self, action: str, store: str, visit: str, run: str | None = None,
+               analysis: str | None = None) -> bool:
+        """May this token do ``action`` on ``store`` for (visit, run[, analysis])?
 
         ``run=None`` asks about the visit as a whole (e.g. creating a new run container
-        under it), which only a visit-wide scope grants.
+        under it), which only a visit-wide scope grants; ``analysis=None`` about the whole run.
         """
-        return self.covers(DataScope(action, store, visit, run))
+        return self.covers(DataScope(action, store, visit, run, analysis if run is not None else None))
+
+    def allows_some(self, action: str, store: str, visit: str, run: str) -> bool:
+        """May this token do ``action`` on *some part* of ``run`` (e.g. one analysis's results)?
+        Such a token may see the run container and create it (docs/architecture.md §3)."""
+        return any(
+            isinstance(s, DataScope) and s.action == action and s.visit == visit
+            and (s.store == store or s.store == "data") and (s.run is None or s.run == run)
+            for s in self.scopes
+        )
 
     def may_run(self, analysis: str, visit: str) -> bool:
         return self.covers(RunScope(analysis, visit))
@@ -298,15 +321,17 @@ def _check_mode(per: str) -> str:
 
 def grant_scopes(analysis: str, visit: str, run: str, per: str = "run") -> ScopeSet:
     """T_grant's scopes (docs/architecture.md §2 step 3): run the analysis, read the raw run,
-    write that run's processed data (``per="visit"``: the visit's data, see GRANT_SCOPE_MODES)."""
-    return ScopeSet(frozenset({RunScope(analysis, visit), *data_token_scopes(visit, run, per)}))
+    write that analysis's results of the run (``per="visit"``: the visit's data, see
+    GRANT_SCOPE_MODES)."""
+    return ScopeSet(frozenset({RunScope(analysis, visit), *data_token_scopes(visit, run, per, analysis)}))
 
 
-def data_token_scopes(visit: str, run: str, per: str = "run") -> ScopeSet:
+def data_token_scopes(visit: str, run: str, per: str = "run", analysis: str | None = None) -> ScopeSet:
     """T_data's scopes (docs/architecture.md §2 step 5): the grant minus the right to start
-    analyses."""
+    analyses — ``write:processed:<visit>/<run>/<analysis>`` when the analysis is named (an
+    older run-wide grant, ``write:processed:<visit>/<run>``, covers it, so it still works)."""
     if _check_mode(per) == "visit":
         return ScopeSet(frozenset({DataScope("read", "data", visit), DataScope("write", "data", visit)}))
     return ScopeSet(
-        frozenset({DataScope("read", "raw", visit, run), DataScope("write", "processed", visit, run)})
+        frozenset({DataScope("read", "raw", visit, run), DataScope("write", "processed", visit, run, analysis)})
     )

@@ -175,7 +175,7 @@ class ScopedCredentials(Block):
         token_url = token_endpoint(self.issuer)
         endpoints.check(token_url, "token endpoint (from the issuer's discovery document)", allow)
         tokens = DataTokenSource(token_url, grant, self.client_id, self.secret(),
-                                 visit, run_id, margin=self.refresh_margin, per=self.grant_scope)
+                                 visit, run_id, margin=self.refresh_margin, per=self.grant_scope, analysis=analysis)
         tokens()  # exchange now: refusals surface here, before any data access
         auth = BearerAuth(tokens, refresh_margin=self.refresh_margin)
         raw_root = connect(self.raw_uri, auth)

@@ -80,6 +80,9 @@ class DataTokenSource:
     run_id: str
     margin: float = 30.0
     per: str = "run"          # "visit" where the IdP cannot mint per-run scopes (scopes.GRANT_SCOPE_MODES)
+    #: the analysis whose results the data token may write (None: the whole processed run, the
+    #: pre-issue-20 data token; an old run-wide grant still narrows to one analysis)
+    analysis: str | None = None
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -90,7 +93,7 @@ class DataTokenSource:
 
     @property
     def scope(self) -> str:
-        return str(data_token_scopes(self.visit, self.run_id, self.per))
+        return str(data_token_scopes(self.visit, self.run_id, self.per, self.analysis))
 
     def _exchange(self) -> oauth.TokenResponse:
         try:
@@ -133,7 +136,7 @@ class DataTokenSource:
                 granted = unverified_claims(resp.access_token).get("scope", "")
             except jwt.PyJWTError:
                 return  # an opaque token: nothing to check here, Tiled will decide
-        missing = ScopeSet.lenient(granted).uncovered(data_token_scopes(self.visit, self.run_id, self.per))
+        missing = ScopeSet.lenient(granted).uncovered(data_token_scopes(self.visit, self.run_id, self.per, self.analysis))
         if missing:
             hint = PER_RUN_HINT if self.per == "run" else ""
             raise NotAuthorised(f"the IdP issued a data token for {self.visit}/{self.run_id} without "

@@ -27,6 +27,11 @@ Rules (non-admin; ``visitflow:admin`` may do everything):
 * a run container and everything below it: read/write as the scopes allow; writing implies
   reading (a writer must be able to find what it writes); deleting only in processed runs
   (analyses replace their outputs; raw data is only ever added to);
+* inside a processed run, a write scope naming an analysis
+  (``write:processed:<visit>/<run>/<analysis>``, what data tokens carry) writes only that
+  analysis's node and below; on the run container it may only create that node;
+* a raw run is append-only (:mod:`.raw_runs`): only the principal that created it writes to
+  it, only until its stop document; others with raw write scopes read (a 403 says why);
 * ``register`` (pointing a node at detector files) inside a run the principal may write,
   only in stores with a configured data directory (``file_roots``), and only when every
   file lies in *that visit's* directory (:mod:`.file_roots`); a registration that fails
@@ -56,7 +61,7 @@ from tiled.queries import AccessTagsFilter
 from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout, Location
 from ..core.scopes import OpaqueScope, ScopeSet, valid_name
 from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
-from . import facility_users, node_tags
+from . import facility_users, node_tags, raw_runs
 from .file_roots import FileRoots
 from .request_context import CREATE_ROUTES, REQUEST, RequestInfo
 from .tiled_compat import CatalogNodeAdapter, Node
@@ -72,6 +77,8 @@ META = frozenset({"read:metadata"})
 NONE: frozenset[str] = frozenset()
 ADMIN_WITHOUT_REGISTER = frozenset(ALL_SCOPES) - {"register"}
 _PROBE = "\x00probe"  # a segment no real key can be, to ask a template what comes next
+#: Tiled scopes that change a node (what the append-only rule for raw runs withholds).
+_CHANGES = WRITE_SCOPES | DELETE_SCOPES | frozenset({"register"})
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,7 @@ class VisitflowAccessPolicy(AccessPolicy):
         self.file_roots = FileRoots(file_roots, self.layout)
         self.admin_scope = admin_scope
         self.tag_rows = node_tags.TagRows()
+        self.frozen_runs = raw_runs.FrozenRuns()
         self._path_cache: OrderedDict = OrderedDict()
         self._path_cache_size = path_cache_size
 
@@ -221,6 +229,13 @@ class VisitflowAccessPolicy(AccessPolicy):
                 out.append((template, loc))
         return out
 
+    def _analysis_at(self, path: tuple[str, ...], store: str) -> Optional[str]:
+        """The analysis a node of ``store`` lies in, from its path (the place tags name the run only)."""
+        for template, loc in self._locations(path):
+            if template.store == store and loc.analysis is not None:
+                return loc.analysis
+        return None
+
     @staticmethod
     def _names_ok(loc: Location) -> bool:
         return valid_name(loc.visit) and (loc.run is None or valid_name(loc.run))
@@ -257,12 +272,25 @@ class VisitflowAccessPolicy(AccessPolicy):
                 elif request.creates_child_of(path):
                     key = request.new_key
                     run = key if key is not None and valid_name(key) else None
-                    if (key is None or run is not None) and scopes.allows("write", store, visit, run):
+                    # a run's container: for whoever may write some part of that run (e.g. one
+                    # analysis's results); a key Tiled generates: visit-wide writers only
+                    if (scopes.allows_some("write", store, visit, run) if run is not None
+                            else key is None and scopes.allows("write", store, visit)):
                         result |= META | {"write:metadata", "create:node"}
                 continue
             if scopes.allows("read", store, visit, loc.run):
                 result |= READ_SCOPES
-            if scopes.allows("write", store, visit, loc.run):
+            analysis = loc.analysis if loc.analysis is not None else self._analysis_at(path, store)
+            if store == "processed" and analysis is None and not scopes.allows("write", store, visit, loc.run):
+                # The processed run container, for a token that writes one analysis of it: it may
+                # see the container and create its own analysis's node in it, nothing else.
+                if scopes.allows_some("write", store, visit, loc.run):
+                    result |= READ_SCOPES
+                    key = request.new_key if request is not None and request.creates_child_of(path) else None
+                    if key is not None and valid_name(key) and scopes.allows("write", store, visit, loc.run, key):
+                        result |= {"write:metadata", "create:node"}
+                continue
+            if scopes.allows("write", store, visit, loc.run, analysis):
                 result |= READ_SCOPES | WRITE_SCOPES
                 if store == "processed":   # outputs get replaced; raw is append-only
                     result |= DELETE_SCOPES
@@ -329,6 +357,10 @@ class VisitflowAccessPolicy(AccessPolicy):
         """Record (store, visit, run) on the new node as our tags (:mod:`.node_tags`);
         tags a client asks for are ignored — where a node lives decides who may see it."""
         tags = self.new_node_tags(REQUEST.get())
+        if any(loc.store == "raw" and loc.inside_run for loc in node_tags.locations_from_tags(tags)):
+            writer = raw_runs.writer_tag(principal)   # who makes a raw run (or adds to it) writes it
+            if writer:
+                tags = sorted(set(tags) | {writer})
         if tags and not await self.tag_rows.ensure(tags):
             tags = []
         return (bool(access_tags) or bool(tags), normalize_access_tags(tags))
@@ -355,7 +387,40 @@ class VisitflowAccessPolicy(AccessPolicy):
         if place is None:
             return NONE
         scopes = await self._effective_scopes(principal, authn_scopes, place, listing=False)
-        return self.scopes_in(place, scopes, request)
+        result = self.scopes_in(place, scopes, request)
+        if result & _CHANGES and any(loc.store == "raw" and loc.inside_run for loc in place.locations):
+            result = await self._append_only(node, principal, place, result, request)
+        return result
+
+    def _run_path(self, path: tuple[str, ...]) -> Optional[tuple[str, ...]]:
+        """The path of the raw run container ``path`` lies in (None: not known)."""
+        for i in range(1, len(path) + 1):
+            if any(loc.store == "raw" and loc.inside_run for _t, loc in self._locations(path[:i])):
+                return path[:i]
+        return None
+
+    async def _append_only(self, node, principal, place: Place, result: frozenset[str],
+                           request: Optional[RequestInfo]) -> frozenset[str]:
+        """:mod:`.raw_runs`: inside a raw run, writes only for its writer while it is open.
+        A write aimed at this node that the rule refuses is a 403 with the reason."""
+        read_only = result - _CHANGES
+        targeted = request is not None and request.writes and request.target == place.path
+        if not targeted:
+            return read_only            # nothing here needs more (an ancestor, a read)
+        tags = getattr(node, "access_tags", None) or ()
+        run_path = self._run_path(place.path)
+        if run_path is None or getattr(node, "node", None) is None:
+            raise HTTPException(status_code=403, detail="raw data is append-only: this node cannot be written")
+        writer = raw_runs.is_writer(principal, tags)
+        # Ending the live stream of a finished run (TiledWriter does, after its stop update)
+        # changes no data: the writer may do it on a frozen run too.
+        closes_stream = request.route == "stream" and request.method == "DELETE"
+        frozen = writer and not closes_stream and await self.frozen_runs.frozen(
+            run_path, node if run_path == place.path else None)
+        reason = raw_runs.refusal(run_path, writer=writer, recorded=bool(raw_runs.writers(tags)), frozen=frozen)
+        if reason is not None:
+            raise HTTPException(status_code=403, detail=reason)
+        return result
 
     async def filters(self, node, principal, authn_access_tags, authn_scopes, scopes):
         if principal is None:

@@ -17,6 +17,11 @@ ends (close code 4001, with the reason) when its token expires or — with intro
 is revoked, within the validation cache window (``--token-cache``): no data flows on a
 token the HTTP path would refuse.  A client reconnects with a fresh token and resumes.
 
+Every request carries at most one credential: more than one (two ``access_token`` values,
+a header beside a query token, a first message beside either) is refused with a 400 or a
+close 4400 and the reason; :mod:`.credentials` is the one reading, shared with the
+authenticator's ``decode_token``, so the token re-checked here is the one Tiled authorised.
+
 (``?access_token=`` needs :mod:`.principals` too: tiled 0.2.20 answers it with a 500.)
 """
 
@@ -25,44 +30,21 @@ from __future__ import annotations
 import json
 import logging
 from typing import Optional
-from urllib.parse import parse_qs
 
 from fastapi import HTTPException
 
-__all__ = ['TOKEN_ENDED', 'AuthGate']
+from ..errors import MoreThanOneCredential
+from .credentials import (CREDENTIAL, Credential, credentials_of, first_message_credentials, the_credential,
+                          too_many)
+
+__all__ = ['TOKEN_ENDED', 'TWO_CREDENTIALS', 'AuthGate']
 
 logger = logging.getLogger(__name__)
 
 #: Close code for "your token is no longer good" (4000-4999: application codes).
 TOKEN_ENDED = 4001
-
-
-def _bearer(scope) -> Optional[str]:
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            kind, _, token = value.decode("latin-1").partition(" ")
-            if kind.lower() == "bearer" and token:
-                return token.strip()
-    return None
-
-
-def _query_token(scope) -> Optional[str]:
-    qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    values = qs.get("access_token")
-    return values[0] if values else None
-
-
-def _first_message_token(message) -> Optional[str]:
-    raw = message.get("text")
-    if raw is None and message.get("bytes"):
-        raw = message["bytes"].decode("utf-8", "replace")
-    try:
-        doc = json.loads(raw) if raw else None
-    except ValueError:
-        return None
-    if isinstance(doc, dict) and doc.get("type") == "auth" and isinstance(doc.get("access_token"), str):
-        return doc["access_token"]
-    return None
+#: Close code for a first message that brings a credential beside the handshake's one.
+TWO_CREDENTIALS = 4400
 
 
 class AuthGate:
@@ -83,26 +65,39 @@ class AuthGate:
 
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        try:
+            chosen = the_credential(credentials_of(scope))
+        except MoreThanOneCredential as exc:
+            return await self._refuse(scope, send, str(exc))
+        token = chosen.bearer if chosen is not None else None
+        CREDENTIAL.set(token)   # decode_token accepts this token and no other (see .credentials)
         if kind == "http":
-            token = _bearer(scope)
             if token:
                 await self._prevalidate(token)
             return await self.app(scope, receive, send)
-        if kind != "websocket":
-            return await self.app(scope, receive, send)
 
-        state = {"token": _bearer(scope) or _query_token(scope), "first": True, "closed": False}
-        if state["token"]:
-            await self._prevalidate(state["token"])
+        state = {"token": token, "had_credential": chosen is not None, "first": True, "closed": False}
+        if token:
+            await self._prevalidate(token)
 
         async def gated_receive():
             message = await receive()
             if state["first"] and message.get("type") == "websocket.receive":
                 state["first"] = False
-                token = _first_message_token(message)
-                if token and not state["token"]:
-                    state["token"] = token
-                    await self._prevalidate(token)
+                try:
+                    second = the_credential(first_message_credentials(message))
+                except MoreThanOneCredential as exc:
+                    return await self._end(send, state, str(exc))
+                if second is not None and state["had_credential"]:
+                    return await self._end(send, state, str(too_many([Credential("handshake", "", ""), second])))
+                if second is not None:
+                    state["had_credential"] = True
+                    state["token"] = second.bearer
+                    CREDENTIAL.set(second.bearer)  # this task's context: Tiled's first-message auth
+                    if second.bearer:
+                        await self._prevalidate(second.bearer)
             return message
 
         async def gated_send(message):
@@ -119,3 +114,27 @@ class AuthGate:
             return await send(message)
 
         return await self.app(scope, gated_receive, gated_send)
+
+    @staticmethod
+    async def _refuse(scope, send, reason: str) -> None:
+        """400 with the reason, before Tiled sees the request (a websocket: as its handshake's
+        answer, through the ASGI denial-response extension uvicorn offers; without it, a plain
+        close, which the server turns into a 403)."""
+        kind = scope["type"]
+        logger.info("refusing a request: %s", reason)
+        if kind == "websocket" and "websocket.http.response" not in (scope.get("extensions") or {}):
+            return await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+        body = json.dumps({"detail": reason}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        prefix = "http" if kind == "http" else "websocket.http"
+        await send({"type": f"{prefix}.response.start", "status": 400, "headers": headers})
+        await send({"type": f"{prefix}.response.body", "body": body})
+
+    @staticmethod
+    async def _end(send, state, reason: str):
+        """A second credential in the first message: close the (accepted) socket, say why,
+        and tell Tiled's handler the client left."""
+        state["closed"] = True
+        logger.info("closing a stream subscription: %s", reason)
+        await send({"type": "websocket.close", "code": TWO_CREDENTIALS, "reason": reason[:120]})
+        return {"type": "websocket.disconnect", "code": TWO_CREDENTIALS}

@@ -47,6 +47,7 @@ from fastapi import HTTPException
 
 from ..core import oauth
 from . import facility_users, metrics
+from .credentials import CREDENTIAL, UNSET
 from .tiled_compat import ProxiedOIDCAuthenticator
 from ..core.scopes import ADMIN_SCOPE, OpaqueScope, ScopeSet
 from ..core.tokens import (ACCESS_TOKEN_TYPES, ALGORITHMS, Claims, TokenValidator, discover,
@@ -367,6 +368,12 @@ properties:
         # Tiled decodes the bearer token twice per request (principal and scopes are
         # separate dependencies), so a validated token is remembered briefly: until its exp
         # and at most ``cache_seconds``, which bounds how long a JWKS key removal lags.
+        chosen = CREDENTIAL.get()
+        if chosen is not UNSET and chosen != id_token:
+            # Not the credential the gate read (and will re-check): never authorise with it.
+            reason = "this token is not the request's credential (send exactly one)"
+            raise HTTPException(status_code=401, detail=reason,
+                                headers={"WWW-Authenticate": _www_authenticate(reason)})
         hit = self._cached(id_token)
         if hit is not None:
             if isinstance(hit, HTTPException):

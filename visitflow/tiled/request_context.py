@@ -33,6 +33,12 @@ CREATE_ROUTES = ("metadata", "register")
 #: (method, route) of requests that point nodes at files.
 REGISTER_ROUTES = (("POST", "register"), ("PUT", "data_source"))
 API_MARKER = "/api/v1/"
+#: Tiled 0.2.20 routes whose node path starts after a second fixed segment.
+_TWO_SEGMENT_ROUTES = {
+    "array": ("block", "full"), "table": ("partition", "full"), "ragged": ("block", "full"),
+    "node": ("full",), "container": ("full",), "awkward": ("buffers", "full"),
+    "asset": ("bytes", "manifest"), "stream": ("single", "close"), "webhooks": ("target",),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,20 @@ class RequestInfo:
 
     def creates_child_of(self, path: tuple[str, ...] | list[str]) -> bool:
         return self.method == "POST" and self.route in CREATE_ROUTES and self.path == tuple(path)
+
+    @property
+    def target(self) -> tuple[str, ...]:
+        """The node path the request acts on: ``/array/block/raw/a1/u`` -> ``("raw", "a1", "u")``
+        (Tiled's data routes have a second fixed segment; ``/metadata/...`` has none)."""
+        if self.path and self.route in _TWO_SEGMENT_ROUTES and self.path[0] in _TWO_SEGMENT_ROUTES[self.route]:
+            return self.path[1:]
+        return self.path
+
+    @property
+    def writes(self) -> bool:
+        """A request that changes the node it targets (creates under it, updates, appends,
+        deletes); Tiled's POST reads (``/table/full``, ``/container/full``...) are not."""
+        return self.method in ("PUT", "PATCH", "DELETE") or (self.method == "POST" and self.route in CREATE_ROUTES)
 
     @property
     def registers_files(self) -> bool:

@@ -4,8 +4,9 @@ Why not ``tiled serve config``: the access policy needs to know which key a crea
 carries (see :mod:`.request_context`), and only the process that builds the app can wrap
 it.  Building the app ourselves also skips a subprocess and a YAML round trip.  The same
 goes for :class:`~.auth_gate.AuthGate`, which validates tokens asynchronously before Tiled's
-synchronous ``decode_token`` sees them and re-checks websocket subscriptions, and for
-:mod:`.principals` (cached principal lookups; websocket ``?access_token=`` fixed).
+synchronous ``decode_token`` sees them and re-checks websocket subscriptions, for
+:mod:`.principals` (cached principal lookups; websocket ``?access_token=`` fixed), and for
+:mod:`.routes` (Tiled's GraphQL API, which the access policy does not cover, closed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .auth_gate import AuthGate
 from .ops_endpoints import OpsEndpoints, readiness_checks
 from .ws_deadline import FirstMessageDeadline
 from .request_context import RequestContextMiddleware
+from .routes import ClosedRoutes, close_routes
 
 __all__ = ['MAX_HEADER_ENV', 'build_app', 'load_config', 'initialize_authn_database', 'serve', 'serve_file']
 
@@ -34,11 +36,14 @@ def build_app(config: dict[str, Any]):
     sql_storage.install()
     parsed = Config.model_validate(config)
     app = build_app_from_config(parsed)
-    rows = getattr(getattr(app.state, "access_policy", None), "tag_rows", None)
-    if rows is not None:  # the policy records node tags through the catalog's own session
-        rows.catalog = getattr(app.state, "root_tree", None)
+    policy = getattr(app.state, "access_policy", None)
+    for part in ("tag_rows", "frozen_runs"):   # the policy reads/writes through the catalog
+        holder = getattr(policy, part, None)
+        if holder is not None:
+            holder.catalog = getattr(app.state, "root_tree", None)
     principals.install(app)
-    wrapped = RequestContextMiddleware(app)
+    close_routes(app)   # GraphQL: not covered by the access policy (see .routes)
+    wrapped = ClosedRoutes(RequestContextMiddleware(app))
     authenticators = list((parsed.authentication.authenticators or {}).values()) if parsed.authentication else []
     gate = next((a for a in authenticators if hasattr(a, "prevalidate")), None)
     app = AuthGate(wrapped, gate) if gate is not None else wrapped

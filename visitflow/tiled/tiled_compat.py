@@ -215,6 +215,9 @@ INTERNAL_NAMES: tuple[InternalName, ...] = (
                  source_has="self.node = node"),
     InternalName(_ADAPTER, "CatalogNodeAdapter.path_segments", "is a node's path, which the layout places"),
     InternalName(_ADAPTER, "CatalogNodeAdapter.access_tags", "are the tags our policy reads back"),
+    InternalName(_ADAPTER, "CatalogNodeAdapter.lookup_adapter", "finds a raw run container by path (raw_runs: "
+                 "is the run closed?)"),
+    InternalName(_ADAPTER, "CatalogNodeAdapter.metadata", "is where a run's stop document shows it is closed"),
     InternalName(_ORM, "Node", "is the ORM class of Tiled's nodes table"),
     InternalName(_ORM, "Node.parent", "is the column DirectChildren filters on"),
     InternalName(_ORM, "Node.key", "is the column DirectChildren filters on"),
