@@ -60,9 +60,14 @@ def test_subject_never_sends_scopes_to_opa():
 
 @pytest.mark.opa
 def test_rego_unit_tests_pass():
+    """``opa test deployments/opa``: authz_test.rego over authz.rego, and
+    tiled_visitflow_test.rego over tiled_visitflow.rego and facility_tiled.rego (the Rego-only
+    Tiled policy); each test file's own tests must be among those that passed."""
     proc = run_opa_tests()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout and "PASS: " in proc.stdout, proc.stdout
+    for test_file in ("authz_test.rego", "tiled_visitflow_test.rego"):
+        assert test_file in proc.stdout, f"opa test ran nothing of deployments/opa/{test_file}"
 
 
 @pytest.mark.opa

@@ -84,6 +84,13 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "deployments/opa/authz_test.rego": ("tests/core/test_authority.py::test_rego_unit_tests_pass",),
     "deployments/opa/system_authz.rego": (
         "tests/production/test_opa_token.py::test_only_the_admin_token_writes_data_and_health_stays_open",),
+    "deployments/opa/tiled_entry.rego": ("tests/tiled/test_tiled_rego_policy.py::test_bob_creates_tagged_runs_only_in_his_visit",),
+    "deployments/opa/tiled_visitflow.rego": ("tests/tiled/test_tiled_rego_policy.py::test_bob_creates_tagged_runs_only_in_his_visit", "tests/core/test_authority.py::test_rego_unit_tests_pass"),
+    "deployments/opa/facility_tiled.rego": ("tests/tiled/test_tiled_rego_policy.py::test_bob_creates_tagged_runs_only_in_his_visit",),
+    "deployments/opa/tiled_visitflow_test.rego": ("tests/core/test_authority.py::test_rego_unit_tests_pass",),
+    "deployments/opa/tiled-access-control.yml": ("tests/tiled/test_tiled_rego_policy.py::test_bob_creates_tagged_runs_only_in_his_visit",),
+    "deployments/prometheus/rules.yml": ("tests/ops/test_alert_rules.py::test_rules_pass_promtool_check",
+                                         "tests/ops/test_alert_rules.py::test_opa_unavailable_fires_on_the_token_services_scraped_failures"),
     "deployments/opa/data.json": ("tests/core/test_authority.py::test_opa_answers_with_reasons",),
     "deployments/opa/install.sh": (f"{HERE}::test_shell_scripts_parse", "tests/core/test_authority.py::test_rego_unit_tests_pass"),
     "deployments/postgres/start-local.sh": (f"{HERE}::test_shell_scripts_parse",
