@@ -16,8 +16,11 @@
 # The inputs of an image: its Containerfile, the files copied into its build context (from this
 # checkout's working tree), its parent's tag, and for base the mmdebstrap command.  pip inside a
 # build reaches the index through the host pip's CA bundle (copied into the build stage only,
-# named by PIP_CERT) with --network host; its download cache is $CACHE/pip (outside the image).
+# named by PIP_CERT) with --network host.  No pip download cache: this network's index answers
+# are not cacheable (a mounted PIP_CACHE_DIR stayed empty); Podman's layer cache keeps the
+# dependency layers instead (each Containerfile installs dependencies before visitflow's code).
 set -euo pipefail
+shopt -s inherit_errexit   # a failed build inside $(...) stops the script
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE="${VISITFLOW_CACHE:-/opt/visitflow-cache}/images"
@@ -38,9 +41,10 @@ for arg in "$@"; do
     esac
 done
 [ "${#wanted[@]}" -gt 0 ] || wanted=("${ALL[@]}")
-mkdir -p "$CACHE/archives" "$CACHE/pip" "$CACHE/context"
+mkdir -p "$CACHE/archives" "$CACHE/context" "$CACHE/logs"
 log() { echo "build.sh: $*" >&2; }
 
+runnable() { [ "$1" != base ] && [ "$1" != runtime ]; }  # base/runtime: parents only, no archive
 parent_of() { case "$1" in base) ;; runtime|blueapi|opa) echo base ;; *) echo runtime ;; esac; }
 
 # Files (relative to the checkout) copied into an image's build context under src/.
@@ -71,11 +75,16 @@ stage() {
             | (cd "$REPO" && xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' _) \
             | (cd "$REPO" && tar --null -T - -cf -) | tar -xf - -C "$ctx/src"
     done
+    if [ "$name" = runtime ]; then  # pyproject's [project.dependencies]: the dependency layer
+        python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))' \
+            "$REPO/pyproject.toml" > "$ctx/src/requirements.txt"
+    fi
     [ "$name" = opa ] && cp "$(bash "$REPO/deployments/opa/install.sh")" "$ctx/opa"
+    case "$name" in idp|tiled|blueapi|opa) cp "$HERE/probe" "$ctx/probe" ;; esac  # the HEALTHCHECK
     cp "$HERE/$name.Containerfile" "$ctx/Containerfile"
     {
         echo "parent $parent_tag"
-        (cd "$ctx" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum)
+        (cd "$ctx" && find . -type f ! -name pip-ca.crt -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum)
     } | sha256sum | cut -c1-16
     # after hashing: the CA bundle is not an input of the image (it never reaches a final layer)
     cp "$(pip_ca)" "$ctx/pip-ca.crt"
@@ -90,23 +99,22 @@ save() {  # docker-archive keeps the tag, so `ctr images import` names the image
     mv -f "$archive.part" "$archive"
 }
 
+# The non-root user every image runs as (uid/gid 10001, numeric so runAsNonRoot can check it)
+# is made here, once; apt's lists and caches are dropped (no apt-get in any later step).
+BASE_HOOKS=(
+    --customize-hook='chroot "$1" useradd --system --uid 10001 --user-group --home-dir /home/visitflow --create-home --shell /usr/sbin/nologin visitflow 2>/dev/null'
+    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*'
+)
+
 build_base() {
     local hash tag rootfs
-    hash=$( { printf '%s\n' "$SUITE" "${MMDEBSTRAP_ARGS[@]}"; sha256sum "$HERE/probe" | cut -d' ' -f1; } \
-            | sha256sum | cut -c1-16)
+    hash=$(printf '%s\n' "$SUITE" "${MMDEBSTRAP_ARGS[@]}" "${BASE_HOOKS[@]}" | sha256sum | cut -c1-16)
     tag="localhost/visitflow-base:$hash"
     if ! podman image exists "$tag"; then
         log "base: mmdebstrap $SUITE (Debian packages) -> $tag"
         rootfs=$(mktemp -d "$CACHE/.rootfs.XXXXXX")
-        # The non-root user every image runs as (uid/gid 10001, numeric so runAsNonRoot can
-        # check it) and the probe every HEALTHCHECK uses are made here, once.
-        mmdebstrap --quiet "${MMDEBSTRAP_ARGS[@]}" \
-            --customize-hook='chroot "$1" useradd --system --uid 10001 --user-group --home-dir /home/visitflow --create-home --shell /usr/sbin/nologin visitflow' \
-            --customize-hook="upload $HERE/probe /usr/local/bin/visitflow-probe" \
-            --customize-hook='chmod 0755 "$1/usr/local/bin/visitflow-probe"' \
-            --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
-            "$SUITE" "$rootfs/rootfs.tar"
-        podman import --change 'CMD ["/bin/bash"]' --change 'USER 10001:10001' \
+        mmdebstrap --quiet "${MMDEBSTRAP_ARGS[@]}" "${BASE_HOOKS[@]}" "$SUITE" "$rootfs/rootfs.tar"
+        podman import --quiet --change 'CMD ["/bin/bash"]' --change 'USER 10001:10001' \
             "$rootfs/rootfs.tar" "$tag" >/dev/null
         rm -rf "$rootfs"
     fi
@@ -120,11 +128,12 @@ build_image() {  # name parent_tag -> tag
     if ! podman image exists "$tag"; then
         log "$name: building $tag"
         # --format docker: OCI image config has no HEALTHCHECK; docker's keeps it.
-        podman build --quiet --network host --format docker --pull=never \
+        podman build --network host --format docker --pull=never \
             --build-arg "BASE=${TAGS[base]:-}" --build-arg "RUNTIME=${TAGS[runtime]:-}" \
-            --volume "$CACHE/pip:/root/.cache/pip" \
+            \
             --label "org.opencontainers.image.source=visitflow" --label "visitflow.inputs=$hash" \
-            -t "$tag" -f "$ctx/Containerfile" "$ctx" >/dev/null
+            -t "$tag" -f "$ctx/Containerfile" "$ctx" >"$CACHE/logs/$name.log" 2>&1 \
+            || { tail -40 "$CACHE/logs/$name.log" >&2; log "$name: build failed (log: $CACHE/logs/$name.log)"; return 1; }
     fi
     echo "$tag"
 }
@@ -139,7 +148,7 @@ for name in "${ALL[@]}"; do
     [ -n "${NEED[$name]:-}" ] || continue
     if [ "$name" = base ]; then TAGS[base]=$(build_base)
     else TAGS[$name]=$(build_image "$name" "${TAGS[$(parent_of "$name")]}"); fi
-    save "${TAGS[$name]}" "$(archive_of "$name" "${TAGS[$name]}")"
+    runnable "$name" && save "${TAGS[$name]}" "$(archive_of "$name" "${TAGS[$name]}")"
 done
 
 # images.env: what manifests and tests read (sourced by shell, parsed by tests/images/).
@@ -150,7 +159,7 @@ env_file="$CACHE/images.env"
         [ -n "${TAGS[$name]:-}" ] || continue
         upper=${name^^}
         echo "VISITFLOW_IMAGE_$upper=${TAGS[$name]}"
-        echo "VISITFLOW_ARCHIVE_$upper=$(archive_of "$name" "${TAGS[$name]}")"
+        runnable "$name" && echo "VISITFLOW_ARCHIVE_$upper=$(archive_of "$name" "${TAGS[$name]}")"
     done
 } > "$env_file.part"
 # keep entries of images not built this time (a partial run must not forget the others)
@@ -164,8 +173,9 @@ mv -f "$env_file.part" "$env_file"
 for name in "${ALL[@]}"; do
     [ -n "${TAGS[$name]:-}" ] || continue
     case "$mode" in
-        list) echo "$name ${TAGS[$name]} $(archive_of "$name" "${TAGS[$name]}")" ;;
-        archives) archive_of "$name" "${TAGS[$name]}" ;;
+        list) if runnable "$name"; then echo "$name ${TAGS[$name]} $(archive_of "$name" "${TAGS[$name]}")"
+              else echo "$name ${TAGS[$name]} -"; fi ;;
+        archives) runnable "$name" && archive_of "$name" "${TAGS[$name]}" ;;
     esac
 done
 [ "$mode" = env ] && cat "$env_file"
