@@ -95,7 +95,7 @@ archive_of() { echo "$CACHE/archives/visitflow-$1-${2##*:}.tar"; }
 save() {  # docker-archive keeps the tag, so `ctr images import` names the image by it
     local tag=$1 archive=$2
     [ -s "$archive" ] && return 0
-    podman save --format docker-archive -o "$archive.part" "$tag" >/dev/null
+    podman save --quiet --format docker-archive -o "$archive.part" "$tag" >/dev/null
     mv -f "$archive.part" "$archive"
 }
 
