@@ -15,7 +15,6 @@ import copy
 import json
 import re
 import subprocess
-import tomllib
 import uuid
 from pathlib import Path
 
@@ -349,23 +348,26 @@ def test_example_secrets_hold_placeholders_for_every_reference():
 # ----------------------------------------------------------------- image, docs, helper
 
 
-def test_dockerfile_builds_a_pinned_non_root_compiled_image():
-    text = (K8S_DIR / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    assert re.search(r"pip install -c constraints\.txt \.", text)
-    assert text.count("compileall") >= 2  # site-packages and the flows
-    (user,) = re.findall(r"^USER (\S+)", text, re.M)
+def test_flow_image_is_a_pinned_non_root_compiled_image():
+    """deployments/images/ builds the image the template names (tests/images/ builds and runs it)."""
+    images = ROOT / "deployments" / "images"
+    runtime, flows = (images / "runtime.Containerfile").read_text(), (images / "flows.Containerfile").read_text()
+    assert "-c /deps/constraints.txt" in runtime and "pip install -q --no-deps /src" in runtime
+    assert "compileall" in runtime and "compileall" in flows  # site-packages and the flows
+    (user,) = re.findall(r"^USER (\S+)", flows, re.M)[-1:]
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) == k8s.RUN_AS_UID  # numeric, so runAsNonRoot can check it
-    assert "VISITFLOW_ROOT=/opt/visitflow" in text
-    readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("readme")
-    for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M):
-        for source in line.split()[:-1]:
-            if source == readme:
-                continue  # required by pyproject's `readme`; written with the top-level docs
-            tracked = subprocess.run(["git", "ls-files", "--", source], cwd=ROOT,
-                                     capture_output=True, text=True).stdout.split()
-            assert tracked, f"Dockerfile copies {source}, which a clean checkout does not have"
+    assert "VISITFLOW_ROOT=/opt/visitflow" in flows
+    assert 'CMD ["prefect", "flow-run", "execute"]' in flows  # what the worker's Job runs
+    # build.sh tags it localhost/visitflow-flows:<hash>; a facility pushes it as <registry>/visitflow-flows
+    assert k8s.DEFAULT_IMAGE.split(":")[0] == "visitflow-flows"
+    assert "visitflow-$name" in (images / "build.sh").read_text()
+    block = (images / "build.sh").read_text().split("sources_of() {", 1)[1].split("\n}\n", 1)[0]
+    named = [w for w in re.findall(r"[\w./-]+", block.split("case", 1)[1]) if "/" in w or "." in w]
+    assert "visitflow" in block and named, block
+    for source in named:  # every file or folder an image copies is in a clean checkout
+        tracked = subprocess.run(["git", "ls-files", "--", source], cwd=ROOT, capture_output=True, text=True).stdout
+        assert tracked.split(), f"build.sh copies {source}, which a clean checkout does not have"
 
 
 def test_readme_shows_the_pool_command():
