@@ -30,9 +30,15 @@ pytestmark = pytest.mark.images
 REPO = Path(__file__).resolve().parents[2]
 UID = k8s.RUN_AS_UID
 GRANT = "run:{a}:{v} read:raw:{v}/{r} write:processed:{v}/{r}"
+#: every Containerfile shipped in deployments/images/ (runtime is the parent of flows, idp, tiled)
+CONTAINERFILES = ("blueapi.Containerfile", "flows.Containerfile", "idp.Containerfile", "opa.Containerfile",
+                  "runtime.Containerfile", "tiled.Containerfile")
 
 
 def test_build_sh_is_a_no_op_when_warm_and_names_every_image(images):
+    shipped = sorted(p.name for p in (REPO / "deployments" / "images").glob("*.Containerfile"))
+    assert tuple(shipped) == CONTAINERFILES, "a Containerfile was added or removed: build and test it"
+    assert {f.split(".")[0] for f in CONTAINERFILES} == set(RUNNABLE) | {"runtime"}
     assert set(RUNNABLE) <= set(images.tags) and set(RUNNABLE) <= set(images.archives)
     again = build()
     assert again.returncode == 0, again.stderr[-3000:]

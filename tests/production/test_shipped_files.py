@@ -64,8 +64,16 @@ SHIPPED: dict[str, tuple[str, ...]] = {
         f"{HERE}::test_shell_scripts_parse",
         "tests/production/test_keycloak_production.py::test_production_keycloak_imports_the_shipped_facility_realm"),
     "deployments/keycloak/start.sh": (f"{HERE}::test_shell_scripts_parse", "tests/token_service/test_keycloak.py"),
-    "deployments/kubernetes/Dockerfile": (
-        "tests/production/test_production_kubernetes.py::test_dockerfile_builds_a_pinned_non_root_compiled_image",),
+    "deployments/images/README.md": (f"{HERE}::test_readmes_name_only_files_that_exist",),
+    "deployments/images/build.sh": (f"{HERE}::test_shell_scripts_parse", "tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image"),
+    "deployments/images/runtime.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/production/test_production_kubernetes.py::test_flow_image_is_a_pinned_non_root_compiled_image"),
+    "deployments/images/flows.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/production/test_production_kubernetes.py::test_flow_image_is_a_pinned_non_root_compiled_image",
+        "tests/images/test_images.py::test_flow_image_runs_saxs_average_post_and_equals_numpy"),
+    "deployments/images/idp.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_idp_image_answers_its_health_check_and_issues_tokens"),
+    "deployments/images/tiled.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_tiled_image_answers_its_health_check_with_our_auth"),
+    "deployments/images/opa.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_opa_image_answers_its_health_check"),
+    "deployments/images/blueapi.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_blueapi_image_starts_with_the_hook_and_the_plans"),
+    "deployments/images/probe": ("tests/images/test_images.py::test_idp_image_answers_its_health_check_and_issues_tokens",),
     "deployments/kubernetes/README.md": (f"{HERE}::test_readmes_name_only_files_that_exist",
                                          "tests/production/test_production_kubernetes.py::test_readme_shows_the_pool_command"),
     "deployments/kubernetes/base-job-template.json": (
