@@ -341,7 +341,8 @@ def test_manual_rerun_makes_a_new_flow_run_each_time(blueapi, prefect):
         prefect.wait_for_flow_run(r["id"], timeout=300)
     env = {"VISITFLOW_TRIGGER_CLIENT_SECRET": "blueapi-dev-secret", "VISITFLOW_PASSWORD": "alice"}
     argv = [sys.executable, "-m", "visitflow.cli", "trigger", "--analysis", "peak_stats", "--visit", bs.SESSION,
-            "--run", uid, "--variant", "post", "--user", "alice", "--issuer", blueapi.idp.issuer,
+            "--run", uid, "--instrument", bs.INSTRUMENT, "--variant", "post", "--user", "alice",
+            "--issuer", blueapi.idp.issuer,
             "--prefect-api", blueapi.prefect_api, "--wait"]
     import os
 

@@ -51,10 +51,21 @@ class RunAccess:
     raw_root: Any
     processed_root: Any
     layout: Layout
+    #: the run's beamline (the flow run's ``instrument:`` tag): fills ``{instrument}`` in the raw
+    #: template, so one Block serves every beamline on one Prefect
+    instrument: str | None = None
 
     @property
     def raw_path(self) -> str:
-        return self.layout.raw.format(visit=self.visit, run=self.run_id)
+        values = {"visit": self.visit, "run": self.run_id}
+        if self.instrument is not None:
+            values["instrument"] = self.instrument
+        try:
+            return self.layout.raw.format(**values)
+        except KeyError as exc:
+            raise ConfigError(f"the raw template {self.layout.raw.template!r} needs {{{exc.args[0]}}}, which this "
+                              "flow run does not carry (the trigger tags it instrument:<beamline> from the start "
+                              "document; by hand: `visitflow trigger --instrument`)") from None
 
     @property
     def processed_run_path(self) -> str:
@@ -152,7 +163,7 @@ class ScopedCredentials(Block):
                 f"no delegation grant stored for {analysis} on {visit}/{run_id} (Secret {name!r}); "
                 "analyses are started by the trigger, or by `visitflow trigger` with your own token") from exc
 
-    def for_run(self, visit: str, run_id: str, analysis: str) -> RunAccess:
+    def for_run(self, visit: str, run_id: str, analysis: str, instrument: str | None = None) -> RunAccess:
         from ..core.oauth import token_endpoint
         from ..core.tiled_client import BearerAuth, connect
 
@@ -169,7 +180,8 @@ class ScopedCredentials(Block):
         if self.grant_scope == "visit":
             log.warning("data token is visit-wide (grant_scope=visit: the IdP cannot narrow to one run); "
                         "this flow reads only %s/%s", visit, run_id)
-        return RunAccess(visit, run_id, analysis, claims, tokens, raw_root, processed_root, self.layout())
+        return RunAccess(visit, run_id, analysis, claims, tokens, raw_root, processed_root, self.layout(),
+                         instrument=instrument)
 
 
 def save(block: Block, name: str) -> str:
