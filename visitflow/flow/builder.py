@@ -237,8 +237,8 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
             result_markdown(spec, outputs, visit=visit, run_id=run_id, variant=variant,
                             frames=frames, result_uri=result_uri),
             key=f"{spec.flow_name}-{variant}-result", description=f"{spec.name} result for {visit}/{run_id[:8]}")
-        logger.info("%s %s done: %d frames in %.1fs -> %s", spec.name, variant, frames,
-                    time.monotonic() - t0, result_uri)
+        logger.info("%s %s done: %d frames in %.1fs -> %s (data token refreshed %d times)", spec.name, variant,
+                    frames, time.monotonic() - t0, result_uri, getattr(access.tokens, "refreshes", 0))
         return {"frames": frames, "result_uri": result_uri, "outputs": sorted(outputs)}
 
     body.__name__ = spec.name

@@ -1,0 +1,94 @@
+"""A scan three times longer than the user's token, through blueapi in service-account mode.
+
+Its own stack (tests/fixtures/blueapi_stack.py ``running_stack``) whose dev IdP is the shipped
+deployments/idp.yaml overlaid with ``lifetimes.access: 30`` (user tokens and data tokens live
+30 s; the ``visitflow`` audience keeps its own long T_grant life), the Block refreshing 10 s
+before expiry.  A 90-frame scan at ~1 frame/s: blueapi's service account writes it all (its
+client refreshes itself), the trigger exchanged Alice's token at the start document while it
+was fresh, the live analysis follows the whole scan across several data-token refreshes (the
+Tiled gate closes a stream whose token expired; the source reconnects with a fresh one) and
+the post analysis reads it all — each flow run completing on its first attempt.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from visitflow.core.prefect_api import PrefectAPI
+from visitflow.core.tiled_client import BearerAuth, connect
+from visitflow.core.tokens import unverified_claims
+
+from tests.fixtures import blueapi_stack as bs
+from tests.fixtures.references import assert_matches, reference_of
+from tests.trigger.test_blueapi import outputs_of, run_uid, wait_flow_runs
+
+pytestmark = pytest.mark.blueapi
+
+LIFETIME = 30        # seconds: user and data tokens
+FRAMES, DELAY = 90, 1.0
+
+
+@pytest.fixture(scope="module")
+def short_lived(tmp_path_factory, blueapi_venv):
+    tmp = tmp_path_factory.mktemp("blueapi-long")
+    with bs.running_stack(tmp, idp_lifetimes={"access": LIFETIME}, block_fields={"refresh_margin": 10.0}) as stack:
+        with stack.service_account_blueapi(tmp / "blueapi-sa") as sa:
+            yield stack, sa
+
+
+def _logs(api: PrefectAPI, flow_run_id: str) -> str:
+    out, offset = [], 0
+    while True:
+        rows = api.request("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                         "limit": 200, "offset": offset, "sort": "TIMESTAMP_ASC"})
+        out += [r["message"] for r in rows]
+        if len(rows) < 200:
+            return "\n".join(out)
+        offset += 200
+
+
+def test_a_90s_scan_with_30s_user_tokens_completes_live_and_post(short_lived):
+    stack, sa = short_lived
+    alice = stack.token("alice")
+    claims = unverified_claims(alice)
+    assert claims["exp"] - claims["iat"] == LIFETIME          # the overlay is in force
+    # Fresh tokens for blueapi's REST calls (polling outlives any one token); the scan itself
+    # is written by the service account.
+    task = sa.run(lambda: stack.token("alice"), "peak_scan", {"num": FRAMES, "seed": 7, "delay": DELAY},
+                  timeout=FRAMES * DELAY * 4 + 300)
+    uid = run_uid(task)
+    reader = lambda: stack.token("alice")  # noqa: E731
+    root = connect(stack.tiled.uri, BearerAuth(reader))
+    raw = root[f"{bs.INSTRUMENT}/{bs.PROPOSAL}/{bs.SESSION}/{uid}"]
+    assert raw.metadata["stop"]["exit_status"] == "success"
+    assert raw["primary"]["det"].read().shape == (FRAMES,)
+    start, stop = raw.metadata["start"]["time"], raw.metadata["stop"]["time"]
+    assert stop - start > 2 * LIFETIME, f"the scan took {stop - start:.0f}s: not longer than the tokens"
+
+    api = PrefectAPI(stack.prefect_api)
+    try:
+        runs = wait_flow_runs(api, uid, 2)
+        assert len(runs) == 2, runs
+        want = reference_of("peak_stats", raw["primary"])
+        node = root[f"processed/{bs.SESSION}/{uid}/peak_stats"]
+        for r in runs:
+            done = api.wait_for_flow_run(r["id"], timeout=FRAMES * DELAY * 3 + 300)
+            assert done["state"]["type"] == "COMPLETED", (r["name"], done["state"])
+            assert done["run_count"] == 1, "retried"
+        live = node["live"]
+        post = next(node[k] for k in node if k.startswith("post-"))
+        for child in (live, post):
+            assert child.metadata["status"] == "complete"
+            assert child.metadata["frames_processed"] == FRAMES
+            assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where="peak_stats/")
+        live_run = next(r for r in runs if "variant:live" in r["tags"])
+        logs = _logs(api, live_run["id"])
+        m = re.search(r"data token refreshed (\d+) times", logs)
+        assert m and int(m[1]) >= 2, logs[-3000:]
+        connects = [int(c) for c in re.findall(r"'connects': (\d+)", logs)]
+        assert connects and max(connects) >= 2, f"the live stream never reconnected: {logs[-3000:]}"
+        print(f"long scan: {stop - start:.0f}s, data token refreshes {m[1]}, stream connects {connects}")
+    finally:
+        api.close()
