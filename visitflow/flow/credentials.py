@@ -63,9 +63,9 @@ class RunAccess:
         try:
             return self.layout.raw.format(**values)
         except KeyError as exc:
-            raise ConfigError(f"the raw template {self.layout.raw.template!r} needs {{{exc.args[0]}}}, which this "
-                              "flow run does not carry (the trigger tags it instrument:<beamline> from the start "
-                              "document; by hand: `visitflow trigger --instrument`)") from None
+            raise ConfigError(f"{exc.args[0]}: a value this flow run does not carry (the trigger tags the run "
+                              "instrument:<beamline> from the start document's instrument; by hand: "
+                              "`visitflow trigger --instrument`)") from None
 
     @property
     def processed_run_path(self) -> str:
