@@ -1,9 +1,10 @@
 """A scan three times longer than the user's token, through blueapi in service-account mode.
 
 Its own stack (tests/fixtures/blueapi_stack.py ``running_stack``) whose dev IdP is the shipped
-deployments/idp.yaml overlaid with ``lifetimes.access: 30`` (user tokens and data tokens live
-30 s; the ``visitflow`` audience keeps its own long T_grant life), the Block refreshing 10 s
-before expiry.  A 90-frame scan at ~1 frame/s: blueapi's service account writes it all (its
+deployments/idp.yaml overlaid (in the test; the file is not edited) with ``lifetimes.access: 30``
+(user tokens live 30 s) and ``audiences.tiled.access: 60`` (the flows' data tokens live 60 s;
+the Block refreshes them 30 s before expiry, so every ~30 s; the ``visitflow`` audience keeps
+its own long T_grant life).  A 90-frame scan at ~1 frame/s: blueapi's service account writes it all (its
 client refreshes itself), the trigger exchanged Alice's token at the start document while it
 was fresh, the live analysis follows the whole scan across several data-token refreshes (the
 Tiled gate closes a stream whose token expired; the source reconnects with a fresh one) and
@@ -26,14 +27,16 @@ from tests.trigger.test_blueapi import outputs_of, run_uid, wait_flow_runs
 
 pytestmark = pytest.mark.blueapi
 
-LIFETIME = 30        # seconds: user and data tokens
+LIFETIME = 30        # seconds: user tokens
+DATA_LIFETIME = 60   # seconds: data tokens (aud tiled)
 FRAMES, DELAY = 90, 1.0
 
 
 @pytest.fixture(scope="module")
 def short_lived(tmp_path_factory, blueapi_venv):
     tmp = tmp_path_factory.mktemp("blueapi-long")
-    with bs.running_stack(tmp, idp_lifetimes={"access": LIFETIME}, block_fields={"refresh_margin": 10.0}) as stack:
+    with bs.running_stack(tmp, idp_lifetimes={"access": LIFETIME},
+                          idp_audience_lifetimes={"tiled": {"access": DATA_LIFETIME}}) as stack:
         with stack.service_account_blueapi(tmp / "blueapi-sa") as sa:
             yield stack, sa
 
