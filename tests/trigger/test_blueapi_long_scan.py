@@ -6,9 +6,13 @@ deployments/idp.yaml overlaid (in the test; the file is not edited) with ``lifet
 the Block refreshes them 30 s before expiry, so every ~30 s; the ``visitflow`` audience keeps
 its own long T_grant life).  A 90-frame scan at ~1 frame/s: blueapi's service account writes it all (its
 client refreshes itself), the trigger exchanged Alice's token at the start document while it
-was fresh, the live analysis follows the whole scan across several data-token refreshes (the
-Tiled gate closes a stream whose token expired; the source reconnects with a fresh one) and
+was fresh, the live analysis follows the whole scan across several data-token refreshes and
 the post analysis reads it all — each flow run completing on its first attempt.
+
+Not shown here: a websocket *reconnect*.  On this stack Tiled answers the live source's
+``/stream/single/...`` for blueapi-written nodes with 404, so the source follows by HTTP polling
+(its ``live source:`` log line says so: ``disabled``, ``HTTP 404``); the stream-reconnect-on-
+refresh path is exercised by the flow suites, not through blueapi.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from visitflow.core.tokens import unverified_claims
 
 from tests.fixtures import blueapi_stack as bs
 from tests.fixtures.references import assert_matches, reference_of
+from tests.fixtures.waiting import wait_until
 from tests.trigger.test_blueapi import outputs_of, run_uid, wait_flow_runs
 
 pytestmark = pytest.mark.blueapi
@@ -86,12 +91,17 @@ def test_a_90s_scan_with_30s_user_tokens_completes_live_and_post(short_lived):
             assert child.metadata["status"] == "complete"
             assert child.metadata["frames_processed"] == FRAMES
             assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where="peak_stats/")
+        # Logs are shipped in batches and can trail the final state: wait for the done line.
         live_run = next(r for r in runs if "variant:live" in r["tags"])
-        logs = _logs(api, live_run["id"])
+        def done_line():
+            text = _logs(api, live_run["id"])
+            return text if "data token refreshed" in text else None
+
+        logs = wait_until(done_line, 90, "the live flow's done line never reached Prefect")
         m = re.search(r"data token refreshed (\d+) times", logs)
         assert m and int(m[1]) >= 2, logs[-3000:]
-        connects = [int(c) for c in re.findall(r"'connects': (\d+)", logs)]
-        assert connects and max(connects) >= 2, f"the live stream never reconnected: {logs[-3000:]}"
-        print(f"long scan: {stop - start:.0f}s, data token refreshes {m[1]}, stream connects {connects}")
+        assert "complete: %d/%d frames" % (FRAMES, FRAMES) in logs, logs[-3000:]
+        source = re.search(r"live source: (.*)", logs)
+        print(f"long scan: {stop - start:.0f}s, live data token refreshes {m[1]}, live source {source and source[1]}")
     finally:
         api.close()
