@@ -98,7 +98,7 @@ def one_in_process_run(trig, session, api, root, token, i: int) -> float:
     RE = RunEngine({}, context_managers=[], call_returns_result=True)
     RE.subscribe(TiledWriter(session, batch_size=1))
     RE.subscribe(lambda name, doc: trig(name, doc, token=token()))
-    uid = RE(peak_scan(num=5, seed=1000 + i), instrument_session=bs.SESSION).plan_result
+    uid = RE(peak_scan(num=5, seed=1000 + i), instrument_session=bs.SESSION, instrument=bs.INSTRUMENT).plan_result
     return latency(api, root, uid)
 
 
