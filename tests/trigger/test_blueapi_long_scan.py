@@ -11,8 +11,9 @@ the post analysis reads it all — each flow run completing on its first attempt
 
 Not shown here: a websocket *reconnect*.  On this stack Tiled answers the live source's
 ``/stream/single/...`` for blueapi-written nodes with 404, so the source follows by HTTP polling
-(its ``live source:`` log line says so: ``disabled``, ``HTTP 404``); the stream-reconnect-on-
-refresh path is exercised by the flow suites, not through blueapi.
+(its ``live source:`` log line says so: ``disabled``, ``HTTP 404``): with ``--allow-anonymous``
+(needed by blueapi's tiled client) Tiled 0.2.20 skips first-message websocket authentication,
+where our source sends its token (docs/blueapi.md, "Long scans").
 """
 
 from __future__ import annotations
