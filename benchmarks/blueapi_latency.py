@@ -14,6 +14,11 @@ Latency = the live flow run's ``start_time`` (Prefect: entered Running, i.e. the
 starts) minus the start document's ``time``; one task at a time, each waited for, the two
 sides alternating (so a busy machine slows both alike); the first of each side is a warm-up
 and dropped.  Appends a section to benchmarks/RESULTS.md.
+
+``--service-account``: the blueapi side runs in ``tiled.authentication: ServiceAccount`` mode
+(a second blueapi on the same stack, tests/fixtures/blueapi_stack.py ``service_account_blueapi``):
+the raw run is written by the beamline's service account, the trigger still acts with Alice's
+token from the request's pass-through headers.  Its own section in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from tests.fixtures import blueapi_stack as bs  # noqa: E402
 from visitflow.core.prefect_api import PrefectAPI  # noqa: E402
 
 SECTION = "## blueapi: start document → flow body running (benchmarks/blueapi_latency.py)"
+SECTION_SA = ("## blueapi in service-account Tiled mode: start document → flow body running "
+              "(benchmarks/blueapi_latency.py --service-account)")
 
 
 def pct(values, q):
@@ -76,8 +83,8 @@ class AliceToken:
         return self.token
 
 
-def one_blueapi_task(stack, api, root, token, i: int) -> float:
-    task = stack.blueapi.run(token(), "peak_scan", {"num": 5, "seed": i})
+def one_blueapi_task(server, api, root, token, i: int) -> float:
+    task = server.run(token(), "peak_scan", {"num": 5, "seed": i})
     assert task["errors"] == [], task
     return latency(api, root, task["outcome"]["result"])
 
@@ -91,11 +98,11 @@ def one_in_process_run(trig, session, api, root, token, i: int) -> float:
     RE = RunEngine({}, context_managers=[], call_returns_result=True)
     RE.subscribe(TiledWriter(session, batch_size=1))
     RE.subscribe(lambda name, doc: trig(name, doc, token=token()))
-    uid = RE(peak_scan(num=5, seed=1000 + i), instrument_session=bs.SESSION).plan_result
+    uid = RE(peak_scan(num=5, seed=1000 + i), instrument_session=bs.SESSION, instrument=bs.INSTRUMENT).plan_result
     return latency(api, root, uid)
 
 
-def measure(stack, api, root, token, n: int, tmp: Path) -> tuple[list[float], list[float]]:
+def measure(stack, api, root, token, n: int, tmp: Path, server=None) -> tuple[list[float], list[float]]:
     from visitflow.core.tiled_client import BearerAuth, connect
     from visitflow.trigger import AnalysisTrigger, TriggerSettings
 
@@ -106,7 +113,7 @@ def measure(stack, api, root, token, n: int, tmp: Path) -> tuple[list[float], li
     blue, local = [], []
     try:
         for i in range(n + 1):
-            b = one_blueapi_task(stack, api, root, token, i)
+            b = one_blueapi_task(server or stack.blueapi, api, root, token, i)
             p = one_in_process_run(trig, session, api, root, token, i)
             print(f"[bench] {i}: through blueapi {b:.2f}s, in-process {p:.2f}s", flush=True)
             if i:   # the first of each is a warm-up
@@ -121,18 +128,26 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-n", type=int, default=10, help="measured tasks per side (plus one warm-up)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    p.add_argument("--service-account", action="store_true",
+                   help="blueapi writes to Tiled as the beamline's service account (tiled.authentication)")
     args = p.parse_args(argv)
     if not bs.venv_present():
         print("blueapi's venv is missing: run .ci/install-blueapi")
         return 2
     from visitflow.core.tiled_client import BearerAuth, connect
 
+    import contextlib
+
     with tempfile.TemporaryDirectory() as tmp, bs.running_stack(Path(tmp)) as stack:
-        api = PrefectAPI(stack.prefect_api, timeout=30)
-        token = AliceToken(stack)
-        root = connect(stack.tiled.uri, BearerAuth(token))
-        blue, local = measure(stack, api, root, token, args.n, Path(tmp))
-        api.close()
+        with (stack.service_account_blueapi(Path(tmp) / "blueapi-sa") if args.service_account
+              else contextlib.nullcontext(None)) as server:
+            api = PrefectAPI(stack.prefect_api, timeout=30)
+            token = AliceToken(stack)
+            root = connect(stack.tiled.uri, BearerAuth(token))
+            blue, local = measure(stack, api, root, token, args.n, Path(tmp), server)
+            api.close()
+    section = SECTION_SA if args.service_account else SECTION
+    mode = "service-account Tiled mode" if args.service_account else "pass-through Tiled mode"
     row = (f"| start doc → flow body running (live), n={args.n} each | "
            f"blueapi p50 {pct(blue, 50):.2f}s / p95 {pct(blue, 95):.2f}s | "
            f"in-process p50 {pct(local, 50):.2f}s / p95 {pct(local, 95):.2f}s | "
@@ -143,10 +158,12 @@ def main(argv=None) -> int:
 
         results = REPO / "benchmarks" / "RESULTS.md"
         text = results.read_text() if results.exists() else ""
-        text = text.split("\n" + SECTION)[0].rstrip("\n")
-        text += (f"\n\n{SECTION}\n\n{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        head, _, rest = text.partition("\n" + section)
+        tail = rest[rest.find("\n## "):] if rest and "\n## " in rest else ""
+        text = head.rstrip("\n") + tail
+        text += (f"\n\n{section}\n\n{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
                  f"{platform.machine()} · {platform.python_version()}; real blueapi 1.21.1 (`blueapi serve`, own "
-                 f"venv), dev IdP, Tiled 0.2.20, Prefect server + warm worker, one task at a time.\n\n"
+                 f"venv, {mode}), dev IdP, Tiled 0.2.20, Prefect server + warm worker, one task at a time.\n\n"
                  f"| metric | through blueapi | in-process trigger | ratio |\n|---|---|---|---|\n{row}\n\n"
                  f"raw (s): blueapi {[round(v, 2) for v in blue]}; in-process {[round(v, 2) for v in local]}\n")
         results.write_text(text)

@@ -140,7 +140,77 @@ def test_hook_settings_refuse_what_is_missing_or_unknown(tmp_path, monkeypatch):
     with pytest.raises(errors.ConfigError, match="unknown visitflow trigger settings \\['prefect_url'\\]"):
         hook.load_settings(env)
     assert hook.install() is False   # no blueapi in this environment: logged, not raised
-    assert hook.bearer_of(object()) is None
+    assert hook.bearer_from_headers({"Authorization": "Bearer abc ", "traceparent": "x"}) == "abc"
+    assert hook.bearer_from_headers({"authorization": "bearer abc"}) == "abc"
+    assert hook.bearer_from_headers({"authorization": "Basic abc"}) is None
+    assert hook.bearer_from_headers(None) is None and hook.bearer_from_headers(object()) is None
+
+
+class _Interface:
+    """A stand-in for ``blueapi.service.interface`` (pure: only the two names the hook replaces)."""
+
+    def __init__(self, begin_task, writer=object):
+        self.begin_task = begin_task
+        self.TiledWriter = writer
+
+
+def test_hook_refuses_a_blueapi_whose_seam_changed_with_one_error_line(tmp_path, monkeypatch, caplog):
+    """blueapi renamed ``pass_through_headers`` or dropped ``TiledWriter``: ONE ERROR line naming
+    the tested versions, nothing replaced, nothing raised (blueapi runs on without the trigger)."""
+    monkeypatch.setenv("VISITFLOW_TRIGGER_NO_INSTALL", "1")
+    from visitflow.trigger import blueapi_hook as hook
+    from visitflow.trigger.callback import TriggerSettings
+
+    settings = TriggerSettings(issuer="http://idp", prefect_api_url="http://p/api", client_secret="s",
+                               state_dir=tmp_path)
+
+    def renamed(task, headers=None):        # a blueapi that renamed the parameter
+        return task
+
+    def current(task, pass_through_headers=None):
+        return task
+
+    for iface, why in ((_Interface(renamed), "begin_task takes no pass_through_headers"),
+                       (_Interface(current, writer=None), "has no TiledWriter")):
+        caplog.clear()
+        before = (iface.begin_task, iface.TiledWriter)
+        with caplog.at_level("INFO", logger="visitflow.trigger.blueapi"):
+            assert hook.install(settings, interface=iface) is False
+        lines = [r for r in caplog.records if r.name == "visitflow.trigger.blueapi"]
+        assert [r.levelname for r in lines] == ["ERROR"], lines
+        msg = lines[0].getMessage()
+        assert why in msg and "tested with blueapi 1.21.1" in msg and msg.startswith("visitflow trigger NOT installed"), msg
+        assert (iface.begin_task, iface.TiledWriter) == before
+
+
+def test_hook_hands_the_writer_the_callers_token_from_pass_through_headers(tmp_path, monkeypatch):
+    """The token comes from begin_task's pass-through headers, not from the Tiled client (which
+    in service-account mode is the service account): the writer built inside begin_task sees it,
+    and nothing after the call does."""
+    monkeypatch.setenv("VISITFLOW_TRIGGER_NO_INSTALL", "1")
+    from visitflow.trigger import blueapi_hook as hook
+    from visitflow.trigger.callback import TriggerSettings
+
+    seen = {}
+
+    def begin_task(task, pass_through_headers=None):
+        seen["token"] = hook._caller_token.get()
+        seen["headers"] = pass_through_headers
+        return task
+
+    iface = _Interface(begin_task, writer=object)
+    settings = TriggerSettings(issuer="http://idp", prefect_api_url="http://p/api", client_secret="s",
+                               state_dir=tmp_path)
+    monkeypatch.setattr(hook, "_settings", None)
+    assert hook.install(settings, interface=iface) is True
+    assert iface.begin_task.__name__ == "begin_task" and iface.begin_task.__wrapped__ is begin_task
+    headers = {"authorization": "Bearer caller-token", "traceparent": "00-1"}
+    assert iface.begin_task("T", pass_through_headers=headers) == "T"
+    assert seen == {"token": "caller-token", "headers": headers}
+    assert iface.begin_task("T") == "T" and seen["token"] is None    # no header: no token
+    assert hook._caller_token.get() is None
+    wrapped = iface.begin_task
+    assert hook.install(settings, interface=iface) is True and iface.begin_task is wrapped   # idempotent
 
 
 # ------------------------------------------------------------------ end to end
@@ -271,7 +341,8 @@ def test_manual_rerun_makes_a_new_flow_run_each_time(blueapi, prefect):
         prefect.wait_for_flow_run(r["id"], timeout=300)
     env = {"VISITFLOW_TRIGGER_CLIENT_SECRET": "blueapi-dev-secret", "VISITFLOW_PASSWORD": "alice"}
     argv = [sys.executable, "-m", "visitflow.cli", "trigger", "--analysis", "peak_stats", "--visit", bs.SESSION,
-            "--run", uid, "--variant", "post", "--user", "alice", "--issuer", blueapi.idp.issuer,
+            "--run", uid, "--instrument", bs.INSTRUMENT, "--variant", "post", "--user", "alice",
+            "--issuer", blueapi.idp.issuer,
             "--prefect-api", blueapi.prefect_api, "--wait"]
     import os
 

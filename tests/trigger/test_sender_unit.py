@@ -358,3 +358,47 @@ def test_options_that_fit_reach_the_flow_runs(tmp_path):
     assert {r.state for r in trig.outbox.requests()} == {"done"}
     assert [c["parameters"] for c in world.creates()] == [{"visit": "a1", "run_id": "u1", "background": 1.5}] * 2
     trig.close()
+
+
+# ------------------------------------------------------------------ several beamlines
+def test_the_start_documents_instrument_becomes_a_tag_never_a_parameter(tmp_path):
+    """blueapi copies ``env.metadata.instrument`` into the start document: the flow runs carry it
+    as ``instrument:<name>`` (the flow's raw template reads it), their parameters stay
+    ``{visit, run_id}``, and a bad instrument name triggers nothing."""
+    world = World()
+    trig = world.trigger(tmp_path)
+    scan(trig, instrument="b21")
+    scan(trig, uid="u2", instrument="../i22")            # not a name: refused, nothing queued
+    send(trig)
+    creates = world.creates()
+    assert len(creates) == 4 and {c["idempotency_key"] for c in creates} == keys()
+    for c in creates:
+        assert "instrument:b21" in c["tags"] and names.instrument_from_tags(c["tags"]) == "b21"
+        assert c["parameters"] == {"visit": "a1", "run_id": "u1"}
+    assert all(trig.outbox.grant(a, "a1", "u1").instrument == "b21" for a in ANALYSES)
+    assert trig.outbox.grant(ANALYSES[0], "a1", "u2") is None
+    trig.close()
+
+
+def test_an_outbox_from_before_beamlines_gains_the_instrument_column(tmp_path):
+    """An outbox written by an older trigger (no ``instrument`` column) opens, keeps its rows, and
+    those rows' runs are created untagged, as before."""
+    import sqlite3
+
+    from visitflow.trigger.outbox import Outbox
+
+    path = tmp_path / "trigger" / "outbox.sqlite"
+    path.parent.mkdir(parents=True)
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE grants (analysis TEXT, visit TEXT, run TEXT, state TEXT NOT NULL, token TEXT,
+        error TEXT, attempts INTEGER DEFAULT 0, next_at REAL DEFAULT 0, created REAL, updated REAL, options TEXT,
+        PRIMARY KEY (analysis, visit, run));
+        INSERT INTO grants (analysis, visit, run, state, created, updated) VALUES ('peak_stats', 'a1', 'old', 'exchange', 1, 1);""")
+    db.close()
+    box = Outbox(path)
+    old = box.grant("peak_stats", "a1", "old")
+    assert (old.state, old.instrument) == ("exchange", None)
+    assert box.add_grant("peak_stats", "a1", "new", None, "i22") and box.grant("peak_stats", "a1", "new").instrument == "i22"
+    box.reset_grant("peak_stats", "a1", "new")             # a by-hand re-run naming no instrument keeps it
+    assert box.grant("peak_stats", "a1", "new").instrument == "i22"
+    box.close()

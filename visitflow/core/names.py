@@ -20,7 +20,7 @@ from ..errors import UsageError
 from .scopes import check_name
 
 __all__ = [ 'PREFIX', 'grant_secret_name', 'flow_name', 'deployment_name', 'idempotency_key',
-    'rerun_key', 'run_tags', 'flow_run_name',
+    'rerun_key', 'run_tags', 'instrument_from_tags', 'INSTRUMENT_TAG', 'flow_run_name',
 ]
 
 PREFIX = "vf-grant"
@@ -69,8 +69,18 @@ def rerun_key(analysis: str, variant: str, visit: str, run_id: str, options: dic
     return f"{idempotency_key(analysis, variant, visit, run_id, options)}/rerun-{rerun_id or uuid.uuid4().hex[:12]}"
 
 
-def run_tags(analysis: str, visit: str, run_id: str, variant: str) -> list[str]:
-    return [f"visit:{visit}", f"run:{run_id}", f"analysis:{analysis}", f"variant:{variant}", "visitflow"]
+INSTRUMENT_TAG = "instrument:"
+
+
+def run_tags(analysis: str, visit: str, run_id: str, variant: str, instrument: str | None = None) -> list[str]:
+    tags = [f"visit:{visit}", f"run:{run_id}", f"analysis:{analysis}", f"variant:{variant}", "visitflow"]
+    return tags + ([INSTRUMENT_TAG + instrument] if instrument else [])
+
+
+def instrument_from_tags(tags) -> str | None:
+    """The run's beamline from its flow run's tags (:func:`run_tags`), or None."""
+    found = [t[len(INSTRUMENT_TAG):] for t in tags or () if isinstance(t, str) and t.startswith(INSTRUMENT_TAG)]
+    return found[0] if len(found) == 1 and found[0] else None
 
 
 def flow_run_name(analysis: str, variant: str, visit: str, run_id: str) -> str:

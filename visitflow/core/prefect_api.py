@@ -189,15 +189,18 @@ class PrefectAPI:
 
     def create_analysis_run(self, analysis: str, variant: str, visit: str, run_id: str,
                             options: dict | None = None, *, idempotency_key: str | None = None,
-                            state: dict | None = None) -> dict:
+                            state: dict | None = None, instrument: str | None = None) -> dict:
         """The one way visitflow starts an analysis: parameters exactly ``{visit, run_id}``
         plus the plan's option values, if any.  The key defaults to the trigger's
-        one-run-per-(analysis, variant, visit, run, options) key."""
+        one-run-per-(analysis, variant, visit, run, options) key.  ``instrument`` (the run's
+        beamline) goes into a tag, ``instrument:<name>``, where the flow finds it for the raw
+        template's ``{instrument}``: a tag, not a parameter, so the deployments' parameter
+        schema and the idempotency key stay what they were."""
         return self.create_flow_run(
             grants.deployment_name(analysis, variant),
             {"visit": visit, "run_id": run_id, **(options or {})},
             idempotency_key=idempotency_key or grants.idempotency_key(analysis, variant, visit, run_id, options),
-            tags=grants.run_tags(analysis, visit, run_id, variant),
+            tags=grants.run_tags(analysis, visit, run_id, variant, instrument),
             name=grants.flow_run_name(analysis, variant, visit, run_id),
             state=state,
         )

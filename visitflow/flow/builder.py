@@ -189,13 +189,16 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
         run_spec = spec.with_options(options)  # a bad option fails here, before any data access
         block_name = os.environ.get(endpoints.BLOCK_ENV, DEFAULT_BLOCK)
         creds = ScopedCredentials.load(block_name, _sync=True)
-        access = creds.for_run(visit, run_id, spec.name)  # fails here, before any data access
+        # The run's beamline rides in a tag (the trigger's ``instrument:<name>``), never a parameter.
+        instrument = grants.instrument_from_tags(runtime.flow_run.tags)
+        access = creds.for_run(visit, run_id, spec.name, instrument)  # fails here, before any data access
         logger.info("acting for %s via %s on raw %s", access.grant_claims.sub,
                     " <- ".join(access.grant_claims.actor_chain()) or "?", access.raw_path)
         source = TiledRawRun(access.raw_run(), run_spec.reads, run_spec.stream)
         flow_run_id = str(runtime.flow_run.id or "")
         provenance = {
             "analysis": spec.name, "reads": list(spec.reads), "visit": visit, "run_id": run_id,
+            "instrument": instrument,
             "raw_uri": source.uri, "flow_run_id": flow_run_id, "flow_run_name": runtime.flow_run.name,
             "deployment": f"{spec.flow_name}/{runtime.deployment.name}" if runtime.deployment.name else None,
             "code_version": code_version(spec.function.__code__.co_filename),
@@ -239,8 +242,8 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
             result_markdown(spec, outputs, visit=visit, run_id=run_id, variant=variant,
                             frames=frames, result_uri=result_uri),
             key=f"{spec.flow_name}-{variant}-result", description=f"{spec.name} result for {visit}/{run_id[:8]}")
-        logger.info("%s %s done: %d frames in %.1fs -> %s", spec.name, variant, frames,
-                    time.monotonic() - t0, result_uri)
+        logger.info("%s %s done: %d frames in %.1fs -> %s (data token refreshed %d times)", spec.name, variant,
+                    frames, time.monotonic() - t0, result_uri, getattr(access.tokens, "refreshes", 0))
         return {"frames": frames, "result_uri": result_uri, "outputs": sorted(outputs)}
 
     body.__name__ = spec.name

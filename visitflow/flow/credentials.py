@@ -51,10 +51,21 @@ class RunAccess:
     raw_root: Any
     processed_root: Any
     layout: Layout
+    #: the run's beamline (the flow run's ``instrument:`` tag): fills ``{instrument}`` in the raw
+    #: template, so one Block serves every beamline on one Prefect
+    instrument: str | None = None
 
     @property
     def raw_path(self) -> str:
-        return self.layout.raw.format(visit=self.visit, run=self.run_id)
+        values = {"visit": self.visit, "run": self.run_id}
+        if self.instrument is not None:
+            values["instrument"] = self.instrument
+        try:
+            return self.layout.raw.format(**values)
+        except KeyError as exc:
+            raise ConfigError(f"{exc.args[0]}: a value this flow run does not carry (the trigger tags the run "
+                              "instrument:<beamline> from the start document's instrument; by hand: "
+                              "`visitflow trigger --instrument`)") from None
 
     @property
     def processed_run_path(self) -> str:
@@ -165,7 +176,7 @@ class ScopedCredentials(Block):
                                "processed_uri": self.processed_uri}, allow)
         return allow
 
-    def for_run(self, visit: str, run_id: str, analysis: str) -> RunAccess:
+    def for_run(self, visit: str, run_id: str, analysis: str, instrument: str | None = None) -> RunAccess:
         from ..core.oauth import token_endpoint
         from ..core.tiled_client import BearerAuth, connect
 
@@ -185,7 +196,8 @@ class ScopedCredentials(Block):
         if self.grant_scope == "visit":
             log.warning("data token is visit-wide (grant_scope=visit: the IdP cannot narrow to one run); "
                         "this flow reads only %s/%s", visit, run_id)
-        return RunAccess(visit, run_id, analysis, claims, tokens, raw_root, processed_root, self.layout())
+        return RunAccess(visit, run_id, analysis, claims, tokens, raw_root, processed_root, self.layout(),
+                         instrument=instrument)
 
 
 def save(block: Block, name: str) -> str:

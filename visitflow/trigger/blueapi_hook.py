@@ -12,16 +12,30 @@
 plus ``VISITFLOW_TRIGGER_CONFIG=/path/to/visitflow-trigger.yaml`` (and the client secret in
 the environment) — docs/blueapi.md has the settings.
 
-Why this seam.  blueapi has no callback hook.  Its ``begin_task`` builds, per task,
-``TiledWriter(from_uri(url, headers=<the caller's Authorization>), batch_size=1)``, subscribes
-it to the context's RunEngine and unsubscribes it when the task completes — and it looks the
-name ``TiledWriter`` up in ``blueapi.service.interface`` at call time.  blueapi imports
-``env.sources`` modules while it builds its context, in the process where the RunEngine runs
-(its worker subprocess, by default).  So importing this module replaces that one name with
-:class:`TriggeringTiledWriter`: blueapi's own TiledWriter, unchanged, which afterwards hands
-each document to the process's one :class:`AnalysisTrigger` with the token of the writer's
-own client — the caller's token that has just written the raw data.  The trigger lives and
-dies with blueapi's subscription; nothing else in blueapi is touched.
+Why this seam.  blueapi has no callback hook.  Its ``begin_task(task, pass_through_headers)``
+receives the caller's request headers (``ApplicationConfig.PROPAGATED_HEADERS``: traceparent,
+tracestate, authorization) and builds, per task, ``TiledWriter(<client>, batch_size=1)``,
+subscribes it to the context's RunEngine and unsubscribes it when the task completes.  The
+client is either one carrying those pass-through headers or, with ``tiled.authentication:
+ServiceAccount``, one shared client authenticated as the beamline's service account.  blueapi
+calls ``begin_task`` in its worker subprocess by *name* (``import_and_run_function``) and looks
+``TiledWriter`` up in ``blueapi.service.interface`` at call time.  blueapi imports
+``env.sources`` modules while it builds its context, in that same process.  So importing this
+module replaces those two names:
+
+* ``begin_task`` by a wrapper that remembers the caller's bearer token from
+  ``pass_through_headers`` for the duration of the call (a context variable), then calls
+  blueapi's own ``begin_task`` unchanged;
+* ``TiledWriter`` by :class:`TriggeringTiledWriter`: blueapi's own TiledWriter, unchanged,
+  which afterwards hands each document to the process's one :class:`AnalysisTrigger` with
+  the token remembered when blueapi built it.
+
+The caller's token therefore comes from the request in *both* Tiled modes — never from the
+Tiled client, which in service-account mode holds the service account's identity (who
+writes the raw data is blueapi's business; whose rights the analyses act with is the
+caller's).  The trigger lives and dies with blueapi's subscription; nothing else in blueapi
+is touched.  A blueapi whose ``begin_task`` no longer takes ``pass_through_headers`` or that
+has no ``TiledWriter`` there is refused with one ERROR line naming the tested versions.
 
 It never blocks or raises into blueapi: the trigger only writes rows to its local outbox on
 the RunEngine thread (a background thread talks to the IdP and Prefect), every trigger error
@@ -31,6 +45,9 @@ was, with one ERROR line saying why.
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 import logging
 import os
 import threading
@@ -57,7 +74,13 @@ ENV_OVERRIDES = {
 }
 DEFAULT_SECRET_ENV = "VISITFLOW_TRIGGER_CLIENT_SECRET"
 
+#: blueapi versions the hook was tested against (the names it replaces are theirs).
+TESTED_BLUEAPI = ("1.21.1",)
+
 _lock = threading.Lock()
+#: The caller's bearer token while blueapi's ``begin_task`` runs (it builds the TiledWriter).
+_caller_token: contextvars.ContextVar[str | None] = contextvars.ContextVar("visitflow_caller_token",
+                                                                           default=None)
 _settings: TriggerSettings | None = None
 _trigger: AnalysisTrigger | None = None
 
@@ -109,32 +132,37 @@ def shared_trigger() -> AnalysisTrigger | None:
 
 
 def _no_token() -> str:
-    raise LookupError("the task's Tiled client carries no bearer token (a Tiled service account "
-                      "or API key is configured in blueapi, not pass-through)")
+    raise LookupError("the task's request carried no bearer token in blueapi's pass-through "
+                      "headers (is blueapi's OIDC on?)")
 
 
-def bearer_of(client) -> str | None:
-    """The bearer token a tiled client sends (blueapi puts the caller's header there)."""
+def bearer_from_headers(headers) -> str | None:
+    """The bearer token in blueapi's ``pass_through_headers`` (header names in any case)."""
+    if not headers:
+        return None
     try:
-        header = client.context.http_client.headers.get("authorization", "")
+        items = headers.items()
     except AttributeError:
         return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    header = next((v for k, v in items if isinstance(k, str) and k.casefold() == "authorization"), "")
+    scheme, _, token = str(header).partition(" ")
+    return token.strip() if scheme.casefold() == "bearer" and token.strip() else None
 
 
 def _writer_class():
     from bluesky.callbacks.tiled_writer import TiledWriter
 
     class TriggeringTiledWriter(TiledWriter):
-        """blueapi's TiledWriter, then visitflow's trigger with the same client's token."""
+        """blueapi's TiledWriter, then visitflow's trigger with the caller's token (taken from
+        the request's pass-through headers by :func:`_wrap_begin_task`, whatever identity the
+        Tiled client writes with)."""
 
         def __init__(self, client, *args, **kwargs):
             super().__init__(client, *args, **kwargs)
             self._visitflow_token = None
             self._visitflow = None
             try:
-                self._visitflow_token = bearer_of(client)
+                self._visitflow_token = _caller_token.get()
                 self._visitflow = shared_trigger()
             except Exception:  # noqa: BLE001 - blueapi's task goes on without the trigger
                 log.exception("visitflow trigger: not attached to this task")
@@ -148,21 +176,66 @@ def _writer_class():
     return TriggeringTiledWriter
 
 
-def install(settings: TriggerSettings | None = None) -> bool:
-    """Put :class:`TriggeringTiledWriter` where blueapi's ``begin_task`` finds TiledWriter.
-    True if installed; False (with an ERROR log line) if it cannot be — blueapi runs on."""
+def _wrap_begin_task(begin_task):
+    """blueapi's ``begin_task``, with the caller's bearer token remembered while it runs."""
+
+    @functools.wraps(begin_task)
+    def visitflow_begin_task(task, pass_through_headers=None, *args, **kwargs):
+        reset = _caller_token.set(bearer_from_headers(pass_through_headers))
+        try:
+            return begin_task(task, pass_through_headers, *args, **kwargs)
+        finally:
+            _caller_token.reset(reset)
+
+    visitflow_begin_task._visitflow_hook = True
+    return visitflow_begin_task
+
+
+def check_interface(interface) -> None:
+    """Refuse a blueapi whose seam is not the one the hook was tested on: ``begin_task`` taking
+    ``pass_through_headers`` and a module-level ``TiledWriter``, both in
+    ``blueapi.service.interface``."""
+    tested = ", ".join(TESTED_BLUEAPI)
+    begin = getattr(interface, "begin_task", None)
+    problems = []
+    if getattr(interface, "TiledWriter", None) is None:
+        problems.append("has no TiledWriter")
+    if not callable(begin):
+        problems.append("has no begin_task")
+    else:
+        try:
+            params = inspect.signature(begin).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "pass_through_headers" not in params:
+            problems.append("begin_task takes no pass_through_headers")
+    if problems:
+        try:
+            from importlib.metadata import version
+
+            found = version("blueapi")
+        except Exception:  # noqa: BLE001 - only for the message
+            found = "unknown"
+        raise ConfigError(f"blueapi.service.interface {' and '.join(problems)}: blueapi {found} is not "
+                          f"a version the hook knows (tested with blueapi {tested})")
+
+
+def install(settings: TriggerSettings | None = None, interface=None) -> bool:
+    """Put :class:`TriggeringTiledWriter` where blueapi's ``begin_task`` finds TiledWriter, and
+    wrap ``begin_task`` to hand it the caller's token.  True if installed; False (with ONE
+    ERROR log line) if it cannot be — blueapi runs on, unchanged."""
     global _settings
     try:
         settings = settings or load_settings()
-        from blueapi.service import interface
-
-        if getattr(interface, "TiledWriter", None) is None:
-            raise ConfigError("blueapi.service.interface has no TiledWriter: this blueapi version "
-                              "is not one the hook knows (tested with 1.21.1)")
+        if interface is None:
+            from blueapi.service import interface
+        check_interface(interface)
         if not getattr(interface.TiledWriter, "_visitflow_hook", False):
             writer = _writer_class()
             writer._visitflow_hook = True
             interface.TiledWriter = writer
+        if not getattr(interface.begin_task, "_visitflow_hook", False):
+            interface.begin_task = _wrap_begin_task(interface.begin_task)
         _settings = settings
     except Exception as exc:  # noqa: BLE001 - a bad hook config must not stop blueapi
         log.error("visitflow trigger NOT installed: %s", exc)

@@ -70,6 +70,13 @@ class TriggerSettings:
     metrics_port: int | None = None
 
 
+def _instrument_of(start: dict) -> str | None:
+    """The beamline the run came from: the start document's ``instrument`` (blueapi copies its
+    ``env.metadata.instrument`` into every run's start document)."""
+    value = start.get("instrument")
+    return str(value) if value else None
+
+
 def _visit_of(start: dict) -> str | None:
     for key in ("instrument_session", "visit", "data_session"):
         if start.get(key):
@@ -171,8 +178,11 @@ class AnalysisTrigger:
             self._decide("run %s declares analyses %s but has no instrument_session/visit: not triggering",
                          uid, analyses)
             return
+        instrument = _instrument_of(doc)
         try:
             check_name(visit, "visit")
+            if instrument is not None:
+                check_name(instrument, "instrument")
         except ScopeError as exc:
             self._decide("run %s: %s: not triggering", uid, exc)
             return
@@ -188,7 +198,8 @@ class AnalysisTrigger:
         with self._tokens_lock:
             self._user_tokens[uid] = token
             for analysis in analyses:
-                self.outbox.add_grant(analysis, visit, uid, canonical(options[analysis]) if options[analysis] else None)
+                self.outbox.add_grant(analysis, visit, uid, canonical(options[analysis]) if options[analysis] else None,
+                                      instrument)
         for analysis in analyses:
             if self.settings.live:
                 self.outbox.add_request(grants.idempotency_key(analysis, "live", visit, uid, options[analysis]),
@@ -211,7 +222,8 @@ class AnalysisTrigger:
             self.outbox.add_request(key, analysis, "post", run["visit"], uid)
         self._wake.set()
 
-    def request(self, analysis: str, visit: str, run: str, variants=("post",), options: dict | None = None) -> list[str]:
+    def request(self, analysis: str, visit: str, run: str, variants=("post",), options: dict | None = None,
+                instrument: str | None = None) -> list[str]:
         """Queue an analysis by hand (``visitflow trigger``), with this trigger's token.
 
         Each call is a new flow run per variant: its idempotency key is the trigger's plus a
@@ -220,11 +232,13 @@ class AnalysisTrigger:
         check_name(analysis, "analysis name")
         check_name(visit, "visit")
         check_name(run, "run id")
+        if instrument is not None:
+            check_name(instrument, "instrument")
         options = check_plan_values(analysis, options or {})
         token = self._token()
         with self._tokens_lock:
             self._user_tokens[run] = token
-            self.outbox.reset_grant(analysis, visit, run, canonical(options) if options else None)
+            self.outbox.reset_grant(analysis, visit, run, canonical(options) if options else None, instrument)
         keys = [grants.rerun_key(analysis, variant, visit, run, options) for variant in variants]
         for key, variant in zip(keys, variants):
             self.outbox.add_request(key, analysis, variant, visit, run)
@@ -400,7 +414,8 @@ class AnalysisTrigger:
         if g.state != "ready":
             return  # wait for the grant to be stored; the sender comes back
         try:
-            run = api.create_analysis_run(r.analysis, r.variant, r.visit, r.run, g.option_values, idempotency_key=r.key)
+            run = api.create_analysis_run(r.analysis, r.variant, r.visit, r.run, g.option_values, idempotency_key=r.key,
+                                          instrument=g.instrument)
         except PrefectUnavailable as exc:
             self.outbox.set_request(r.key, state="pending", error=str(exc), retry_in=self._backoff(r.attempts))
             return
@@ -421,7 +436,8 @@ class AnalysisTrigger:
         g = self.outbox.grant(r.analysis, r.visit, r.run)
         try:
             run = api.create_analysis_run(r.analysis, r.variant, r.visit, r.run, g.option_values if g else {},
-                                          idempotency_key=r.key, state=outage.failed_state(r.error or "no grant"))
+                                          idempotency_key=r.key, state=outage.failed_state(r.error or "no grant"),
+                                          instrument=g.instrument if g else None)
         except PrefectUnavailable as exc:
             self.outbox.set_request(r.key, state="report", error=r.error, retry_in=self._backoff(r.attempts))
             log.info("visitflow trigger: recording the failure of %s waits for Prefect (%s)", r.key, exc)

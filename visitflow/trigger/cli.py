@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analysis", required=True, help="e.g. saxs_average")
     p.add_argument("--visit", required=True)
     p.add_argument("--run", required=True, help="run id (start document uid)")
+    p.add_argument("--instrument", default=None,
+                   help="the run's beamline (start document 'instrument'): needed when the Block's "
+                        "raw template has {instrument}")
     p.add_argument("--variant", choices=["post", "live", "both"], default="post")
     p.add_argument("--options", default=None, metavar="JSON",
                    help='the analysis\'s options as a JSON object, e.g. \'{"background": 2.0}\' (or @file.json); '
@@ -71,7 +74,8 @@ def run(args) -> int:
                                                   state_dir=Path(tmp), grant_scope=args.grant_scope), token=token)
         try:
             try:
-                trigger.request(args.analysis, args.visit, args.run, variants, options=options)
+                trigger.request(args.analysis, args.visit, args.run, variants, options=options,
+                                instrument=args.instrument)
             except (OptionError, ScopeError) as exc:
                 print(f"not requested: {exc}")
                 return 2

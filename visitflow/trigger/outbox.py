@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS grants (
     next_at REAL DEFAULT 0,
     created REAL, updated REAL,
     options TEXT,                   -- the plan's option values (canonical JSON), or NULL
+    instrument TEXT,                -- the start document's instrument (beamline), or NULL
     PRIMARY KEY (analysis, visit, run)
 );
 CREATE TABLE IF NOT EXISTS requests (
@@ -61,6 +62,7 @@ class Grant:
     options: str | None = None      # canonical JSON of the plan's option values
     error: str | None = None        # why the last attempt failed
     created: float | None = None    # when the start document queued it
+    instrument: str | None = None   # the beamline the run came from (start document ``instrument``)
 
     @property
     def option_values(self) -> dict:
@@ -82,7 +84,7 @@ class Request:
     error: str | None = None
 
 
-_GRANT_COLUMNS = "analysis, visit, run, state, token, attempts, options, error, created"
+_GRANT_COLUMNS = "analysis, visit, run, state, token, attempts, options, error, created, instrument"
 _REQUEST_COLUMNS = "key, analysis, variant, visit, run, state, attempts, flow_run_id, error"
 
 
@@ -97,8 +99,11 @@ class Outbox:
             os.chmod(self.path, 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
-        if "options" not in {row[1] for row in self._db.execute("PRAGMA table_info(grants)")}:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(grants)")}
+        if "options" not in columns:
             self._db.execute("ALTER TABLE grants ADD COLUMN options TEXT")  # an outbox from before options
+        if "instrument" not in columns:
+            self._db.execute("ALTER TABLE grants ADD COLUMN instrument TEXT")  # ... from before beamlines
 
     def close(self) -> None:
         with self._lock:
@@ -114,11 +119,12 @@ class Outbox:
             return self._db.execute(sql, args).rowcount == 1
 
     # ---------------------------------------------------------------- enqueue (RunEngine thread)
-    def add_grant(self, analysis: str, visit: str, run: str, options: str | None = None) -> bool:
+    def add_grant(self, analysis: str, visit: str, run: str, options: str | None = None,
+                  instrument: str | None = None) -> bool:
         now = time.time()
         return self._insert(
-            "INSERT OR IGNORE INTO grants (analysis, visit, run, state, created, updated, options) "
-            "VALUES (?, ?, ?, 'exchange', ?, ?, ?)", (analysis, visit, run, now, now, options))
+            "INSERT OR IGNORE INTO grants (analysis, visit, run, state, created, updated, options, instrument) "
+            "VALUES (?, ?, ?, 'exchange', ?, ?, ?, ?)", (analysis, visit, run, now, now, options, instrument))
 
     def add_request(self, key: str, analysis: str, variant: str, visit: str, run: str) -> bool:
         now = time.time()
@@ -148,12 +154,15 @@ class Outbox:
             self._exec("UPDATE grants SET token = NULL WHERE analysis = ? AND visit = ? AND run = ?",
                        (g.analysis, g.visit, g.run))
 
-    def reset_grant(self, analysis: str, visit: str, run: str, options: str | None = None) -> None:
-        """Exchange again (a by-hand re-run brings a new user token; the old grant may be gone)."""
-        if not self.add_grant(analysis, visit, run, options):
+    def reset_grant(self, analysis: str, visit: str, run: str, options: str | None = None,
+                    instrument: str | None = None) -> None:
+        """Exchange again (a by-hand re-run brings a new user token; the old grant may be gone).
+        A by-hand re-run that names no instrument keeps the one the start document gave."""
+        if not self.add_grant(analysis, visit, run, options, instrument):
             self._exec("UPDATE grants SET state = 'exchange', token = NULL, error = NULL, attempts = 0, "
-                       "next_at = 0, options = ?, created = ?, updated = ? WHERE analysis = ? AND visit = ? AND run = ?",
-                       (options, time.time(), time.time(), analysis, visit, run))
+                       "next_at = 0, options = ?, instrument = COALESCE(?, instrument), created = ?, updated = ? "
+                       "WHERE analysis = ? AND visit = ? AND run = ?",
+                       (options, instrument, time.time(), time.time(), analysis, visit, run))
 
     def exchanges_pending(self, run: str) -> int:
         """How many of ``run``'s grants still wait for their exchange at the IdP."""
