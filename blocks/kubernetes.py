@@ -16,12 +16,13 @@ Differences from ``blocks/local.py``, each for a reason:
   (docs/production.md §9), whose issuer mints per-run scopes.  ``VISITFLOW_GRANT_SCOPE=visit``
   only when ``VISITFLOW_ISSUER`` is a Keycloak realm itself (a fixed list of client scopes
   cannot name one run: docs/production.md, "grant scope"); the trigger's setting must match;
-- ``raw_template`` follows blueapi's layout for the beamline ``VISITFLOW_INSTRUMENT``
-  (``i22/{proposal}/{visit}/{run}``; ``{proposal}`` follows from the visit), else visitflow's
-  ``raw/{visit}/{run}``; ``VISITFLOW_RAW_TEMPLATE`` overrides both.  A flow run formats it
-  with the visit and run only (``RunAccess.raw_path``), so :func:`definition` refuses a
-  template that needs anything else (``{instrument}`` unfilled was a ``KeyError`` in every
-  flow run).
+- ``raw_template`` follows blueapi's layout: ``VISITFLOW_RAW_TEMPLATE={instrument}/{proposal}/{visit}/{run}``
+  serves every beamline with one document (a flow run carries its instrument: the trigger tags
+  it ``instrument:<beamline>`` from the start document, ``RunAccess.raw_path`` fills it in);
+  ``VISITFLOW_INSTRUMENT=i22`` fixes one beamline (``i22/{proposal}/{visit}/{run}``); else
+  visitflow's ``raw/{visit}/{run}``.  :func:`definition` refuses a template that a flow run
+  cannot fill from its visit, run and instrument (an unknown placeholder would otherwise be a
+  ``KeyError`` in every flow run).
 
 Tested by tests/flow/test_blocks.py (saved to and loaded from a real Prefect server).
 """
@@ -37,7 +38,7 @@ from visitflow.blocks import ScopedCredentials, save
 
 BLUEAPI_RAW_TEMPLATE = "{instrument}/{proposal}/{visit}/{run}"
 #: What RunAccess.raw_path formats a raw template with (an instrument session as the visit).
-SAMPLE_RUN = {"visit": "cm12345-1", "run": "0f1e2d3c"}
+SAMPLE_RUN = {"visit": "cm12345-1", "run": "0f1e2d3c", "instrument": "i22"}
 
 
 def raw_template(env: dict) -> str:
@@ -53,8 +54,8 @@ def raw_template(env: dict) -> str:
             **SAMPLE_RUN)
     except (KeyError, ValueError) as exc:  # ValueError: visitflow.errors.ScopeError (a malformed template)
         raise SystemExit(f"blocks/kubernetes.py: raw template {template!r} cannot be filled from a run's "
-                         f"visit and run ({exc}); set VISITFLOW_INSTRUMENT or a VISITFLOW_RAW_TEMPLATE "
-                         "without other placeholders") from None
+                         f"visit, run and instrument ({exc}); use only {{instrument}}, {{proposal}}, "
+                         "{visit} and {run}") from None
     return template
 
 

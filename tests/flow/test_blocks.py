@@ -125,22 +125,25 @@ def test_blocks_definitions_build_valid_documents():
 
 
 def test_blocks_kubernetes_defaults_format_with_what_a_flow_run_has():
-    """The shipped defaults, through RunAccess.raw_path's own call (visit and run only): the
-    old default ``{instrument}/...`` raised KeyError in every flow run."""
+    """The shipped defaults, through RunAccess.raw_path's own call: the old default
+    ``{instrument}/...`` raised KeyError in every flow run, when a run carried no instrument."""
     from visitflow.flow.credentials import RunAccess
 
     k8s = _module("kubernetes.py")
     need = {"VISITFLOW_ISSUER": "https://token-service.example", "VISITFLOW_TILED_URI": "https://t"}
 
-    def raw_path(block, visit="cm12345-1", run="r1"):
-        return RunAccess(visit, run, "saxs_average", None, None, None, None, block.layout()).raw_path
+    def raw_path(block, visit="cm12345-1", run="r1", instrument=None):
+        return RunAccess(visit, run, "saxs_average", None, None, None, None, block.layout(),
+                         instrument=instrument).raw_path
 
     plain = k8s.definition(need)
     assert plain.grant_scope == "run", "token-service mode mints per-run scopes"
     assert raw_path(plain) == "raw/cm12345-1/r1"
     assert raw_path(k8s.definition({**need, "VISITFLOW_INSTRUMENT": "i22"})) == "i22/cm12345/cm12345-1/r1"
+    every_beamline = k8s.definition({**need, "VISITFLOW_RAW_TEMPLATE": "{instrument}/{proposal}/{visit}/{run}"})
+    assert raw_path(every_beamline, instrument="b21") == "b21/cm12345/cm12345-1/r1"
     with pytest.raises(SystemExit, match="instrument"):
-        k8s.definition({**need, "VISITFLOW_RAW_TEMPLATE": "{instrument}/{proposal}/{visit}/{run}"})
+        k8s.definition({**need, "VISITFLOW_RAW_TEMPLATE": "{beamline}/{visit}/{run}"})
 
 
 def _module(name: str):
