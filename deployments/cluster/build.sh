@@ -5,7 +5,8 @@
 # and k8s.io/kubernetes is a Go module.  Its zip lacks ./staging, so in a copy of it the staging
 # `replace`s are dropped and each staging module is required at the published v0.X.Y instead.
 # Output: ${VISITFLOW_CACHE:-/opt/visitflow-cache}/kubernetes/v$KUBERNETES_VERSION/{bin/*,pause.tar}
-# Prints that directory.  Idempotent: a complete cache is reused (keyed by the versions below).
+# Prints that directory (`build.sh --where` prints it without building; status 0 iff complete).
+# Idempotent: a complete cache is reused (keyed by the versions below).
 set -euo pipefail
 
 KUBERNETES_VERSION="${KUBERNETES_VERSION:-1.37.2}"
@@ -18,6 +19,7 @@ complete() {
   for b in "${BINS[@]}" coredns; do [ -x "$CACHE/bin/$b" ] || return 1; done
   [ -s "$CACHE/pause.tar" ]
 }
+if [ "${1:-}" = "--where" ]; then echo "$CACHE"; complete; exit; fi   # the cache dir; status 0 iff complete
 if complete; then echo "$CACHE"; exit 0; fi
 
 mkdir -p "$CACHE/bin"
