@@ -133,7 +133,7 @@ record cni-network "$CNI_NET"
 start containerd containerd --config "$CTRD/config.toml"
 wait_for containerd 60 ctr -a "$SOCK" version
 for img in "$CACHE/pause.tar" "$CACHE/coredns.tar"; do
-  ctr -a "$SOCK" -n k8s.io images import --no-unpack=false "$img" > /dev/null
+  bash "$HERE/load-images.sh" "$img" 2> /dev/null
 done
 
 # --- kubelet ---------------------------------------------------------------------------------------
@@ -183,5 +183,25 @@ wait_for "Node $NODE Ready" 180 "$BIN/kubectl" wait --for=condition=Ready "node/
 # --- cluster DNS: CoreDNS as a Deployment behind Service kube-dns ($DNS_IP) -------------------------
 "$BIN/kubectl" apply -f "$HERE/coredns.yaml" > /dev/null
 wait_for "CoreDNS" 180 "$BIN/kubectl" -n kube-system rollout status deployment/coredns --timeout=1s
+# --- storage: StorageClass visitflow-local + local PVs (directories under $STATE/volumes) -----------
+# No dynamic provisioner here; a facility has its own class (overlays/facility), the local overlay
+# names this one.  WaitForFirstConsumer: a claim binds when its pod is scheduled, as on a cluster.
+{
+  echo "apiVersion: storage.k8s.io/v1"; echo "kind: StorageClass"
+  echo "metadata: {name: visitflow-local}"; echo "provisioner: kubernetes.io/no-provisioner"
+  echo "volumeBindingMode: WaitForFirstConsumer"; echo "reclaimPolicy: Delete"
+  for i in $(seq 1 "${VISITFLOW_CLUSTER_VOLUMES:-10}"); do
+    d="$STATE/volumes/pv$i"; mkdir -p "$d"; chmod 0777 "$d"
+    echo "---"; echo "apiVersion: v1"; echo "kind: PersistentVolume"
+    echo "metadata: {name: visitflow-local-pv$i}"
+    echo "spec:"
+    echo "  capacity: {storage: 200Gi}"
+    echo "  accessModes: [ReadWriteOnce]"
+    echo "  persistentVolumeReclaimPolicy: Retain"
+    echo "  storageClassName: visitflow-local"
+    echo "  local: {path: \"$d\"}"
+    echo "  nodeAffinity: {required: {nodeSelectorTerms: [{matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [\"$NODE\"]}]}]}}"
+  done
+} | "$BIN/kubectl" apply -f - > /dev/null
 log "Node $NODE Ready; KUBECONFIG=$KUBECONFIG"
 echo "export KUBECONFIG=$KUBECONFIG PATH=$BIN:\$PATH"
