@@ -133,7 +133,7 @@ def test_a_pod_reaches_a_service_through_kube_proxy(kube, probe_image):
 @pytest.fixture(scope="module")
 def applied(kube) -> dict[str, str]:
     """Secrets out of band (random values, the shape of secrets.example.yaml), then the local overlay."""
-    kube.run("apply", "-f", str(K8S_DIR / "services" / "namespace.yaml"))
+    kube.run("apply", "-f", str(K8S_DIR / "base" / "services" / "namespace.yaml"))
     values = {}
     for name, keys in SECRET_KEYS.items():
         literal = []

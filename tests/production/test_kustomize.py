@@ -9,6 +9,7 @@ objects are what a cluster receives.
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,8 @@ OVERLAYS = ("facility", "local")
 #: the Deployments/StatefulSets whose containers serve a port and so must have a readiness probe
 NO_PORT = {"prefect-services"}
 FACILITY = K8S_DIR / "overlays" / "facility"
+#: env names that hold a credential: only ever from a secretKeyRef
+SECRET_NAME = re.compile(r"(SECRET|PASSWORD|AUTH_STRING|API_KEY|_URL_WITH_PASSWORD)$")
 
 
 def render(overlay: str) -> list[dict]:
@@ -84,8 +87,7 @@ def test_secrets_only_by_reference_and_every_reference_has_an_example(rendered):
             if ref:
                 refs.add((ref["name"], ref["key"]))
             else:
-                value = e.get("value") or ""
-                assert "secret" not in e["name"].lower() or not value, (w["metadata"]["name"], e)
+                assert not SECRET_NAME.search(e["name"]), f"{w['metadata']['name']}: {e['name']} as a plain value"
     assert len(refs) >= 10
     for name, key in refs:
         assert key in example.get(name, {}), f"{name}/{key} referenced but not in secrets.example.yaml"
@@ -111,10 +113,18 @@ def test_ingress_is_denied_by_default_and_each_service_admits_named_callers(rend
     deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
     assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"]
     for svc in [o for o in objs if o["kind"] == "Service"]:
-        selector = svc["spec"]["selector"]
+        selector = set(svc["spec"]["selector"].items())
+        (labels,) = [w["spec"]["template"]["metadata"]["labels"] for w in workloads(objs)
+                     if selector <= set(w["spec"]["template"]["metadata"]["labels"].items())]
         admitting = [p for p in policies if p["spec"].get("ingress")
-                     and set(p["spec"]["podSelector"].get("matchLabels", {}).items()) <= set(selector.items())]
+                     and set(p["spec"]["podSelector"].get("matchLabels", {}).items()) <= set(labels.items())]
         assert admitting, f"no NetworkPolicy admits anyone to Service {svc['metadata']['name']}"
+        ports = {q["targetPort"] for q in svc["spec"]["ports"]}
+        (container,) = [w["spec"]["template"]["spec"]["containers"][0] for w in workloads(objs)
+                        if w["spec"]["template"]["metadata"]["labels"] == labels]
+        numbers = {p["containerPort"] for p in container["ports"] if p["name"] in ports or p["containerPort"] in ports}
+        allowed = {q["port"] for p in admitting for rule in p["spec"]["ingress"] for q in rule.get("ports", [])}
+        assert numbers <= allowed, (svc["metadata"]["name"], numbers, allowed)
 
 
 def strip_site_swaps(objs):
@@ -136,7 +146,7 @@ def test_local_overlay_swaps_only_images_and_storage_classes(rendered):
     facility, local = rendered["facility"], rendered["local"]
     assert strip_site_swaps(facility) == strip_site_swaps(local)
     images = {c["image"] for _, c in containers(local)}
-    assert images and all(i.startswith("localhost/visitflow/") for i in images), images
+    assert images and all(i.startswith("localhost/visitflow-") and i.endswith(":local") for i in images), images
     classes = {o["spec"]["storageClassName"] for o in local if o["kind"] == "PersistentVolumeClaim"}
     assert classes == {"visitflow-local"}
     assert {c["image"] for _, c in containers(facility)} != images
