@@ -30,6 +30,16 @@ for f in "$STATE"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid \
 done
 # 3. iptables: kube-proxy's own cleanup, then the CNI network's masquerade chains.
 if grep -q '^iptables kube-proxy' "$REC"; then "$BIN/kube-proxy" --cleanup > /dev/null 2>&1; fi
+# The kubelet's canary chains (it makes them even with makeIPTablesUtilChains: false).
+if grep -q '^iptables kubelet' "$REC"; then
+  for ipt in iptables ip6tables; do
+    for t in mangle nat filter; do
+      for c in KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do
+        $ipt -t "$t" -F "$c" 2>/dev/null; $ipt -t "$t" -X "$c" 2>/dev/null
+      done
+    done
+  done
+fi
 net=$(awk '$1=="cni-network"{print $2}' "$REC")
 if [ -n "$net" ]; then
   iptables -t nat -S POSTROUTING | grep -F "name: \\\"$net\\\"" | while read -r _ chain rule; do

@@ -159,6 +159,7 @@ imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 healthzBindAddress: 127.0.0.1
 KCFG
+record iptables kubelet
 start kubelet "$BIN/kubelet" --config "$STATE/kubelet/config.yaml" --kubeconfig "$STATE/kubelet.kubeconfig" \
   --root-dir "$STATE/kubelet/root" --hostname-override "$NODE" --node-ip "$NODE_IP" \
   --cert-dir "$STATE/kubelet/pki"
