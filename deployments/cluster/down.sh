@@ -9,7 +9,7 @@ STATE="${VISITFLOW_CLUSTER_STATE:-/var/lib/visitflow-cluster}"
 REC="$STATE/record"
 [ -s "$REC" ] || { echo "no cluster record at $REC" >&2; exit 0; }
 SOCK="$STATE/containerd/containerd.sock"
-BIN="$(bash "$HERE/build.sh")/bin"
+BIN="$(bash "$HERE/build.sh" --where)/bin"   # never builds: only kube-proxy --cleanup needs it
 
 # 1. containers: ask containerd to stop every task, then kill any shim it recorded.
 if ctr -a "$SOCK" version > /dev/null 2>&1; then
