@@ -89,7 +89,8 @@ start kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETC
   --kubelet-client-certificate "$P/apiserver-kubelet.crt" --kubelet-client-key "$P/apiserver-kubelet.key" \
   --service-account-issuer https://kubernetes.default.svc.cluster.local \
   --service-account-key-file "$P/sa.pub" --service-account-signing-key-file "$P/sa.key" \
-  --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction
+  --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
+  --kubelet-preferred-address-types InternalIP,Hostname   # the node name is not in any DNS here
 wait_for kube-apiserver 180 "$BIN/kubectl" get --raw /readyz
 start kube-controller-manager "$BIN/kube-controller-manager" --kubeconfig "$STATE/controller-manager.kubeconfig" \
   --authentication-kubeconfig "$STATE/controller-manager.kubeconfig" --authorization-kubeconfig "$STATE/controller-manager.kubeconfig" \
