@@ -24,6 +24,8 @@ tac "$REC" | while read -r kind pid name; do
   for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   kill -KILL "$pid" 2>/dev/null
 done
+# Shims that outlived containerd name its socket in their arguments: exactly ours.
+for p in $(pgrep -f -- "-address $SOCK\$" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
 for f in "$STATE"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid \
          "$STATE"/containerd/state/io.containerd.runtime.v2.task/*/*/init.pid; do
   [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null
@@ -34,7 +36,9 @@ if grep -q '^iptables kube-proxy' "$REC"; then "$BIN/kube-proxy" --cleanup > /de
 if grep -q '^iptables kubelet' "$REC"; then
   for ipt in iptables ip6tables; do
     for t in mangle nat filter; do
-      for c in KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do
+      while $ipt -t "$t" -D INPUT -j KUBE-FIREWALL 2>/dev/null; do :; done
+      while $ipt -t "$t" -D OUTPUT -j KUBE-FIREWALL 2>/dev/null; do :; done
+      for c in KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT KUBE-FIREWALL; do
         $ipt -t "$t" -F "$c" 2>/dev/null; $ipt -t "$t" -X "$c" 2>/dev/null
       done
     done
