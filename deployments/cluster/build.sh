@@ -17,7 +17,7 @@ BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy k
 
 complete() {
   for b in "${BINS[@]}" coredns; do [ -x "$CACHE/bin/$b" ] || return 1; done
-  [ -s "$CACHE/pause.tar" ]
+  [ -s "$CACHE/pause.tar" ] && [ -s "$CACHE/coredns.tar" ]
 }
 if [ "${1:-}" = "--where" ]; then echo "$CACHE"; complete; exit; fi   # the cache dir; status 0 iff complete
 if complete; then echo "$CACHE"; exit 0; fi
