@@ -8,6 +8,7 @@
 # Prints that directory (`build.sh --where` prints it without building; status 0 iff complete).
 # Idempotent: a complete cache is reused (keyed by the versions below).
 set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"   # before any cd
 
 KUBERNETES_VERSION="${KUBERNETES_VERSION:-1.37.2}"
 COREDNS_VERSION="${COREDNS_VERSION:-1.12.4}"
@@ -55,7 +56,7 @@ log "pause image"
 mkdir -p "$WORK/pause-root"
 gcc -static -O2 -DVERSION="v$KUBERNETES_VERSION" -o "$WORK/pause-root/pause" build/pause/linux/pause.c
 strip "$WORK/pause-root/pause"
-python3 "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/oci_archive.py" \
+python3 "$HERE/oci_archive.py" \
   "$WORK/pause-root" "registry.k8s.io/pause:3.10" /pause "$WORK/pause.tar"
 
 if [ ! -x "$CACHE/bin/coredns" ]; then
@@ -65,7 +66,7 @@ if [ ! -x "$CACHE/bin/coredns" ]; then
   mkdir -p "$WORK/coredns-root"; cp "$CACHE/bin/coredns" "$WORK/coredns-root/coredns"
 fi
 mkdir -p "$WORK/coredns-root"; cp "$CACHE/bin/coredns" "$WORK/coredns-root/coredns"
-python3 "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/oci_archive.py" \
+python3 "$HERE/oci_archive.py" \
   "$WORK/coredns-root" "localhost/visitflow/coredns:$COREDNS_VERSION" /coredns "$CACHE/coredns.tar"
 mv "$WORK/pause.tar" "$CACHE/pause.tar"
 log "done"
