@@ -121,8 +121,17 @@ def test_a_pod_reaches_a_service_through_kube_proxy(kube, probe_image):
     kube.run("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [echo, service]}))
     kube.run("-n", "default", "rollout", "status", "deployment/echo", "--timeout=240s")
     pod = kube.json("-n", "default", "get", "pods", "-l", "app=echo")["items"][0]["metadata"]["name"]
-    ok, out = run_probe(kube, probe_image, "svc-get", "get", "http://echo.default.svc.cluster.local/")
-    assert ok and pod in out, out                                # DNS -> ClusterIP -> kube-proxy DNAT -> the pod
+    def endpoint_ready():
+        slices = kube.json("-n", "default", "get", "endpointslices", "-l", "kubernetes.io/service-name=echo")["items"]
+        return any(e.get("conditions", {}).get("ready") for s in slices for e in s.get("endpoints") or [])
+    wait_until(endpoint_ready, 120, "a ready endpoint for Service echo", interval=1)
+    attempts = iter(range(10))
+
+    def served():   # kube-proxy programs the rule a moment after the EndpointSlice: retry the outcome
+        ok, out = run_probe(kube, probe_image, f"svc-get-{next(attempts)}", "get", "http://echo.default.svc.cluster.local/")
+        return (ok, out) if ok else None
+    ok, out = wait_until(served, 120, "a pod reached Service echo", interval=1)
+    assert pod in out, out                                       # DNS -> ClusterIP -> kube-proxy DNAT -> the pod
     ok, out = run_probe(kube, probe_image, "api-get", "get", "https://kubernetes.default.svc/livez")
     assert ok and out.startswith("200"), out                    # the apiserver's Service, endpoint on the node
 
