@@ -140,7 +140,7 @@ def submit_through_worker(template: dict, monkeypatch, auth_secret_settings: boo
     import prefect_kubernetes.worker as pkw
     from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
 
-    if auth_secret_settings:  # what deployments/kubernetes/worker.yaml sets
+    if auth_secret_settings:  # what deployments/kubernetes/base/worker.yaml sets
         worker_env = {e["name"]: e.get("value") for e in worker_container()["env"]}
         for name in ("PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME",
                      "PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"):
@@ -163,7 +163,7 @@ def submit_through_worker(template: dict, monkeypatch, auth_secret_settings: boo
 
 
 def worker_container() -> dict:
-    (deployment,) = [d for d in docs("worker.yaml") if d["kind"] == "Deployment"]
+    (deployment,) = [d for d in docs("base/worker.yaml") if d["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return container
 
@@ -279,7 +279,7 @@ def test_worker_settings_alone_also_fix_the_naive_template(worker_settings, monk
 # -------------------------------------------------------------- worker, RBAC, secrets
 
 
-@pytest.mark.parametrize("name", ["worker.yaml", "rbac.yaml", "secrets.example.yaml"])
+@pytest.mark.parametrize("name", ["base/worker.yaml", "base/rbac.yaml", "secrets.example.yaml"])
 def test_manifests_are_strictly_valid(name):
     found = docs(name)
     assert found
@@ -311,7 +311,7 @@ def test_worker_runs_the_pool_with_secrets_by_reference():
 
 def test_rbac_is_namespaced_and_minimal():
     by_kind: dict[str, list[dict]] = {}
-    for d in docs("rbac.yaml"):
+    for d in docs("base/rbac.yaml"):
         by_kind.setdefault(d["kind"], []).append(d)
     assert set(by_kind) == {"ServiceAccount", "Role", "RoleBinding"}  # nothing cluster-scoped
     (role,) = by_kind["Role"]
@@ -324,7 +324,7 @@ def test_rbac_is_namespaced_and_minimal():
     assert {"jobs", "pods", "pods/log"} <= granted
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     bound = {s["name"] for s in binding["subjects"]}
-    (deployment,) = [d for d in docs("worker.yaml") if d["kind"] == "Deployment"]
+    (deployment,) = [d for d in docs("base/worker.yaml") if d["kind"] == "Deployment"]
     assert bound == {deployment["spec"]["template"]["spec"]["serviceAccountName"]} == {k8s.WORKER_SERVICE_ACCOUNT}
     accounts = {sa["metadata"]["name"]: sa for sa in by_kind["ServiceAccount"]}
     flow_sa = accounts[load_template()["variables"]["properties"]["service_account_name"]["default"]]

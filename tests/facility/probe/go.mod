@@ -1,0 +1,3 @@
+module visitflow.test/probe
+
+go 1.22

@@ -1,0 +1,281 @@
+"""The facility suite on the single-node Kubernetes of deployments/cluster/ (marker ``facility``).
+
+What is real here: the cluster (v1.37.2 apiserver, controller-manager, scheduler, kubelet,
+kube-proxy built from the Go module proxy; Debian's etcd, containerd 1.6, runc and CNI bridge;
+CoreDNS), the manifests (``kubectl apply -k deployments/kubernetes/overlays/local``, the same files
+the offline validation renders), Pod Security admission, RBAC, local volumes, and a flow-run Job
+rendered from the shipped base job template by prefect-kubernetes' own code.  The workload image
+of the Job and of the Service checks is the suite's network probe (tests/facility/probe/, a
+static Go binary): the visitflow service images come from deployments/images (helper `images`)
+and are not used by these tests -- see docs/deploy.md "Status".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fixtures.cluster_fixtures import CLUSTER_DIR, K8S_DIR, Kube, cluster_cache
+from tests.fixtures.waiting import wait_until
+
+pytestmark = pytest.mark.facility
+
+PROBE_SRC = Path(__file__).parent / "probe"
+PROBE_IMAGE = "localhost/visitflow/probe:{tag}"
+NS = "visitflow"
+#: the Secrets the manifests reference, with random values (never the examples' placeholders)
+SECRET_KEYS = {
+    "visitflow-oidc": ["client-secret"],
+    "visitflow-prefect-api": ["api-url", "auth-string"],
+    "visitflow-postgres": ["password"],
+    "visitflow-prefect-db": ["url"],
+    "visitflow-tiled-db": ["tabular-url"],
+    "visitflow-token-service": ["blueapi-secret", "visitflow-secret", "tiled-secret", "admin-secret"],
+    "visitflow-trigger": ["client-secret"],
+}
+
+
+@pytest.fixture(scope="module")
+def kube(kube_cluster) -> Kube:
+    return kube_cluster
+
+
+@pytest.fixture(scope="module")
+def probe_image(kube) -> str:
+    """Build the probe (cached by the hash of its source) and import it into the cluster."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(PROBE_SRC.iterdir()) if p.is_file())).hexdigest()[:12]
+    cache = cluster_cache().parent / "probe"
+    archive = cache / f"probe-{digest}.tar"
+    if not archive.exists():
+        root = cache / f"root-{digest}"
+        root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "CGO_ENABLED": "0", "GOWORK": "off", "GOFLAGS": "-trimpath"}
+        subprocess.run(["go", "build", "-o", str(root / "probe"), "."], cwd=PROBE_SRC, env=env, check=True, timeout=900)
+        subprocess.run(["python3", str(CLUSTER_DIR / "oci_archive.py"), str(root), PROBE_IMAGE.format(tag=digest),
+                        "/probe", str(archive)], check=True)
+    subprocess.run(["bash", str(CLUSTER_DIR / "load-images.sh"), str(archive)], check=True, capture_output=True)
+    return PROBE_IMAGE.format(tag=digest)
+
+
+def job_logs(kube: Kube, ns: str, name: str, timeout: float = 240) -> tuple[bool, str]:
+    """Wait for Job ``name`` to finish; (succeeded, its pod's log)."""
+    def done():
+        st = kube.json("-n", ns, "get", "job", name).get("status", {})
+        return ("ok" if st.get("succeeded") else "failed") if (st.get("succeeded") or st.get("failed")) else None
+    state = wait_until(done, timeout, f"Job {ns}/{name} finished", interval=1)
+    return state == "ok", kube.run("-n", ns, "logs", f"job/{name}")
+
+
+def run_probe(kube: Kube, image: str, name: str, *args: str, ns: str = "default") -> tuple[bool, str]:
+    job = {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": ns},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never", "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "probe", "image": image, "imagePullPolicy": "Never", "args": list(args),
+                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}}},
+    }
+    kube.run("apply", "-f", "-", input=json.dumps(job))
+    return job_logs(kube, ns, name)
+
+
+# ------------------------------------------------------------------------------ the cluster
+
+
+def test_node_is_ready_on_the_built_version(kube):
+    (node,) = kube.json("get", "nodes")["items"]
+    ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}
+    assert ready["Ready"] == "True"
+    info = node["status"]["nodeInfo"]
+    assert info["kubeletVersion"] == "v1.37.2" and info["kubeProxyVersion"] in ("v1.37.2", "")
+    assert info["containerRuntimeVersion"].startswith("containerd://1.")
+    server = json.loads(kube.run("version", "-o", "json"))["serverVersion"]
+    assert server["gitVersion"] == "v1.37.2"
+
+
+def test_coredns_answers_for_services_from_a_pod(kube, probe_image):
+    ok, out = run_probe(kube, probe_image, "dns-lookup", "lookup", "kubernetes.default.svc.cluster.local")
+    assert ok and "10.96.0.1" in out, out
+
+
+def test_a_pod_reaches_a_service_through_kube_proxy(kube, probe_image):
+    echo = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "echo", "namespace": "default"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "echo"}}, "template": {
+            "metadata": {"labels": {"app": "echo"}},
+            "spec": {"automountServiceAccountToken": False,
+                     "containers": [{"name": "echo", "image": probe_image, "imagePullPolicy": "Never",
+                                     "args": ["serve", ":8080"], "ports": [{"containerPort": 8080}],
+                                     "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}]}}},
+    }
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "default"},
+               "spec": {"selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    kube.run("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [echo, service]}))
+    kube.run("-n", "default", "rollout", "status", "deployment/echo", "--timeout=240s")
+    pod = kube.json("-n", "default", "get", "pods", "-l", "app=echo")["items"][0]["metadata"]["name"]
+    def endpoint_ready():
+        slices = kube.json("-n", "default", "get", "endpointslices", "-l", "kubernetes.io/service-name=echo")["items"]
+        return any(e.get("conditions", {}).get("ready") for s in slices for e in s.get("endpoints") or [])
+    wait_until(endpoint_ready, 120, "a ready endpoint for Service echo", interval=1)
+    attempts = iter(range(10))
+
+    def served():   # kube-proxy programs the rule a moment after the EndpointSlice: retry the outcome
+        ok, out = run_probe(kube, probe_image, f"svc-get-{next(attempts)}", "get", "http://echo.default.svc.cluster.local/")
+        return (ok, out) if ok else None
+    ok, out = wait_until(served, 120, "a pod reached Service echo", interval=1)
+    assert pod in out, out                                       # DNS -> ClusterIP -> kube-proxy DNAT -> the pod
+    ok, out = run_probe(kube, probe_image, "api-get", "get", "https://kubernetes.default.svc/livez")
+    assert ok and out.startswith("200"), out                    # the apiserver's Service, endpoint on the node
+
+
+# ------------------------------------------------------------------------------ the manifests
+
+
+@pytest.fixture(scope="module")
+def applied(kube) -> dict[str, str]:
+    """Secrets out of band (random values, the shape of secrets.example.yaml), then the local overlay."""
+    kube.run("apply", "-f", str(K8S_DIR / "base" / "services" / "namespace.yaml"))
+    values = {}
+    for name, keys in SECRET_KEYS.items():
+        literal = []
+        for key in keys:
+            values[f"{name}/{key}"] = secrets.token_urlsafe(24)
+            literal.append(f"--from-literal={key}={values[f'{name}/{key}']}")
+        kube.run("-n", NS, "create", "secret", "generic", name, *literal)
+    kube.run("apply", "-k", str(K8S_DIR / "overlays" / "local"), "--dry-run=server")
+    kube.run("apply", "-k", str(K8S_DIR / "overlays" / "local"))
+    return values
+
+
+def rendered_local(kube: Kube) -> list[dict]:
+    return [d for d in yaml.safe_load_all(kube.run("kustomize", str(K8S_DIR / "overlays" / "local"))) if d]
+
+
+def test_the_local_overlay_is_what_the_cluster_holds(kube, applied):
+    for obj in rendered_local(kube):
+        ns = obj["metadata"].get("namespace")
+        got = kube.json(*(["-n", ns] if ns else []), "get", obj["kind"], obj["metadata"]["name"])
+        assert got["metadata"]["name"] == obj["metadata"]["name"]
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            want = [c["image"] for c in obj["spec"]["template"]["spec"]["containers"]]
+            assert [c["image"] for c in got["spec"]["template"]["spec"]["containers"]] == want
+
+
+def test_restricted_pod_security_admits_every_workload_and_refuses_a_root_pod(kube, applied):
+    workloads = [o for o in rendered_local(kube) if o["kind"] in ("Deployment", "StatefulSet")]
+    assert len(workloads) >= 9
+
+    def every_workload_has_a_pod():
+        pods = kube.json("-n", NS, "get", "pods")["items"]
+        owners = {p["metadata"]["labels"].get("app.kubernetes.io/name") for p in pods}
+        return all(w["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] in owners for w in workloads)
+    wait_until(every_workload_has_a_pod, 240, "a pod for every Deployment/StatefulSet", interval=2)
+    events = kube.json("-n", NS, "get", "events")["items"]
+    assert not [e for e in events if "PodSecurity" in e.get("message", "")]
+    root_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root-pod", "namespace": NS},
+                "spec": {"containers": [{"name": "c", "image": "localhost/visitflow/probe:none",
+                                         "securityContext": {"runAsUser": 0}}]}}
+    refused = subprocess.run([str(kube.bin_dir / "kubectl"), "create", "-f", "-"], input=json.dumps(root_pod),
+                             capture_output=True, text=True, env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)})
+    assert refused.returncode != 0 and 'violates PodSecurity "restricted' in refused.stderr, refused.stderr
+    assert "runAsUser=0" in refused.stderr, refused.stderr
+
+
+def test_claims_bind_to_the_local_volumes(kube, applied):
+    def bound():
+        claims = kube.json("-n", NS, "get", "pvc")["items"]
+        return claims and all(c["status"].get("phase") == "Bound" for c in claims) and claims
+    claims = wait_until(bound, 240, "every PersistentVolumeClaim Bound", interval=2)
+    assert {c["spec"]["storageClassName"] for c in claims} == {"visitflow-local"}
+    assert len(claims) >= 4                                  # postgres, tiled, token service, blueapi-b01
+
+
+def can_i(kube: Kube, sa: str, verb: str, resource: str) -> bool:
+    out = kube.run("auth", "can-i", verb, resource, "-n", NS, f"--as=system:serviceaccount:{NS}:{sa}", check=False)
+    return out.strip() == "yes"
+
+
+def test_rbac_gives_the_worker_jobs_and_the_flow_runner_nothing(kube, applied):
+    assert can_i(kube, "visitflow-worker", "create", "jobs.batch")
+    assert can_i(kube, "visitflow-worker", "get", "pods/log")
+    assert not can_i(kube, "visitflow-worker", "get", "secrets")
+    assert not can_i(kube, "visitflow-worker", "create", "pods")
+    for verb, res in [("get", "secrets"), ("list", "pods"), ("create", "jobs.batch")]:
+        assert not can_i(kube, "visitflow-flow-runner", verb, res), (verb, res)
+
+
+def test_a_flow_run_job_from_the_shipped_template_gets_its_secret_by_reference(kube, applied, probe_image):
+    """The Job prefect-kubernetes renders from base-job-template.json, created as the worker
+    creates it (server-side field validation Warn: the known pod-spec quirk is dropped)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.production.test_production_kubernetes import api_objects
+    from visitflow.production import kubernetes as k8s
+
+    template = json.loads((K8S_DIR / "base-job-template.json").read_text())
+    flow, deployment, flow_run = api_objects({"image": probe_image, "image_pull_policy": "Never",
+                                              "command": "sha256env VISITFLOW_CLIENT_SECRET"})
+    values = dict(deployment.job_variables)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):   # rendering needs no API: discard port
+        manifest = asyncio.run(k8s.render_job_manifest(template, values, flow_run, deployment, flow))
+    manifest["metadata"]["name"] = "flow-run-" + str(flow_run.id)[:8]
+    manifest["metadata"].pop("generateName", None)
+    out = kube.run("create", "--validate=warn", "-f", "-", input=json.dumps(manifest))
+    assert "created" in out                          # the pod-spec quirk (README) is dropped with a warning
+    ok, log = job_logs(kube, NS, manifest["metadata"]["name"])
+    secret = applied["visitflow-oidc/client-secret"]
+    assert ok and log.strip() == hashlib.sha256(secret.encode()).hexdigest(), log
+    (pod,) = kube.json("-n", NS, "get", "pods", "-l", f"job-name={manifest['metadata']['name']}")["items"]
+    assert pod["spec"]["serviceAccountName"] == k8s.FLOW_SERVICE_ACCOUNT
+    mounts = [m["mountPath"] for m in pod["spec"]["containers"][0].get("volumeMounts", [])]
+    assert not [m for m in mounts if "serviceaccount" in m], mounts      # no API token in flow pods
+    assert secret not in json.dumps(pod)                                  # the value never enters the Pod object
+
+
+def test_a_deleted_service_pod_is_replaced_and_its_claim_kept(kube, applied):
+    def pods(name):
+        return kube.json("-n", NS, "get", "pods", "-l", f"app.kubernetes.io/name={name}")["items"]
+    wait_until(lambda: pods("tiled"), 120, "a tiled pod")
+    (old,) = pods("tiled")
+    kube.run("-n", NS, "delete", "pod", old["metadata"]["name"], "--wait=false")
+    new = wait_until(lambda: [p for p in pods("tiled") if p["metadata"]["uid"] != old["metadata"]["uid"]],
+                     120, "a replacement tiled pod")
+    claim = [v["persistentVolumeClaim"]["claimName"] for v in new[0]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claim == ["tiled-data"]
+    assert kube.json("-n", NS, "get", "pvc", "tiled-data")["status"]["phase"] == "Bound"
+
+
+def test_system_pods_run_and_the_pod_list_is_recorded(kube, applied):
+    """`kubectl get pods -A -o wide` after the suite's workloads, printed for the report."""
+    print(kube.run("get", "pods", "-A", "-o", "wide"))
+    system = kube.json("-n", "kube-system", "get", "pods")["items"]
+    assert system and all(p["status"]["phase"] == "Running" for p in system)
+    ready = {c["type"]: c["status"] for p in system for c in p["status"]["conditions"]}
+    assert ready["Ready"] == "True"
+
+
+# ------------------------------------------------------------------------------ teardown (last)
+
+
+def test_down_sh_undoes_everything_up_sh_recorded(kube):
+    """down.sh by the record: no process, bridge, kube-proxy/CNI chain, mount or state left."""
+    state = kube.kubeconfig.parent
+    record = [line.split() for line in (state / "record").read_text().splitlines()]
+    pids = [int(r[1]) for r in record if r[0] == "pid"]
+    assert len(pids) >= 7                      # etcd, apiserver, controller-manager, scheduler, containerd, kubelet, kube-proxy
+    assert Path("/sys/class/net/vfk8s0").exists()
+    subprocess.run(["bash", str(CLUSTER_DIR / "down.sh")], check=True, capture_output=True, timeout=300)
+    assert not [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()]
+    assert not Path("/sys/class/net/vfk8s0").exists()
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    assert "KUBE-SERVICES" not in rules and "visitflow-pods" not in rules
+    assert str(state) not in Path("/proc/mounts").read_text()
+    assert not state.exists()

@@ -1,0 +1,177 @@
+"""The kustomize base and overlays of deployments/kubernetes/, rendered by ``kubectl kustomize``
+(the kubectl that deployments/cluster/build.sh builds) and validated strictly offline against the
+Kubernetes 1.30 and 1.37 schemas -- the same output the facility suite applies to the cluster.
+
+Why render with kubectl rather than read the files: the overlays are patches; only the rendered
+objects are what a cluster receives.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.fixtures.ci import missing_part
+from tests.fixtures.cluster_fixtures import K8S_DIR, kubectl_path
+
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+OVERLAYS = ("facility", "local")
+#: the Deployments/StatefulSets whose containers serve a port and so must have a readiness probe
+NO_PORT = {"prefect-services"}
+FACILITY = K8S_DIR / "overlays" / "facility"
+#: env names that hold a credential: only ever from a secretKeyRef
+SECRET_NAME = re.compile(r"(SECRET|PASSWORD|AUTH_STRING|API_KEY|_URL_WITH_PASSWORD)$")
+
+
+def render(overlay: str) -> list[dict]:
+    kubectl = kubectl_path()
+    if kubectl is None:
+        missing_part("kubectl not built: bash .ci/install-kubernetes (deployments/cluster/build.sh)")
+    out = subprocess.run([str(kubectl), "kustomize", str(K8S_DIR / "overlays" / overlay)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {o: render(o) for o in OVERLAYS}
+
+
+def workloads(objs):
+    return [o for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
+
+
+def containers(objs):
+    for w in workloads(objs):
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            yield w, c
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_is_strictly_valid_for_130_and_137(rendered, overlay):
+    objs = rendered[overlay]
+    assert len(objs) > 30
+    for obj in objs:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_every_service_is_there(rendered):
+    names = {(o["kind"], o["metadata"]["name"]) for o in rendered["facility"]}
+    for kind, name in [("Deployment", "token-service"), ("Deployment", "tiled"), ("Deployment", "opa"),
+                       ("Deployment", "opa-bundles"), ("Deployment", "prefect-server"),
+                       ("Deployment", "prefect-services"), ("StatefulSet", "postgres"), ("Deployment", "redis"),
+                       ("Deployment", "visitflow-worker"), ("Deployment", "blueapi-b01"),
+                       ("Role", "visitflow-worker"), ("Namespace", "visitflow")]:
+        assert (kind, name) in names, (kind, name)
+    assert all(o["metadata"].get("namespace") == "visitflow" for o in rendered["facility"]
+               if o["kind"] not in ("Namespace",))
+
+
+def test_secrets_only_by_reference_and_every_reference_has_an_example(rendered):
+    objs = rendered["facility"]
+    assert not [o for o in objs if o["kind"] == "Secret"], "a Secret in the manifests: secrets are created out of band"
+    example = {d["metadata"]["name"]: d["stringData"]
+               for d in yaml.safe_load_all((K8S_DIR / "secrets.example.yaml").read_text()) if d}
+    refs = set()
+    for w, c in containers(objs):
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                refs.add((ref["name"], ref["key"]))
+            else:
+                assert not SECRET_NAME.search(e["name"]), f"{w['metadata']['name']}: {e['name']} as a plain value"
+    assert len(refs) >= 10
+    for name, key in refs:
+        assert key in example.get(name, {}), f"{name}/{key} referenced but not in secrets.example.yaml"
+
+
+def test_every_container_has_probes_resources_and_runs_restricted(rendered):
+    for w, c in containers(rendered["facility"]):
+        name = w["metadata"]["name"]
+        assert c.get("livenessProbe"), name
+        if name not in NO_PORT:
+            assert c.get("ports") and (c.get("readinessProbe") or name == "visitflow-worker"), name
+        assert set(c["resources"]) == {"requests", "limits"}, name
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], name
+        assert sc["readOnlyRootFilesystem"] is True, name
+        pod = w["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+
+
+def test_ingress_is_denied_by_default_and_each_service_admits_named_callers(rendered):
+    objs = rendered["facility"]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"]
+    for svc in [o for o in objs if o["kind"] == "Service"]:
+        selector = set(svc["spec"]["selector"].items())
+        (labels,) = [w["spec"]["template"]["metadata"]["labels"] for w in workloads(objs)
+                     if selector <= set(w["spec"]["template"]["metadata"]["labels"].items())]
+        admitting = [p for p in policies if p["spec"].get("ingress")
+                     and set(p["spec"]["podSelector"].get("matchLabels", {}).items()) <= set(labels.items())]
+        assert admitting, f"no NetworkPolicy admits anyone to Service {svc['metadata']['name']}"
+        ports = {q["targetPort"] for q in svc["spec"]["ports"]}
+        (container,) = [w["spec"]["template"]["spec"]["containers"][0] for w in workloads(objs)
+                        if w["spec"]["template"]["metadata"]["labels"] == labels]
+        numbers = {p["containerPort"] for p in container["ports"] if p["name"] in ports or p["containerPort"] in ports}
+        allowed = {q["port"] for p in admitting for rule in p["spec"]["ingress"] for q in rule.get("ports", [])}
+        assert numbers <= allowed, (svc["metadata"]["name"], numbers, allowed)
+
+
+def strip_site_swaps(objs):
+    """The objects with image names and storage classes blanked: what local may change."""
+    out = copy.deepcopy(objs)
+    for o in out:
+        if o["kind"] == "PersistentVolumeClaim":
+            o["spec"]["storageClassName"] = None
+        if o["kind"] == "StatefulSet":
+            for t in o["spec"].get("volumeClaimTemplates", []):
+                t["spec"]["storageClassName"] = None
+        if o["kind"] in ("Deployment", "StatefulSet"):
+            for c in o["spec"]["template"]["spec"]["containers"]:
+                c["image"] = None
+    return out
+
+
+def test_local_overlay_swaps_only_images_and_storage_classes(rendered):
+    facility, local = rendered["facility"], rendered["local"]
+    assert strip_site_swaps(facility) == strip_site_swaps(local)
+    images = {c["image"] for _, c in containers(local)}
+    assert images and all(i.startswith("localhost/visitflow-") and i.endswith(":local") for i in images), images
+    classes = {o["spec"]["storageClassName"] for o in local if o["kind"] == "PersistentVolumeClaim"}
+    assert classes == {"visitflow-local"}
+    assert {c["image"] for _, c in containers(facility)} != images
+
+
+def test_overlay_token_service_config_is_the_shipped_one_with_site_urls():
+    shipped = yaml.safe_load((K8S_DIR.parent / "token-service.yaml").read_text())
+    overlay = yaml.safe_load((FACILITY / "token-service.yaml").read_text())
+    site = dict(line.split("=", 1) for line in (FACILITY / "site.env").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert overlay["federation"]["issuers"][0]["issuer"] == site["FACILITY_ISSUER"]
+    assert overlay["federation"]["authority"]["url"] == site["OPA_URL"]
+    for doc in (shipped, overlay):
+        doc["federation"]["issuers"][0]["issuer"] = doc["federation"]["authority"]["url"] = None
+    assert overlay == shipped
+
+
+def test_beamline_config_uses_the_site_values():
+    site = dict(line.split("=", 1) for line in (FACILITY / "site.env").read_text().splitlines()
+                if line and not line.startswith("#"))
+    for bl in (FACILITY / "beamlines").iterdir():
+        trigger = yaml.safe_load((bl / "trigger.yaml").read_text())
+        config = yaml.safe_load((bl / "config.yaml").read_text())
+        assert trigger["issuer"] == site["TOKEN_ISSUER"]
+        assert trigger["prefect_api_url"] == site["PREFECT_API_URL"]
+        assert config["tiled"]["url"] == site["TILED_URL"]
+        assert config["oidc"]["issuer"] == site["FACILITY_ISSUER"]
+        assert config["env"]["metadata"]["instrument"] == bl.name
