@@ -175,3 +175,46 @@ def test_beamline_config_uses_the_site_values():
         assert config["tiled"]["url"] == site["TILED_URL"]
         assert config["oidc"]["issuer"] == site["FACILITY_ISSUER"]
         assert config["env"]["metadata"]["instrument"] == bl.name
+
+
+#: every file under deployments/kubernetes/ that the overlays load (resources, configMap files,
+#: envs): :func:`test_every_manifest_file_is_reached_by_the_overlays` checks this list against
+#: the kustomizations themselves, so a manifest nobody renders cannot be shipped.
+RENDERED_FILES = (
+    "base/kustomization.yaml", "base/rbac.yaml", "base/worker.yaml",
+    "base/services/namespace.yaml", "base/services/network-policies.yaml", "base/services/opa.yaml",
+    "base/services/postgres.yaml", "base/services/prefect-server.yaml", "base/services/redis.yaml",
+    "base/services/tiled.yaml", "base/services/token-service.yaml",
+    "beamline/kustomization.yaml", "beamline/blueapi.yaml",
+    "overlays/facility/kustomization.yaml", "overlays/facility/site.env", "overlays/facility/token-service.yaml",
+    "overlays/facility/beamlines/b01/kustomization.yaml", "overlays/facility/beamlines/b01/config.yaml",
+    "overlays/facility/beamlines/b01/trigger.yaml",
+    "overlays/local/kustomization.yaml",
+)
+
+
+def _reached(directory: Path, seen: set[Path]) -> None:
+    """Files a kustomization in ``directory`` loads, recursively (what ``kubectl kustomize`` reads)."""
+    kfile = directory / "kustomization.yaml"
+    seen.add(kfile.resolve())
+    doc = yaml.safe_load(kfile.read_text())
+    for ref in doc.get("resources", []):
+        target = (directory / ref).resolve()
+        if target.is_dir():
+            _reached(target, seen)
+        else:
+            seen.add(target)
+    for gen in doc.get("configMapGenerator", []) + doc.get("secretGenerator", []):
+        for name in gen.get("files", []) + gen.get("envs", []):
+            seen.add((directory / name.split("=")[-1]).resolve())
+
+
+def test_every_manifest_file_is_reached_by_the_overlays():
+    seen: set[Path] = set()
+    for overlay in OVERLAYS:
+        _reached(K8S_DIR / "overlays" / overlay, seen)
+    reached = sorted(str(p.relative_to(K8S_DIR.resolve())) for p in seen)
+    assert reached == sorted(RENDERED_FILES), "a manifest is not rendered by any overlay (or the list is stale)"
+    on_disk = sorted(str(p.relative_to(K8S_DIR)) for sub in ("base", "beamline", "overlays")
+                     for p in (K8S_DIR / sub).rglob("*") if p.is_file())
+    assert on_disk == sorted(RENDERED_FILES), "a file under base/, beamline/ or overlays/ is loaded by no overlay"
