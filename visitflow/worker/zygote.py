@@ -90,21 +90,32 @@ def main() -> int:
         return 3
     _emit({"ready": True, "import_seconds": round(time.monotonic() - t0, 3), "pid": os.getpid()})
     sel = selectors.DefaultSelector()
-    sel.register(sys.stdin, selectors.EVENT_READ)
+    fd = sys.stdin.fileno()
+    sel.register(fd, selectors.EVENT_READ)
+    pending = b""
     while True:
         events = sel.select(timeout=0.05)
         _reap()
         if not events:
             continue
-        line = sys.stdin.readline()
-        if not line:  # worker went away: exit; running children continue on their own
+        # Raw reads, split here: ``sys.stdin.readline()`` would pull every request the worker
+        # wrote at once into Python's buffer and return only the first, and select() would not
+        # wake for the rest (the pipe is empty) -- a burst of forks left all but the first
+        # unanswered ("no answer from the zygote", seen with three concurrent post runs).
+        data = os.read(fd, 1 << 16)
+        if not data:  # worker went away: exit; running children continue on their own
             return 0
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            sel.close()
-            _child(request)
-        _emit({"id": request["id"], "pid": pid})
+        pending += data
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                sel.close()
+                _child(request)
+            _emit({"id": request["id"], "pid": pid})
 
 
 if __name__ == "__main__":
