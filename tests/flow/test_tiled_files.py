@@ -232,7 +232,7 @@ def register_body(key: str, uri: str) -> dict:
                                           "num": 0}]}]}
 
 
-def test_register_matrix_over_http(files_tiled, idp, beamline, file_run):
+def test_register_matrix_over_http(files_tiled, idp, beamline, file_run, frames):
     """Each refusal is a 401/403 with a reason, never a 500, never a node."""
     alice, bob = idp.token("alice"), idp.token("bob")
     _grant, data = idp.delegate(alice, "a1", file_run)
@@ -262,11 +262,20 @@ def test_register_matrix_over_http(files_tiled, idp, beamline, file_run):
     assert r.status_code in (400, 403), r.text[:300]   # FastAPI refuses it first (400); never a 500
     listing = user_root(files_tiled.uri, alice)[f"raw/a1/{file_run}/primary"]
     assert not {"x1", "x2", "x3", "x6", "x7", "x8", "x9"} & set(listing)
-    # the positive control: the same request with her own file works
+    # her own file into her closed run: refused too, since raw runs are frozen at their stop
+    # document (issue 20: append-only raw data) -- the refusal says so
     r = files_tiled.request("POST", target, alice, content=json.dumps(register_body("mine", mine)),
                             headers={"content-type": "application/json"})
+    assert r.status_code == 403 and "append-only" in r.text, r.text[:300]
+    # the positive control: the same registration into her own run while it is still open
+    open_docs = [(name, doc) for name, doc in detector_docs(beamline / "a1" / "saxs_open.h5", frames)
+                 if name != "stop"]
+    open_run = write_run(files_tiled, alice, open_docs)
+    r = files_tiled.request("POST", f"register/raw/a1/{open_run}/primary", alice,
+                            content=json.dumps(register_body("mine", mine)), headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text[:300]
-    np.testing.assert_array_equal(listing.refresh()["mine"][0], listing["saxs"][0])
+    opened = user_root(files_tiled.uri, alice)[f"raw/a1/{open_run}/primary"]
+    np.testing.assert_array_equal(opened["mine"][0], opened["saxs"][0])
 
 
 def test_data_source_update_cannot_swap_in_another_visits_file(files_tiled, idp, beamline, file_run):
