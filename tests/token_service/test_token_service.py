@@ -28,9 +28,11 @@ def grant_for(ts, user_token: str, visit="a1", run="r1", analysis="saxs_average"
                                 scope=str(grant_scopes(analysis, visit, run)))
 
 
-def data_for(ts, grant: str, visit="a1", run="r1"):
-    """As the Block asks (RFC 8693 ``requested_token_type``): a data token and its refresh token."""
-    return ts.exchange_response(grant, "visitflow", audience="tiled", scope=str(data_token_scopes(visit, run)),
+def data_for(ts, grant: str, visit="a1", run="r1", analysis="saxs_average"):
+    """As the Block asks (RFC 8693 ``requested_token_type``): a data token and its refresh token,
+    writing only its own analysis' place (``DataTokenSource(analysis=...)``)."""
+    return ts.exchange_response(grant, "visitflow", audience="tiled",
+                                scope=str(data_token_scopes(visit, run, analysis=analysis)),
                                 refresh=True)
 
 
@@ -58,12 +60,13 @@ def test_alice_gets_a_run_bound_grant_and_data_token(token_service, facility):
     body = r.json()
     d = claims_of(body["access_token"])
     assert d["aud"] == "tiled" and d["act"] == {"sub": "visitflow", "act": {"sub": "blueapi"}}
-    assert ScopeSet.parse(d["scope"]) == data_token_scopes("a1", "r1")
+    assert ScopeSet.parse(d["scope"]) == data_token_scopes("a1", "r1", analysis="saxs_average")
     assert d["exp"] <= g["exp"]
     refreshed = token_service.post({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]},
                                    auth=("visitflow", "ts-visitflow-secret"))
     assert refreshed.status_code == 200, refreshed.text
-    assert ScopeSet.parse(claims_of(refreshed.json()["access_token"])["scope"]) == data_token_scopes("a1", "r1")
+    assert ScopeSet.parse(claims_of(refreshed.json()["access_token"])["scope"]) == data_token_scopes(
+        "a1", "r1", analysis="saxs_average")
 
 
 def test_data_token_never_outlives_its_grant(token_service, facility):
@@ -156,10 +159,10 @@ def test_bad_subject_tokens_are_all_refused_with_reasons(token_service, facility
         "Keycloak's ID token": (login["id_token"], "blueapi", "visitflow", scope, "audience is not blueapi"),
         "Keycloak's refresh token": (login["refresh_token"], "blueapi", "visitflow", scope, "algorithm"),
         "garbage": ("not.a.jwt", "blueapi", "visitflow", scope, "malformed"),
-        "another run's grant": (grant_r1, "visitflow", "tiled", str(data_token_scopes("a1", "r2")), "does not cover"),
+        "another run's grant": (grant_r1, "visitflow", "tiled", str(data_token_scopes("a1", "r2", analysis="saxs_average")), "does not cover"),
         "a grant as blueapi's subject": (grant_r1, "blueapi", "visitflow", str(grant_scopes("saxs_average", "a1", "r2")),
                                          "not within the subject token's audience"),
-        "a data token re-exchanged": (data_r1, "visitflow", "tiled", str(data_token_scopes("a1", "r1")),
+        "a data token re-exchanged": (data_r1, "visitflow", "tiled", str(data_token_scopes("a1", "r1", analysis="saxs_average")),
                                       "not within the subject token's audience"),
     }
     accepted, errors = [], []
