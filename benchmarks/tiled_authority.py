@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         # Keycloak's tokens live 5 minutes: refresh them as real clients do (BearerAuth, before expiry).
         user_auth = BearerAuth(lambda: facility.token("alice"))
         data_auth = BearerAuth(lambda: ts.exchange(grant, "visitflow", audience="tiled",
-                                                   scope=str(data_token_scopes("a1", run)))["access_token"])
+                                                   scope=str(data_token_scopes("a1", run, analysis="saxs_average")))["access_token"])
         variants = {
             "apikey": (servers["apikey"], {"Authorization": f"Apikey {API_KEY}"}, None, uids["apikey"]),
             "user+opa": (servers["user+opa"], {}, user_auth, run),

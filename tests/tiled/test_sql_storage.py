@@ -20,6 +20,7 @@ from visitflow.tiled import sql_storage
 pytestmark = pytest.mark.e2e
 
 WRITERS = 8
+CONTROL_ROUNDS = 6
 
 
 def _together(init, storage, schema_tag: str) -> tuple[list[int], list[BaseException]]:
@@ -60,12 +61,18 @@ def test_concurrent_table_creation_races_in_tiled_and_not_through_visitflow():
         wrapped = SQLAdapter.init_storage
         assert getattr(SQLAdapter.__dict__["init_storage"].__func__, "visitflow_retry", False)
 
-        ids, errors = _together(lambda *a: original(SQLAdapter, *a), storage, uuid.uuid4().hex[:6])
-        assert errors, "the control: Tiled's own init_storage did not race this time"
+        # The control: the race is a race (one round lost it 7, 3 and 7 times of 8 in three
+        # probes, and none once under CI), so up to CONTROL_ROUNDS rounds, each a new schema.
+        for _round in range(CONTROL_ROUNDS):
+            ids, errors = _together(lambda *a: original(SQLAdapter, *a), storage, uuid.uuid4().hex[:6])
+            if errors:
+                break
+        assert errors, f"the control: Tiled's own init_storage did not race in {CONTROL_ROUNDS} rounds"
         assert all(sql_storage.is_creation_race(e) for e in errors), [str(e)[:200] for e in errors]
 
-        ids, errors = _together(wrapped, storage, uuid.uuid4().hex[:6])
-        assert errors == [] and len(ids) == WRITERS and len(set(ids)) == WRITERS, (ids, errors)
+        for _round in range(3):
+            ids, errors = _together(wrapped, storage, uuid.uuid4().hex[:6])
+            assert errors == [] and len(ids) == WRITERS and len(set(ids)) == WRITERS, (ids, errors)
 
 
 def test_other_errors_are_not_retried():

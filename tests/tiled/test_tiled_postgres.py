@@ -106,11 +106,16 @@ def test_two_scans_at_once_on_postgres_no_500_no_duplicate_rows(tiled_pg, idp):
 
 def test_serve_config_keeps_the_gate_a_plain_tiled_serve_does_not(tiled_pg, idp):
     """Same file, same databases, two servers: alice reads her visit through ``visitflow
-    tiled serve --config``; through ``tiled serve config`` (no AuthGate) the policy fails closed."""
+    tiled serve --config``, and its AuthGate refuses a request carrying two credentials (issue
+    20: one reading of every credential); through ``tiled serve config`` the same request is
+    served -- the gate, and everything visitflow wraps around Tiled, is gone."""
     token = idp.token("alice")
     headers = {"Authorization": f"Bearer {token}"}
     ours = httpx.get(f"{tiled_pg['uri']}/api/v1/search/raw/a1", headers=headers, timeout=30)
     assert ours.status_code == 200 and ours.json()["data"], ("alice's runs (the scans above)", ours.text)
+    two = httpx.get(f"{tiled_pg['uri']}/api/v1/search/raw/a1", headers=headers, params={"access_token": token},
+                    timeout=30)
+    assert two.status_code == 400 and "credential" in two.text, ("the gate refuses two credentials", two.text[:300])
 
     config = yaml.safe_load(tiled_pg["config"].read_text())
     port = free_port()
@@ -121,8 +126,9 @@ def test_serve_config_keeps_the_gate_a_plain_tiled_serve_does_not(tiled_pg, idp)
                           log_dir=tiled_pg["tmp"] / "logs", health_url=f"http://127.0.0.1:{port}/api/v1/")
     try:
         plain.wait_ready(timeout=240)
-        theirs = httpx.get(f"http://127.0.0.1:{port}/api/v1/search/raw/a1", headers=headers, timeout=30)
+        theirs = httpx.get(f"http://127.0.0.1:{port}/api/v1/search/raw/a1", headers=headers,
+                           params={"access_token": token}, timeout=30)
     finally:
         plain.stop()
-    assert theirs.status_code != 200 or theirs.json()["data"] == [], (
-        "without visitflow's wrappers the policy fails closed: alice sees nothing", theirs.text[:300])
+    assert theirs.status_code != 400, ("a plain `tiled serve config` has no gate: nothing refuses the second "
+                                       "credential", theirs.text[:300])
