@@ -43,8 +43,7 @@ from ..errors import PrefectIncompatible, PrefectVersionWarning
 
 __all__ = [ 'TESTED', 'PrivateName', 'PRIVATE_NAMES',
     'UNDERSCORE_ATTRIBUTES', 'installed_prefect', 'is_tested', 'resolve', 'check', 'at_risk',
-    'ProcessHandle', 'FlowRunExecutorContext', 'process_group_handle', 'run_flow_run',
-]
+    'ProcessHandle', 'FlowRunExecutorContext', 'process_group_handle', 'run_flow_run', 'drain_run_services']
 
 #: Prefect releases the warm worker was tested on (pip specifier syntax).
 TESTED = ">=3.9.1,<3.10"
@@ -206,3 +205,21 @@ def run_flow_run(flow_run_id: str) -> int:
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
+def drain_run_services(timeout: float = 10) -> None:
+    """Send what the flow run's Prefect services still hold (its logs, its events) before the
+    forked child leaves with ``os._exit``.
+
+    A plain ``python -m prefect.engine`` drains them at interpreter exit (Prefect registers
+    the drain with ``threading._register_atexit``); ``os._exit`` skips that, so a run's last
+    log lines ("complete", "live source", "done") were lost whenever they were still queued
+    -- under load, most of a live run's.  Public classes, each ``drain_all(timeout)``."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=timeout)
+        except Exception:  # noqa: BLE001 - best effort on the way out; the run's state is already set
+            pass

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from .prefect_compat import run_flow_run
+from .prefect_compat import drain_run_services, run_flow_run
 
 __all__ = ['PRELOAD', 'run_flow_run', 'main']
 
@@ -55,6 +55,7 @@ def _child(request: dict) -> None:
         traceback.print_exc()
     finally:
         try:
+            drain_run_services()   # os._exit skips Prefect's own drain at exit: logs would be lost
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
