@@ -64,13 +64,27 @@ class PrincipalCache:
         hit = self._uuids.get(key)
         now = time.monotonic()
         if hit is None or hit[0] < now:
-            async with db_factory() as db:
-                found = await get_or_create_principal(db, provider, identity)
+            found = await _get_or_create(db_factory, provider, identity)
             if len(self._uuids) >= self.max_entries:
                 self._uuids.clear()
             hit = self._uuids[key] = (now + self.ttl, found.uuid)
         return Principal(uuid=hit[1], type=PrincipalType.user,
                          identities=[Identity(id=identity, provider=provider)], access_token=access_token)
+
+
+async def _get_or_create(db_factory, provider: str, identity: str):
+    """Tiled's ``get_or_create_principal``, once more in a new session if a concurrent request
+    created the same identity first: on PostgreSQL two first requests of one user (two scans
+    started together) race on ``identities_pkey`` and the loser's unique violation was a 500
+    (tests/tiled/test_tiled_postgres.py).  The retry finds the winner's row."""
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        async with db_factory() as db:
+            return await get_or_create_principal(db, provider, identity)
+    except IntegrityError:
+        async with db_factory() as db:
+            return await get_or_create_principal(db, provider, identity)
 
 
 def install(app, ttl: float = 60.0) -> PrincipalCache:
