@@ -16,23 +16,10 @@ import os
 import signal
 import threading
 
-import pytest
-
-from visitflow.worker.parent import Zygote
 
 #: a child's environment: an API on a closed port, no retries, so a child exits at once
 CHILD_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PREFECT_API_URL": "http://127.0.0.1:9/api",
              "PREFECT_CLIENT_MAX_RETRIES": "0", "HOME": os.environ.get("HOME", "/tmp")}
-
-
-@pytest.fixture
-def zygote():
-    z = Zygote()
-    z.start(timeout=300)
-    yield z
-    if z.alive():
-        os.kill(z.proc.pid, signal.SIGKILL)
-    z.proc.wait(30)
 
 
 def test_requests_written_together_are_all_answered(zygote):

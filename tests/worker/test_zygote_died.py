@@ -19,16 +19,6 @@ from visitflow.errors import ServiceError, ZygoteDied
 from visitflow.worker.parent import Zygote
 
 
-@pytest.fixture
-def zygote():
-    z = Zygote()
-    z.start(timeout=300)
-    yield z
-    if z.alive():
-        os.kill(z.proc.pid, signal.SIGKILL)
-    z.proc.wait(30)
-
-
 def test_a_killed_zygote_fails_the_pending_fork_and_every_later_one(zygote):
     assert zygote.alive() and zygote.import_seconds is not None
     # Stopped, it reads no request: the fork below is certainly in flight when it dies.
