@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import httpx
 
-__all__ = ['Check', 'http_check', 'run_checks']
+__all__ = ['Check', 'http_check', 'issuer_check', 'run_checks']
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,24 @@ def http_check(name: str, url: str, *, timeout: float = 3.0, expect_json_key: st
         if expect_json_key is not None and expect_json_key not in r.json():
             raise RuntimeError(f"{url} has no {expect_json_key!r}")
         return f"{url} answered {r.status_code}"
+
+    return Check(name, probe)
+
+
+def issuer_check(name: str, issuer: str, *, timeout: float = 3.0) -> Check:
+    """An OIDC issuer is usable: its discovery document answers and its JWKS holds keys (what
+    every token check of the token service and of Tiled needs)."""
+
+    async def probe() -> str:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            r = await client.get(f"{issuer}/.well-known/openid-configuration")
+            if r.status_code != 200:
+                raise RuntimeError(f"discovery at {issuer} answered {r.status_code}")
+            jwks_uri = r.json()["jwks_uri"]
+            k = await client.get(jwks_uri)
+            if k.status_code != 200 or not k.json().get("keys"):
+                raise RuntimeError(f"JWKS at {jwks_uri} answered {k.status_code} with no keys")
+        return f"discovery + JWKS of {issuer} ({len(k.json()['keys'])} keys)"
 
     return Check(name, probe)
 

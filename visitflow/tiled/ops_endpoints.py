@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..core.readiness import Check, http_check, run_checks
+from ..core.readiness import Check, http_check, issuer_check, run_checks
 from . import metrics
 
 __all__ = ['readiness_checks', 'OpsEndpoints']
@@ -49,22 +49,6 @@ def _database_check(name: str, uri: str) -> Check:
     return Check(name, probe)
 
 
-def _issuer_check(name: str, issuer: str) -> Check:
-    import httpx
-
-    async def probe() -> str:
-        async with httpx.AsyncClient(timeout=3.0) as client:
-            r = await client.get(f"{issuer}/.well-known/openid-configuration")
-            if r.status_code != 200:
-                raise RuntimeError(f"discovery at {issuer} answered {r.status_code}")
-            k = await client.get(r.json()["jwks_uri"])
-            if k.status_code != 200 or not k.json().get("keys"):
-                raise RuntimeError(f"JWKS of {issuer} answered {k.status_code} with no keys")
-        return f"discovery + JWKS of {issuer}"
-
-    return Check(name, probe)
-
-
 def readiness_checks(config: dict[str, Any]) -> list[Check]:
     """The checks for a rendered Tiled config (:func:`visitflow.tiled.config.render_config`)."""
     checks = []
@@ -75,9 +59,9 @@ def readiness_checks(config: dict[str, Any]) -> list[Check]:
     for provider in (config.get("authentication") or {}).get("providers") or []:
         args = provider.get("args") or {}
         if args.get("issuer"):
-            checks.append(_issuer_check("token-service", args["issuer"].rstrip("/")))
+            checks.append(issuer_check("token-service", args["issuer"].rstrip("/")))
         if args.get("user_issuer"):
-            checks.append(_issuer_check("facility-idp", args["user_issuer"].rstrip("/")))
+            checks.append(issuer_check("facility-idp", args["user_issuer"].rstrip("/")))
     authority = ((config.get("access_control") or {}).get("args") or {}).get("authority") or {}
     if authority.get("kind") == "opa" and authority.get("url"):
         checks.append(http_check("authority", authority["url"].rstrip("/") + "/health"))

@@ -17,37 +17,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-import httpx
-
-from ..core.readiness import Check
+from ..core.readiness import Check, http_check, issuer_check
 
 __all__ = ['readiness_checks']
-
-
-def _issuer_check(issuer: str, timeout: float) -> Check:
-    async def probe() -> str:
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            r = await client.get(f"{issuer}/.well-known/openid-configuration")
-            if r.status_code != 200:
-                raise RuntimeError(f"discovery at {issuer} answered {r.status_code}")
-            jwks_uri = r.json()["jwks_uri"]
-            k = await client.get(jwks_uri)
-            if k.status_code != 200 or not k.json().get("keys"):
-                raise RuntimeError(f"JWKS at {jwks_uri} answered {k.status_code} with no keys")
-        return f"discovery + JWKS ({len(k.json()['keys'])} keys)"
-
-    return Check(f"facility-idp:{issuer}", probe)
-
-
-def _opa_check(url: str, timeout: float) -> Check:
-    async def probe() -> str:
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            r = await client.get(f"{url}/health")
-        if r.status_code != 200:
-            raise RuntimeError(f"OPA at {url} answered {r.status_code}")
-        return f"OPA at {url} healthy"
-
-    return Check("authority", probe)
 
 
 def _state_check(directory) -> Check:
@@ -75,10 +47,10 @@ def readiness_checks(idp, *, timeout: float = 3.0) -> list[Check]:
     checks = []
     federation = idp.federation
     if federation is not None:
-        checks += [_issuer_check(iss, timeout) for iss in federation.issuers]
+        checks += [issuer_check(f"facility-idp:{iss}", iss, timeout=timeout) for iss in federation.issuers]
         url = getattr(federation.authority, "url", None)
         if url:
-            checks.append(_opa_check(url, timeout))
+            checks.append(http_check("authority", f"{url}/health", timeout=timeout))
     path = idp.revocations.path
     checks += [_state_check(path.parent if path is not None else None), _key_check(idp.keys)]
     return checks
