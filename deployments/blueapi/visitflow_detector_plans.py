@@ -34,6 +34,7 @@ classes are imported from their private modules, which ophyd-async does not re-e
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import bluesky.plan_stubs as bps
@@ -62,6 +63,9 @@ from visitflow.trigger import uses_analyses
 DATA_DIR_ENV = "VISITFLOW_DATA_DIR"
 #: The frames' dtype; its data key in the run is the detector's name, ``saxs``.
 DTYPE = np.dtype("<u4")
+#: Each frame's wall-clock write time (POSIX s), where areaDetector's HDF5 plug-in keeps it; not
+#: announced to Tiled (benchmarks/blueapi_hdf5_lag.py reads it to time frame -> result).
+TIMESTAMPS_PATH = "/entry/instrument/NDAttributes/NDArrayTimeStamp"
 
 
 class VisitPathProvider(PathProvider):
@@ -84,12 +88,15 @@ class VisitPathProvider(PathProvider):
 
 class FrameFile:
     """The detector's HDF5 file: ``/entry/data/data`` grows by one chunk-sized frame at a time,
-    flushed, with the file in SWMR mode (so Tiled can read it while it grows)."""
+    flushed, with the file in SWMR mode (so Tiled can read it while it grows); each frame's
+    write time goes to :data:`TIMESTAMPS_PATH`."""
 
     def __init__(self, path: Path, height: int, width: int, seed: int):
         self.file = h5py.File(path, "w", libver="latest")
         self.data = self.file.create_dataset(DATA_PATH, shape=(0, height, width), dtype=DTYPE,
                                              maxshape=(None, height, width), chunks=(1, height, width))
+        self.times = self.file.create_dataset(TIMESTAMPS_PATH, shape=(0,), dtype="<f8", maxshape=(None,),
+                                              chunks=(1024,))
         self.file.swmr_mode = True
         self.blob = generate_gaussian_blob(height, width) * 1000.0
         self.rng = np.random.default_rng(seed)
@@ -100,6 +107,9 @@ class FrameFile:
         self.data.resize(self.image_counter + 1, axis=0)
         self.data[self.image_counter] = frame
         self.data.flush()
+        self.times.resize(self.image_counter + 1, axis=0)
+        self.times[self.image_counter] = time.time()
+        self.times.flush()
         self.image_counter += 1
 
     def close(self) -> None:
@@ -177,5 +187,5 @@ def saxs_detector_scan(frames: int = 100, height: int = 1024, width: int = 1024,
     return (yield from bpp.finalize_wrapper(bpp.stage_wrapper(scan(), [det]), bps.unsubscribe(token)))
 
 
-__all__ = ["DATA_DIR_ENV", "FrameDataLogic", "FrameFile", "SaxsDetector", "VisitPathProvider",
+__all__ = ["DATA_DIR_ENV", "TIMESTAMPS_PATH", "FrameDataLogic", "FrameFile", "SaxsDetector", "VisitPathProvider",
            "saxs_detector_scan"]

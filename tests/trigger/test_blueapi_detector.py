@@ -152,10 +152,14 @@ def test_detector_hdf5_through_blueapi_live_follows_and_post_equals_numpy(blueap
     processed = [p for p, _, _ in watcher.seen]
     assert processed == sorted(processed), processed
 
+    # Which path live took (push messages, or polling once the stream was refused: see
+    # visitflow/flow/push.py); both must give the same answer, so this is reported, not asserted.
     logs = live_logs(prefect, done["variant:live"]["id"])
-    path = "polling fallback" if "following this node by polling" in logs else "push"
+    stats = next((line for line in logs.splitlines() if line.startswith("live source:")), "live source: not logged")
+    path = "polling fallback" if "following this node by polling" in logs or "'disabled': True" in stats else \
+        "push" if "'messages': 0" not in stats and "messages" in stats else "undetermined"
     print(f"\nHDF5 detector through blueapi: {FRAMES}x{HEIGHT}x{WIDTH} uint32, scan {scan_s:.1f}s, "
-          f"scan+live+post {total_s:.1f}s; live updates seen mid-scan {len(during)}; live path: {path}")
+          f"scan+live+post {total_s:.1f}s; live updates seen mid-scan {len(during)}; live path: {path}; {stats}")
 
 
 def test_a_detector_file_outside_the_visit_directory_is_refused(blueapi, prefect):
@@ -170,9 +174,9 @@ def test_a_detector_file_outside_the_visit_directory_is_refused(blueapi, prefect
     written = set(elsewhere.iterdir()) - before
     assert len(written) == 1, written   # the detector did write there: only the registration is refused
     (h5,) = written
-    text = str(task)
-    assert "outside the data directory of visit" in text or "outside the data directory" in blueapi.blueapi.log(), \
-        (task, blueapi.blueapi.log()[-3000:])
+    print(f"\nblueapi task for a file outside the visit: errors={task['errors']} outcome={task['outcome']}")
+    reason = f"outside the data directory of visit {bs.SESSION}"
+    assert reason in str(task) or reason in blueapi.blueapi.log(), (task, blueapi.blueapi.log()[-3000:])
     root = connect(blueapi.tiled.uri, BearerAuth(lambda: alice))
     session = root[f"{bs.INSTRUMENT}/{bs.PROPOSAL}/{bs.SESSION}"]
     for uid in session:
