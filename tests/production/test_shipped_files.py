@@ -45,6 +45,10 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "deployments/blueapi/visitflow_example_plans.py": (
         f"{HERE}::test_python_files_compile",
         "tests/trigger/test_blueapi.py::test_alice_task_triggers_live_and_post_with_her_rights"),
+    "deployments/blueapi/visitflow_detector_plans.py": (
+        f"{HERE}::test_python_files_compile",
+        "tests/trigger/test_blueapi_detector.py::test_detector_hdf5_through_blueapi_live_follows_and_post_equals_numpy",
+        "tests/trigger/test_blueapi_detector.py::test_a_detector_file_outside_the_visit_directory_is_refused"),
     "deployments/blueapi/visitflow-trigger.yaml": (f"{HERE}::test_trigger_settings_load_through_the_hook",),
     "deployments/ha/README.md": (f"{HERE}::test_readmes_name_only_files_that_exist",),
     "deployments/ha/up.sh": (f"{HERE}::test_shell_scripts_parse", f"{HERE}::test_ha_scripts_run_their_module"),
