@@ -28,8 +28,10 @@ from tests.fixtures import blueapi_stack as bs
 
 pytestmark = pytest.mark.blueapi
 
-#: The issue's size: 100 frames of 1024x1024 uint32 (400 MiB in one file).
-FRAMES, HEIGHT, WIDTH = 100, 1024, 1024
+#: The issue's frame size, 1024x1024 uint32, but 50 frames (200 MiB) rather than 100: under
+#: the shared 2-core box's load 100 frames took 60-200 s here, past this suite's CI allowance.
+#: benchmarks/blueapi_hdf5_lag.py runs the full 100 (400 MiB).
+FRAMES, HEIGHT, WIDTH = 50, 1024, 1024
 EXPOSURE = 0.1
 DATASET = "/entry/data/data"
 
