@@ -106,7 +106,7 @@ def test_blueapi_venv_is_clean_and_light(blueapi_venv):
     added = sorted(set(freeze) - set(before))
     assert [a.split(" @ ")[0].split("==")[0] for a in added] == ["visitflow-trigger"], added
     assert sorted(set(before) - set(freeze)) == [], "installing the trigger changed blueapi's environment"
-    assert {"blueapi==1.21.1", "tiled==0.2.18", "event-model==1.24.0"} <= set(freeze)
+    assert {"blueapi==1.21.1", "tiled==0.2.18", "event-model==1.24.0", "h5py==3.16.0"} <= set(freeze)  # h5py: detector plans
     probe = subprocess.run(
         [py, "-c", "import importlib.util, sys\n"
                    "import visitflow.trigger.blueapi_hook, visitflow.trigger.plans, visitflow.trigger.cli\n"
