@@ -236,13 +236,20 @@ def test_trigger_settings_load_through_the_hook(tmp_path):
 
 
 def test_token_service_configs_load(monkeypatch):
+    from visitflow.errors import ConfigError
     from visitflow.token_service.config import IdPConfig
     from visitflow.token_service.federation import Federation
 
     for name in ("BLUEAPI", "VISITFLOW", "TILED", "ADMIN"):
         monkeypatch.setenv(f"VISITFLOW_{name}_SECRET", f"s-{name}")
     monkeypatch.setenv("VISITFLOW_OPA_TOKEN", "t")
+    monkeypatch.setenv("VISITFLOW_TOKEN_SERVICE_DATABASE_URL", "postgresql://ts:pw@db/tokens")
     config = IdPConfig.load(REPO / "deployments/token-service.yaml")
+    assert config.state.kind == "postgres" and config.state.database_url == "postgresql://ts:pw@db/tokens"
+    monkeypatch.delenv("VISITFLOW_TOKEN_SERVICE_DATABASE_URL")
+    with pytest.raises(ConfigError, match="VISITFLOW_TOKEN_SERVICE_DATABASE_URL"):
+        IdPConfig.load(REPO / "deployments/token-service.yaml")
+    monkeypatch.setenv("VISITFLOW_TOKEN_SERVICE_DATABASE_URL", "postgresql://ts:pw@db/tokens")
     federation = Federation.from_config(config.federation)
     realm = json.loads((REPO / "deployments/keycloak/realm-facility.json").read_text())["realm"]
     assert federation.trusts(f"http://127.0.0.1:8080/realms/{realm}"), "one realm name: the shipped realm's"

@@ -124,6 +124,9 @@ class StateConfig:
         kind = d.pop("kind", "file")
         if kind not in ("file", "postgres"):
             raise ConfigError(f"state.kind must be file or postgres, got {kind!r}")
+        if "database_url" in d:
+            raise ConfigError("state: the database URL holds a password: name the variable it is in "
+                              "(database_url_env), never the URL itself")
         url_env = d.pop("database_url_env", None)
         nums = {k: float(d.pop(k)) for k in ("poll_seconds", "key_publish_ahead", "key_overlap") if k in d}
         if d:
