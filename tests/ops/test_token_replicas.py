@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -24,7 +25,7 @@ import yaml
 
 from tests.fixtures.federation_fixtures import TS_ENV, TS_SECRETS, TokenServiceHandle, token_service_config
 from tests.fixtures.idp_fixtures import REFRESH_TOKEN_TYPE, TOKEN_EXCHANGE
-from tests.fixtures.postgres_fixtures import db_url, fresh_databases
+from tests.fixtures.postgres_fixtures import db_url, fetch, fresh_databases
 from tests.ops.conftest import scrape, total
 from tests.ops.test_runbooks import run_runbook
 from visitflow.stack.services import Service, free_port, start_service
@@ -219,6 +220,8 @@ def test_a_key_rotation_fails_no_validation_at_either_replica_nor_at_a_jwks_clie
                         for r in (two_replicas.lb, a, b)]
                 failures.append(("jwks-client", repr(exc), seen))
 
+    database = urlsplit(two_replicas.env[DB_ENV]).path.lstrip("/")
+    fetch(database, "INSERT INTO vf_revocations (kind, id, exp, at) VALUES ('jti', 'long-expired', 1, 1)")
     worker = threading.Thread(target=mint_and_check)
     worker.start()
     try:
@@ -236,6 +239,7 @@ def test_a_key_rotation_fails_no_validation_at_either_replica_nor_at_a_jwks_clie
         stop.set()
         worker.join(120)
     assert failures == [], failures
+    assert fetch(database, "SELECT id FROM vf_revocations WHERE id = 'long-expired'") == []   # housekeeping
     kids = [jwt.get_unverified_header(t)["kid"] for t in tokens]
     assert kids[-1] == new_kid and set(kids[:1]) <= old_kids, kids
     for r in (a, b):                                  # both keys published: the old one overlaps
@@ -311,3 +315,42 @@ def test_the_shared_state_backup_restores_revocations_keys_and_refresh_tokens(tw
             assert check(kept)["active"] is True
         finally:
             service.stop()
+
+
+def test_a_replica_cut_from_the_database_says_503_and_not_ready_then_recovers(two_replicas, ops_idp, tmp_path):
+    """A third replica reaching PostgreSQL through a switchable proxy: with the link cut it
+    refuses with 503 ``temporarily_unavailable`` (never a 500, never a token it cannot back)
+    and its ``/readyz`` names ``state``; with the link back it serves again."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.fixtures.tcp_proxy import SwitchableProxy
+
+    url = urlsplit(two_replicas.env[DB_ENV])
+    proxy = SwitchableProxy(url.port, enabled=True)
+    via_proxy = urlunsplit((url.scheme, f"{url.netloc.rsplit(':', 1)[0]}:{proxy.port}", url.path, url.query, ""))
+    port = free_port()
+    argv = [sys.executable, "-m", "visitflow.cli", "idp", "--config", str(two_replicas.config_path),
+            "--port", str(port), "--issuer", two_replicas.lb.issuer, "--log-level", "warning"]
+    service = start_service("replica-c", argv, log_dir=tmp_path / "logs", health_url=f"http://127.0.0.1:{port}/healthz",
+                            env={**two_replicas.env, DB_ENV: via_proxy})
+    c = _handle(f"http://127.0.0.1:{port}", service)
+    alice = ops_idp.token("alice")
+    try:
+        service.wait_ready(timeout=90)
+        assert c.exchange_response(alice, "blueapi", audience="visitflow",
+                                   scope=GRANT_SCOPE.format(run=uuid.uuid4().hex)).status_code == 200
+        proxy.cut()
+        time.sleep(POLL)                          # its next request re-reads keys and revocations
+        r = c.exchange_response(alice, "blueapi", audience="visitflow", scope=GRANT_SCOPE.format(run=uuid.uuid4().hex))
+        assert r.status_code == 503 and r.json()["error"] == "temporarily_unavailable", r.text
+        assert "database" in r.json()["error_description"], r.text
+        ready = httpx.get(f"{c.issuer}/readyz", timeout=60)
+        assert ready.status_code == 503 and "state" in ready.text, ready.text
+        proxy.enabled = True
+        time.sleep(POLL)
+        r = c.exchange_response(alice, "blueapi", audience="visitflow", scope=GRANT_SCOPE.format(run=uuid.uuid4().hex))
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{c.issuer}/readyz", timeout=60).status_code == 200
+    finally:
+        service.stop()
+        proxy.close()

@@ -51,7 +51,8 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "deployments/ha/down.sh": (f"{HERE}::test_shell_scripts_parse", f"{HERE}::test_ha_scripts_run_their_module"),
     "deployments/idp.yaml": (f"{HERE}::test_token_service_configs_load",),
     "deployments/token-service.yaml": (f"{HERE}::test_token_service_configs_load",
-                                       "tests/token_service/test_token_service_config.py::test_shipped_config_loads_with_secrets_from_the_environment"),
+                                       "tests/token_service/test_token_service_config.py::test_shipped_config_loads_with_secrets_from_the_environment",
+                                       "tests/ops/test_token_replicas.py::test_a_replica_killed_during_a_burst_of_exchanges_refuses_no_exchange"),
     "deployments/keycloak/realm-facility.json": (
         f"{HERE}::test_the_facility_realm_is_fit_as_shipped",
         "tests/production/test_keycloak_production.py::test_production_keycloak_imports_the_shipped_facility_realm"),

@@ -71,8 +71,10 @@ def _run_shared(args: argparse.Namespace, config) -> int:
                           overlap=st.key_overlap)
     if args.rotate_keys:
         key = keys.rotate()
+        purged = db.purge()
         print(f"new signing key {key.kid}: in every replica's JWKS now, signing in {st.key_publish_ahead:g} s; "
-              f"keys older than the {st.key_overlap:g} s overlap removed", flush=True)
+              f"keys older than the {st.key_overlap:g} s overlap removed; {purged} expired revocations and "
+              f"refresh tokens deleted", flush=True)
         db.close()
         return 0
     issuer = args.issuer or config.issuer or f"http://{args.host}:{args.port}"
