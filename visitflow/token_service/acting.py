@@ -30,6 +30,9 @@ The grant minted: ``sub`` the user, ``preferred_username`` the user, ``act: {"su
 the ordinary grant lifetime.  Its refreshes and second hop ask the authority again for the
 user, exactly as for a grant the trigger obtained.
 
+Every decision is logged at WARNING (staff acting for a user is rare and privileged: it shows
+at the production log level, with the staff member, the user and the visit).
+
 Limit (stated, not hidden): the user is named as the authority knows them (fedid or username);
 the grant's ``sub`` is that name.  Where the facility IdP's ``sub`` is an opaque id (Keycloak's
 UUIDs) the grant's ``sub`` therefore differs from the user's own tokens' ``sub``; Tiled's
@@ -99,9 +102,9 @@ def decide_acting(federation: Federation | None, client_id: str, staff_token: st
     except AuthorityUnavailable as exc:
         raise unavailable(exc) from exc
     if not decision.allow:
-        log.info("act_for refused: staff=%s user=%s visit=%s: %s", actor.name, for_user, visit, decision.reason)
+        log.warning("act_for refused: staff=%s user=%s visit=%s: %s", actor.name, for_user, visit, decision.reason)
         raise OAuthError("access_denied", f"the authority refused: {decision.reason}", 403)
     user = {"sub": for_user, "preferred_username": for_user}
     federation.require(user, scopes)        # the user's own authority bounds what staff get
-    log.info("act_for: staff=%s acts for user=%s on visit %s: %s", actor.name, for_user, visit, scopes)
+    log.warning("act_for: staff=%s acts for user=%s on visit %s: %s", actor.name, for_user, visit, scopes)
     return staff, scopes, user
