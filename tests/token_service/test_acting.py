@@ -59,3 +59,27 @@ def test_user_of_follows_the_authoritys_naming_rule():
     assert outage.user_of("not-a-jwt") is None and outage.user_of(None) is None
     lost = outage.lost_token_reason(analysis="peak_stats", visit="a1", run="r-1")
     assert "--for <USER>" in lost, "no token left to name the user: staff fill it in"
+
+
+def test_opa_is_asked_act_for_with_the_staff_identity_and_the_user_and_answers_are_cached():
+    import json
+
+    import httpx
+
+    from visitflow.core.authority import OPAAuthority, ScopesAuthority, Subject
+
+    asked = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append((request.url.path, json.loads(request.content)["input"]))
+        return httpx.Response(200, json={"result": {"allow": False, "reason": "carol may not act for alice"}})
+
+    opa = OPAAuthority("http://opa", transport=httpx.MockTransport(answer), cache_seconds=60)
+    carol = Subject.from_claims({"sub": "c", "preferred_username": "carol", "scope": "openid"})
+    for _ in range(2):
+        d = opa.may_act_for(carol, "alice", "a1")
+        assert not d.allow and d.reason == "carol may not act for alice"
+    assert asked == [("/v1/data/visitflow/authz/decision", {
+        "subject": {"sub": "c", "preferred_username": "carol"}, "action": "act_for", "visit": "a1",
+        "for_user": "alice"})], "asked once (cached), scopes never sent"
+    assert not ScopesAuthority().may_act_for(carol, "alice", "a1").allow, "token scopes cannot say who is staff"
