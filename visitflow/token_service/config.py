@@ -56,6 +56,9 @@ class Client:
     exchange_refresh: bool = False   # exchanged tokens come with a refresh token
     introspect: bool = False
     scopes: tuple = ()               # client_credentials scopes (service accounts)
+    #: staff recovery (:mod:`.acting`): exchanges a staff member's own facility token for a
+    #: grant that acts for the user named by ``requested_subject``; the authority decides
+    act_for: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,11 +209,14 @@ class IdPConfig:
                 exchange_refresh=bool(c.pop("exchange_refresh", False)),
                 introspect=bool(c.pop("introspect", False)),
                 scopes=tuple(c.pop("scopes", [])),
+                act_for=bool(c.pop("act_for", False)),
             )
             if c:
                 raise ConfigError(f"client {cid}: unknown keys {sorted(c)}")
             if not client.public and not client.secret:
                 raise ConfigError(f"client {cid}: confidential clients need a secret")
+            if client.act_for and (TOKEN_EXCHANGE not in client.grants or client.grants - {TOKEN_EXCHANGE}):
+                raise ConfigError(f"client {cid}: an act_for client has the token-exchange grant only")
             for aud in client.audiences + client.exchange_audiences:
                 if aud not in audiences:
                     raise ConfigError(f"client {cid}: audience {aud!r} is not declared under audiences")

@@ -49,7 +49,7 @@ from ..core.scopes import ScopeSet
 from ..core.tokens import ALGORITHMS, decode_verified
 from ..core.jsonlog import log_context
 from ..core.readiness import run_checks
-from . import keycloak_rules, metrics
+from . import acting, keycloak_rules, metrics
 from .config import TOKEN_EXCHANGE, Client, IdPConfig
 from .federation import Federation, identity_extra
 from .health import readiness_checks
@@ -352,6 +352,8 @@ class IdP:
         return self._response(rec.session, scopes, with_refresh=True)
 
     def token_exchange(self, client: Client, form) -> dict:
+        if form.get("requested_subject") is not None or client.act_for:
+            return self._act_for(client, form)
         if client.public:
             raise OAuthError("unauthorized_client", "public clients cannot exchange tokens", 403)
         subject_type = form.get("subject_token_type", "")
@@ -409,6 +411,27 @@ class IdP:
         return self._response(session, scopes,
                               with_refresh=client.exchange_refresh and requested_type == REFRESH_TOKEN_TYPE,
                               issued_token_type=ACCESS_TOKEN_TYPE)
+
+    def _act_for(self, client: Client, form) -> dict:
+        """Staff recovery (:mod:`.acting`): a staff member's own token, a grant for the user."""
+        if not client.act_for:
+            raise OAuthError("unauthorized_client", f"client {client.client_id} may not act for users "
+                             "(requested_subject)", 403)
+        if form.get("subject_token_type", "") not in (ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
+            raise OAuthError("invalid_request", f"unsupported subject_token_type {form.get('subject_token_type')!r}")
+        audiences = [a for a in (form.getlist("audience") if hasattr(form, "getlist") else [form.get("audience")])
+                     if a] or ["visitflow"]
+        for aud in audiences:
+            if aud not in client.exchange_audiences:
+                raise OAuthError("access_denied", f"client {client.client_id} may not exchange for audience {aud!r}", 403)
+        staff, scopes, user = acting.decide_acting(self.federation, client.client_id, form.get("subject_token", ""),
+                                                   form.get("requested_subject", ""), form.get("scope"))
+        session = self._session(
+            sub=user["sub"], client_id=client.client_id, scopes=scopes, aud=audiences,
+            act={"sub": staff["sub"]}, max_expiry=time.time() + self.config.lifetimes_for(audiences).session_max,
+            username=user["preferred_username"], subject=user, cap=False,
+        )
+        return self._response(session, scopes, with_refresh=False, issued_token_type=ACCESS_TOKEN_TYPE)
 
     def _keycloak_exchange(self, client: Client, form, subject: dict, audiences: list, requested_type: str) -> dict:
         """``fixed_scopes`` mode: what Keycloak 26.7.3 does (tests/token_service/test_keycloak_parity.py).
