@@ -10,8 +10,10 @@ says who may do what (OPA) and what exists (Tiled, Prefect).  From it this comma
   :mod:`visitflow.tiled.node_tags`) like any other node (docs/architecture.md §5);
 * **Prefect** — the global concurrency limit ``visitflow-live-<visit>`` that a visit's live
   runs share (docs/architecture.md §2); ``visitflow up`` makes its limits here too (one owner);
-* **OPA** — a bundle ``bundle.tar.gz`` (``data.json`` + ``.manifest``) that OPA's bundle
-  plug-in downloads (``services``/``bundles`` config) or ``opa run --bundle`` loads.
+* **OPA** — a bundle (``data.json`` + ``.manifest``, and the policy files given with
+  ``--policy``) that OPA's bundle plug-in downloads (``services``/``bundles`` config) or
+  ``opa run --bundle`` loads.  Its manifest's roots are the four ``facility`` trees and each
+  policy's package, so OPA refuses a bundle that would overwrite anything else.
 
 Running it again changes nothing (every item reported ``unchanged``).  A session missing
 from the list loses its limit and its OPA entry (no new analyses, no access); its Tiled data
@@ -51,7 +53,7 @@ __all__ = ['LIMIT_PREFIX', 'BUNDLE_ROOTS', 'Session', 'SessionList', 'Report', '
 #: Live runs of visit ``v`` share the Prefect global concurrency limit ``visitflow-live-v``.
 LIMIT_PREFIX = "visitflow-live-"
 #: What the bundle owns in OPA's data tree (``facility.tiled`` is a policy package: not ours).
-BUNDLE_ROOTS = ("facility/subjects", "facility/proposals", "facility/beamlines", "facility/sessions")
+BUNDLE_ROOTS = ("facility/beamlines", "facility/proposals", "facility/sessions", "facility/subjects")
 SESSION_FIELDS = {"proposal", "beamline", "members", "analysts", "analyses", "live_limit"}
 DEFAULT_LIVE_LIMIT = 4
 
@@ -247,41 +249,57 @@ def provision_limits(api: PrefectAPI, wanted: Mapping[str, int], report: Report,
 
 # ---------------------------------------------------------------------------- OPA bundle
 
-def _bundle_bytes(document: dict) -> tuple[bytes, str]:
-    """A deterministic bundle of ``document`` (same data -> same bytes) and its revision."""
+def _package_root(source: str, name: str) -> str:
+    m = re.search(r"^package\s+([\w.]+)", source, re.M)
+    if m is None:
+        raise ConfigError(f"{name}: not a Rego module (no package line)")
+    return m.group(1).replace(".", "/")
+
+
+def _bundle_bytes(document: dict, policies: Mapping[str, str] = {}) -> tuple[bytes, str]:
+    """A deterministic bundle of ``document`` and ``policies`` ({file name: Rego source})
+    — the same input gives the same bytes — and its revision."""
     data = json.dumps({"facility": {k: document["facility"][k] for k in ("subjects", "proposals", "beamlines",
                                                                          "sessions")}},
                       sort_keys=True, indent=1).encode()
-    revision = hashlib.sha256(data).hexdigest()[:16]
-    manifest = json.dumps({"revision": revision, "roots": list(BUNDLE_ROOTS)}, sort_keys=True).encode()
+    files = {"/data.json": data, **{f"/{name}": src.encode() for name, src in sorted(policies.items())}}
+    revision = hashlib.sha256(b"\0".join(k.encode() + b"\0" + v for k, v in sorted(files.items()))).hexdigest()[:16]
+    roots = sorted({*BUNDLE_ROOTS, *(_package_root(src, name) for name, src in policies.items())})
+    files["/.manifest"] = json.dumps({"revision": revision, "roots": roots}, sort_keys=True).encode()
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, body in (("/.manifest", manifest), ("/data.json", data)):
+        for name in sorted(files):
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(body), 0, 0o644
-            tar.addfile(info, io.BytesIO(body))
+            info.size, info.mtime, info.mode = len(files[name]), 0, 0o644
+            tar.addfile(info, io.BytesIO(files[name]))
     out = io.BytesIO()
     with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
         gz.write(raw.getvalue())
     return out.getvalue(), revision
 
 
-def _bundle_sessions(path: Path) -> Optional[dict]:
-    """The sessions in an existing bundle (None: there is none, or it is unreadable)."""
+def _bundle_files(path: Path) -> Optional[dict[str, bytes]]:
+    """An existing bundle's files (None: there is none, or it is unreadable)."""
     try:
         with tarfile.open(path, "r:gz") as tar:
-            member = next(m for m in tar.getmembers() if m.name.lstrip("/") == "data.json")
-            return json.load(tar.extractfile(member))["facility"]["sessions"]
-    except (OSError, StopIteration, KeyError, ValueError, tarfile.TarError):
+            return {m.name.lstrip("/"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    except (OSError, tarfile.TarError):
         return None
 
 
-def provision_bundle(path: Path, sessions: SessionList, report: Report, say: Say = print) -> str:
+def provision_bundle(path: Path, sessions: SessionList, report: Report, say: Say = print, *,
+                     policies: Iterable[Path] = ()) -> str:
     """Write OPA's bundle at ``path`` (atomically: a poller never downloads half a file);
-    returns its revision.  Each session is an item: created, updated, removed or unchanged."""
+    returns its revision.  Each session and each policy file is an item.  ``policies``: Rego
+    files to ship in the same bundle (as Kubernetes' OPA loads policy and data from one)."""
     path = Path(path)
-    body, revision = _bundle_bytes(sessions.document)
-    old = _bundle_sessions(path) if path.exists() else None
+    sources = {Path(p).name: Path(p).read_text() for p in policies}
+    body, revision = _bundle_bytes(sessions.document, sources)
+    old_files = _bundle_files(path) if path.exists() else None
+    try:
+        old = json.loads(old_files["data.json"])["facility"]["sessions"] if old_files else None
+    except (KeyError, ValueError):
+        old = None
     new = sessions.document["facility"]["sessions"]
     for visit in new:
         outcome = ("created" if old is None or visit not in old else
@@ -289,6 +307,12 @@ def provision_bundle(path: Path, sessions: SessionList, report: Report, say: Say
         report.add(f"opa:{visit}", outcome, say)
     for visit in sorted(set(old or {}) - set(new)):
         report.add(f"opa:{visit}", "removed", say)
+    for name, src in sorted(sources.items()):
+        before = (old_files or {}).get(name)
+        report.add(f"opa-policy:{name}", "created" if before is None else
+                   "unchanged" if before == src.encode() else "updated", say)
+    for name in sorted(set(old_files or {}) - set(sources) - {"data.json", ".manifest"}):
+        report.add(f"opa-policy:{name}", "removed", say)
     if not path.exists() or path.read_bytes() != body:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -304,7 +328,7 @@ def provision_bundle(path: Path, sessions: SessionList, report: Report, say: Say
 
 def provision(sessions: SessionList, *, tiled: Optional[tuple[str, object]] = None,
               prefect: Optional[PrefectAPI] = None, bundle: Optional[Path] = None,
-              say: Say = print) -> Report:
+              policies: Iterable[Path] = (), say: Say = print) -> Report:
     """Tiled (``(uri, admin auth)``), Prefect and the OPA bundle, each when given.  OPA's
     bundle is written last: a new session is only authorised once its containers and limit exist."""
     report = Report()
@@ -315,7 +339,7 @@ def provision(sessions: SessionList, *, tiled: Optional[tuple[str, object]] = No
     if prefect is not None:
         provision_limits(prefect, {v: s.live_limit for v, s in sessions.sessions.items()}, report, say)
     if bundle is not None:
-        provision_bundle(bundle, sessions, report, say)
+        provision_bundle(bundle, sessions, report, say, policies=policies)
     say(report.summary())
     return report
 
@@ -331,12 +355,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="environment variable holding visitflow-admin's client secret")
     p.add_argument("--prefect-api-url", default=os.environ.get("PREFECT_API_URL"))
     p.add_argument("--bundle", default=None, help="write OPA's bundle here (e.g. /srv/opa/visitflow.tar.gz)")
+    p.add_argument("--policy", action="append", default=[], metavar="REGO",
+                   help="a Rego file to ship in the bundle too (repeatable; e.g. deployments/opa/authz.rego)")
     p.add_argument("--check", action="store_true", help="only validate the session list")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         sessions = load_sessions(args.sessions)
+        for rego in args.policy:    # before anything is touched, like the session list
+            try:
+                _package_root(Path(rego).read_text(), rego)
+            except OSError as exc:
+                raise ConfigError(f"{rego}: cannot read the policy file: {exc.strerror}") from None
     except ConfigError as exc:
         print(f"visitflow provision: {exc}", file=sys.stderr)
         return 2
@@ -359,5 +390,5 @@ def run(args: argparse.Namespace) -> int:
 
     with PrefectAPI(args.prefect_api_url, os.environ.get("PREFECT_API_AUTH_STRING")) as api:
         provision(sessions, tiled=(args.tiled_uri, admin_auth(args.issuer, args.admin_client_id, secret)),
-                  prefect=api, bundle=Path(args.bundle))
+                  prefect=api, bundle=Path(args.bundle), policies=[Path(p) for p in args.policy])
     return 0
