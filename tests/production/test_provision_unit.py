@@ -134,8 +134,15 @@ def test_the_command_refuses_a_bad_list_and_missing_targets_before_touching_anyt
     proc = _cli("--sessions", str(bad), "--bundle", str(tmp_path / "b.tar.gz"))
     assert proc.returncode == 2 and "facility.sessions.a1.beamline: 'i99' is not in facility.beamlines" in proc.stderr
     assert not (tmp_path / "b.tar.gz").exists()
+    proc = _cli("--sessions", str(SHIPPED), env={"PREFECT_API_URL": ""})
+    assert proc.returncode == 2 and "nothing to do" in proc.stderr, proc.stderr
+    proc = _cli("--sessions", str(SHIPPED), "--tiled-uri", "http://127.0.0.1:9", env={"VISITFLOW_ADMIN_SECRET": ""})
+    assert proc.returncode == 2 and "Tiled needs --issuer and $VISITFLOW_ADMIN_SECRET" in proc.stderr, proc.stderr
+    # a first install: the bundle before Tiled and Prefect exist; the others said skipped
     proc = _cli("--sessions", str(SHIPPED), "--bundle", str(tmp_path / "b.tar.gz"), env={"PREFECT_API_URL": ""})
-    assert proc.returncode == 2 and "missing --tiled-uri, --prefect-api-url" in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "tiled: skipped (no --tiled-uri)" in proc.stdout and "prefect: skipped (no --prefect-api-url)" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "2 created, 0 updated, 0 removed, 0 unchanged", proc.stdout
     proc = _cli("--sessions", str(SHIPPED), "--policy", str(tmp_path / "none.rego"), "--check")
     assert proc.returncode == 2 and "none.rego: cannot read the policy file" in proc.stderr, proc.stderr
     proc = _cli("--sessions", str(SHIPPED), "--check")

@@ -374,21 +374,29 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.sessions}: {len(sessions.sessions)} session(s), valid")
         return 0
-    parts = [n for n, v in (("--tiled-uri", args.tiled_uri), ("--prefect-api-url", args.prefect_api_url),
-                            ("--bundle", args.bundle)) if not v]
-    if parts:
-        print(f"visitflow provision: missing {', '.join(parts)} (or --check)", file=sys.stderr)
+    if not (args.tiled_uri or args.prefect_api_url or args.bundle):
+        print("visitflow provision: nothing to do: give --tiled-uri, --prefect-api-url and/or --bundle (or --check)",
+              file=sys.stderr)
         return 2
-    if not args.issuer:
-        print("visitflow provision: --issuer is needed for Tiled's admin token", file=sys.stderr)
-        return 2
-    secret = os.environ.get(args.admin_secret_env)
-    if not secret:
-        print(f"visitflow provision: ${args.admin_secret_env} (visitflow-admin's secret) is not set", file=sys.stderr)
-        return 2
-    from ..core.tiled_admin import admin_auth
+    tiled = None
+    if args.tiled_uri:
+        secret = os.environ.get(args.admin_secret_env)
+        if not args.issuer or not secret:
+            print(f"visitflow provision: Tiled needs --issuer and ${args.admin_secret_env} (visitflow-admin's "
+                  "client secret) for the admin token", file=sys.stderr)
+            return 2
+        from ..core.tiled_admin import admin_auth
 
-    with PrefectAPI(args.prefect_api_url, os.environ.get("PREFECT_API_AUTH_STRING")) as api:
-        provision(sessions, tiled=(args.tiled_uri, admin_auth(args.issuer, args.admin_client_id, secret)),
-                  prefect=api, bundle=Path(args.bundle), policies=[Path(p) for p in args.policy])
+        tiled = (args.tiled_uri, admin_auth(args.issuer, args.admin_client_id, secret))
+    for part, flag, given in (("tiled", "--tiled-uri", args.tiled_uri),
+                              ("prefect", "--prefect-api-url", args.prefect_api_url), ("opa", "--bundle", args.bundle)):
+        if not given:
+            print(f"{part}: skipped (no {flag})")
+    api = PrefectAPI(args.prefect_api_url, os.environ.get("PREFECT_API_AUTH_STRING")) if args.prefect_api_url else None
+    try:
+        provision(sessions, tiled=tiled, prefect=api, bundle=Path(args.bundle) if args.bundle else None,
+                  policies=[Path(p) for p in args.policy])
+    finally:
+        if api is not None:
+            api.close()
     return 0
