@@ -74,6 +74,16 @@ def test_each_kind_of_mistake_names_its_line_and_field():
     assert refusal('{"facility": {\n  "sessions": {,}}}').startswith("s.json:2: not JSON:")
 
 
+def test_visit_containers_follow_the_servers_layout():
+    from visitflow.core.layout import Layout
+    from visitflow.production.provision import visit_paths
+
+    a1 = load_sessions(SHIPPED).sessions["a1"]
+    assert visit_paths(Layout(), a1) == ["raw/a1", "processed/a1"]
+    blueapi = Layout.from_templates("{instrument}/{proposal}/{visit}/{run}", None)
+    assert visit_paths(blueapi, a1) == ["i22/cm12345/a1"]
+
+
 def _bundle(path: Path) -> dict[str, bytes]:
     with tarfile.open(path, "r:gz") as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}

@@ -47,7 +47,7 @@ from ..core.scopes import valid_name
 from ..errors import ConfigError
 
 __all__ = ['LIMIT_PREFIX', 'BUNDLE_ROOTS', 'Session', 'SessionList', 'Report', 'load_sessions',
-           'parse_sessions', 'provision_tiled', 'provision_limits', 'provision_bundle', 'provision',
+           'parse_sessions', 'template_values', 'visit_paths', 'provision_tiled', 'provision_limits', 'provision_bundle', 'provision',
            'add_arguments', 'run']
 
 #: Live runs of visit ``v`` share the Prefect global concurrency limit ``visitflow-live-v``.
@@ -201,16 +201,26 @@ def load_sessions(path: Path | str) -> SessionList:
 
 # ---------------------------------------------------------------------------- Tiled
 
-def provision_tiled(uri: str, auth, visits: Iterable[str], report: Report, say: Say = print, *,
+def template_values(session: Session) -> dict[str, str]:
+    """What a layout may place before ``{visit}``: blueapi's ``{instrument}/{proposal}/{visit}``
+    takes the session's beamline and proposal (the default ``raw/{visit}`` needs neither)."""
+    return {"instrument": session.beamline, "proposal": session.proposal}
+
+
+def visit_paths(layout: Layout, session: Session) -> list[str]:
+    """The session's visit containers, one per store."""
+    return [t.prefix(**template_values(session), visit=session.visit) for t in layout.templates()]
+
+
+def provision_tiled(uri: str, auth, sessions: Iterable[Session], report: Report, say: Say = print, *,
                     layout: Optional[Layout] = None) -> None:
-    """Each visit's ``<store>/<visit>`` containers (their tags set by Tiled's policy on creation)."""
+    """Each session's visit containers (their tags set by Tiled's policy on creation)."""
     from ..core.tiled_admin import ensure_visits
 
     layout = layout or Layout()
-    for visit in visits:
-        created = set(ensure_visits(uri, auth, [visit], layout=layout))
-        for template in layout.templates():
-            path = template.prefix(visit=visit)
+    for session in sessions:
+        created = set(ensure_visits(uri, auth, [session.visit], layout=layout, extra=template_values(session)))
+        for path in visit_paths(layout, session):
             report.add(f"tiled:{path}", "created" if path in created else "unchanged", say)
 
 
@@ -328,14 +338,14 @@ def provision_bundle(path: Path, sessions: SessionList, report: Report, say: Say
 
 def provision(sessions: SessionList, *, tiled: Optional[tuple[str, object]] = None,
               prefect: Optional[PrefectAPI] = None, bundle: Optional[Path] = None,
-              policies: Iterable[Path] = (), say: Say = print) -> Report:
-    """Tiled (``(uri, admin auth)``), Prefect and the OPA bundle, each when given.  OPA's
+              policies: Iterable[Path] = (), layout: Optional[Layout] = None, say: Say = print) -> Report:
+    """Tiled (``(uri, admin auth)``, its ``layout``), Prefect and the OPA bundle, each when given.  OPA's
     bundle is written last: a new session is only authorised once its containers and limit exist."""
     report = Report()
     visits = list(sessions.sessions)
     say(f"provisioning {len(visits)} session(s): {', '.join(visits) or '(none)'}")
     if tiled is not None:
-        provision_tiled(tiled[0], tiled[1], visits, report, say)
+        provision_tiled(tiled[0], tiled[1], sessions.sessions.values(), report, say, layout=layout)
     if prefect is not None:
         provision_limits(prefect, {v: s.live_limit for v, s in sessions.sessions.items()}, report, say)
     if bundle is not None:
@@ -353,6 +363,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-client-id", default="visitflow-admin")
     p.add_argument("--admin-secret-env", default="VISITFLOW_ADMIN_SECRET",
                    help="environment variable holding visitflow-admin's client secret")
+    p.add_argument("--raw-template", default=None, help="Tiled's raw layout, as given to `visitflow tiled serve`")
+    p.add_argument("--processed-template", default=None, help="Tiled's processed layout, likewise")
     p.add_argument("--prefect-api-url", default=os.environ.get("PREFECT_API_URL"))
     p.add_argument("--bundle", default=None, help="write OPA's bundle here (e.g. /srv/opa/visitflow.tar.gz)")
     p.add_argument("--policy", action="append", default=[], metavar="REGO",
@@ -378,7 +390,13 @@ def run(args: argparse.Namespace) -> int:
         print("visitflow provision: nothing to do: give --tiled-uri, --prefect-api-url and/or --bundle (or --check)",
               file=sys.stderr)
         return 2
-    tiled = None
+    tiled, layout = None, None
+    if args.raw_template is not None or args.processed_template is not None:   # "": that store is elsewhere
+        from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE
+
+        layout = Layout.from_templates(
+            DEFAULT_RAW_TEMPLATE if args.raw_template is None else (args.raw_template or None),
+            DEFAULT_PROCESSED_TEMPLATE if args.processed_template is None else (args.processed_template or None))
     if args.tiled_uri:
         secret = os.environ.get(args.admin_secret_env)
         if not args.issuer or not secret:
@@ -395,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
     api = PrefectAPI(args.prefect_api_url, os.environ.get("PREFECT_API_AUTH_STRING")) if args.prefect_api_url else None
     try:
         provision(sessions, tiled=tiled, prefect=api, bundle=Path(args.bundle) if args.bundle else None,
-                  policies=[Path(p) for p in args.policy])
+                  policies=[Path(p) for p in args.policy], layout=layout)
     finally:
         if api is not None:
             api.close()
