@@ -61,13 +61,19 @@ def bundle_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, ops_idp, bundle_server):
-    tiled = start_tiled(ops_idp, tmp_path_factory.mktemp("prov-tiled"))    # no visit containers yet
-    try:
-        with running_prefect(tmp_path_factory.mktemp("prov-prefect"), issuer=ops_idp.issuer, tiled_uri=tiled.uri,
-                             with_worker=False) as prefect:
-            yield tiled, prefect
-    finally:
-        tiled.service.stop()
+    """A fresh Tiled (no visit containers yet) and a bare Prefect server (limits need no
+    deployments), started side by side: the two slowest start-ups of this module."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        tiled_future = pool.submit(start_tiled, ops_idp, tmp_path_factory.mktemp("prov-tiled"))
+        try:
+            with running_prefect(tmp_path_factory.mktemp("prov-prefect"), issuer=ops_idp.issuer, tiled_uri="",
+                                 with_worker=False, configured=False) as prefect:
+                yield tiled_future.result(), prefect
+        finally:
+            if tiled_future.exception() is None:    # waits for it: Tiled is never left running
+                tiled_future.result().service.stop()
 
 
 def start_polling_opa(tmp: Path, bundle_url: str):
