@@ -6,8 +6,8 @@ facility's nginx or object store would be).
 * first run: every item created; Tiled's visit containers carry their access tags (set by the
   server's policy), Prefect has each visit's live limit, OPA decides by the bundle;
 * second run: nothing changes (``0 created … N unchanged``, the bundle byte-identical);
-* a session removed (another added): its limit and its OPA entry go after OPA's next poll, its
-  Tiled containers stay.
+* a session removed (another added, one resized): its limit and its OPA entry go after OPA's
+  next poll, its Tiled containers stay.
 
 Also here: the live-lag alert on a real lag (a live analysis stalled 250 frames behind),
 scraped from the worker's own ops server the way the worker exposes flow runs' metrics.
@@ -145,12 +145,14 @@ def test_a_removed_session_loses_its_limit_and_opa_entry_after_the_next_poll_and
     tiled, prefect, opa = provisioned["tiled"], provisioned["prefect"], provisioned["opa"]
     doc = json.loads(SHIPPED.read_text())
     doc["facility"]["sessions"]["a3"] = {**doc["facility"]["sessions"].pop("a2"), "live_limit": 2}
+    doc["facility"]["sessions"]["a1"]["live_limit"] = 3        # a1 resized: its limit and OPA entry updated
     sessions = tmp_path / "sessions.json"
     sessions.write_text(json.dumps(doc, indent=2))
     out = run_runbook("provision", {**provisioned["env"], "SESSIONS": sessions})
     assert "opa:a2: removed" in out and "limit:visitflow-live-a2: removed" in out, out
-    assert out.splitlines()[-2] == "4 created, 0 updated, 2 removed, 5 unchanged", out
-    assert live_limits(prefect) == {"visitflow-live-a1": 4, "visitflow-live-a3": 2}
+    assert "limit:visitflow-live-a1: updated (3)" in out and "opa:a1: updated" in out, out
+    assert out.splitlines()[-2] == "4 created, 2 updated, 2 removed, 3 unchanged", out
+    assert live_limits(prefect) == {"visitflow-live-a1": 3, "visitflow-live-a3": 2}
     admin = ops_idp.client_token("visitflow-admin")
     assert tags(tiled, admin, "raw/a2") == ["visitflow:raw:a2"], "the ended session's data stays"
     assert tags(tiled, admin, "processed/a3") == ["visitflow:processed:a3"]
