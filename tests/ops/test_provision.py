@@ -124,7 +124,7 @@ def test_provision_creates_tagged_containers_limits_and_the_bundle_and_a_second_
     tiled, prefect, first = provisioned["tiled"], provisioned["prefect"], provisioned["first"]
     assert "2 session(s), valid" in first
     assert "tiled:raw/a1: created" in first and "limit:visitflow-live-a2: created (4)" in first
-    assert first.splitlines()[-2] == "9 created, 0 updated, 0 removed, 0 unchanged", first
+    assert first.splitlines()[-2] == "13 created, 0 updated, 0 removed, 0 unchanged", first
     admin = ops_idp.client_token("visitflow-admin")
     assert {p: tags(tiled, admin, p) for p in ("raw/a1", "processed/a1", "raw/a2", "processed/a2")} == {
         "raw/a1": ["visitflow:raw:a1"], "processed/a1": ["visitflow:processed:a1"],
@@ -134,7 +134,7 @@ def test_provision_creates_tagged_containers_limits_and_the_bundle_and_a_second_
 
     bundle = Path(provisioned["env"]["BUNDLE"]).read_bytes()
     second = run_runbook("provision", provisioned["env"])
-    assert second.splitlines()[-2] == "0 created, 0 updated, 0 removed, 9 unchanged", second
+    assert second.splitlines()[-2] == "0 created, 0 updated, 0 removed, 13 unchanged", second
     assert second.splitlines()[-1] == "opa bundles 200"
     assert Path(provisioned["env"]["BUNDLE"]).read_bytes() == bundle
     assert live_limits(prefect) == {"visitflow-live-a1": 4, "visitflow-live-a2": 4}
@@ -151,7 +151,7 @@ def test_a_removed_session_loses_its_limit_and_opa_entry_after_the_next_poll_and
     out = run_runbook("provision", {**provisioned["env"], "SESSIONS": sessions})
     assert "opa:a2: removed" in out and "limit:visitflow-live-a2: removed" in out, out
     assert "limit:visitflow-live-a1: updated (3)" in out and "opa:a1: updated" in out, out
-    assert out.splitlines()[-2] == "4 created, 2 updated, 2 removed, 3 unchanged", out
+    assert out.splitlines()[-2] == "4 created, 2 updated, 2 removed, 7 unchanged", out
     assert live_limits(prefect) == {"visitflow-live-a1": 3, "visitflow-live-a3": 2}
     admin = ops_idp.client_token("visitflow-admin")
     assert tags(tiled, admin, "raw/a2") == ["visitflow:raw:a2"], "the ended session's data stays"

@@ -124,6 +124,13 @@ def test_policies_ride_in_the_bundle_under_their_package_root(tmp_path):
     assert files["/authz.rego"] == policy.read_bytes()
     assert json.loads(files["/.manifest"])["roots"] == sorted([*BUNDLE_ROOTS, "visitflow/authz"])
     assert report.items["opa-policy:authz.rego"] == "created"
+    from visitflow.production.provision import policy_sources
+
+    shipped_dir = policy_sources([REPO / "deployments" / "opa"])
+    assert "authz.rego" in shipped_dir and "tiled_visitflow.rego" in shipped_dir
+    assert not [n for n in shipped_dir if n.endswith("_test.rego")]
+    with pytest.raises(ConfigError, match="a second policy file named authz.rego"):
+        policy_sources([REPO / "deployments" / "opa", policy])
     again = Report()
     provision_bundle(path, load_sessions(SHIPPED), again, say=lambda _: None)      # the policy dropped
     assert again.items["opa-policy:authz.rego"] == "removed"

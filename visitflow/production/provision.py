@@ -47,7 +47,7 @@ from ..core.scopes import valid_name
 from ..errors import ConfigError
 
 __all__ = ['LIMIT_PREFIX', 'BUNDLE_ROOTS', 'Session', 'SessionList', 'Report', 'load_sessions',
-           'parse_sessions', 'template_values', 'visit_paths', 'provision_tiled', 'provision_limits', 'provision_bundle', 'provision',
+           'parse_sessions', 'policy_sources', 'template_values', 'visit_paths', 'provision_tiled', 'provision_limits', 'provision_bundle', 'provision',
            'add_arguments', 'run']
 
 #: Live runs of visit ``v`` share the Prefect global concurrency limit ``visitflow-live-v``.
@@ -266,6 +266,25 @@ def _package_root(source: str, name: str) -> str:
     return m.group(1).replace(".", "/")
 
 
+def policy_sources(policies: Iterable[Path]) -> dict[str, str]:
+    """{file name: Rego source} of the given files and directories (a directory: its ``*.rego``
+    but the ``*_test.rego`` unit tests, as deployed).  Checked: readable, a package line, no
+    two files of one name (the bundle is flat)."""
+    out: dict[str, str] = {}
+    for given in map(Path, policies):
+        files = sorted(f for f in given.glob("*.rego") if not f.name.endswith("_test.rego")) if given.is_dir() else [given]
+        for f in files:
+            try:
+                src = f.read_text()
+            except OSError as exc:
+                raise ConfigError(f"{f}: cannot read the policy file: {exc.strerror}") from None
+            _package_root(src, str(f))
+            if f.name in out:
+                raise ConfigError(f"{f}: a second policy file named {f.name} (the bundle is flat)")
+            out[f.name] = src
+    return out
+
+
 def _bundle_bytes(document: dict, policies: Mapping[str, str] = {}) -> tuple[bytes, str]:
     """A deterministic bundle of ``document`` and ``policies`` ({file name: Rego source})
     — the same input gives the same bytes — and its revision."""
@@ -303,7 +322,7 @@ def provision_bundle(path: Path, sessions: SessionList, report: Report, say: Say
     returns its revision.  Each session and each policy file is an item.  ``policies``: Rego
     files to ship in the same bundle (as Kubernetes' OPA loads policy and data from one)."""
     path = Path(path)
-    sources = {Path(p).name: Path(p).read_text() for p in policies}
+    sources = policy_sources(policies)
     body, revision = _bundle_bytes(sessions.document, sources)
     old_files = _bundle_files(path) if path.exists() else None
     try:
@@ -368,18 +387,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefect-api-url", default=os.environ.get("PREFECT_API_URL"))
     p.add_argument("--bundle", default=None, help="write OPA's bundle here (e.g. /srv/opa/visitflow.tar.gz)")
     p.add_argument("--policy", action="append", default=[], metavar="REGO",
-                   help="a Rego file to ship in the bundle too (repeatable; e.g. deployments/opa/authz.rego)")
+                   help="a Rego file or directory to ship in the bundle too (repeatable; e.g. deployments/opa)")
     p.add_argument("--check", action="store_true", help="only validate the session list")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         sessions = load_sessions(args.sessions)
-        for rego in args.policy:    # before anything is touched, like the session list
-            try:
-                _package_root(Path(rego).read_text(), rego)
-            except OSError as exc:
-                raise ConfigError(f"{rego}: cannot read the policy file: {exc.strerror}") from None
+        policy_sources(args.policy)    # checked before anything is touched, like the session list
     except ConfigError as exc:
         print(f"visitflow provision: {exc}", file=sys.stderr)
         return 2
