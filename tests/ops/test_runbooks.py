@@ -1,7 +1,7 @@
 """docs/operations.md's runbooks: each ``runbook:<name>`` block run by bash, as written,
 against this suite's real servers (the stuck-live-run and upgrade blocks need Prefect and
-run in tests/ops/test_story.py, staff-recovery in tests/ops/test_staff_recovery.py).  What
-the doc says no test runs is listed there."""
+run in tests/ops/test_story.py, staff-recovery in tests/ops/test_staff_recovery.py, provision in
+tests/ops/test_provision.py).  What the doc says no test runs is listed there."""
 
 from __future__ import annotations
 
