@@ -1,5 +1,5 @@
 """A beamline service account's ``beamline`` claim reaches the authority through Tiled (pure:
-tiled/facility_users.py carries it in the principal's scopes; Tiled keeps only a name)."""
+visitflow/tiled/facility_users.py carries it in the principal's scopes; Tiled keeps only a name)."""
 
 from __future__ import annotations
 
