@@ -13,6 +13,7 @@ on the dev token service's client-credentials client.)
 from __future__ import annotations
 
 import re
+import uuid
 
 import httpx
 import pytest
@@ -84,7 +85,7 @@ def test_sa_mode_scan_live_and_post_equal_numpy_and_the_sa_is_the_raw_writer(fb,
     assert run.metadata["stop"]["exit_status"] == "success" and run["primary"]["det"].read().shape == (10,)
 
     # Append-only raw data records its writer: the service account's principal, not Alice's.
-    sa_uuid, alice_uuid = whoami(fb, fb.sa_token())["uuid"], whoami(fb, alice)["uuid"]
+    sa_uuid, alice_uuid = (uuid.UUID(whoami(fb, t)["uuid"]).hex for t in (fb.sa_token(), alice))
     assert sa_uuid != alice_uuid
     for path in (f"{SESSION_PATH}/{uid}", f"{SESSION_PATH}/{uid}/primary"):
         r = fb.tiled.get(f"metadata/{path}", alice)
