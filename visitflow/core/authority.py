@@ -56,7 +56,7 @@ class Subject:
 
     @classmethod
     def from_claims(cls, claims: dict) -> "Subject":
-        keep = ("iss", "sub", "preferred_username", "fedid", "azp", "scope", "scp")
+        keep = ("iss", "sub", "preferred_username", "fedid", "azp", "beamline", "scope", "scp")
         return cls({k: claims[k] for k in keep if k in claims})
 
     @property

@@ -157,7 +157,8 @@ class VisitflowAccessPolicy(AccessPolicy):
         if self.authority is None:
             return ScopeSet()
         locations = [loc for loc in place.locations if loc.visit is None or self._names_ok(loc)]
-        return await facility_users.scopes_for(self.authority, principal, locations, listing=listing)
+        return await facility_users.scopes_for(self.authority, principal, locations, listing=listing,
+                                               authn_scopes=authn_scopes)
 
     def place_of(self, path: tuple[str, ...], tags) -> Optional[Place]:
         """The node's place: its tags if it carries ours, else the layout's reading of its
