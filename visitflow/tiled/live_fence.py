@@ -27,7 +27,7 @@ Limits (stated, not hidden): the locks are per Tiled process — one Tiled repli
 catalog, as deployed here; several replicas would need the lock in the catalog's database
 (a PostgreSQL advisory lock).  The header is the writer's own statement; it guards against
 stale writers, not against a malicious holder of the same data token (that token could
-write anyway).  Post results are versioned children (``post-<id8>``, flow/sink.py) and
+write anyway).  Post results are versioned children (``post-<id8>``, visitflow/flow/sink.py) and
 need no fence.  Pure decisions here; the policy and middleware apply them.
 """
 
@@ -113,7 +113,12 @@ class LiveNodes:
         if node is None:
             if self.catalog is None:
                 return None
-            node = await self.catalog.lookup_adapter(list(path))
+            from .tiled_compat import NoEntry
+
+            try:
+                node = await self.catalog.lookup_adapter(list(path))
+            except NoEntry:
+                return None   # no live node yet: unclaimed
             if node is None:
                 return None
         metadata = node.metadata() if callable(getattr(node, "metadata", None)) else getattr(node, "metadata", None)
