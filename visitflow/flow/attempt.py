@@ -14,11 +14,12 @@ What remains is a clear ERROR line in the flow run's logs naming both attempts.
 from __future__ import annotations
 
 import logging
+import time
 from typing import NoReturn
 
 from ..core.fence import Fence
 
-__all__ = ['current_attempt', 'superseded', 'stop_superseded']
+__all__ = ['PATIENCE_SECONDS', 'current_attempt', 'superseded', 'stop_superseded']
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,26 @@ def current_attempt(flow_run_id: str) -> int:
         return max(1, int(runtime.flow_run.run_count or 0))
 
 
-def superseded(fence: Fence) -> bool:
-    """Whether a later attempt of this flow run has started (asked after an error, e.g. a
-    timeout while cut off, before this attempt reports Failed over the later one)."""
-    try:
-        return _run_count(fence.flow_run_id) > fence.attempt
-    except Exception:  # noqa: BLE001 - cannot tell: the error is reported as it is
-        return False
+#: How long an attempt that hit an error keeps asking Prefect whether it was superseded
+#: before reporting the error anyway (a host cut off for longer reports Failed late).
+PATIENCE_SECONDS = 600.0
+
+
+def superseded(fence: Fence, *, patience: float = PATIENCE_SECONDS, interval: float = 5.0,
+               sleep=time.sleep, clock=time.monotonic) -> bool:
+    """Whether a later attempt of this flow run has started — asked after an error (e.g. a
+    connect error while this host is cut off), *before* this attempt reports Failed over the
+    later one.  While Prefect cannot be asked (the same cut), keep asking: answering "no"
+    then would let the old attempt's Failed land on the run the new attempt is finishing."""
+    deadline = clock() + patience
+    while True:
+        try:
+            return _run_count(fence.flow_run_id) > fence.attempt
+        except Exception as exc:  # noqa: BLE001 - Prefect unreachable: ask again
+            if clock() >= deadline:
+                log.warning("could not ask Prefect whether %s was superseded (%s): reporting the error", fence, exc)
+                return False
+            sleep(interval)
 
 
 def stop_superseded(logger, fence: Fence, reason: str) -> NoReturn:
