@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from visitflow.core.fence import FENCE_HEADER, Fence, parse_fence, recorded_fence
-from visitflow.tiled.live_fence import FenceLocks, refusal
+from visitflow.tiled.live_fence import FenceLocks, attempt_label, refusal
 from visitflow.tiled.request_context import REQUEST, RequestContextMiddleware
 
 RUN = "0f6c1f7e-0000-4000-8000-000000000001"
@@ -132,3 +132,7 @@ def test_middleware_publishes_the_fence_and_serializes_fenced_writes():
     assert asyncio.run(main()) == 1, "fenced writes of one flow run ran at the same time"
     assert overlap[0] == 2, "reads are not serialized"
     assert ("PUT", f"{RUN}/2") in seen and ("GET", f"{RUN}/1") in seen
+
+
+def test_the_metric_label_set_is_bounded():
+    assert [attempt_label(n) for n in (1, 2, 20, 21, 10**9)] == ["1", "2", "20", ">20", ">20"]

@@ -423,7 +423,8 @@ class VisitflowAccessPolicy(AccessPolicy):
         reason = live_fence.refusal(recorded, presented, "/".join(live_path), inside_live=inside_live,
                                     malformed=malformed)
         if presented is not None:
-            live_fence.DECISIONS.labels(str(presented.attempt), "refused" if reason else "allowed").inc()
+            live_fence.DECISIONS.labels(live_fence.attempt_label(presented.attempt),
+                                         "refused" if reason else "allowed").inc()
         if reason is not None:
             logger.warning("%s %s refused: %s", request.method, "/".join(path), reason)
             raise HTTPException(status_code=409, detail=reason)

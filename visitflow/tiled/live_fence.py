@@ -41,13 +41,19 @@ from prometheus_client import Counter
 
 from ..core.fence import FENCE_HEADER, Fence, recorded_fence
 
-__all__ = ['refusal', 'FenceLocks', 'LiveNodes', 'DECISIONS']
+__all__ = ['refusal', 'attempt_label', 'FenceLocks', 'LiveNodes', 'DECISIONS']
 
 log = logging.getLogger(__name__)
 
 #: Fenced writes by attempt and outcome (``allowed`` / ``refused``); on Tiled's ``/metrics``.
 DECISIONS = Counter("visitflow_tiled_live_fence", "Writes to a live result checked against its fence",
                     ["attempt", "outcome"])
+
+
+def attempt_label(attempt: int) -> str:
+    """The metric's ``attempt`` label: the number up to 20, then ``>20`` (the header is the
+    client's: a bounded label set whatever it sends)."""
+    return str(attempt) if attempt <= 20 else ">20"
 
 
 def refusal(recorded: Optional[Fence], presented: Optional[Fence], where: str, *, inside_live: bool,
