@@ -5,6 +5,8 @@
 #
 #   POST /v1/data/visitflow/authz/decision  {"input": {subject, action, store, visit, run, analysis}}
 #     -> {"result": {"allow": bool, "reason": str}}
+#   ... action "act_for" (input also has `for_user`): may this staff member start a run's
+#   analyses for `for_user` on the session (staff recovery, visitflow/token_service/acting.py)?
 #   POST /v1/data/visitflow/authz/readable_visits  {"input": {subject}}
 #     -> {"result": ["a1", ...]}          (what a user's Tiled listing shows)
 #
@@ -44,7 +46,7 @@ refusals contains sprintf("%s is disabled in the user office", [user]) if data.f
 refusals contains sprintf("session %s does not exist", [input.visit]) if not session
 
 refusals contains sprintf("unknown action %v (run, read or write)", [input.action]) if {
-	not input.action in {"run", "read", "write"}
+	not input.action in {"run", "read", "write", "act_for"}
 }
 
 refusals contains sprintf("unknown store %v (raw or processed)", [input.store]) if {
@@ -77,7 +79,30 @@ refusals contains sprintf("%s is not a member of session %s", [user, visit_label
 	not member
 }
 
+# Staff recovery: beamline staff act for a member of a session on that beamline (the token
+# service then asks again, for the user, about every scope: staff never widen what the user has).
+for_user := input.for_user if is_string(input.for_user)
+
+refusals contains "act_for names no user to act for (for_user)" if {
+	input.action == "act_for"
+	not for_user
+}
+
+refusals contains sprintf("%s may not act for %v on session %s: not staff of beamline %s", [user, input.for_user, visit_label, session.beamline]) if {
+	input.action == "act_for"
+	session
+	not staff
+}
+
+refusals contains sprintf("%v is not a member of session %s: nobody may act for them there", [input.for_user, visit_label]) if {
+	input.action == "act_for"
+	session
+	for_user
+	not for_user in session.members
+}
+
 what := sprintf("run %v", [input.analysis]) if input.action == "run"
+else := sprintf("act for %v", [input.for_user]) if input.action == "act_for"
 else := sprintf("%s %s", [input.action, input.store])
 
 default decision := {"allow": false, "reason": "the policy could not decide (malformed input)"}

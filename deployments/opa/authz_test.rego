@@ -81,3 +81,31 @@ test_readable_visits if {
 	authz.readable_visits == ["a1", "a2"] with input as {"subject": {"preferred_username": "dave"}}
 	authz.readable_visits == [] with input as {"subject": {"preferred_username": "eve"}}
 }
+
+act_for(subject, user, visit) := d if {
+	d := authz.decision with input as {"subject": subject, "action": "act_for", "visit": visit, "for_user": user}
+}
+
+test_beamline_staff_may_act_for_a_member_of_a_session_on_their_beamline if {
+	d := act_for({"preferred_username": "dave"}, "alice", "a1")
+	d.allow
+	contains(d.reason, "dave may act for alice on session a1")
+}
+
+test_a_member_who_is_not_staff_may_not_act_for_another_member if {
+	d := act_for({"preferred_username": "carol"}, "alice", "a1")
+	not d.allow
+	contains(d.reason, "carol may not act for alice on session a1 (proposal cm12345, beamline i22): not staff of beamline i22")
+}
+
+test_staff_may_not_act_for_a_user_on_a_session_the_user_is_not_on if {
+	d := act_for({"preferred_username": "dave"}, "alice", "a2")
+	not d.allow
+	contains(d.reason, "alice is not a member of session a2")
+}
+
+test_act_for_needs_the_user if {
+	d := authz.decision with input as {"subject": {"preferred_username": "dave"}, "action": "act_for", "visit": "a1"}
+	not d.allow
+	contains(d.reason, "act_for names no user")
+}
