@@ -21,6 +21,7 @@ COMMANDS = {
     "down": ("visitflow.stack.cli", "stop what `visitflow up` started"),
     "status": ("visitflow.stack.cli", "say what runs where"),
     "demo": ("visitflow.stack.demo", "run the seed's story end to end (starts the stack if needed)"),
+    "provision": ("visitflow.production.provision", "create a session list's Tiled containers, Prefect limits and OPA bundle (idempotent)"),
     "grants-sweep": ("visitflow.production.grant_hygiene", "delete (and revoke) delegation grants whose runs ended or expired"),
     "trigger": ("visitflow.trigger.cli", "start an analysis of an existing run by hand, with your own token"),
     "check": ("visitflow.flow.check", "check analyses without servers: post, live (random batches), resume"),

@@ -40,7 +40,9 @@ The tree (``code`` of each class in brackets)::
     │   ├── RunAborted [run_aborted]            the run ended without success
     │   ├── EmptyRun [empty_run]                the run finished with no frames: nothing to analyse
     │   ├── MissingField [missing_field]        a ``reads=`` field is not in the run (KeyError)
-    │   └── LiveIdleTimeout [live_idle_timeout] live saw no new frames nor a stop document (TimeoutError)
+    │   ├── LiveIdleTimeout [live_idle_timeout] live saw no new frames nor a stop document (TimeoutError)
+    │   └── Superseded [superseded]             Tiled refused this live attempt's write: a later attempt
+    │                                           of the same flow run owns the result (the fence, 409)
     ├── ServiceError [service]                  a process visitflow started misbehaved (RuntimeError)
     │   ├── ServiceFailed [service_failed]      a server did not come up or died
     │   └── ZygoteDied [zygote_died]            the warm worker's pre-imported parent died
@@ -67,7 +69,7 @@ __all__ = [
     "EndpointNotAllowed",
     "RemoteError", "Refused", "OAuthRefused", "PrefectRefused",
     "Unavailable", "OAuthUnavailable", "PrefectUnavailable", "AuthorityUnavailable",
-    "RunError", "RunNotFinished", "RunAborted", "EmptyRun", "MissingField", "LiveIdleTimeout",
+    "RunError", "RunNotFinished", "RunAborted", "EmptyRun", "MissingField", "LiveIdleTimeout", "Superseded",
     "ServiceError", "ServiceFailed", "ZygoteDied",
     "OAuthError", "PrefectVersionWarning", "TiledVersionWarning",
 ]
@@ -325,6 +327,15 @@ class LiveIdleTimeout(RunError, TimeoutError):
     """Live processing saw neither new frames nor a stop document for too long."""
 
     code = "live_idle_timeout"
+
+
+class Superseded(RunError):
+    """Tiled fenced this live attempt off: the flow run was rescheduled (its heartbeats stopped,
+    e.g. its host was cut off) and a later attempt claimed the live result.  This attempt must
+    stop without writing and without reporting a state: the flow run is the later attempt's
+    (visitflow/tiled/live_fence.py)."""
+
+    code = "superseded"
 
 
 # -- processes visitflow starts ------------------------------------------------------------

@@ -38,7 +38,7 @@ SECRET_KEYS = {
     "visitflow-postgres": ["password"],
     "visitflow-prefect-db": ["url"],
     "visitflow-tiled-db": ["tabular-url"],
-    "visitflow-token-service": ["blueapi-secret", "visitflow-secret", "tiled-secret", "admin-secret"],
+    "visitflow-token-service": ["blueapi-secret", "visitflow-secret", "tiled-secret", "admin-secret", "database-url"],
     "visitflow-trigger": ["client-secret"],
 }
 
@@ -195,7 +195,7 @@ def test_claims_bind_to_the_local_volumes(kube, applied):
         return claims and all(c["status"].get("phase") == "Bound" for c in claims) and claims
     claims = wait_until(bound, 240, "every PersistentVolumeClaim Bound", interval=2)
     assert {c["spec"]["storageClassName"] for c in claims} == {"visitflow-local"}
-    assert len(claims) >= 4                                  # postgres, tiled, token service, blueapi-b01
+    assert len(claims) >= 3                                  # postgres, tiled, blueapi-b01 (the token service: in PostgreSQL)
 
 
 def can_i(kube: Kube, sa: str, verb: str, resource: str) -> bool:

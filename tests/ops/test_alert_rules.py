@@ -1,6 +1,7 @@
 """deployments/prometheus/rules.yml: checked by ``promtool check rules`` and each alert
 evaluated by ``promtool test rules`` on series scraped from the real services after the
-test drove the alert's condition (the worker's alerts: tests/ops/test_story.py).
+test drove the alert's condition (the worker's alerts: tests/ops/test_story.py; the live lag:
+tests/ops/test_provision.py).
 
 Series are given to promtool as Prometheus would have stored them: each scrape's value
 with the ``job``/``instance`` labels a scrape config adds, one scrape a minute.  Where a

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,6 +24,7 @@ from visitflow.errors import PrefectUnavailable
 from visitflow.production.ha_recovery import PROBE_DEPLOYMENT
 
 from tests.fixtures.scans import start_scan_thread, user_root
+from tests.fixtures.waiting import wait_until
 
 pytestmark = [pytest.mark.ha, pytest.mark.slow]
 
@@ -211,5 +213,81 @@ def test_worker_host_network_cut_30s(ha):
         assert not thread.is_alive(), "the scan did not finish"
         done = _assert_live_once(ha, run, uid, num)
         assert done["run_count"] in (1, 2), done["run_count"]
+    finally:
+        ha.ensure_workers()
+
+
+def _fence_writes(ha) -> dict[tuple[str, str], float]:
+    """Tiled's count of fenced live writes, by (attempt, outcome) (visitflow/tiled/live_fence.py)."""
+    import re
+
+    text = httpx.get(f"{ha.topo.tiled_uri}/metrics", timeout=10).text
+    return {(a, o): float(v) for a, o, v in
+            re.findall(r'^visitflow_tiled_live_fence_total\{attempt="(\d+)",outcome="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def _live_fence(reader, uid: str):
+    try:
+        return dict(reader[f"processed/a1/{uid}/saxs_average/live"].metadata.get("fence") or {})
+    except (KeyError, httpx.HTTPError):
+        return {}
+
+
+def test_worker_host_network_cut_90s_is_fenced(ha):
+    """The live run's worker host cut off for 90 s mid-scan — longer than the automation's
+    75 s — so the run is rescheduled while its first attempt is still alive on the cut-off
+    host.  Attempt 2 claims the live node (its fence) on the other worker and completes from
+    the checkpoint; when the link returns, Tiled refuses attempt 1 (409) or attempt 1 sees
+    from Prefect that it was superseded, and it stops through Prefect's Abort: no state
+    reported (the run stays COMPLETED, never Crashed/Failed), an ERROR line in the run's logs.
+    Exactly one writer after the claim: Tiled's count of attempt 1's allowed writes does not
+    move once attempt 2 has claimed; result == numpy's float64 mean."""
+    num = 30
+    thread, out, run, uid, host = _live_scan(ha, num, 0.4, seed=13)
+    old_pid = int(str(ha.api.flow_run(run["id"])["infrastructure_pid"]).rsplit(":", 1)[-1])
+    reader = user_root(ha.topo.tiled_uri, ha.alice())
+    assert _live_fence(reader, uid).get("attempt") == 1, _live_fence(reader, uid)
+    ha.topo.cut(host)
+    cut_at = time.monotonic()
+    claimed_at, writes_at_claim = None, None
+    try:
+        while time.monotonic() < cut_at + 90:
+            if claimed_at is None and _live_fence(reader, uid).get("attempt") == 2:
+                claimed_at, writes_at_claim = time.monotonic() - cut_at, _fence_writes(ha)
+            time.sleep(1)
+    finally:
+        ha.topo.heal(host)
+    try:
+        deadline = time.monotonic() + 180
+        while claimed_at is None and time.monotonic() < deadline:    # a slow reschedule: claim after heal
+            if _live_fence(reader, uid).get("attempt") == 2:
+                claimed_at, writes_at_claim = time.monotonic() - cut_at, _fence_writes(ha)
+            time.sleep(0.5)
+        assert claimed_at is not None, f"attempt 2 never claimed the live node: {ha.states(run['id'])}"
+        thread.join(120)
+        assert not thread.is_alive(), "the scan did not finish"
+        done = _assert_live_once(ha, run, uid, num)
+        assert done["run_count"] == 2, done["run_count"]
+        # The old attempt comes back and stops (its process on the cut-off host ends).
+        wait_until(lambda: not Path(f"/proc/{old_pid}").exists(), 180,
+                   f"attempt 1 (pid {old_pid}) stopping after the link returned")
+        after = _fence_writes(ha)
+        assert after.get(("1", "allowed"), 0) == writes_at_claim.get(("1", "allowed"), 0), \
+            ("attempt 1 wrote after attempt 2 claimed", writes_at_claim, after)
+        assert after.get(("2", "allowed"), 0) > writes_at_claim.get(("2", "allowed"), 0), after
+        final = ha.api.flow_run(run["id"])
+        assert final["state"]["type"] == "COMPLETED" and final["run_count"] == 2, final["state"]
+        names = [s["name"] for s in ha.states(run["id"])]
+        assert "Rescheduled" in names and "Crashed" not in names and "Failed" not in names, names
+        logs = ha.api.request("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}},
+                                                             "limit": 200})
+        stops = [entry["message"] for entry in logs if "attempt 1) stops" in entry["message"]]
+        assert stops, [entry["message"] for entry in logs][-20:]
+        from tests.ops.test_runbooks import run_runbook
+
+        out = run_runbook("live-fence", {**ha.topo.env, "TILED": ha.topo.tiled_uri, "RUN": run["id"]})
+        assert 'visitflow_tiled_live_fence_total{attempt="2",outcome="allowed"}' in out, out
+        assert "attempt 1) stops" in out, out
+        print(f"claimed {claimed_at:.0f} s after the cut; fenced writes {after}; {stops[0]}")
     finally:
         ha.ensure_workers()

@@ -28,7 +28,8 @@ def test_the_identity_realm_has_no_per_visit_parts_and_keeps_audiences():
     assert identity_problems(realm) == [] and per_visit_parts(realm) == []
     clients = {c["clientId"]: c for c in realm["clients"]}
     assert client_audiences(realm, clients["visitflow-cli"]) >= {"blueapi", "tiled"}
-    assert {u["username"] for u in realm["users"]} == {"service-account-visitflow-admin"}, "no dev users"
+    assert {u["username"] for u in realm["users"]} == {"service-account-visitflow-admin",
+                                                       "service-account-i22-blueapi-tiled"}, "no dev users"
     assert realm["realm"] == "facility"
     roles = {r["name"] for r in realm["roles"]["realm"]}
     assert "visitflow:admin" in roles, "opaque scopes (the admin's) are not per visit"
@@ -94,3 +95,15 @@ def test_the_shipped_facility_realm_is_the_identity_realm_of_the_shipped_one():
     facility = json.loads(FACILITY.read_text())
     assert identity_problems(facility) == [] and per_visit_parts(facility) == []
     assert per_visit_parts(shipped()), "the control: the embedded realm does carry per-visit parts"
+
+
+def test_the_beamline_service_account_writes_for_tiled_and_names_its_beamline():
+    """blueapi's Tiled writer (``tiled.authentication: ServiceAccount``): client credentials only,
+    ``aud: tiled``, a hard-coded ``beamline`` claim, no secret in the shipped file."""
+    realm = json.loads(FACILITY.read_text())
+    sa = next(c for c in realm["clients"] if c["clientId"] == "i22-blueapi-tiled")
+    assert sa["serviceAccountsEnabled"] and not sa["publicClient"] and "secret" not in sa
+    assert not (sa["standardFlowEnabled"] or sa["directAccessGrantsEnabled"] or sa["implicitFlowEnabled"])
+    assert client_audiences(realm, sa) == {"tiled"}
+    (claim,) = [m["config"] for m in sa["protocolMappers"] if m["protocolMapper"] == "oidc-hardcoded-claim-mapper"]
+    assert (claim["claim.name"], claim["claim.value"], claim["access.token.claim"]) == ("beamline", "i22", "true")

@@ -55,7 +55,8 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "deployments/ha/down.sh": (f"{HERE}::test_shell_scripts_parse", f"{HERE}::test_ha_scripts_run_their_module"),
     "deployments/idp.yaml": (f"{HERE}::test_token_service_configs_load",),
     "deployments/token-service.yaml": (f"{HERE}::test_token_service_configs_load",
-                                       "tests/token_service/test_token_service_config.py::test_shipped_config_loads_with_secrets_from_the_environment"),
+                                       "tests/token_service/test_token_service_config.py::test_shipped_config_loads_with_secrets_from_the_environment",
+                                       "tests/ops/test_token_replicas.py::test_a_replica_killed_during_a_burst_of_exchanges_refuses_no_exchange"),
     "deployments/keycloak/realm-facility.json": (
         f"{HERE}::test_the_facility_realm_is_fit_as_shipped",
         "tests/production/test_keycloak_production.py::test_production_keycloak_imports_the_shipped_facility_realm"),
@@ -240,13 +241,20 @@ def test_trigger_settings_load_through_the_hook(tmp_path):
 
 
 def test_token_service_configs_load(monkeypatch):
+    from visitflow.errors import ConfigError
     from visitflow.token_service.config import IdPConfig
     from visitflow.token_service.federation import Federation
 
     for name in ("BLUEAPI", "VISITFLOW", "TILED", "ADMIN"):
         monkeypatch.setenv(f"VISITFLOW_{name}_SECRET", f"s-{name}")
     monkeypatch.setenv("VISITFLOW_OPA_TOKEN", "t")
+    monkeypatch.setenv("VISITFLOW_TOKEN_SERVICE_DATABASE_URL", "postgresql://ts:pw@db/tokens")
     config = IdPConfig.load(REPO / "deployments/token-service.yaml")
+    assert config.state.kind == "postgres" and config.state.database_url == "postgresql://ts:pw@db/tokens"
+    monkeypatch.delenv("VISITFLOW_TOKEN_SERVICE_DATABASE_URL")
+    with pytest.raises(ConfigError, match="VISITFLOW_TOKEN_SERVICE_DATABASE_URL"):
+        IdPConfig.load(REPO / "deployments/token-service.yaml")
+    monkeypatch.setenv("VISITFLOW_TOKEN_SERVICE_DATABASE_URL", "postgresql://ts:pw@db/tokens")
     federation = Federation.from_config(config.federation)
     realm = json.loads((REPO / "deployments/keycloak/realm-facility.json").read_text())["realm"]
     assert federation.trusts(f"http://127.0.0.1:8080/realms/{realm}"), "one realm name: the shipped realm's"

@@ -123,6 +123,17 @@ def test_up_guards_prefect_with_the_stacks_auth_string(user_stack):
                       timeout=30).status_code == 200
 
 
+def test_up_makes_each_visits_live_limit_with_provisions_code(user_stack):
+    """``up`` and ``visitflow provision`` share one owner of the ``visitflow-live-<visit>``
+    limits (visitflow.production.provision): the stack's visits get theirs at 4 slots."""
+    user, password = (user_stack.state / "prefect-auth").read_text().strip().split(":", 1)
+    r = httpx.post(f"{user_stack.url('prefect')}/api/v2/concurrency_limits/filter", json={"limit": 200},
+                   auth=(user, password), timeout=30)
+    assert r.status_code == 200, r.text
+    limits = {item["name"]: item["limit"] for item in r.json() if item["name"].startswith("visitflow-live-")}
+    assert limits == {"visitflow-live-a1": 4, "visitflow-live-a2": 4}
+
+
 def test_status_says_what_runs_where(user_stack):
     proc = run_visitflow("status", *user_stack.flags(ports=False), timeout=120)
     assert proc.returncode == 0, proc.stdout

@@ -24,8 +24,10 @@ def test_shipped_config_loads_with_secrets_from_the_environment(monkeypatch):
     for name in ("BLUEAPI", "VISITFLOW", "TILED", "ADMIN"):
         monkeypatch.setenv(f"VISITFLOW_{name}_SECRET", f"s-{name}")
     monkeypatch.setenv("VISITFLOW_OPA_TOKEN", "t-opa")
+    monkeypatch.setenv("VISITFLOW_TOKEN_SERVICE_DATABASE_URL", "postgresql://ts:pw@db/tokens")
     config = IdPConfig.from_dict(shipped())
     assert config.production and not config.users
+    assert config.state.kind == "postgres" and config.state.poll_seconds < config.state.key_publish_ahead
     assert config.clients["blueapi"].secret == "s-BLUEAPI"
     assert all("password" not in c.grants for c in config.clients.values())
     fed = Federation.from_config(config.federation)
@@ -68,3 +70,27 @@ def test_revocation_log_survives_reload_and_drops_expired(tmp_path):
     lines = (tmp_path / "revocations.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line) for line in lines)
     assert RevocationLog(None).load() == ({}, {})
+
+
+def test_the_shared_state_settings_are_checked(monkeypatch):
+    """state.kind postgres: the URL only from the environment; a key must be known everywhere
+    before it signs; no key may be retired while a token it signed is still valid."""
+    from visitflow.token_service.config import StateConfig
+
+    assert IdPConfig.from_dict({}).state.kind == "file"            # `visitflow up`: one node
+    monkeypatch.delenv("VF_TEST_DB", raising=False)
+    with pytest.raises(ConfigError, match=r"\$VF_TEST_DB is not set"):
+        StateConfig.from_dict({"kind": "postgres", "database_url_env": "VF_TEST_DB"})
+    with pytest.raises(ConfigError, match="database_url_env"):
+        StateConfig.from_dict({"kind": "postgres", "database_url": "postgresql://x"})
+    monkeypatch.setenv("VF_TEST_DB", "postgresql://u:p@h/d")
+    assert StateConfig.from_dict({"kind": "postgres", "database_url_env": "VF_TEST_DB"}).database_url == "postgresql://u:p@h/d"
+    with pytest.raises(ConfigError, match="poll_seconds < key_publish_ahead"):
+        StateConfig.from_dict({"kind": "postgres", "database_url_env": "VF_TEST_DB", "poll_seconds": 5,
+                               "key_publish_ahead": 5})
+    with pytest.raises(ConfigError, match="state.kind must be"):
+        StateConfig.from_dict({"kind": "redis"})
+    state = {"kind": "postgres", "database_url_env": "VF_TEST_DB", "key_overlap": 3600}
+    with pytest.raises(ConfigError, match="key_overlap .* shorter than the longest access-token lifetime .86400"):
+        IdPConfig.from_dict({"audiences": {"visitflow": {"access": 86400}}, "state": state})
+    assert IdPConfig.from_dict({"audiences": {"visitflow": {"access": 3000}}, "state": state}).state.key_overlap == 3600

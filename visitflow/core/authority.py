@@ -56,7 +56,7 @@ class Subject:
 
     @classmethod
     def from_claims(cls, claims: dict) -> "Subject":
-        keep = ("iss", "sub", "preferred_username", "fedid", "azp", "scope", "scp")
+        keep = ("iss", "sub", "preferred_username", "fedid", "azp", "beamline", "scope", "scp")
         return cls({k: claims[k] for k in keep if k in claims})
 
     @property
@@ -86,6 +86,8 @@ class Authority(Protocol):
                    run: Optional[str] = None) -> Decision: ...
 
     def readable_visits(self, subject: Subject) -> set[str]: ...
+
+    def may_act_for(self, actor: Subject, user: str, visit: str) -> Decision: ...
 
     async def amay_access(self, subject: Subject, action: str, store: str, visit: str,
                           run: Optional[str] = None) -> Decision: ...
@@ -136,6 +138,10 @@ class ScopesAuthority:
 
     def readable_visits(self, subject: Subject) -> set[str]:
         return subject.scopes.visits()
+
+    def may_act_for(self, actor: Subject, user: str, visit: str) -> Decision:
+        """Token scopes say nothing about who is staff: only a policy (OPA) can decide."""
+        return Decision(False, "acting for another user needs an authority that knows the facility's staff (OPA)")
 
     async def amay_access(self, subject, action, store, visit, run=None) -> Decision:
         return self.may_access(subject, action, store, visit, run)
@@ -289,6 +295,11 @@ class OPAAuthority:
                    run: Optional[str] = None) -> Decision:
         return self._decide(self._question(subject, action, store, visit, run, None),
                             (subject.cache_key(), action, store, visit, run))
+
+    def may_act_for(self, actor: Subject, user: str, visit: str) -> Decision:
+        """Staff recovery: may ``actor`` start analyses for ``user`` on ``visit``?"""
+        inp = {"subject": actor.policy_input(), "action": "act_for", "visit": visit, "for_user": user}
+        return self._decide(inp, (actor.cache_key(), "act_for", user, visit))
 
     def readable_visits(self, subject: Subject) -> set[str]:
         key = (subject.cache_key(), "visits")

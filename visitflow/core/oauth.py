@@ -121,8 +121,12 @@ def post_token(url: str, form: dict, *, client_id: str, client_secret: str | Non
 def exchange(url: str, subject_token: str, *, client_id: str, client_secret: str, audience: str,
              scope: str, client: httpx.Client | None = None,
              requested_token_type: str = ACCESS_TOKEN_TYPE,
-             transport: httpx.BaseTransport | None = None) -> TokenResponse:
+             transport: httpx.BaseTransport | None = None,
+             requested_subject: str | None = None) -> TokenResponse:
     """RFC 8693: trade ``subject_token`` for a token for ``audience`` with (narrower) ``scope``.
+
+    ``requested_subject`` (Keycloak's parameter name): the token is to be for that user, the
+    subject token's holder acting for them (staff recovery, visitflow/token_service/acting.py).
 
     ``requested_token_type=REFRESH_TOKEN_TYPE`` asks for an access token *and* a refresh token
     (Keycloak issues a refresh token from an exchange only then)."""
@@ -130,6 +134,7 @@ def exchange(url: str, subject_token: str, *, client_id: str, client_secret: str
         "grant_type": TOKEN_EXCHANGE, "subject_token": subject_token,
         "subject_token_type": ACCESS_TOKEN_TYPE, "requested_token_type": requested_token_type,
         "audience": audience, "scope": scope,
+        **({"requested_subject": requested_subject} if requested_subject else {}),
     }, client_id=client_id, client_secret=client_secret, client=client, transport=transport)
 
 

@@ -32,7 +32,7 @@ from prefect.concurrency.sync import concurrency
 from . import engine
 from . import metrics as flow_metrics
 from ..core import endpoints, names as grants
-from ..errors import UsageError
+from ..errors import Superseded, UsageError
 from ..core.options import docstring_args, flow_parameters
 
 from .spec import AnalysisSpec, declare
@@ -206,7 +206,15 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
             "user": (source.run.metadata.get("start") or {}).get("user"),   # blueapi: the caller's fedid
             **access.token_identity(),
         }
-        sink = TiledResultSink(access.processed_run(), spec.name, variant, provenance, flow_run_id=flow_run_id)
+        fence = None
+        if variant == "live" and flow_run_id:   # live writes in place: fenced per attempt (flow/attempt.py)
+            from ..core.fence import Fence
+            from .attempt import current_attempt
+
+            fence = Fence(flow_run_id, current_attempt(flow_run_id))
+            provenance["attempt"] = fence.attempt
+        sink = TiledResultSink(access.processed_run(), spec.name, variant, provenance, flow_run_id=flow_run_id,
+                               fence=fence)
         progress_id = create_progress_artifact(
             0.0, key=f"{spec.flow_name}-{variant}-progress",
             description=f"{spec.name} {variant}: frames processed of frames available")
@@ -233,7 +241,16 @@ def make_flow(spec: AnalysisSpec, **flow_kwargs):
                     outputs = engine.run_live(run_spec, live, sink, live_settings(), progress)
             else:
                 outputs = engine.run_post(run_spec, source, sink, post_settings(), progress)
+        except Superseded as exc:
+            from .attempt import stop_superseded
+
+            stop_superseded(logger, fence, str(exc))
         except Exception as exc:
+            if fence is not None:
+                from .attempt import stop_superseded, superseded
+
+                if superseded(fence):   # e.g. a timeout while cut off: the later attempt's run now
+                    stop_superseded(logger, fence, f"{type(exc).__name__} here: {exc}")
             sink.fail(f"{type(exc).__name__}: {exc}")
             raise
         frames = int(sink.node.metadata.get("frames_processed", 0)) if sink.node is not None else 0

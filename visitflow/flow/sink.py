@@ -27,18 +27,26 @@ that are not ``current`` (never one still running — that is another run's work
 progress); then points again.  The last writer to act sees the final set of children, so
 the pointer ends on the newest complete result and never on a deleted one.  Live writes in place to ``live`` (each array replaced whole) because it is
 by nature a result-in-progress, and says so in ``status``.
+
+Live is fenced (visitflow/tiled/live_fence.py): a live sink given a :class:`~visitflow.core.fence.Fence`
+(this flow run's id and attempt) presents it on every request, claims the ``live`` node for
+its attempt *before* reading the checkpoint, and turns Tiled's 409 "superseded" into
+:class:`~visitflow.errors.Superseded` — the attempt stops; the later one owns the result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
+from ..core.fence import FENCE_HEADER, FENCE_KEY, Fence, recorded_fence
 from ..core.tiled_client import child as _child
 from ..core.tiled_client import ensure_container
+from ..errors import Superseded
 
 __all__ = ['TiledResultSink', 'read_result']
 
@@ -55,6 +63,32 @@ def _rank(key: str, metadata) -> tuple[str, str]:
     return str(metadata.get("completed") or metadata.get("updated") or ""), key
 
 
+def _fence_refusal(exc: BaseException) -> Optional[str]:
+    """Tiled's reason when ``exc`` is its 409 from the live fence (None: another error)."""
+    response = getattr(exc, "response", None)
+    if response is None or getattr(response, "status_code", None) != 409:
+        return None
+    try:
+        detail = response.json().get("detail")
+    except Exception:  # noqa: BLE001 - not JSON: not the fence's answer
+        return None
+    return detail if isinstance(detail, str) and detail.startswith("live fence:") else None
+
+
+@contextlib.contextmanager
+def _fenced():
+    """Tiled's fence refusal, as :class:`Superseded`; other errors unchanged."""
+    try:
+        yield
+    except Superseded:
+        raise
+    except Exception as exc:
+        reason = _fence_refusal(exc)
+        if reason is None:
+            raise
+        raise Superseded(reason) from exc
+
+
 def _jsonable(value: Any):
     if isinstance(value, np.generic):
         return value.item()
@@ -64,7 +98,13 @@ def _jsonable(value: Any):
 class TiledResultSink:
     """Write one variant's outputs for one analysis of one run."""
 
-    def __init__(self, run_container, analysis: str, variant: str, provenance: dict, *, flow_run_id: str = ""):
+    def __init__(self, run_container, analysis: str, variant: str, provenance: dict, *, flow_run_id: str = "",
+                 fence: Optional[Fence] = None):
+        self.fence = fence if variant == "live" else None
+        if self.fence is not None:
+            # On every request of this client (reads too: harmless, and the node objects it
+            # hands out share the context); Tiled checks it on writes.
+            run_container.context.http_client.headers[FENCE_HEADER] = self.fence.header()
         self.analysis_node = ensure_container(run_container, analysis, {"analysis": analysis})
         self.variant = variant
         self.key = "live" if variant == "live" else f"post-{(flow_run_id or 'local')[:8]}"
@@ -78,10 +118,33 @@ class TiledResultSink:
         """Frames already processed by an earlier attempt of this variant (live only)."""
         if self.variant != "live":
             return 0
+        if self.fence is not None:
+            self.claim()   # first: after the claim no older attempt can move the checkpoint
         node = _child(self.analysis_node, self.key)
         if node is None:
             return 0
         return int(node.metadata.get("frames_processed", 0))
+
+    def claim(self) -> None:
+        """Record this attempt as the live node's owner (Tiled refuses it, 409, if a later
+        attempt already did: :class:`Superseded`)."""
+        mine = {FENCE_KEY: self.fence.metadata()}
+        with _fenced():
+            node = _child(self.analysis_node, self.key)
+            if node is None:
+                node = ensure_container(self.analysis_node, self.key, self._new_metadata())
+                if recorded_fence(node.metadata) == self.fence:
+                    return
+            node.refresh()
+            if recorded_fence(node.metadata) != self.fence:
+                node.update_metadata(mine, drop_revision=True)
+        log.info("live %s claimed by %s", self.analysis_node.item["id"], self.fence)
+
+    def _new_metadata(self) -> dict:
+        meta = {**self.provenance, "status": "running", "frames_processed": 0, "started": _now()}
+        if self.fence is not None:
+            meta[FENCE_KEY] = self.fence.metadata()
+        return meta
 
     # ---------------------------------------------------------------- writing
     def _variant_node(self):
@@ -90,9 +153,7 @@ class TiledResultSink:
                 stale = _child(self.analysis_node, self.key)
                 if stale is not None:  # a retried attempt of the same flow run: start clean
                     stale.delete(recursive=True, external_only=False)
-            self.node = ensure_container(self.analysis_node, self.key,
-                                         {**self.provenance, "status": "running", "frames_processed": 0,
-                                          "started": _now()})
+            self.node = ensure_container(self.analysis_node, self.key, self._new_metadata())
             self._arrays = {k: v for k, v in self.node.items()}
         return self.node
 
@@ -108,6 +169,10 @@ class TiledResultSink:
         self._arrays[key] = node.write_array(value, key=key, metadata={"analysis_output": key})
 
     def write(self, outputs: dict, *, frames: int, status: str) -> None:
+        with _fenced():
+            self._write(outputs, frames=frames, status=status)
+
+    def _write(self, outputs: dict, *, frames: int, status: str) -> None:
         arrays = {k: np.asarray(v) for k, v in outputs.items() if np.ndim(v) > 0}
         scalars = {k: _jsonable(v) for k, v in outputs.items() if np.ndim(v) == 0}
         for key, value in arrays.items():

@@ -16,6 +16,8 @@ what ``docs/production.md`` claims:
   Kubernetes pool without editing the file.
 
 - :mod:`visitflow.production.grant_hygiene` deletes (and revokes) grants whose runs ended.
+- :mod:`visitflow.production.provision` makes Tiled, Prefect and OPA's bundle match the
+  facility's session list (``visitflow provision``; ``visitflow up`` makes its limits with it).
 
 Nothing here is imported by the running system (trigger, flows, servers); the HA modules
 are run by operators, tests and benchmarks.  Internal: no stability promise.

@@ -19,7 +19,11 @@ was started.  The window must be longer than a network blip the system should ri
 a heartbeat lost in a 30 s cut is re-sent when the link returns (Prefect's events client
 keeps unconfirmed events), so 75 s tolerates one missed beat plus slack.
 
-This is Prefect's documented "detect zombie flow runs" pattern with a different action.
+This is Prefect's documented "detect zombie flow runs" pattern with a different action.  A cut
+longer than the window leaves the first attempt alive on the cut-off host while the
+rescheduled one runs elsewhere: live writes are therefore fenced by attempt in Tiled
+(visitflow/tiled/live_fence.py), and the old attempt stops without reporting a state
+(visitflow/flow/attempt.py).
 """
 
 from __future__ import annotations

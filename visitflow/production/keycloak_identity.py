@@ -14,6 +14,13 @@ facility one cannot drift apart silently.  The result is shipped as
 suite runs on real Keycloak); ``tests/production/test_keycloak_identity_realm.py`` fails when it is stale.
 Regenerate it with ``python -m visitflow.production.keycloak_identity``.
 
+One part is the facility realm's own (realm.json, the dev IdP's mirror, has none): a
+confidential client per beamline whose service account blueapi writes raw data to Tiled with
+(``tiled.authentication: ServiceAccount``, the mode Diamond runs): :func:`beamline_service_account`,
+``i22-blueapi-tiled`` for the example beamline.  Its tokens carry ``aud: tiled`` and a
+``beamline`` claim (a hard-coded claim of that client, so no user token can carry it); OPA
+matches the claim against ``facility.beamlines[bl].service_accounts`` (deployments/opa/authz.rego).
+
 The facility realm is what a facility imports, so it is also *not* the dev realm: realm.json's
 demo users (password = username), its ``*-dev-secret`` client secrets, the password grant and
 its long (86400 s) token lifespans stay behind (docs/production.md §9, "the facility realm").
@@ -34,7 +41,8 @@ from ..errors import ScopeError
 from .keycloak import client_audiences
 
 __all__ = [
-    'LOGIN_CLIENT', 'LOGIN_AUDIENCES', 'FACILITY_REALM', 'MAX_ACCESS_LIFESPAN', 'per_visit_parts',
+    'LOGIN_CLIENT', 'LOGIN_AUDIENCES', 'FACILITY_REALM', 'MAX_ACCESS_LIFESPAN', 'BEAMLINES',
+    'beamline_client_id', 'beamline_service_account', 'beamline_service_account_user', 'per_visit_parts',
     'dev_parts', 'identity_realm', 'identity_problems', 'render',
     'main',
 ]
@@ -46,6 +54,48 @@ LOGIN_AUDIENCES = ("blueapi", "tiled")
 FACILITY_REALM = "facility"
 #: Longest access-token lifespan a facility realm may set (a login token is refreshed, not long-lived).
 MAX_ACCESS_LIFESPAN = 3600
+#: Beamlines whose blueapi writes to Tiled as a service account, in the shipped facility realm
+#: (the example beamline of deployments/opa/data.json; a facility lists its own).
+BEAMLINES = ("i22",)
+
+
+def beamline_client_id(beamline: str) -> str:
+    return f"{beamline}-blueapi-tiled"
+
+
+def beamline_service_account_user(beamline: str) -> dict:
+    """The service-account user of :func:`beamline_service_account` (no roles: OPA decides)."""
+    cid = beamline_client_id(beamline)
+    return {"username": f"service-account-{cid}", "enabled": True, "serviceAccountClientId": cid,
+            "realmRoles": []}
+
+
+def beamline_service_account(beamline: str) -> dict:
+    """The Keycloak client of ``beamline``'s blueapi Tiled writer: client credentials only,
+    tokens for Tiled (``aud: tiled``, ``beamline: <bl>``), no secret in the file (Keycloak makes
+    one on import; the operator puts it in blueapi's ``tiled.authentication.client_secret``)."""
+    cid = beamline_client_id(beamline)
+    return {
+        "clientId": cid, "name": cid, "enabled": True, "protocol": "openid-connect",
+        "description": (f"blueapi of beamline {beamline} writes raw data to Tiled as this service account "
+                        "(tiled.authentication: ServiceAccount); OPA lets it write its beamline's raw runs only."),
+        "publicClient": False, "clientAuthenticatorType": "client-secret", "serviceAccountsEnabled": True,
+        "standardFlowEnabled": False, "implicitFlowEnabled": False, "directAccessGrantsEnabled": False,
+        "fullScopeAllowed": False, "frontchannelLogout": False, "consentRequired": False,
+        "attributes": {"access.token.header.type.rfc9068": "true", "use.refresh.tokens": "false"},
+        "defaultClientScopes": ["basic", "profile"], "optionalClientScopes": [],
+        "protocolMappers": [
+            {"name": "audience tiled", "protocol": "openid-connect", "protocolMapper": "oidc-audience-mapper",
+             "consentRequired": False,
+             "config": {"included.client.audience": "tiled", "access.token.claim": "true",
+                        "introspection.token.claim": "true", "id.token.claim": "false"}},
+            {"name": "beamline", "protocol": "openid-connect", "protocolMapper": "oidc-hardcoded-claim-mapper",
+             "consentRequired": False,
+             "config": {"claim.name": "beamline", "claim.value": beamline, "jsonType.label": "String",
+                        "access.token.claim": "true", "introspection.token.claim": "true",
+                        "id.token.claim": "false", "userinfo.token.claim": "false"}},
+        ],
+    }
 
 
 def _per_visit(name: str) -> bool:
@@ -121,6 +171,11 @@ def identity_realm(realm: dict) -> dict:
     for user in out.get("users") or []:
         if "realmRoles" in user:
             user["realmRoles"] = [r for r in user["realmRoles"] if not _per_visit(r)]
+    known = {c.get("clientId") for c in out.get("clients") or []}
+    for bl in BEAMLINES:
+        if beamline_client_id(bl) not in known:
+            out.setdefault("clients", []).append(beamline_service_account(bl))
+            out.setdefault("users", []).append(beamline_service_account_user(bl))
     out["displayName"] = "visitflow facility realm: identity and audiences only (authority: OPA)"
     return out
 

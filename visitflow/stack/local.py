@@ -180,10 +180,12 @@ class LocalStack:
 
     def _visit_limits(self) -> None:
         from ..core.prefect_api import PrefectAPI
+        from ..production.provision import Report, provision_limits
 
+        # The limits' one owner is `visitflow provision`; the local stack keeps other visits' limits.
         with PrefectAPI(self.config.prefect_api, self.prefect_auth) as api:
-            for visit in self.config.visits:
-                api.ensure_concurrency_limit(f"visitflow-live-{visit}", self.config.live_per_visit)
+            provision_limits(api, {v: self.config.live_per_visit for v in self.config.visits}, Report(),
+                             say=lambda line: None, prune=False)
 
     def down(self) -> list[str]:
         stopped = []

@@ -32,6 +32,9 @@ Rules (non-admin; ``visitflow:admin`` may do everything):
   analysis's node and below; on the run container it may only create that node;
 * a raw run is append-only (:mod:`.raw_runs`): only the principal that created it writes to
   it, only until its stop document; others with raw write scopes read (a 403 says why);
+* a processed analysis's ``live`` node is fenced (:mod:`.live_fence`): once an attempt of a
+  live flow run has claimed it, only that attempt writes it and below (409 with the reason
+  for an older attempt, another flow run or a write without the fence);
 * ``register`` (pointing a node at detector files) inside a run the principal may write,
   only in stores with a configured data directory (``file_roots``), and only when every
   file lies in *that visit's* directory (:mod:`.file_roots`); a registration that fails
@@ -58,10 +61,11 @@ from tiled.access_control.protocols import AccessPolicy, normalize_access_tags
 from tiled.access_control.scopes import ALL_SCOPES
 from tiled.queries import AccessTagsFilter
 
+from ..core.fence import LIVE_KEY, parse_fence
 from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout, Location
 from ..core.scopes import OpaqueScope, ScopeSet, valid_name
 from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
-from . import facility_users, node_tags, raw_runs
+from . import facility_users, live_fence, node_tags, raw_runs
 from .file_roots import FileRoots
 from .request_context import CREATE_ROUTES, REQUEST, RequestInfo
 from .tiled_compat import CatalogNodeAdapter, Node
@@ -140,6 +144,7 @@ class VisitflowAccessPolicy(AccessPolicy):
         self.admin_scope = admin_scope
         self.tag_rows = node_tags.TagRows()
         self.frozen_runs = raw_runs.FrozenRuns()
+        self.live_nodes = live_fence.LiveNodes()
         self._path_cache: OrderedDict = OrderedDict()
         self._path_cache_size = path_cache_size
 
@@ -157,7 +162,8 @@ class VisitflowAccessPolicy(AccessPolicy):
         if self.authority is None:
             return ScopeSet()
         locations = [loc for loc in place.locations if loc.visit is None or self._names_ok(loc)]
-        return await facility_users.scopes_for(self.authority, principal, locations, listing=listing)
+        return await facility_users.scopes_for(self.authority, principal, locations, listing=listing,
+                                               authn_scopes=authn_scopes)
 
     def place_of(self, path: tuple[str, ...], tags) -> Optional[Place]:
         """The node's place: its tags if it carries ours, else the layout's reading of its
@@ -390,7 +396,39 @@ class VisitflowAccessPolicy(AccessPolicy):
         result = self.scopes_in(place, scopes, request)
         if result & _CHANGES and any(loc.store == "raw" and loc.inside_run for loc in place.locations):
             result = await self._append_only(node, principal, place, result, request)
+        if result & _CHANGES and request is not None and request.writes and request.target == place.path \
+                and any(loc.store == "processed" and loc.inside_run for loc in place.locations):
+            await self._fence_check(node, place.path, request)
         return result
+
+    def _analysis_path(self, path: tuple[str, ...]) -> Optional[tuple[str, ...]]:
+        """The path of the processed analysis node ``path`` lies in (None: above one)."""
+        for i in range(1, len(path) + 1):
+            if self._analysis_at(path[:i], "processed") is not None:
+                return path[:i]
+        return None
+
+    async def _fence_check(self, node, path: tuple[str, ...], request: RequestInfo) -> None:
+        """:mod:`.live_fence`: a write into a live node (or a fenced writer's write to its
+        analysis node) by an attempt that does not own it is a 409 with the reason."""
+        analysis_path = self._analysis_path(path)
+        if analysis_path is None:
+            return
+        live_path = analysis_path + (LIVE_KEY,)
+        inside_live = path[:len(live_path)] == live_path
+        presented = parse_fence(request.fence)
+        malformed = request.fence is not None and presented is None
+        if not inside_live and request.fence is None:
+            return   # the analysis node, written by a post run (no fence): not live's business
+        recorded = await self.live_nodes.fence_at(live_path, node if path == live_path else None)
+        reason = live_fence.refusal(recorded, presented, "/".join(live_path), inside_live=inside_live,
+                                    malformed=malformed)
+        if presented is not None:
+            live_fence.DECISIONS.labels(live_fence.attempt_label(presented.attempt),
+                                         "refused" if reason else "allowed").inc()
+        if reason is not None:
+            logger.warning("%s %s refused: %s", request.method, "/".join(path), reason)
+            raise HTTPException(status_code=409, detail=reason)
 
     def _run_path(self, path: tuple[str, ...]) -> Optional[tuple[str, ...]]:
         """The path of the raw run container ``path`` lies in (None: not known)."""

@@ -15,10 +15,17 @@ Two kinds of bearer token reach a production Tiled:
 
 The answer is turned into visit-wide data scopes (``read:raw:a1``...), so the one set of
 node rules in :mod:`.access_policy` applies to both kinds of token.
+
+A beamline's blueapi service account (Keycloak client credentials) is a facility "user" whose
+token carries a ``beamline`` claim; the authority matches it (deployments/opa/authz.rego).
+Tiled keeps only a principal's identity name, so the claim rides in the principal's scopes as
+:data:`BEAMLINE_SCOPE_PREFIX` ``<beamline>`` (put there only by :func:`claims_for_tiled`, from a
+verified facility token) and :func:`subject_of` hands it back to the authority.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Optional
 
 from fastapi import HTTPException
@@ -29,7 +36,7 @@ from ..core.scopes import DataScope, ScopeSet
 from ..core.layout import Location
 from ..core.tokens import Claims
 
-__all__ = [ 'USER_SCOPE', 'USER_TILED_SCOPES', 'user_name', 'claims_for_tiled',
+__all__ = [ 'USER_SCOPE', 'USER_TILED_SCOPES', 'BEAMLINE_SCOPE_PREFIX', 'user_name', 'claims_for_tiled',
     'is_facility_user', 'subject_of', 'scopes_for',
 ]
 
@@ -37,6 +44,9 @@ __all__ = [ 'USER_SCOPE', 'USER_TILED_SCOPES', 'user_name', 'claims_for_tiled',
 #: taken from a token: the authenticator passes on only data scopes and the admin scope).
 USER_SCOPE = "visitflow:facility-user"
 #: Tiled's coarse scopes for facility users: they open the door; the policy decides per node.
+#: Carries a verified facility token's ``beamline`` claim to the authority (see the module docstring).
+BEAMLINE_SCOPE_PREFIX = "visitflow:beamline:"
+_BEAMLINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 USER_TILED_SCOPES = frozenset({"read:metadata", "read:data", "write:metadata", "write:data", "create:node"})
 
 
@@ -48,7 +58,11 @@ def user_name(claims: dict) -> str:
 def claims_for_tiled(claims: Claims, subject_uuid: str) -> dict[str, Any]:
     """The decoded-token dict Tiled consumes for a facility user (cf. the authenticator's)."""
     raw = claims.raw
-    out = {"sub": subject_uuid, "user": user_name(raw), "scope": " ".join(sorted(USER_TILED_SCOPES | {USER_SCOPE})),
+    scopes = set(USER_TILED_SCOPES | {USER_SCOPE})
+    beamline = raw.get("beamline")
+    if isinstance(beamline, str) and _BEAMLINE.fullmatch(beamline):
+        scopes.add(BEAMLINE_SCOPE_PREFIX + beamline)
+    out = {"sub": subject_uuid, "user": user_name(raw), "scope": " ".join(sorted(scopes)),
            "iss": raw.get("iss"), "exp": raw.get("exp"), "iat": raw.get("iat")}
     for k in ("azp", "jti"):
         if k in raw:
@@ -60,22 +74,29 @@ def is_facility_user(authn_scopes: Optional[Iterable[str]]) -> bool:
     return USER_SCOPE in set(authn_scopes or ())
 
 
-def subject_of(principal) -> Subject:
+def subject_of(principal, authn_scopes: Optional[Iterable[str]] = None) -> Subject:
     identities = getattr(principal, "identities", None) or []
-    return Subject({"preferred_username": identities[0].id}) if identities else Subject({})
+    if not identities:
+        return Subject({})
+    claims = {"preferred_username": identities[0].id}
+    beamlines = sorted(s[len(BEAMLINE_SCOPE_PREFIX):] for s in authn_scopes or () if s.startswith(BEAMLINE_SCOPE_PREFIX))
+    if len(beamlines) == 1:
+        claims["beamline"] = beamlines[0]
+    return Subject(claims)
 
 
 def _unavailable(exc: AuthorityUnavailable) -> HTTPException:
     return HTTPException(status_code=503, detail=f"cannot ask the authority: {exc}", headers={"Retry-After": "5"})
 
 
-async def scopes_for(authority: Authority, principal, locations: list[Location], *, listing: bool) -> ScopeSet:
+async def scopes_for(authority: Authority, principal, locations: list[Location], *, listing: bool,
+                     authn_scopes: Optional[Iterable[str]] = None) -> ScopeSet:
     """The facility user's rights at these node locations, as visit-wide data scopes.
 
     Visit-level questions only: session members may see every run of their session.  With
     ``listing`` above the visit level, the visits the user may read (to filter a listing).
     """
-    subject = subject_of(principal)
+    subject = subject_of(principal, authn_scopes)
     out: set = set()
     try:
         for loc in locations:

@@ -8,6 +8,10 @@ around the Tiled app by ``visitflow tiled serve``, reads the ``id`` of ``POST
 /api/v1/{metadata,register}/<path>`` bodies (small JSON documents; the body is replayed to
 Tiled unchanged) and publishes it in a context variable for the policy.
 
+It also passes the writer's fence token (the ``X-Visitflow-Fence`` header, :mod:`.live_fence`)
+to the policy, and runs each write request carrying one under that flow run's lock, so the
+policy's fence check and the write it allows are one step.
+
 It also lists the ``assets[].data_uri`` of file registrations (``POST /register``, ``PUT
 /data_source``), so the policy can confine them to the visit's data directory (see
 :mod:`.file_roots`).  The middleware only extracts facts; every decision is the policy's.
@@ -20,9 +24,11 @@ from __future__ import annotations
 
 import json
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .file_roots import asset_uris
+from ..core.fence import FENCE_HEADER, parse_fence
+from .live_fence import FenceLocks
 
 __all__ = [
     'CREATE_ROUTES', 'REGISTER_ROUTES', 'API_MARKER', 'RequestInfo', 'REQUEST', 'parse_target',
@@ -49,6 +55,8 @@ class RequestInfo:
     new_key: str | None = None  # the "id" of a node being created, if given and readable
     #: for a file registration, the data URIs of its assets; None if the body was unreadable
     asset_uris: tuple[str, ...] | None = None
+    #: the writer's fence token (``X-Visitflow-Fence``), as sent; None when absent
+    fence: str | None = None
 
     def creates_child_of(self, path: tuple[str, ...] | list[str]) -> bool:
         return self.method == "POST" and self.route in CREATE_ROUTES and self.path == tuple(path)
@@ -111,11 +119,16 @@ class RequestContextMiddleware:
     def __init__(self, app, max_body: int = 16 * 1024 * 1024):
         self.app = app
         self.max_body = max_body
+        self.fence_locks = FenceLocks()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         info = parse_target(scope["method"], scope.get("path", ""))
+        fence_value = next((v.decode("latin-1") for k, v in scope.get("headers", [])
+                            if k.decode("latin-1").lower() == FENCE_HEADER), None)
+        if info is not None and fence_value is not None:
+            info = replace(info, fence=fence_value)
         if info is not None and ((info.method == "POST" and info.route in CREATE_ROUTES) or info.registers_files):
             chunks, size, more = [], 0, True
             messages = []
@@ -135,7 +148,7 @@ class RequestContextMiddleware:
                 doc = parse_body(b"".join(chunks), headers.get("content-type", ""))
                 key = doc.get("id") if isinstance(doc, dict) and isinstance(doc.get("id"), str) else None
                 uris = tuple(asset_uris(doc)) if info.registers_files and doc is not None else None
-                info = RequestInfo(info.method, info.route, info.path, key, uris)
+                info = RequestInfo(info.method, info.route, info.path, key, uris, info.fence)
             pending = list(messages)
 
             async def replay():
@@ -148,6 +161,10 @@ class RequestContextMiddleware:
             downstream_receive = receive
         token = REQUEST.set(info)
         try:
-            await self.app(scope, downstream_receive, send)
+            fence = parse_fence(info.fence) if info is not None and info.writes else None
+            if fence is not None:
+                await self.fence_locks.run(fence.flow_run_id, lambda: self.app(scope, downstream_receive, send))
+            else:
+                await self.app(scope, downstream_receive, send)
         finally:
             REQUEST.reset(token)

@@ -37,7 +37,7 @@ def build_app(config: dict[str, Any]):
     parsed = Config.model_validate(config)
     app = build_app_from_config(parsed)
     policy = getattr(app.state, "access_policy", None)
-    for part in ("tag_rows", "frozen_runs"):   # the policy reads/writes through the catalog
+    for part in ("tag_rows", "frozen_runs", "live_nodes"):   # the policy reads/writes through the catalog
         holder = getattr(policy, part, None)
         if holder is not None:
             holder.catalog = getattr(app.state, "root_tree", None)

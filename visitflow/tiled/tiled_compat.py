@@ -96,6 +96,8 @@ __all__ = [
     'SQLAdapter',
     # node tags, access policy
     'AccessTag', 'Node', 'CatalogNodeAdapter',
+    # live_fence
+    'NoEntry',
     # opa_input
     'ExternalPolicyDecisionPoint',
 ]
@@ -218,6 +220,8 @@ INTERNAL_NAMES: tuple[InternalName, ...] = (
     InternalName(_ADAPTER, "CatalogNodeAdapter.lookup_adapter", "finds a raw run container by path (raw_runs: "
                  "is the run closed?)"),
     InternalName(_ADAPTER, "CatalogNodeAdapter.metadata", "is where a run's stop document shows it is closed"),
+    InternalName("tiled.server.core", "NoEntry", "is what lookup_adapter raises for a missing node (live_fence: "
+                 "a live node not created yet is unclaimed)"),
     InternalName(_ORM, "Node", "is the ORM class of Tiled's nodes table"),
     InternalName(_ORM, "Node.parent", "is the column DirectChildren filters on"),
     InternalName(_ORM, "Node.key", "is the column DirectChildren filters on"),
@@ -327,5 +331,7 @@ SQLAdapter = _NAMES["tiled.adapters.sql.SQLAdapter"]
 AccessTag = _NAMES[f"{_ORM}.AccessTag"]
 Node = _NAMES[f"{_ORM}.Node"]
 CatalogNodeAdapter = _NAMES[f"{_ADAPTER}.CatalogNodeAdapter"]
+# live_fence.py
+NoEntry = _NAMES["tiled.server.core.NoEntry"]
 # opa_input.py
 ExternalPolicyDecisionPoint = _NAMES["tiled.access_control.access_policies.ExternalPolicyDecisionPoint"]

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None,
                    help="persistent state: signing keys (unless --keys-dir) and revocations; required in production")
     p.add_argument("--rotate-keys", action="store_true",
-                   help="add a new signing key to --keys-dir and exit; a running IdP picks it up")
+                   help="add a new signing key to --keys-dir (or, state.kind postgres, to the shared database: "
+                        "published now, signing after state.key_publish_ahead) and exit; running replicas pick it up")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("VISITFLOW_LOG_FORMAT", "text"),
                    help="json: one object per line with request ids (docs/operations.md)")
@@ -37,30 +38,61 @@ def run(args: argparse.Namespace) -> int:
     if args.state_dir and not args.keys_dir:
         args.keys_dir = str(Path(args.state_dir) / "keys")
 
-    if args.rotate_keys:
-        if not args.keys_dir:
-            raise SystemExit("--rotate-keys needs --keys-dir")
+    if args.rotate_keys and args.keys_dir:   # file mode: no config (nor its secrets) needed
         key = KeyStore(args.keys_dir).rotate()
         print(f"new signing key {key.kid} in {args.keys_dir}")
         return 0
 
-    import uvicorn
-
-    from ..core.asgi_limits import HeaderLimit
     from .config import IdPConfig
-    from .server import create_app
 
-    from ..core.jsonlog import configure_logging
-
-    configure_logging(args.log_format, args.log_level)
     config = IdPConfig.load(args.config)
+    if config.state.kind == "postgres":
+        return _run_shared(args, config)
+    if args.rotate_keys:
+        raise SystemExit("--rotate-keys needs --keys-dir (or a config with state.kind postgres)")
+
     if config.production and not args.state_dir:
         raise SystemExit("production mode needs --state-dir: signing keys and revocations must survive restarts")
     issuer = args.issuer or config.issuer or f"http://{args.host}:{args.port}"
     revocations = RevocationLog(Path(args.state_dir) / "revocations.jsonl" if args.state_dir else None)
-    app = create_app(config, KeyStore(args.keys_dir), issuer, revocations)
+    return _serve(args, config, KeyStore(args.keys_dir), revocations, issuer)
+
+
+def _run_shared(args: argparse.Namespace, config) -> int:
+    """``state.kind: postgres``: one of several replicas on the shared database (docs/operations.md)."""
+    from .pg_keys import SharedKeyStore
+    from .pg_state import PostgresState
+
+    if args.state_dir or args.keys_dir:
+        raise SystemExit("state.kind postgres keeps keys and revocations in the database: drop --state-dir/--keys-dir")
+    st = config.state
+    db = PostgresState(st.database_url, poll_seconds=st.poll_seconds)
+    keys = SharedKeyStore(db, poll_seconds=st.poll_seconds, publish_ahead=st.key_publish_ahead,
+                          overlap=st.key_overlap)
+    if args.rotate_keys:
+        key = keys.rotate()
+        purged = db.purge()
+        print(f"new signing key {key.kid}: in every replica's JWKS now, signing in {st.key_publish_ahead:g} s; "
+              f"keys older than the {st.key_overlap:g} s overlap removed; {purged} expired revocations and "
+              f"refresh tokens deleted", flush=True)
+        db.close()
+        return 0
+    issuer = args.issuer or config.issuer or f"http://{args.host}:{args.port}"
+    return _serve(args, config, keys, db, issuer)
+
+
+def _serve(args: argparse.Namespace, config, keys, revocations, issuer: str) -> int:
+    import uvicorn
+
+    from ..core.asgi_limits import HeaderLimit
+    from ..core.jsonlog import configure_logging
+    from .server import create_app
+
+    configure_logging(args.log_format, args.log_level)
+    app = create_app(config, keys, issuer, revocations)
     mode = "token service (production: federated, no users)" if config.production else "dev IdP"
-    print(f"visitflow idp: {mode}, issuer {issuer}", flush=True)
+    state = "shared state in PostgreSQL" if config.state.kind == "postgres" else "state on local disk"
+    print(f"visitflow idp: {mode}, issuer {issuer}, {state}", flush=True)
     # header cap: a middleware, not uvicorn's h11 option (httptools ignores it): visitflow/core/asgi_limits.py
     uvicorn.run(HeaderLimit(app, config.limits.max_header_bytes), host=args.host, port=args.port,
                 log_level=args.log_level, access_log=args.access_log,

@@ -17,7 +17,7 @@ from ..errors import ConfigError, ScopeError
 from ..core.scopes import ScopeSet
 
 __all__ = [ 'TOKEN_EXCHANGE', 'KNOWN_GRANTS', 'Lifetimes', 'Client', 'User',
-    'RESERVED_CLAIMS', 'Limits', 'IdPConfig',
+    'RESERVED_CLAIMS', 'Limits', 'StateConfig', 'IdPConfig',
 ]
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -56,6 +56,9 @@ class Client:
     exchange_refresh: bool = False   # exchanged tokens come with a refresh token
     introspect: bool = False
     scopes: tuple = ()               # client_credentials scopes (service accounts)
+    #: staff recovery (:mod:`.acting`): exchanges a staff member's own facility token for a
+    #: grant that acts for the user named by ``requested_subject``; the authority decides
+    act_for: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,58 @@ class Limits:
         return out
 
 
+@dataclass(frozen=True)
+class StateConfig:
+    """Where the token service keeps what must outlive a process and be shared by replicas:
+    revocations, refresh-token families, signing keys (docs/operations.md "Token service on
+    several replicas").
+
+    ``kind: file`` (the default; ``visitflow up``): one node, ``--state-dir`` on local disk.
+    ``kind: postgres``: every replica reads and writes one PostgreSQL database
+    (:mod:`.pg_state`).  The database URL holds a password, so it is never written in the
+    config: ``database_url_env`` names the environment variable it is read from, here and
+    nowhere else (in Kubernetes, from the Secret ``visitflow-token-service``).
+
+    ``poll_seconds`` bounds how stale a replica's view of revocations and keys may be: a
+    revocation made at one replica is honoured at every other within it (plus one query).
+    ``key_publish_ahead`` is how long a new key is in the JWKS before any replica signs with
+    it (> ``poll_seconds``: every replica knows the key before it sees a token signed by it);
+    ``key_overlap`` how long a key stays in the JWKS after it stopped signing (at least the
+    longest access-token lifetime, so no token outlives its key)."""
+
+    kind: str = "file"
+    database_url: str | None = None
+    poll_seconds: float = 1.0
+    key_publish_ahead: float = 5.0
+    key_overlap: float = 90000.0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "StateConfig":
+        d = dict(d or {})
+        kind = d.pop("kind", "file")
+        if kind not in ("file", "postgres"):
+            raise ConfigError(f"state.kind must be file or postgres, got {kind!r}")
+        if "database_url" in d:
+            raise ConfigError("state: the database URL holds a password: name the variable it is in "
+                              "(database_url_env), never the URL itself")
+        url_env = d.pop("database_url_env", None)
+        nums = {k: float(d.pop(k)) for k in ("poll_seconds", "key_publish_ahead", "key_overlap") if k in d}
+        if d:
+            raise ConfigError(f"state: unknown keys {sorted(d)}")
+        url = None
+        if kind == "postgres":
+            if not url_env:
+                raise ConfigError("state.kind postgres needs database_url_env (the variable holding the URL)")
+            url = os.environ.get(url_env)
+            if not url:
+                raise ConfigError(f"state: ${url_env} is not set (the token service's database URL)")
+        out = cls(kind=kind, database_url=url, **nums)
+        if out.poll_seconds <= 0 or out.key_publish_ahead <= out.poll_seconds:
+            raise ConfigError("state: need 0 < poll_seconds < key_publish_ahead (a replica must know a key "
+                              "before any replica signs with it)")
+        return out
+
+
 @dataclass
 class IdPConfig:
     issuer: str | None = None
@@ -110,6 +165,7 @@ class IdPConfig:
     production: bool = False
     federation: dict | None = None
     limits: Limits = field(default_factory=Limits)
+    state: StateConfig = field(default_factory=StateConfig)
 
     def lifetimes_for(self, audience: str | list | None) -> Lifetimes:
         """Lifetimes of a token for ``audience``: the single audience's override, else defaults."""
@@ -125,7 +181,7 @@ class IdPConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IdPConfig":
         unknown = set(d) - {"issuer", "lifetimes", "audiences", "clients", "users", "fixed_scopes",
-                            "production", "federation", "limits"}
+                            "production", "federation", "limits", "state"}
         if unknown:
             raise ConfigError(f"unknown top-level keys {sorted(unknown)}")
         base = Lifetimes.from_dict(d.get("lifetimes"))
@@ -153,11 +209,14 @@ class IdPConfig:
                 exchange_refresh=bool(c.pop("exchange_refresh", False)),
                 introspect=bool(c.pop("introspect", False)),
                 scopes=tuple(c.pop("scopes", [])),
+                act_for=bool(c.pop("act_for", False)),
             )
             if c:
                 raise ConfigError(f"client {cid}: unknown keys {sorted(c)}")
             if not client.public and not client.secret:
                 raise ConfigError(f"client {cid}: confidential clients need a secret")
+            if client.act_for and (TOKEN_EXCHANGE not in client.grants or client.grants - {TOKEN_EXCHANGE}):
+                raise ConfigError(f"client {cid}: an act_for client has the token-exchange grant only")
             for aud in client.audiences + client.exchange_audiences:
                 if aud not in audiences:
                     raise ConfigError(f"client {cid}: audience {aud!r} is not declared under audiences")
@@ -185,4 +244,14 @@ class IdPConfig:
                 raise ConfigError("production mode needs federation (the facility IdP it trusts, the authority)")
         return cls(issuer=d.get("issuer"), lifetimes=base, audiences=audiences, clients=clients, users=users,
                    fixed_scopes=bool(d.get("fixed_scopes", False)), production=production,
-                   federation=d.get("federation"), limits=Limits.from_dict(d.get("limits")))
+                   federation=d.get("federation"), limits=Limits.from_dict(d.get("limits")),
+                   state=_checked_state(StateConfig.from_dict(d.get("state")), base, audiences))
+
+
+def _checked_state(state: StateConfig, base: Lifetimes, audiences: dict) -> StateConfig:
+    """A key retired while a token it signed is still valid would fail that token."""
+    longest = max([base.access, *(a.access for a in audiences.values())])
+    if state.kind == "postgres" and state.key_overlap < longest:
+        raise ConfigError(f"state.key_overlap ({state.key_overlap:.0f} s) is shorter than the longest "
+                          f"access-token lifetime ({longest} s)")
+    return state

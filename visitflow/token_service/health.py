@@ -4,9 +4,9 @@
   without them no facility token can be verified, so no T_grant can be minted.
 * ``authority`` — OPA's own ``/health`` (production, ``authority.kind: opa``): without it
   every exchange is a 503 ``temporarily_unavailable``.
-* ``state`` — the state directory (signing keys, revocation log) is there and writable
-  (the token service's database today): a revocation that cannot be recorded must not be
-  accepted as done.
+* ``state`` — the state directory (signing keys, revocation log) is there and writable,
+  or (``state.kind: postgres``, :mod:`.pg_state`) the shared database answers a query: a
+  revocation that cannot be recorded must not be accepted as done.
 * ``signing-key`` — a current signing key is loaded.
 
 The dev IdP (no federation) has only the last two.
@@ -35,6 +35,15 @@ def _state_check(directory) -> Check:
     return Check("state", probe)
 
 
+def _database_check(db) -> Check:
+    async def probe() -> str:
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(db.probe)
+
+    return Check("state", probe)
+
+
 def _key_check(keys) -> Check:
     async def probe() -> str:
         return f"signing key {keys.current.kid}"
@@ -51,6 +60,9 @@ def readiness_checks(idp, *, timeout: float = 3.0) -> list[Check]:
         url = getattr(federation.authority, "url", None)
         if url:
             checks.append(http_check("authority", f"{url}/health", timeout=timeout))
+    if hasattr(idp.revocations, "probe"):
+        checks += [_database_check(idp.revocations), _key_check(idp.keys)]
+        return checks
     path = idp.revocations.path
     checks += [_state_check(path.parent if path is not None else None), _key_check(idp.keys)]
     return checks

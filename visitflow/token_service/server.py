@@ -49,7 +49,7 @@ from ..core.scopes import ScopeSet
 from ..core.tokens import ALGORITHMS, decode_verified
 from ..core.jsonlog import log_context
 from ..core.readiness import run_checks
-from . import keycloak_rules, metrics
+from . import acting, keycloak_rules, metrics
 from .config import TOKEN_EXCHANGE, Client, IdPConfig
 from .federation import Federation, identity_extra
 from .health import readiness_checks
@@ -57,7 +57,7 @@ from .keys import KeyStore
 from .revocations import RevocationLog
 
 __all__ = [ 'ACCESS_TOKEN_TYPE', 'REFRESH_TOKEN_TYPE', 'JWT_TOKEN_TYPE', 'error_response',
-    'invalid_scope', 'Session', 'RefreshRecord', 'State', 'IdP', 'authenticate_client',
+    'invalid_scope', 'Session', 'RefreshRecord', 'State', 'MemoryRefreshes', 'IdP', 'authenticate_client',
     'create_app',
 ]
 
@@ -119,6 +119,31 @@ class State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+class MemoryRefreshes:
+    """Refresh tokens in this process (file mode, one node).  Several replicas use
+    :class:`.pg_state.PostgresRefreshes` instead: the same three calls."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    def put(self, token: str, rec: RefreshRecord) -> None:
+        with self.state.lock:
+            self.state.refresh[token] = rec
+
+    def peek(self, token: str) -> RefreshRecord | None:
+        with self.state.lock:
+            return self.state.refresh.get(token)
+
+    def redeem(self, token: str) -> tuple[RefreshRecord | None, bool]:
+        """(record, fresh): marks it used; ``fresh`` is False if it was used already."""
+        with self.state.lock:
+            rec = self.state.refresh.get(token)
+            fresh = rec is not None and not rec.used
+            if fresh:
+                rec.used = True
+            return rec, fresh
+
+
 class IdP:
     """Token logic, independent of HTTP so it reads top to bottom."""
 
@@ -129,11 +154,27 @@ class IdP:
         self.state = State()
         self.revocations = revocations or RevocationLog(None)
         self.state.revoked_jti, self.state.revoked_sid = self.revocations.load()
+        #: PostgreSQL mode: the shared table (pg_state); else this process's memory
+        self.refreshes = getattr(self.revocations, "refreshes", None) or MemoryRefreshes(self.state)
         self.federation = Federation.from_config(config.federation) if config.federation else None
+
+    def _sync_revocations(self) -> None:
+        """Merge the revocations other replicas made (PostgreSQL mode; at most
+        ``state.poll_seconds`` stale); a no-op for the file log."""
+        poll = getattr(self.revocations, "poll", None)
+        fresh = poll() if poll else None
+        if fresh is not None:
+            now = time.time()
+            with self.state.lock:
+                for mine, theirs in zip((self.state.revoked_jti, self.state.revoked_sid), fresh):
+                    mine.update(theirs)
+                    for ident in [i for i, exp in mine.items() if exp < now]:
+                        del mine[ident]
 
     def _revoke_session(self, session: Session) -> None:
         session.revoked = True
-        self.state.revoked_sid[session.sid] = session.max_expiry
+        with self.state.lock:
+            self.state.revoked_sid[session.sid] = max(session.max_expiry, time.time() + 86400)
         metrics.REVOCATIONS.labels("sid").inc()
         self.revocations.append("sid", session.sid, max(session.max_expiry, time.time() + 86400))
 
@@ -193,8 +234,7 @@ class IdP:
         lifetimes = self.config.lifetimes_for(session.aud)
         expires = min(time.time() + lifetimes.refresh, session.max_expiry)
         token = secrets.token_urlsafe(32)
-        with self.state.lock:
-            self.state.refresh[token] = RefreshRecord(session, scopes, expires)
+        self.refreshes.put(token, RefreshRecord(session, scopes, expires))
         return token, int(expires - time.time())
 
     def _response(self, session: Session, scopes: ScopeSet, *, with_refresh: bool,
@@ -255,6 +295,7 @@ class IdP:
                                  leeway=0,  # our own clock: no skew to allow for
                                  require=("iss", "sub", "aud", "exp", "iat", "jti"))
         if check_revoked:
+            self._sync_revocations()
             with self.state.lock:
                 revoked = claims["jti"] in self.state.revoked_jti or claims.get("sid") in self.state.revoked_sid
                 session = self.state.sessions.get(claims.get("sid", ""))
@@ -291,14 +332,11 @@ class IdP:
 
     def refresh(self, client: Client, form) -> dict:
         token = form.get("refresh_token", "")
-        with self.state.lock:
-            rec = self.state.refresh.get(token)
-            if rec is not None and rec.used:
-                # Reuse of a rotated refresh token: someone copied it. Kill the session.
-                self._revoke_session(rec.session)
-            ok = rec is not None and not rec.used
-            if ok:
-                rec.used = True
+        rec, ok = self.refreshes.redeem(token)
+        if rec is not None and not ok:
+            # Reuse of a rotated refresh token: someone copied it. Kill the session (its family),
+            # at every replica: the revocation is in the shared state.
+            self._revoke_session(rec.session)
         if not ok:
             raise OAuthError("invalid_grant", "refresh token is unknown, used or revoked")
         if rec.session.client_id != client.client_id:
@@ -314,6 +352,8 @@ class IdP:
         return self._response(rec.session, scopes, with_refresh=True)
 
     def token_exchange(self, client: Client, form) -> dict:
+        if form.get("requested_subject") is not None or client.act_for:
+            return self._act_for(client, form)
         if client.public:
             raise OAuthError("unauthorized_client", "public clients cannot exchange tokens", 403)
         subject_type = form.get("subject_token_type", "")
@@ -372,6 +412,27 @@ class IdP:
                               with_refresh=client.exchange_refresh and requested_type == REFRESH_TOKEN_TYPE,
                               issued_token_type=ACCESS_TOKEN_TYPE)
 
+    def _act_for(self, client: Client, form) -> dict:
+        """Staff recovery (:mod:`.acting`): a staff member's own token, a grant for the user."""
+        if not client.act_for:
+            raise OAuthError("unauthorized_client", f"client {client.client_id} may not act for users "
+                             "(requested_subject)", 403)
+        if form.get("subject_token_type", "") not in (ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
+            raise OAuthError("invalid_request", f"unsupported subject_token_type {form.get('subject_token_type')!r}")
+        audiences = [a for a in (form.getlist("audience") if hasattr(form, "getlist") else [form.get("audience")])
+                     if a] or ["visitflow"]
+        for aud in audiences:
+            if aud not in client.exchange_audiences:
+                raise OAuthError("access_denied", f"client {client.client_id} may not exchange for audience {aud!r}", 403)
+        staff, scopes, user = acting.decide_acting(self.federation, client.client_id, form.get("subject_token", ""),
+                                                   form.get("requested_subject", ""), form.get("scope"))
+        session = self._session(
+            sub=user["sub"], client_id=client.client_id, scopes=scopes, aud=audiences,
+            act={"sub": staff["sub"]}, max_expiry=time.time() + self.config.lifetimes_for(audiences).session_max,
+            username=user["preferred_username"], subject=user, cap=False,
+        )
+        return self._response(session, scopes, with_refresh=False, issued_token_type=ACCESS_TOKEN_TYPE)
+
     def _keycloak_exchange(self, client: Client, form, subject: dict, audiences: list, requested_type: str) -> dict:
         """``fixed_scopes`` mode: what Keycloak 26.7.3 does (tests/token_service/test_keycloak_parity.py).
 
@@ -401,7 +462,7 @@ class IdP:
         return self._response(session, scopes, with_refresh=refresh, issued_token_type=requested_type)
 
     def introspect(self, token: str) -> dict:
-        rec = self.state.refresh.get(token)
+        rec = self.refreshes.peek(token)
         if rec is not None:
             active = not rec.used and not rec.session.revoked and time.time() < rec.expires
             return {"active": active, "token_type": "refresh_token", "sub": rec.session.sub,
@@ -413,11 +474,10 @@ class IdP:
         return {"active": True, "token_type": "Bearer", **claims}
 
     def revoke(self, client: Client, token: str) -> None:
-        with self.state.lock:
-            rec = self.state.refresh.get(token)
-            if rec is not None and rec.session.client_id == client.client_id:
-                self._revoke_session(rec.session)
-                return
+        rec = self.refreshes.peek(token)
+        if rec is not None and rec.session.client_id == client.client_id:
+            self._revoke_session(rec.session)
+            return
         try:
             claims = self.validate(token, check_revoked=False)
         except InvalidToken:
@@ -501,7 +561,7 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str, revocations: Revo
         })
 
     async def jwks(request: Request):
-        idp.keys.reload_if_changed()
+        await run_in_threadpool(idp.keys.reload_if_changed)
         return JSONResponse(idp.keys.jwks(), headers={"Cache-Control": "max-age=60"})
 
     async def token(request: Request):
@@ -535,7 +595,7 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str, revocations: Revo
             client = authenticate_client(idp, request, form)
             if not client.introspect:
                 raise OAuthError("unauthorized_client", f"client {client.client_id} may not introspect", 403)
-            return JSONResponse(idp.introspect(form.get("token", "")))
+            return JSONResponse(await run_in_threadpool(idp.introspect, form.get("token", "")))
         except OAuthError as exc:
             return error_response(exc)
 
@@ -543,7 +603,7 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str, revocations: Revo
         try:
             form = await request.form()
             client = authenticate_client(idp, request, form)
-            idp.revoke(client, form.get("token", ""))
+            await run_in_threadpool(idp.revoke, client, form.get("token", ""))
             return JSONResponse({})
         except OAuthError as exc:
             return error_response(exc)
@@ -554,7 +614,9 @@ def create_app(config: IdPConfig, keys: KeyStore, issuer: str, revocations: Revo
             return JSONResponse({"error": "invalid_request", "error_description": "bearer token required"}, 401,
                                 headers={"WWW-Authenticate": 'Bearer realm="visitflow"'})
         try:
-            claims = idp.validate(header[7:].strip())
+            claims = await run_in_threadpool(idp.validate, header[7:].strip())
+        except OAuthError as exc:  # the shared state's database did not answer: 503
+            return error_response(exc)
         except InvalidToken as exc:
             return JSONResponse({"error": "invalid_token", "error_description": exc.reason}, 401,
                                 headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc.reason}"'})

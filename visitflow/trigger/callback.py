@@ -68,6 +68,9 @@ class TriggerSettings:
     grant_scope: str = field(default_factory=lambda: os.environ.get("VISITFLOW_GRANT_SCOPE", "run"))
     #: serve the trigger's ``/metrics`` on this loopback port (visitflow.trigger.metrics); None: off
     metrics_port: int | None = None
+    #: staff recovery (``visitflow trigger --for <user>``): the token is a staff member's own,
+    #: exchanged for a grant acting for this user (visitflow/token_service/acting.py)
+    act_for: str | None = None
 
 
 def _instrument_of(start: dict) -> str | None:
@@ -351,7 +354,8 @@ class AnalysisTrigger:
                                   scope=str(grant_scopes(g.analysis, g.visit, g.run, self.settings.grant_scope)),
                                   # Keycloak lets visitflow refresh its data tokens only if this
                                   # exchange opened a blueapi client session (docs/production.md)
-                                  requested_token_type=oauth.REFRESH_TOKEN_TYPE, transport=self._transport)
+                                  requested_token_type=oauth.REFRESH_TOKEN_TYPE, transport=self._transport,
+                                  requested_subject=self.settings.act_for)
         except errors.OAuthRefused as exc:
             signals.emit("trigger.exchange", seconds=time.monotonic() - started, outcome=exc.error or "refused")
             if g.attempts and outage.died_during_outage(exc.error, expires_at):  # refused as expired, after it
@@ -378,7 +382,7 @@ class AnalysisTrigger:
 
     def _unreachable(self, g, expires_at: float) -> str:
         return outage.unreachable_reason(
-            issuer=self.settings.issuer, since=g.created or time.time(), attempts=g.attempts,
+            user=outage.user_of(self._user_tokens.get(g.run)), issuer=self.settings.issuer, since=g.created or time.time(), attempts=g.attempts,
             last_error=g.error or "", expires_at=expires_at, analysis=g.analysis, visit=g.visit, run=g.run,
             options=g.option_values, secrets=(self.settings.client_secret, self.settings.prefect_auth_string or ""))
 

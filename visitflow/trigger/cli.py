@@ -3,6 +3,11 @@
 For re-runs (a new version of the analysis, a post run that never happened).  Your token
 is exchanged exactly as the trigger inside blueapi would exchange it, so the IdP still
 decides whether you may run this analysis on this visit.
+
+``--for <user>``: facility staff recover a user's run (the command a Failed run's message
+gives after an IdP outage) with their own facility login and no client secret: the token is
+exchanged at the ``visitflow-staff`` client with ``requested_subject`` (the token service's
+visitflow/token_service/acting.py decides, with OPA, and names the staff member in ``act``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "checked against the analysis's declared options, as a plan's are")
     p.add_argument("--issuer", default=os.environ.get("VISITFLOW_ISSUER", "http://127.0.0.1:8180"))
     p.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api"))
-    p.add_argument("--client-id", default="blueapi", help="client that may exchange user tokens (default blueapi)")
+    p.add_argument("--for", dest="for_user", default=None, metavar="USER",
+                   help="staff recovery: act for this user (as the user office names them) with your own "
+                        "facility token; uses the public visitflow-staff client, no secret")
+    p.add_argument("--client-id", default=None,
+                   help="client that may exchange user tokens (default blueapi; visitflow-staff with --for)")
     p.add_argument("--client-secret-env", default="VISITFLOW_TRIGGER_CLIENT_SECRET",
                    help="environment variable holding that client's secret")
     who = p.add_mutually_exclusive_group(required=True)
@@ -49,10 +58,15 @@ def run(args) -> int:
     from ..errors import OptionError, ScopeError
     from .callback import AnalysisTrigger, TriggerSettings
 
-    secret = os.environ.get(args.client_secret_env)
-    if not secret:
-        print(f"set {args.client_secret_env} to the {args.client_id} client secret")
+    from .outage import STAFF_CLIENT
+
+    client_id = args.client_id or (STAFF_CLIENT if args.for_user else "blueapi")
+    secret = os.environ.get(args.client_secret_env, "")
+    if not secret and not args.for_user:
+        print(f"set {args.client_secret_env} to the {client_id} client secret")
         return 2
+    if args.for_user:
+        secret = ""       # a public client: the staff member's own token is the credential
     if args.token_env:
         token = os.environ.get(args.token_env)
         if not token:
@@ -69,7 +83,8 @@ def run(args) -> int:
     variants = ("live", "post") if args.variant == "both" else (args.variant,)
     with tempfile.TemporaryDirectory() as tmp:
         trigger = AnalysisTrigger(TriggerSettings(issuer=args.issuer, prefect_api_url=args.prefect_api,
-                                                  client_id=args.client_id, client_secret=secret,
+                                                  client_id=client_id, client_secret=secret,
+                                                  act_for=args.for_user,
                                                   prefect_auth_string=os.environ.get("PREFECT_API_AUTH_STRING"),
                                                   state_dir=Path(tmp), grant_scope=args.grant_scope), token=token)
         try:

@@ -13,8 +13,10 @@ readable life: the trigger then tries for ``TriggerSettings.exchange_window`` se
 have made becomes a flow run of the same deployment created directly in a ``Failed`` state
 (no worker ever picks it up), with the trigger's own idempotency key — a replayed document, a
 restarted blueapi or a retried send yields that one flow run, never a second — and a state
-message that says why and how to recover (``visitflow trigger …`` with the user's own token,
-once the token service is back).  Why a flow run and not only a Prefect event: it is where
+message that says why and how to recover once the token service is back: the command facility
+staff run with their own login, acting for the user (``visitflow trigger … --for <user>``: the
+grant names the staff member in ``act``, visitflow/token_service/acting.py), or the one the user
+runs with a fresh token of their own.  Neither needs the trigger's ``blueapi`` secret.  Why a flow run and not only a Prefect event: it is where
 staff already look (the deployment's runs, the run's tags ``visit:``/``run:``), it sits next
 to the runs that did happen, its state change is itself Prefect's ``prefect.flow-run.Failed``
 event (so an existing "notify on failure" automation covers it without a new event name), and
@@ -40,7 +42,7 @@ import jwt
 from ..core.tokens import unverified_claims
 
 __all__ = [
-    'LAST_TRY_MARGIN', 'CLOCK_SKEW', 'token_expiry', 'retry_in', 'died_during_outage', 'scrub', 'recovery_command',
+    'LAST_TRY_MARGIN', 'CLOCK_SKEW', 'STAFF_CLIENT', 'user_of', 'staff_command', 'token_expiry', 'retry_in', 'died_during_outage', 'scrub', 'recovery_command',
     'unreachable_reason', 'lost_token_reason', 'failed_state',
 ]
 
@@ -49,6 +51,8 @@ LAST_TRY_MARGIN = 1.0
 #: a refusal this close to (or after) the token's ``exp``, after failed attempts, is read as
 #: "the token died during the outage" (the token service's clock may run ahead of ours)
 CLOCK_SKEW = 30.0
+#: the token service's client for staff recovery (deployments/token-service.yaml)
+STAFF_CLIENT = "visitflow-staff"
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _MAX_ERROR = 300
 
@@ -90,19 +94,45 @@ def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
     return text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR] + "…"
 
 
-def recovery_command(analysis: str, visit: str, run: str, options: dict | None = None) -> str:
-    """What the user runs, with their own token, once the token service answers again."""
+def user_of(token: str | None) -> str | None:
+    """The user as the authority names them (OPA's rule: ``fedid``, else ``preferred_username``,
+    else ``sub``), read unverified from the user's token: only to write the staff command."""
+    try:
+        claims = unverified_claims(token) if token else {}
+    except jwt.PyJWTError:
+        return None
+    name = claims.get("fedid") or claims.get("preferred_username") or claims.get("sub")
+    return name if isinstance(name, str) and name else None
+
+
+def _trigger_argv(analysis: str, visit: str, run: str, options: dict | None) -> list[str]:
     cmd = ["visitflow", "trigger", "--analysis", analysis, "--visit", visit, "--run", run, "--variant", "post"]
     if options:
         cmd += ["--options", json.dumps(options, sort_keys=True, separators=(",", ":"))]
-    return " ".join(shlex.quote(c) for c in cmd) + " --token-env <VAR> --wait"
+    return cmd
+
+
+def recovery_command(analysis: str, visit: str, run: str, options: dict | None = None) -> str:
+    """What the user runs, with their own token, once the token service answers again."""
+    return " ".join(shlex.quote(c) for c in _trigger_argv(analysis, visit, run, options)) + " --token-env <VAR> --wait"
+
+
+def staff_command(analysis: str, visit: str, run: str, user: str | None, options: dict | None = None) -> str:
+    """What facility staff run with their own facility login, acting for ``user``."""
+    cmd = " ".join(shlex.quote(c) for c in [*_trigger_argv(analysis, visit, run, options), "--for"])
+    return f"{cmd} {shlex.quote(user) if user else '<USER>'} --token-env <VAR> --wait"
+
+
+def _way_back(analysis: str, visit: str, run: str, options: dict | None, user: str | None) -> str:
+    return (f"facility staff run, with their own login: {staff_command(analysis, visit, run, user, options)} ; "
+            f"or the user runs: {recovery_command(analysis, visit, run, options)}")
 
 
 def _utc(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def unreachable_reason(*, issuer: str, since: float, attempts: int, last_error: str, expires_at: float,
+def unreachable_reason(*, user: str | None = None, issuer: str, since: float, attempts: int, last_error: str, expires_at: float,
                        analysis: str, visit: str, run: str, options: dict | None = None,
                        secrets: tuple[str, ...] = ()) -> str:
     """The failed run's message: no grant, because the token service could not be reached
@@ -110,14 +140,14 @@ def unreachable_reason(*, issuer: str, since: float, attempts: int, last_error: 
     return (f"Not started: no delegation grant. The token service {issuer} could not be reached "
             f"from {_utc(since)} ({attempts} attempt{'s' if attempts != 1 else ''}, last: "
             f"{scrub(last_error, secrets)}) until the user's token expired at {_utc(expires_at)}; "
-            f"nothing was analysed. To recover, once the token service answers, the user runs: "
-            f"{recovery_command(analysis, visit, run, options)}")
+            f"nothing was analysed. To recover, once the token service answers, "
+            f"{_way_back(analysis, visit, run, options, user)}")
 
 
 def lost_token_reason(*, analysis: str, visit: str, run: str, options: dict | None = None) -> str:
     return ("Not started: no delegation grant. The trigger restarted before it could exchange the user's "
-            "token (it is kept in memory only, never on disk); nothing was analysed. To recover, the user "
-            f"runs: {recovery_command(analysis, visit, run, options)}")
+            "token (it is kept in memory only, never on disk); nothing was analysed. To recover, "
+            f"{_way_back(analysis, visit, run, options, None)}")
 
 
 def failed_state(message: str) -> dict:
