@@ -2,8 +2,9 @@
 (visitflow/flow/sink.py): two attempts of one flow run, each its own client, as after a
 reschedule.  Once attempt 2 has claimed the live node, attempt 1's every write is refused
 (409 with the reason, :class:`Superseded` in the sink) and changes nothing; attempt 2 writes;
-a write with no fence, or another flow run's, is refused; a post writer (no fence) still
-moves the analysis pointer.  Tiled's ``/metrics`` counts each fenced write by attempt."""
+a write with no fence, or another flow run's, is refused; a new flow run (a cancelled live
+run started again) takes the node over by its claim and the old flow run is refused from then
+on; a post writer (no fence) still moves the analysis pointer.  Tiled's ``/metrics`` counts each fenced write by attempt."""
 
 from __future__ import annotations
 
@@ -57,6 +58,22 @@ def test_a_superseded_attempt_cannot_write_live(tiled_server, idp, run_container
     assert live["frames_processed"] == 8 and live["status"] == "complete", dict(live)
     assert node.metadata["current"] == "live"
     np.testing.assert_array_equal(read_result(node)["avg"], [2.0, 2.0, 2.0])
+
+
+def test_a_new_flow_run_takes_the_live_node_over_by_its_claim(tiled_server, idp, run_container):
+    run, container = run_container
+    old = TiledResultSink(container(), "demo", "live", {"flow": "demo"}, fence=Fence(str(uuid.uuid4()), 1))
+    old.checkpoint()
+    old.write({"avg": np.ones(3)}, frames=3, status="running")
+    new_run = str(uuid.uuid4())
+    new = TiledResultSink(container(), "demo", "live", {"flow": "demo"}, fence=Fence(new_run, 1))
+    assert new.checkpoint() == 3, "the new flow run resumes from the old one's checkpoint"
+    with pytest.raises(Superseded, match=r"owned by flow run " + new_run):
+        old.write({"avg": np.full(3, 9.0)}, frames=99, status="running")
+    new.write({"avg": np.full(3, 5.0)}, frames=6, status="complete")
+    live = container()["demo"]["live"].metadata
+    assert live["fence"] == {"flow_run_id": new_run, "attempt": 1}
+    assert live["frames_processed"] == 6 and live["status"] == "complete", dict(live)
 
 
 def test_writes_without_the_owners_fence_are_refused_with_a_reason(tiled_server, idp, run_container):

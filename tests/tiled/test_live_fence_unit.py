@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from visitflow.core.fence import FENCE_HEADER, Fence, parse_fence, recorded_fence
+from visitflow.core.fence import FENCE_HEADER, Fence, is_claim, parse_fence, recorded_fence
 from visitflow.tiled.live_fence import FenceLocks, attempt_label, refusal
 from visitflow.tiled.request_context import REQUEST, RequestContextMiddleware
 
@@ -136,3 +136,21 @@ def test_middleware_publishes_the_fence_and_serializes_fenced_writes():
 
 def test_the_metric_label_set_is_bounded():
     assert [attempt_label(n) for n in (1, 2, 20, 21, 10**9)] == ["1", "2", "20", ">20", ">20"]
+
+
+def test_a_claim_is_marked_in_the_header_and_parses_to_the_same_fence():
+    fence = Fence(RUN, 3)
+    assert fence.header(claim=True) == f"{RUN}/3;claim"
+    assert parse_fence(fence.header(claim=True)) == fence
+    assert is_claim(fence.header(claim=True)) and not is_claim(fence.header())
+    assert not is_claim(";claim") and not is_claim(f"{RUN}/x;claim") and not is_claim(None)
+
+
+def test_a_new_flow_run_takes_the_live_node_over_only_by_a_claim():
+    """A cancelled live run restarted as a new flow run resumes (its claim is allowed); the
+    old flow run's ordinary writes stay refused, and within one flow run an older attempt's
+    claim is refused like its other writes."""
+    assert refusal(Fence(RUN, 1), Fence(OTHER, 1), WHERE, inside_live=True, claim=True) is None
+    assert refusal(Fence(RUN, 1), Fence(OTHER, 1), WHERE, inside_live=True, claim=False)
+    reason = refusal(Fence(RUN, 2), Fence(RUN, 1), WHERE, inside_live=True, claim=True)
+    assert reason and "attempt 1 was superseded by attempt 2" in reason

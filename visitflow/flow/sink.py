@@ -129,6 +129,15 @@ class TiledResultSink:
         """Record this attempt as the live node's owner (Tiled refuses it, 409, if a later
         attempt already did: :class:`Superseded`)."""
         mine = {FENCE_KEY: self.fence.metadata()}
+        headers = self.analysis_node.context.http_client.headers
+        headers[FENCE_HEADER] = self.fence.header(claim=True)   # these requests only: the claim
+        try:
+            self._claim(mine)
+        finally:
+            headers[FENCE_HEADER] = self.fence.header()
+        log.info("live %s claimed by %s", self.analysis_node.item["id"], self.fence)
+
+    def _claim(self, mine: dict) -> None:
         with _fenced():
             node = _child(self.analysis_node, self.key)
             if node is None:
@@ -138,7 +147,6 @@ class TiledResultSink:
             node.refresh()
             if recorded_fence(node.metadata) != self.fence:
                 node.update_metadata(mine, drop_revision=True)
-        log.info("live %s claimed by %s", self.analysis_node.item["id"], self.fence)
 
     def _new_metadata(self) -> dict:
         meta = {**self.provenance, "status": "running", "frames_processed": 0, "started": _now()}

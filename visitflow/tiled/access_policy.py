@@ -61,7 +61,7 @@ from tiled.access_control.protocols import AccessPolicy, normalize_access_tags
 from tiled.access_control.scopes import ALL_SCOPES
 from tiled.queries import AccessTagsFilter
 
-from ..core.fence import LIVE_KEY, parse_fence
+from ..core.fence import LIVE_KEY, is_claim, parse_fence
 from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE, Layout, Location
 from ..core.scopes import OpaqueScope, ScopeSet, valid_name
 from .authenticator import ADMIN_SCOPE, DELETE_SCOPES, READ_SCOPES, WRITE_SCOPES
@@ -422,7 +422,7 @@ class VisitflowAccessPolicy(AccessPolicy):
             return   # the analysis node, written by a post run (no fence): not live's business
         recorded = await self.live_nodes.fence_at(live_path, node if path == live_path else None)
         reason = live_fence.refusal(recorded, presented, "/".join(live_path), inside_live=inside_live,
-                                    malformed=malformed)
+                                    malformed=malformed, claim=is_claim(request.fence))
         if presented is not None:
             live_fence.DECISIONS.labels(live_fence.attempt_label(presented.attempt),
                                          "refused" if reason else "allowed").inc()

@@ -57,12 +57,17 @@ def attempt_label(attempt: int) -> str:
 
 
 def refusal(recorded: Optional[Fence], presented: Optional[Fence], where: str, *, inside_live: bool,
-            malformed: bool = False) -> Optional[str]:
+            malformed: bool = False, claim: bool = False) -> Optional[str]:
     """Why this write is refused (None: allowed).
 
     ``inside_live``: the write targets the live node or a node below it (strict: the owner
     only); otherwise it targets the analysis node (only a *superseded* fenced writer is
     refused there — post writers present no fence and are not live's business).
+    ``claim``: the request is a claim (``<fence>;claim``, sent once when an attempt starts).
+    Another flow run may take the node over by a claim -- a live analysis cancelled or
+    crashed and started again as a new flow run resumes from its checkpoint -- and from then
+    on the old flow run's writes are refused; within one flow run, attempts are ordered and
+    an older attempt's claim is refused like its other writes.
     """
     if malformed:
         return f"live fence: the {FENCE_HEADER} header must be '<flow run id>/<attempt>'"
@@ -74,10 +79,10 @@ def refusal(recorded: Optional[Fence], presented: Optional[Fence], where: str, *
         return (f"live fence: {where} is owned by {recorded}; a write must present its fence "
                 f"({FENCE_HEADER}: <flow run id>/<attempt>)")
     if presented.flow_run_id != recorded.flow_run_id:
-        if not inside_live:
-            return None
+        if not inside_live or claim:
+            return None   # a new flow run's claim takes the node over
         return (f"live fence: {where} is owned by flow run {recorded.flow_run_id}, not {presented.flow_run_id} "
-                "(an admin may clear its 'fence' metadata to hand it over)")
+                "(a flow run takes a live node over only by claiming it when it starts)")
     if presented.attempt < recorded.attempt:
         return (f"live fence: {presented} was superseded by attempt {recorded.attempt} (the run was "
                 f"rescheduled while this attempt was unreachable); it must stop writing {where}")
