@@ -59,8 +59,8 @@ def servers(blueapi, tmp_path_factory):
     try:
         yield [blueapi.blueapi] + others
     finally:
-        for other in others:
-            bs._stop_quietly(other.service)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:   # side by side: each stop may wait
+            list(pool.map(lambda other: bs._stop_quietly(other.service), others))
 
 
 def test_four_scans_two_beamlines_on_postgres_no_500_no_duplicates_results_equal_numpy(blueapi, servers, prefect):
