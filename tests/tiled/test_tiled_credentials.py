@@ -10,21 +10,16 @@ single-credential control that succeeds, so the refusal is about the count, not 
 
 from __future__ import annotations
 
-import json
 import time
 
 import httpx
 import pytest
 from fastapi import HTTPException
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import connect as ws_connect
-
-from visitflow.flow.push import stream_url
 from visitflow.tiled.authenticator import VisitflowAuthenticator
 from visitflow.tiled.credentials import CREDENTIAL
 
 from tests.fixtures.scans import run_scan
-from tests.fixtures.stream_helpers import scan_in_thread
+from tests.fixtures.stream_helpers import receive, scan_in_thread
 from tests.fixtures.waiting import wait_until
 
 pytestmark = pytest.mark.security
@@ -80,37 +75,19 @@ def test_http_more_than_one_credential_is_refused_with_a_reason(tiled_server, ui
 # -- websocket ------------------------------------------------------------------------------
 
 def _subscribe(tiled_server, uid, *, query=(), headers=(), first=None, duration=3.0):
-    url = stream_url(f"{tiled_server.uri}/api/v1/metadata/raw/a1/{uid}/primary/saxs") + "?envelope_format=json&start=1"
-    for key, value in query:
-        url += f"&{key}={value}"
-    got = {"messages": [], "close": None, "status": None, "body": ""}
-    try:
-        with ws_connect(url, open_timeout=20, additional_headers=list(headers), max_size=None) as ws:
-            if first is not None:
-                ws.send(json.dumps(first))
-            deadline = time.monotonic() + duration
-            while time.monotonic() < deadline:
-                try:
-                    raw = ws.recv(timeout=max(0.05, deadline - time.monotonic()))
-                except TimeoutError:
-                    break
-                got["messages"].append(json.loads(raw))
-    except ConnectionClosed as exc:
-        got["close"] = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else ("?", "")
-    except InvalidStatus as exc:
-        got["status"] = exc.response.status_code
-        got["body"] = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
-    return got
+    return receive(tiled_server.uri, f"raw/a1/{uid}/primary/saxs", query=query, headers=headers, first=first,
+                   envelope="json", duration=duration)
 
 
 def _data(got):
     return [m for m in got["messages"] if m.get("type") == "array-data"]
 
 
-@pytest.mark.parametrize("how", ["query", "first"])
+@pytest.mark.parametrize("how", ["query", "first", "bearer_header"])
 def test_ws_control_one_credential_streams(tiled_server, uid, tokens, how):
     kwargs = {"query": dict(query=[("access_token", tokens["good"])]),
-              "first": dict(first={"type": "auth", "access_token": tokens["good"]})}[how]
+              "first": dict(first={"type": "auth", "access_token": tokens["good"]}),
+              "bearer_header": dict(headers=[("Authorization", f"Bearer {tokens['good']}")])}[how]
     got = _subscribe(tiled_server, uid, **kwargs)
     assert len(_data(got)) == 3, got
 

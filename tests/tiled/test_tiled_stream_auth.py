@@ -1,7 +1,8 @@
 """Who may subscribe (``stream``): the websocket route gets exactly the HTTP path's decision.
 
-Both ways of presenting a token are tried — Tiled's first-message auth (what
-:mod:`visitflow.flow.push` uses) and ``?access_token=`` — against the real policy.  The
+The three ways of presenting a token are tried — an ``Authorization: Bearer`` header on the
+upgrade request (what :mod:`visitflow.flow.push` sends), Tiled's first-message auth and
+``?access_token=`` — against the real policy.  The
 positive control receives the run's appends; every negative receives neither the schema nor a
 single data message.  An open subscription ends (close 4001) when its token expires or is
 revoked: :class:`visitflow.tiled.auth_gate.AuthGate` re-checks it before each message.
@@ -9,26 +10,20 @@ revoked: :class:`visitflow.tiled.auth_gate.AuthGate` re-checks it before each me
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 
-import msgpack
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import connect as ws_connect
 
 from visitflow.core import oauth
-from visitflow.flow.push import stream_url
 from visitflow.core.tokens import discover
 
 from tests.fixtures.scans import run_scan
-from tests.fixtures.stream_helpers import scan_in_thread
+from tests.fixtures.stream_helpers import receive, scan_in_thread
 from tests.tiled.test_tiled_revocation import CACHE, checked_tiled  # noqa: F401 - the introspecting Tiled fixture
 
 pytestmark = pytest.mark.stream
 
-MODES = ("first-message", "query")
+MODES = ("first-message", "query", "header")
 LEEWAY = 10.0   # the authenticator's clock-skew leeway (its default)
 DATA_TYPES = {"array-data", "array-ref", "table-data", "container-child-created", "container-child-metadata-updated"}
 
@@ -36,29 +31,12 @@ DATA_TYPES = {"array-data", "array-ref", "table-data", "container-child-created"
 def subscribe(base_uri: str, path: str, token: str | None, mode: str, *, duration: float = 3.0,
               stop_after=None) -> dict:
     """Messages received on ``path`` within ``duration`` s (or until closed), and how it ended."""
-    url = stream_url(f"{base_uri}/api/v1/metadata/{path}") + "?envelope_format=msgpack&start=1"
-    if mode == "query" and token is not None:
-        url += f"&access_token={token}"
-    got = {"messages": [], "times": [], "close": None, "status": None}
-    try:
-        with ws_connect(url, open_timeout=10, max_size=None) as ws:
-            if mode == "first-message" and token is not None:
-                ws.send(json.dumps({"type": "auth", "access_token": token}))
-            deadline = time.monotonic() + duration
-            while time.monotonic() < deadline:
-                try:
-                    raw = ws.recv(timeout=max(0.05, deadline - time.monotonic()))
-                except TimeoutError:
-                    break
-                got["messages"].append(msgpack.unpackb(raw) if isinstance(raw, bytes) else json.loads(raw))
-                got["times"].append(time.monotonic())
-                if stop_after is not None:
-                    stop_after(got)
-    except ConnectionClosed as exc:
-        got["close"] = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else ("?", "")
-    except InvalidStatus as exc:
-        got["status"] = exc.response.status_code
-    return got
+    how = {} if token is None else {
+        "first-message": dict(first={"type": "auth", "access_token": token}),
+        "query": dict(query=[("access_token", token)]),
+        "header": dict(headers=[("Authorization", f"Bearer {token}")]),
+    }[mode]
+    return receive(base_uri, path, duration=duration, open_timeout=10, stop_after=stop_after, **how)
 
 
 def data_messages(got: dict) -> list:

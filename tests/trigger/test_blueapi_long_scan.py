@@ -9,15 +9,16 @@ client refreshes itself), the trigger exchanged Alice's token at the start docum
 was fresh, the live analysis follows the whole scan across several data-token refreshes and
 the post analysis reads it all — each flow run completing on its first attempt.
 
-Not shown here: a websocket *reconnect*.  On this stack Tiled answers the live source's
-``/stream/single/...`` for blueapi-written nodes with 404, so the source follows by HTTP polling
-(its ``live source:`` log line says so: ``disabled``, ``HTTP 404``): with ``--allow-anonymous``
-(needed by blueapi's tiled client) Tiled 0.2.20 skips first-message websocket authentication,
-where our source sends its token (docs/blueapi.md, "Long scans").
+And the websocket *reconnect* (issue 19: before, Tiled answered the live source's
+subscriptions with 404 — with ``--allow-anonymous`` Tiled 0.2.20 never reads the first-message
+token — and the source polled): the live flow's ``live source:`` line says it followed by
+push, and its data feed was closed by the gate when its token expired (4001) and connected
+again with a fresh one.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 
 import pytest
@@ -102,7 +103,12 @@ def test_a_90s_scan_with_30s_user_tokens_completes_live_and_post(short_lived):
         m = re.search(r"data token refreshed (\d+) times", logs)
         assert m and int(m[1]) >= 2, logs[-3000:]
         assert "complete: %d/%d frames" % (FRAMES, FRAMES) in logs, logs[-3000:]
-        source = re.search(r"live source: (.*)", logs)
+        source = re.search(r"live source: (\{.*\})", logs)
         print(f"long scan: {stop - start:.0f}s, live data token refreshes {m[1]}, live source {source and source[1]}")
+        assert source, logs[-3000:]
+        stats = ast.literal_eval(source[1])
+        assert stats["followed_by"] == "push", stats
+        feed = max(stats["subscriptions"].values(), key=lambda s: s["messages"])
+        assert feed["messages"] > 0 and feed["connects"] >= 2, stats   # reconnected with a fresh token
     finally:
         api.close()

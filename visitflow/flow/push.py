@@ -27,9 +27,20 @@ fixed poll interval.
 
 Why a websocket client of our own (``websockets``' sync client, one thread per node) and not
 ``tiled.client.stream``'s ``subscribe()``: the stock client sends only API keys; ours sends
-the data token — fresh from the token source on every (re)connect — in Tiled's first-message
-auth (``{"type": "auth", "access_token": ...}``), so the token never appears in a URL (and
-so in access logs), and resumes with ``?start=<last sequence + 1>``.
+the data token — fresh from the token source on every (re)connect — and resumes with
+``?start=<last sequence + 1>``.
+
+Where the token goes (issue 19): in an ``Authorization: Bearer`` header on the upgrade
+request, so it never appears in a URL (and so in access logs).  Not in Tiled's first-message
+auth (``{"type": "auth", "access_token": ...}``) by default: Tiled 0.2.20 started with
+``--allow-anonymous`` — as it must be for blueapi's tiled 0.2.18 client — never reads a first
+message, so the subscription was anonymous, got a 404 and the live analysis silently fell
+back to polling.  Tiled itself takes only ``Apikey`` in a websocket's header;
+:class:`visitflow.tiled.auth_gate.AuthGate` hands Tiled the header's bearer token (the one
+credential of the request).  A Tiled without that gate answers the header with a 400: the
+subscription then switches to first-message auth (:attr:`NodeSubscription.auth`).
+:meth:`PushRawRun.stats` says how the run was followed (``followed_by``: ``push`` or
+``polling``), and the flow logs it at the end (``live source: ...``).
 """
 
 from __future__ import annotations
@@ -48,12 +59,15 @@ import numpy as np
 from .engine import RawStatus
 from .source import TiledRawRun
 
-__all__ = ['END_OF_STREAM', 'stream_url', 'FrameCache', 'NodeSubscription', 'PushRawRun']
+__all__ = ['END_OF_STREAM', 'HEADER', 'FIRST_MESSAGE', 'stream_url', 'FrameCache', 'NodeSubscription', 'PushRawRun']
 
 log = logging.getLogger("visitflow.stream")
 
 #: Close code and reason Tiled uses when the producer closed the node's stream.
 END_OF_STREAM = (1000, "Producer ended stream")
+
+#: How a subscription presents its token: the upgrade request's header, or Tiled's first message.
+HEADER, FIRST_MESSAGE = "header", "first-message"
 
 
 def stream_url(node_uri: str) -> str:
@@ -131,11 +145,14 @@ class NodeSubscription(threading.Thread):
     ``on_message(sub, message)`` gets every decoded message (schema first); ``on_change()`` is
     called on connect, disconnect and end of stream.  Gives up (``disabled``) after
     ``max_failures`` consecutive failed attempts without ever being served, e.g. a Tiled with
-    no streaming cache: the source then simply polls.
+    no streaming cache: the source then simply polls.  ``auth`` starts as :data:`HEADER` and
+    becomes :data:`FIRST_MESSAGE` if the server refuses a bearer header as malformed (400):
+    a Tiled without visitflow's gate.
     """
 
     def __init__(self, url: str, token: Callable[[], str], on_message, on_change, *,
-                 max_failures: int = 3, open_timeout: float = 10.0, max_backoff: float = 5.0):
+                 max_failures: int = 3, open_timeout: float = 10.0, max_backoff: float = 5.0,
+                 auth: str = HEADER):
         super().__init__(name=f"visitflow-ws-{url.rsplit('/', 1)[-1][:24]}", daemon=True)
         self.url = url
         self.token = token
@@ -144,6 +161,7 @@ class NodeSubscription(threading.Thread):
         self.max_failures = max_failures
         self.open_timeout = open_timeout
         self.max_backoff = max_backoff
+        self.auth = auth
         self.last_seq = 0
         self.connected = False
         self.ended = False       # the producer closed the stream (end of run)
@@ -152,11 +170,11 @@ class NodeSubscription(threading.Thread):
         self.connects = 0
         self.messages = 0
         self.close_reason: str | None = None
-        self._stop = threading.Event()
+        self._stopping = threading.Event()   # not ``_stop``: Thread.join() calls its own _stop()
         self._ws = None
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         ws = self._ws
         if ws is not None:
             try:
@@ -169,19 +187,22 @@ class NodeSubscription(threading.Thread):
         return self.connected or self.ended
 
     def run(self) -> None:
-        from websockets.exceptions import ConnectionClosed
+        from websockets.exceptions import ConnectionClosed, InvalidStatus
         from websockets.sync.client import connect
 
         failures, backoff = 0, 0.2
-        while not self._stop.is_set() and not self.ended:
+        while not self._stopping.is_set() and not self.ended:
             start = self.last_seq + 1
+            token = self.token()
+            headers = {"Authorization": f"Bearer {token}"} if self.auth == HEADER else None
             try:
                 with connect(f"{self.url}?envelope_format=msgpack&start={start}", open_timeout=self.open_timeout,
-                             max_size=None, close_timeout=2) as ws:
+                             max_size=None, close_timeout=2, additional_headers=headers) as ws:
                     self._ws = ws
-                    ws.send(json.dumps({"type": "auth", "access_token": self.token()}))
+                    if self.auth == FIRST_MESSAGE:
+                        ws.send(json.dumps({"type": "auth", "access_token": token}))
                     first = True
-                    while not self._stop.is_set():
+                    while not self._stopping.is_set():
                         try:
                             raw = ws.recv(timeout=1.0)
                         except TimeoutError:
@@ -206,7 +227,14 @@ class NodeSubscription(threading.Thread):
                     self.ended = True
                 elif not self.connected:
                     failures += 1
-            except Exception as exc:  # noqa: BLE001 - handshake refused, network, server gone
+            except InvalidStatus as exc:   # the handshake was answered with an HTTP refusal
+                self.close_reason = _refusal(exc)
+                if self.auth == HEADER and exc.response.status_code == 400 and "Apikey" in self.close_reason:
+                    log.info("%s takes no bearer header (no visitflow gate): using first-message auth", self.url)
+                    self.auth = FIRST_MESSAGE
+                    continue
+                failures += 1
+            except Exception as exc:  # noqa: BLE001 - network, server gone
                 self.close_reason = f"{type(exc).__name__}: {exc}"
                 failures += 1
             finally:
@@ -215,15 +243,21 @@ class NodeSubscription(threading.Thread):
                 self.connected = False
             if was or self.ended or failures:
                 self.on_change()
-            if self.ended or self._stop.is_set():
+            if self.ended or self._stopping.is_set():
                 break
             if not self.served and failures >= self.max_failures:
                 self.disabled = True
                 log.info("no stream at %s (%s): following this node by polling", self.url, self.close_reason)
                 self.on_change()
                 break
-            self._stop.wait(backoff)
+            self._stopping.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff)
+
+
+def _refusal(exc) -> str:
+    """``HTTP 404: {"detail": ...}`` for a refused handshake (the reason is in the body)."""
+    body = exc.response.body or b""
+    return f"HTTP {exc.response.status_code}: {body.decode('utf-8', 'replace')[:200]}".strip()
 
 
 class _Feed:
@@ -469,10 +503,18 @@ class PushRawRun:
         self._changed.clear()
         return changed
 
+    @property
+    def followed_by(self) -> str:
+        """``push`` if every read field's node was served by its stream, else ``polling``."""
+        feeds = set(self._feed_of.values())
+        served = len(self._feeds) == len(self.reads) and all(f.sub.served and not f.sub.disabled for f in feeds)
+        return "push" if served else "polling"
+
     def stats(self) -> dict[str, Any]:
-        return {"http_polls": self.http_polls, "push_reads": self.push_reads, "http_reads": self.http_reads,
+        return {"followed_by": self.followed_by,
+                "http_polls": self.http_polls, "push_reads": self.push_reads, "http_reads": self.http_reads,
                 "subscriptions": {s.url: {"connects": s.connects, "messages": s.messages, "ended": s.ended,
-                                          "disabled": s.disabled, "close": s.close_reason}
+                                          "disabled": s.disabled, "auth": s.auth, "close": s.close_reason}
                                   for s in self._subs.values()}}
 
     def close(self) -> None:

@@ -23,6 +23,15 @@ close 4400 and the reason; :mod:`.credentials` is the one reading, shared with t
 authenticator's ``decode_token``, so the token re-checked here is the one Tiled authorised.
 
 (``?access_token=`` needs :mod:`.principals` too: tiled 0.2.20 answers it with a 500.)
+
+A websocket may also carry its bearer token in the upgrade request's ``Authorization``
+header — what :mod:`visitflow.flow.push` sends, since a Tiled started with
+``--allow-anonymous`` (as blueapi's client needs) never reads a first message, and a query
+token would be written to access logs.  Tiled 0.2.20's websocket route reads only ``Apikey``
+from that header (``Bearer`` is a 400), so the gate hands the token on as Tiled's
+``access_token`` query parameter in the scope *it passes to Tiled* (a copy: the server's own
+scope, which its access log prints, keeps the URL the client sent).  It is still the one
+credential of the request, validated and re-checked like any other.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 from typing import Optional
+from urllib.parse import quote
 
 from fastapi import HTTPException
 
@@ -37,7 +47,7 @@ from ..errors import MoreThanOneCredential
 from .credentials import (CREDENTIAL, Credential, credentials_of, first_message_credentials, the_credential,
                           too_many)
 
-__all__ = ['TOKEN_ENDED', 'TWO_CREDENTIALS', 'AuthGate']
+__all__ = ['TOKEN_ENDED', 'TWO_CREDENTIALS', 'AuthGate', 'header_token_as_query']
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +55,15 @@ logger = logging.getLogger(__name__)
 TOKEN_ENDED = 4001
 #: Close code for a first message that brings a credential beside the handshake's one.
 TWO_CREDENTIALS = 4400
+
+
+def header_token_as_query(scope, token: str) -> dict:
+    """A copy of a websocket ``scope`` whose ``Authorization: Bearer`` header is Tiled's
+    ``?access_token=`` instead (the header removed: one credential, in the place Tiled reads)."""
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"authorization"]
+    query = scope.get("query_string", b"")
+    extra = b"access_token=" + quote(token, safe="").encode("ascii")
+    return dict(scope, headers=headers, query_string=(query + b"&" + extra) if query else extra)
 
 
 class AuthGate:
@@ -81,6 +100,8 @@ class AuthGate:
         state = {"token": token, "had_credential": chosen is not None, "first": True, "closed": False}
         if token:
             await self._prevalidate(token)
+            if chosen.where == "Authorization header":
+                scope = header_token_as_query(scope, token)
 
         async def gated_receive():
             message = await receive()
