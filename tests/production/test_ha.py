@@ -233,6 +233,7 @@ def _live_fence(reader, uid: str):
         return {}
 
 
+@pytest.mark.ops   # issue 21's ops suite includes the 90 s fencing cut (it runs on the HA topology)
 def test_worker_host_network_cut_90s_is_fenced(ha):
     """The live run's worker host cut off for 90 s mid-scan — longer than the automation's
     75 s — so the run is rescheduled while its first attempt is still alive on the cut-off
