@@ -158,8 +158,12 @@ def test_stuck_live_run_and_upgrade_runbooks(story, ops_prefect):
     out = run_runbook("stuck-live-run", env)
     assert out.startswith('{"status": "ready"'), out
     assert 'visitflow_worker_running_runs{variant="live"} 0.0' in out and "visitflow_worker_heartbeat" in out
-    out = run_runbook("upgrade", env)
+    before = {d["id"]: d["updated"] for d in ops_prefect.api.request("POST", "/deployments/filter", json={})}
+    assert before, "the story's deployments"
+    out = run_runbook("upgrade", {**env, "VISITFLOW_REPO": str(Path(__file__).resolve().parents[2])})
     assert "True" in out, out          # paused while upgrading
+    after = {d["id"]: d["updated"] for d in ops_prefect.api.request("POST", "/deployments/filter", json={})}
+    assert set(after) == set(before) and all(after[n] > before[n] for n in before), (before, after)   # redeployed
     assert ops_prefect.api.request("GET", f"/work_pools/{POOL}")["is_paused"] is False   # resumed
 
 
