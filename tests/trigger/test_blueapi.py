@@ -88,13 +88,6 @@ def outputs_of(result_node) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def prefect(blueapi):
-    api = PrefectAPI(blueapi.prefect_api)
-    yield api
-    api.close()
-
-
 # ------------------------------------------------------------------ the environment
 def test_blueapi_venv_is_clean_and_light(blueapi_venv):
     py = str(blueapi_venv)

@@ -15,7 +15,6 @@ import concurrent.futures
 import pytest
 
 from visitflow.core import names
-from visitflow.core.prefect_api import PrefectAPI
 from visitflow.core.tiled_client import BearerAuth, connect
 
 from tests.fixtures import blueapi_stack as bs
@@ -29,13 +28,6 @@ BEAMLINES = {
     bs.INSTRUMENT: ("alice", bs.PROPOSAL, bs.SESSION),
     bs.B21_INSTRUMENT: ("bob", bs.B21_PROPOSAL, bs.B21_SESSION),
 }
-
-
-@pytest.fixture(scope="module")
-def prefect(blueapi):
-    api = PrefectAPI(blueapi.prefect_api)
-    yield api
-    api.close()
 
 
 @pytest.fixture(scope="module")

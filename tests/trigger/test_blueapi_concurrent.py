@@ -19,7 +19,6 @@ import concurrent.futures
 
 import pytest
 
-from visitflow.core.prefect_api import PrefectAPI
 from visitflow.core.tiled_client import BearerAuth, connect
 
 from tests.fixtures import blueapi_stack as bs
@@ -35,13 +34,6 @@ SCANS = [(bs.INSTRUMENT, "alice", bs.PROPOSAL, bs.SESSION), (bs.INSTRUMENT, "ali
          (bs.B21_INSTRUMENT, "bob", bs.B21_PROPOSAL, bs.B21_SESSION),
          (bs.B21_INSTRUMENT, "bob", bs.B21_PROPOSAL, bs.B21_SESSION)]
 NUM, DELAY = 14, 0.3
-
-
-@pytest.fixture(scope="module")
-def prefect(blueapi):
-    api = PrefectAPI(blueapi.prefect_api)
-    yield api
-    api.close()
 
 
 @pytest.fixture(scope="module")

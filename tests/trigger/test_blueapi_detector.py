@@ -36,13 +36,6 @@ EXPOSURE = 0.1
 DATASET = "/entry/data/data"
 
 
-@pytest.fixture(scope="module")
-def prefect(blueapi):
-    api = PrefectAPI(blueapi.prefect_api)
-    yield api
-    api.close()
-
-
 def reference_mean(path: Path) -> tuple[np.ndarray, int]:
     """float64 mean over frames of the detector's own file, read with h5py frame by frame."""
     with h5py.File(path, "r", swmr=True) as f:

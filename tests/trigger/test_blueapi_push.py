@@ -36,13 +36,6 @@ DATA = {"array-data", "array-ref", "table-data", "container-child-created", "con
 
 
 @pytest.fixture(scope="module")
-def prefect(blueapi):
-    api = PrefectAPI(blueapi.prefect_api)
-    yield api
-    api.close()
-
-
-@pytest.fixture(scope="module")
 def scanned(blueapi, prefect):
     """A peak_scan through blueapi as alice; its live flow run, finished."""
     alice = blueapi.token("alice")

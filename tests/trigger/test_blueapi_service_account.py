@@ -16,7 +16,6 @@ import types
 
 import pytest
 
-from visitflow.core.prefect_api import PrefectAPI
 from visitflow.core.tiled_client import BearerAuth, connect
 from visitflow.core.tokens import unverified_claims
 
@@ -26,13 +25,6 @@ from tests.fixtures.waiting import wait_until
 from tests.trigger.test_blueapi import outputs_of, raw_run, run_uid, settled, wait_flow_runs, flow_runs_of
 
 pytestmark = pytest.mark.blueapi
-
-
-@pytest.fixture(scope="module")
-def prefect(blueapi):
-    api = PrefectAPI(blueapi.prefect_api)
-    yield api
-    api.close()
 
 
 def _trigger_of(sa) -> types.SimpleNamespace:

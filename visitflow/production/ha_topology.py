@@ -43,6 +43,7 @@ from pathlib import Path
 
 from ..errors import ServiceFailed
 from ..stack.services import Service, free_port, start_service, stop_group
+from .nginx import http_preamble, upstream_servers
 from ..core.prefect_api import PrefectAPI
 from ..stack import prefect as pstack
 from .ha_recovery import deploy_probe, ensure_recovery_automation
@@ -122,23 +123,11 @@ def prefect_ha_env(api_url: str, home: Path, *, database_url: str, redis_port: i
 def nginx_config(state: Path, listen: str, upstreams: list[str]) -> str:
     """nginx as Prefect's load balancer: round robin, a dead upstream is skipped for 2 s
     after one failed connect; websockets (events in/out) pass through."""
-    servers = "\n".join(f"        server {u} max_fails=1 fail_timeout=2s;" for u in upstreams)
-    return f"""worker_processes 1;
-user root;
-pid {state}/nginx.pid;
-error_log {state}/logs/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {state}/nginx-tmp/body;
-    proxy_temp_path {state}/nginx-tmp/proxy;
-    fastcgi_temp_path {state}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {state}/nginx-tmp/uwsgi;
-    scgi_temp_path {state}/nginx-tmp/scgi;
+    return http_preamble(state, state / "logs" / "nginx-error.log", user_root=True) + f"""\
     client_max_body_size 50m;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
     upstream prefect_api {{
-{servers}
+{upstream_servers(upstreams)}
         keepalive 32;
     }}
     server {{

@@ -22,26 +22,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .nginx import http_preamble, upstream_servers
+
 __all__ = ['nginx_config']
 
 
 def nginx_config(state: Path, listen: str, upstreams: list[str]) -> str:
     """An nginx.conf (run with ``nginx -c FILE -p STATE -g 'daemon off;'``)."""
-    servers = "\n".join(f"        server {u} max_fails=1 fail_timeout=2s;" for u in upstreams)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    return f"""worker_processes 1;
-{user}pid {state}/nginx.pid;
-error_log {state}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {state}/nginx-tmp/body;
-    proxy_temp_path {state}/nginx-tmp/proxy;
-    fastcgi_temp_path {state}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {state}/nginx-tmp/uwsgi;
-    scgi_temp_path {state}/nginx-tmp/scgi;
+    return http_preamble(state, state / "nginx-error.log", user_root=os.geteuid() == 0) + f"""\
     upstream token_service {{
-{servers}
+{upstream_servers(upstreams)}
         keepalive 16;
     }}
     server {{
