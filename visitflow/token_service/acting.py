@@ -46,7 +46,7 @@ import logging
 from ..core.authority import Subject
 from ..core.scopes import DataScope, RunScope, ScopeSet
 from ..errors import AuthorityUnavailable, InvalidToken, OAuthError, ScopeError
-from .federation import Federation, unavailable
+from .federation import Federation, subject_refused, unavailable
 
 __all__ = ["one_run", "decide_acting"]
 
@@ -94,7 +94,7 @@ def decide_acting(federation: Federation | None, client_id: str, staff_token: st
                                "facility login", code="wrong_issuer")
         staff = federation.validate_subject(staff_token, issuer, client_id)
     except InvalidToken as exc:
-        raise OAuthError("invalid_token", f"subject_token: {exc.reason}", 401) from exc
+        raise subject_refused(exc) from exc
     scopes, visit = one_run(requested)
     actor = Subject.from_claims(staff)
     try:

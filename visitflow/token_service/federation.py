@@ -42,7 +42,7 @@ from ..errors import AuthorityUnavailable, ConfigError, InvalidToken, OAuthError
 from ..core.scopes import ScopeSet
 from ..core.tokens import TokenValidator, unverified_claims
 
-__all__ = [ 'IDENTITY_CLAIMS',
+__all__ = ['IDENTITY_CLAIMS', 'subject_refused',
     'TrustedIssuer', 'unavailable', 'Federation', 'identity_extra',
 ]
 
@@ -64,6 +64,18 @@ def unavailable(exc: AuthorityUnavailable) -> OAuthError:
     """The authority gave no answer: 503, RFC 6749's ``temporarily_unavailable``."""
     return OAuthError("temporarily_unavailable", f"cannot ask the authority: {exc}", 503,
                       {"Retry-After": "5"})
+
+
+def subject_refused(exc: InvalidToken) -> OAuthError:
+    """A subject token that failed verification: 401 ``invalid_token`` with the reason -- but
+    503 ``temporarily_unavailable`` when the facility IdP's keys could not be fetched (its
+    discovery or JWKS did not answer).  Nothing is known to be wrong with the token then, and
+    the difference matters to the trigger: it retries a 5xx while the user's token lives and
+    then records Failed runs with the recovery command (visitflow/trigger/outage.py), but takes
+    a 401 as a final refusal and records nothing to recover."""
+    if exc.code == "keys_unavailable":
+        return OAuthError("temporarily_unavailable", f"subject_token: {exc.reason}", 503, {"Retry-After": "5"})
+    return OAuthError("invalid_token", f"subject_token: {exc.reason}", 401)
 
 
 class Federation:

@@ -51,7 +51,7 @@ from ..core.jsonlog import log_context
 from ..core.readiness import run_checks
 from . import acting, keycloak_rules, metrics
 from .config import TOKEN_EXCHANGE, Client, IdPConfig
-from .federation import Federation, identity_extra
+from .federation import Federation, identity_extra, subject_refused
 from .health import readiness_checks
 from .keys import KeyStore
 from .revocations import RevocationLog
@@ -372,7 +372,7 @@ class IdP:
             else:
                 subject = self.validate(token)
         except InvalidToken as exc:
-            raise OAuthError("invalid_token", f"subject_token: {exc.reason}", 401) from exc
+            raise subject_refused(exc) from exc
         subject_aud = [subject["aud"]] if isinstance(subject["aud"], str) else list(subject["aud"])
         if client.client_id not in subject_aud:
             raise OAuthError("access_denied", f"client {client.client_id} is not within the subject token's audience", 403)
