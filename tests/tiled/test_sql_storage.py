@@ -81,3 +81,47 @@ def test_other_errors_are_not_retried():
     assert sql_storage.is_creation_race(RuntimeError(
         "INTEGRITY: [libpq] Failed to execute query 'CREATE TABLE IF NOT EXISTS \"table_1\" (...)': ERROR: "
         "duplicate key value violates unique constraint \"pg_type_typname_nsp_index\". SQLSTATE: 23505"))
+
+
+def test_event_table_rows_come_back_in_scan_order_on_postgres():
+    """A dataset's rows appended out of ``seq_num`` order (as concurrent writers may leave the
+    heap) read back in ``seq_num`` order through the wrapped ``from_catalog``, column by column
+    as a live analysis reads them; Tiled's own adapter orders only by partition there (the
+    control: insertion order, not scan order)."""
+    import types
+
+    import numpy as np
+    import pyarrow
+    from tiled.adapters.sql import SQLAdapter
+    from tiled.storage import parse_storage, register_storage, unregister_storage
+    from tiled.structures.core import StructureFamily
+    from tiled.structures.data_source import DataSource, Management
+    from tiled.structures.table import TableStructure
+
+    with fresh_databases("tables") as dbs:
+        storage = parse_storage(db_url(dbs["tables"]))
+        register_storage(storage)          # as Tiled's server does: adapters find it by URI
+        sql_storage.install()
+        original = SQLAdapter.__dict__["from_catalog"].__func__.__wrapped__   # Tiled's own
+        assert getattr(SQLAdapter.__dict__["from_catalog"].__func__, "visitflow_scan_order", False)
+        schema = pyarrow.schema([("seq_num", pyarrow.int64()), ("det", pyarrow.float64()),
+                                 ("motor", pyarrow.float64())])
+        source = DataSource(structure_family=StructureFamily.table, structure=TableStructure.from_schema(schema, npartitions=1),
+                            mimetype="application/x-tiled-sql-table", parameters={}, management=Management.writable)
+        source = SQLAdapter.init_storage(storage, source, [])
+        node = types.SimpleNamespace(metadata_={}, specs=[])
+        seq = np.arange(200, 0, -1)                      # appended in reverse scan order
+        batch = pyarrow.table({"seq_num": seq, "det": seq * 10.0, "motor": seq / 10.0})
+        SQLAdapter.from_catalog(source, node).append_partition(0, batch)
+
+        control = original(SQLAdapter, source, node)
+        assert control.order_by_args == []
+        assert not np.array_equal(control.read(["seq_num"])["seq_num"].to_numpy(), np.arange(1, 201)), \
+            "the control: Tiled's own order on PostgreSQL is not scan order"
+
+        adapter = SQLAdapter.from_catalog(source, node)
+        assert adapter.order_by_args == sql_storage.SCAN_ORDER
+        det, motor = adapter.read(["det"])["det"].to_numpy(), adapter.read(["motor"])["motor"].to_numpy()
+        np.testing.assert_array_equal(det, np.arange(1, 201) * 10.0)     # each column in scan order,
+        np.testing.assert_array_equal(motor, np.arange(1, 201) / 10.0)   # so the columns pair up
+        unregister_storage(storage)

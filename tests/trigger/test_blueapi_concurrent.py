@@ -82,7 +82,7 @@ def test_four_scans_two_beamlines_on_postgres_no_500_no_duplicates_results_equal
         node = root[f"processed/{session}/{uid}/peak_stats"]
         for child in (node["live"], next(node[k] for k in node if k.startswith("post-"))):
             assert child.metadata["status"] == "complete" and child.metadata["frames_processed"] == NUM + i
-            assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where=f"{inst}/{uid[:8]}/")
+            assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where=f"{inst}/{uid[:8]}/{child.item['id']}/")
 
     log = blueapi.tiled.service.log_path.read_text(errors="replace")
     for bad in ('" 500', "Exception in ASGI application", "Traceback", "database is locked"):
