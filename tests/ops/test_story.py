@@ -16,15 +16,17 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.fixtures.prefect_fixtures import running_prefect
-from tests.fixtures.scans import run_scan
+from tests.fixtures.scans import held_scan, run_scan, start_scan_thread, user_root
 from tests.fixtures.waiting import wait_until
 from tests.ops.conftest import SECRETS, save, scrape, total
 from tests.ops.test_alert_rules import promtool_test
@@ -165,6 +167,80 @@ def test_stuck_live_run_and_upgrade_runbooks(story, ops_prefect):
     after = {d["id"]: d["updated"] for d in ops_prefect.api.request("POST", "/deployments/filter", json={})}
     assert set(after) == set(before) and all(after[n] > before[n] for n in before), (before, after)   # redeployed
     assert ops_prefect.api.request("GET", f"/work_pools/{POOL}")["is_paused"] is False   # resumed
+
+
+def _held_analysis_plan(hold: threading.Event, num: int, pause_after: int):
+    """``held_scan`` declaring saxs_average: the trigger starts its live run at the start
+    document and its post run at the stop document."""
+    from visitflow.trigger.plans import uses_analyses
+
+    scan = held_scan(hold, pause_after=pause_after, num=num, step_sleep=0.05)
+
+    @uses_analyses("saxs_average")
+    def plan(det, saxs, motor, md):
+        return (yield from scan(det, saxs, motor, md))
+
+    return plan
+
+
+def test_cancel_live_run_runbook_then_the_post_run_still_analyses_every_frame(tmp_path, ops_idp, ops_tiled,
+                                                                               ops_prefect):
+    """runbook:cancel-live-run on a live run mid-scan (the scan held, so it is certainly
+    running): CANCELLED by Prefect through the worker; its live result keeps its checkpoint;
+    the post run the stop document starts reads every frame and equals numpy."""
+    from visitflow.trigger import AnalysisTrigger, TriggerSettings
+
+    token = ops_idp.token("alice")
+    trig = AnalysisTrigger(TriggerSettings(issuer=ops_idp.issuer, prefect_api_url=ops_prefect.api_url,
+                                           client_secret=SECRETS["blueapi"], state_dir=tmp_path / "trigger",
+                                           max_backoff=1.0), token=token)
+    started: dict = {}
+    hold = threading.Event()
+    num, pause_after = 12, 6
+    try:
+        thread, out = start_scan_thread(
+            ops_tiled.uri, token, plan=_held_analysis_plan(hold, num, pause_after),
+            subscribers=[lambda name, doc: started.setdefault("uid", doc["uid"]) if name == "start" else None, trig])
+        wait_until(lambda: "uid" in started or "error" in out, timeout=60, what="the scan's start document")
+        uid = started["uid"]
+        tags = [f"run:{uid}", "variant:live"]
+        wait_until(lambda: any(r["state"]["type"] == "RUNNING" for r in ops_prefect.api.flow_runs(tags=tags)),
+                   timeout=180, what="the live run running")
+        (live,) = ops_prefect.api.flow_runs(tags=tags)
+        reader = user_root(ops_tiled.uri, token)
+
+        def checkpointed() -> int:
+            try:
+                return reader[f"processed/a1/{uid}/saxs_average/live"].metadata["frames_processed"]
+            except KeyError:
+                return 0
+
+        wait_until(lambda: checkpointed() >= 3, timeout=180,
+                   what=f"the live run's checkpoint (logs: {ops_prefect.logs(live['id'])[-1500:]})")
+        assert "uid" not in out, "the scan is held: the cancel comes mid-scan"
+        said = run_runbook("cancel-live-run", {**ops_prefect.env, "RUN": live["id"]})
+        assert "cancellation" in said, said
+        cancelled = ops_prefect.api.wait_for_flow_run(live["id"], timeout=120)
+        assert cancelled["state"]["type"] == "CANCELLED", cancelled["state"]
+        kept = checkpointed()
+        assert pause_after >= kept >= 3, kept
+        hold.set()
+        thread.join(120)
+        assert not thread.is_alive() and "error" not in out, out
+        assert trig.flush(90), [(r.key, r.state, r.error) for r in trig.outbox.requests()]
+        (post,) = ops_prefect.api.flow_runs(tags=[f"run:{uid}", "variant:post"])
+        done = ops_prefect.api.wait_for_flow_run(post["id"], timeout=300)
+        assert done["state"]["type"] == "COMPLETED", ops_prefect.logs(post["id"])
+    finally:
+        hold.set()
+        trig.close()
+    node = reader[f"processed/a1/{uid}/saxs_average"]
+    raw = reader[f"raw/a1/{uid}/primary/saxs"].read()
+    assert raw.shape[0] == num
+    assert node.metadata["current"] == f"post-{post['id'][:8]}", node.metadata["current"]
+    current = node[node.metadata["current"]]
+    np.testing.assert_allclose(current["average"].read(), raw.astype(np.float64).mean(axis=0), rtol=1e-9)
+    assert checkpointed() == kept, "nothing wrote the cancelled live result afterwards"
 
 
 def test_no_heartbeat_alert_silent_on_the_moving_heartbeat_and_firing_on_the_frozen_worker(tmp_path, story,
