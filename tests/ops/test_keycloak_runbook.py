@@ -1,6 +1,6 @@
 """runbook:rotate-keycloak-secret on the real Keycloak (the session's, realm ``visitflow`` of
 deployments/keycloak/realm.json, where Keycloak itself is the token service): the runbook's
-own ``kcadm.sh`` commands give the ``visitflow`` client a new secret; the old one is then
+own commands (Keycloak's admin CLI, ``kcadm``) give the ``visitflow`` client a new secret; the old one is then
 refused (401) and the new one authenticates (a bogus refresh token is then its 400
 ``invalid_grant``).  The session's Keycloak is
 shared, so the shipped dev secret is put back afterwards (and that is checked too)."""
