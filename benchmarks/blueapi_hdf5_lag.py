@@ -146,7 +146,7 @@ def main(argv=None) -> int:
              f"dev IdP, Tiled 0.2.20 with --file-root, Prefect server + warm worker; result polled every "
              f"{args.poll}s (lag is ≤ {args.poll}s late).")
     table = f"| what | frame written → live result readable | before the live run caught up |\n|---|---|---|\n{row}\n"
-    raw = f"raw steady lags (s): {[round(v, 2) for v in steady]}\n"
+    raw = f"raw steady lags (s): {[round(float(v), 2) for v in steady]}\n"
     (REPO / "benchmarks" / "results" / "blueapi_hdf5_lag.md").write_text(
         f"# HDF5 detector through blueapi: frame written → live result readable\n\n{table}\n{about}\n\n{raw}")
     results = REPO / "benchmarks" / "RESULTS.md"
