@@ -74,17 +74,22 @@ def ops_prefect(tmp_path_factory, ops_idp, ops_tiled, monkeypatch_module):
         yield stack
 
 
+def _trigger(ops_idp, ops_prefect, state_dir: Path, token: str, **settings):
+    """blueapi's trigger (the light distribution's ``AnalysisTrigger``) on this suite's servers."""
+    from visitflow.trigger import AnalysisTrigger, TriggerSettings
+
+    return AnalysisTrigger(TriggerSettings(issuer=ops_idp.issuer, prefect_api_url=ops_prefect.api_url,
+                                           client_secret=SECRETS["blueapi"], state_dir=state_dir, max_backoff=1.0,
+                                           **settings), token=token)
+
+
 @pytest.fixture(scope="module")
 def story(tmp_path_factory, ops_idp, ops_tiled, ops_prefect):
     """Run the story once; the tests below read what it left."""
-    from visitflow.trigger import AnalysisTrigger, TriggerSettings
-
     tmp = tmp_path_factory.mktemp("ops-story")
     port = free_port()
     token = ops_idp.token("alice")
-    trig = AnalysisTrigger(TriggerSettings(issuer=ops_idp.issuer, prefect_api_url=ops_prefect.api_url,
-                                           client_secret=SECRETS["blueapi"], state_dir=tmp / "trigger",
-                                           max_backoff=1.0, metrics_port=port), token=token)
+    trig = _trigger(ops_idp, ops_prefect, tmp / "trigger", token, metrics_port=port)
     metrics_urls = {"token-service": f"{ops_idp.issuer}/metrics", "tiled": f"{ops_tiled.uri}/metrics",
                     "worker": f"{ops_prefect.ops_url}/metrics", "trigger": f"http://127.0.0.1:{port}/metrics"}
     before = {name: scrape(url) for name, url in metrics_urls.items()}
@@ -188,12 +193,8 @@ def test_cancel_live_run_runbook_then_the_post_run_still_analyses_every_frame(tm
     """runbook:cancel-live-run on a live run mid-scan (the scan held, so it is certainly
     running): CANCELLED by Prefect through the worker; its live result keeps its checkpoint;
     the post run the stop document starts reads every frame and equals numpy."""
-    from visitflow.trigger import AnalysisTrigger, TriggerSettings
-
     token = ops_idp.token("alice")
-    trig = AnalysisTrigger(TriggerSettings(issuer=ops_idp.issuer, prefect_api_url=ops_prefect.api_url,
-                                           client_secret=SECRETS["blueapi"], state_dir=tmp_path / "trigger",
-                                           max_backoff=1.0), token=token)
+    trig = _trigger(ops_idp, ops_prefect, tmp_path / "trigger", token)
     started: dict = {}
     hold = threading.Event()
     num, pause_after = 12, 6
