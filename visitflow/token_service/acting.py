@@ -45,8 +45,8 @@ import logging
 
 from ..core.authority import Subject
 from ..core.scopes import DataScope, RunScope, ScopeSet
-from ..errors import AuthorityUnavailable, InvalidToken, OAuthError, ScopeError
-from .federation import Federation, subject_refused, unavailable
+from ..errors import AuthorityUnavailable, InvalidToken, OAuthError
+from .federation import Federation, requested_scopes, subject_refused, unavailable
 
 __all__ = ["one_run", "decide_acting"]
 
@@ -55,13 +55,8 @@ log = logging.getLogger("visitflow.idp.acting")
 
 def one_run(requested: str | None) -> tuple[ScopeSet, str]:
     """The requested scopes and their visit, if they are one run's; ``invalid_scope`` otherwise."""
-    if not requested or not requested.strip():
-        raise OAuthError("invalid_scope", "staff recovery needs the run's scopes: run:<analysis>:<visit> "
-                         "read:raw:<visit>/<run> write:processed:<visit>/<run>", 403)
-    try:
-        scopes = ScopeSet.parse(requested)
-    except ScopeError as exc:
-        raise OAuthError("invalid_scope", str(exc), 403) from exc
+    scopes = requested_scopes(requested, "staff recovery needs the run's scopes: run:<analysis>:<visit> "
+                              "read:raw:<visit>/<run> write:processed:<visit>/<run>")
     visits = {s.visit for s in scopes if isinstance(s, (RunScope, DataScope))}
     runs = {s.run for s in scopes if isinstance(s, DataScope)}
     problems = []

@@ -42,7 +42,7 @@ from ..errors import AuthorityUnavailable, ConfigError, InvalidToken, OAuthError
 from ..core.scopes import ScopeSet
 from ..core.tokens import TokenValidator, unverified_claims
 
-__all__ = ['IDENTITY_CLAIMS', 'subject_refused',
+__all__ = ['IDENTITY_CLAIMS', 'subject_refused', 'requested_scopes',
     'TrustedIssuer', 'unavailable', 'Federation', 'identity_extra',
 ]
 
@@ -76,6 +76,17 @@ def subject_refused(exc: InvalidToken) -> OAuthError:
     if exc.code == "keys_unavailable":
         return OAuthError("temporarily_unavailable", f"subject_token: {exc.reason}", 503, {"Retry-After": "5"})
     return OAuthError("invalid_token", f"subject_token: {exc.reason}", 401)
+
+
+def requested_scopes(requested: Optional[str], missing: str) -> ScopeSet:
+    """The ``scope`` parameter of a federated request, parsed; ``invalid_scope`` (403) with
+    ``missing`` when there is none, or with the parse error -- never a 500."""
+    if not requested or not requested.strip():
+        raise OAuthError("invalid_scope", missing, 403)
+    try:
+        return ScopeSet.parse(requested)
+    except ScopeError as exc:
+        raise OAuthError("invalid_scope", str(exc), 403) from exc
 
 
 class Federation:
@@ -136,13 +147,8 @@ class Federation:
     def mint_scopes(self, subject: dict, requested: Optional[str]) -> ScopeSet:
         """The scopes a federated subject gets: exactly those requested, if the authority
         allows every one (``access_denied`` with its reason otherwise)."""
-        if not requested or not requested.strip():
-            raise OAuthError("invalid_scope", "a facility token carries no visit scopes: request the "
-                             "run:<analysis>:<visit> and data scopes to be decided by the authority", 403)
-        try:
-            scopes = ScopeSet.parse(requested)
-        except ScopeError as exc:
-            raise OAuthError("invalid_scope", str(exc), 403) from exc
+        scopes = requested_scopes(requested, "a facility token carries no visit scopes: request the "
+                                  "run:<analysis>:<visit> and data scopes to be decided by the authority")
         self.require(subject, scopes)
         return scopes
 
