@@ -8,6 +8,13 @@ process group), takes the run's environment and working directory, and runs exac
 ``python -m prefect.engine`` runs (:func:`visitflow.worker.prefect_compat.run_flow_run`).  A crashing child cannot hurt the zygote or the worker;
 the exit code reaches the worker, which reports a crash like the process worker does.
 
+What stays per child is what belongs to the run or cannot cross a fork: reading the run and
+its deployment, the pull step, executing the flow's entrypoint file (Prefect re-executes it
+in every child, so a changed deployment is never run stale; the zygote never imports a flow's
+own code), clients, the engine's loop thread.  Modules Prefect imports lazily on every run
+are imported here once (:data:`RUN_PRELOAD`); ``VISITFLOW_CHILD_PHASES`` makes each child
+record its per-phase CPU and wall time (:mod:`.phases`, benchmarks/child_startup.py).
+
 Protocol (JSON lines): stdin ``{"id", "flow_run_id", "env", "cwd"}``; stdout
 ``{"id", "pid"}`` when forked, ``{"pid", "code"}`` when a child exits, ``{"ready": true,
 "import_seconds"}`` once at start.  Child output goes to the zygote's stderr (the worker log).
