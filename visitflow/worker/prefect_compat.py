@@ -40,6 +40,7 @@ from typing import Any
 
 from ..core import compat as _compat
 from ..errors import PrefectIncompatible, PrefectVersionWarning
+from . import phases
 
 __all__ = [ 'TESTED', 'PrivateName', 'PRIVATE_NAMES',
     'UNDERSCORE_ATTRIBUTES', 'installed_prefect', 'is_tested', 'resolve', 'check', 'at_risk',
@@ -179,29 +180,41 @@ def process_group_handle(child) -> Any:
     return ProcessHandle(child, termination_scope=scope())
 
 
-def run_flow_run(flow_run_id: str) -> int:
+def run_flow_run(flow_run_id: str, share_client: bool = True) -> int:
     """What ``python -m prefect.engine <id>`` does (the ``__main__`` of ``prefect.engine``), in the
-    forked child; returns the exit code."""
+    forked child; returns the exit code.
+
+    ``share_client``: one sync Prefect client for reading the run and for the engine
+    (Prefect's public ``SyncClientContext``, which both ``load_flow_run``'s ``get_client`` and
+    the engine's ``SyncClientContext.get_or_create`` reuse), instead of one each: a client
+    costs an SSL context from certifi's bundle (~20 ms CPU here, even for an http API) and a
+    new connection.  The same calls on the same API; only the second client is saved."""
+    import contextlib
     from uuid import UUID
 
+    from prefect.context import SyncClientContext
     from prefect.engine import handle_engine_signals
 
     _NAMES["prefect._internal.control_listener.configure_from_env"]()
+    phases.mark("control")
     run_id = UUID(flow_run_id)
     try:
-        with handle_engine_signals(run_id):
+        with handle_engine_signals(run_id), (SyncClientContext() if share_client else contextlib.nullcontext()):
             from prefect.flow_engine import flow_run_logger, load_flow, load_flow_run, run_flow
 
             flow_run = load_flow_run(flow_run_id=run_id)
+            phases.mark("load_flow_run")
             run_logger = flow_run_logger(flow_run=flow_run)
             try:
                 flow = load_flow(flow_run)
+                phases.mark("load_flow")
             except Exception:
                 run_logger.error("Unexpected exception encountered when trying to load flow", exc_info=True)
                 raise
             with _NAMES["prefect._internal.metrics.RunMetrics"](flow_run, flow):
                 result = run_flow(flow, flow_run=flow_run, error_logger=run_logger)
                 _NAMES["prefect.engine._drive_run_flow_result"](flow, result)
+            phases.mark("run_flow")
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
