@@ -22,17 +22,13 @@ import os
 import sys
 import time
 
-__all__ = ['ENV', 'enabled', 'start', 'mark', 'write']
+__all__ = ['ENV', 'start', 'mark', 'write']
 
 ENV = "VISITFLOW_CHILD_PHASES"
 
 _path: str | None = None
 _marks: list[tuple[str, float, float, int]] = []
 _at_fork: frozenset[str] = frozenset()
-
-
-def enabled() -> bool:
-    return _path is not None
 
 
 def start(path: str | None, requested_at: float | None = None) -> None:
