@@ -8,7 +8,8 @@
 #   bash deployments/images/build.sh flows idp    # only these (and what they are FROM)
 #
 # Images (deployments/images/README.md): base (mmdebstrap minbase + python3, imported), runtime
-# (base + the visitflow venv; the parent of flows, idp and tiled), flows, idp, tiled, blueapi, opa.
+# (base + the visitflow venv; the parent of flows, idp and tiled), flows, idp, tiled, blueapi, opa;
+# postgres and redis, each FROM its own mmdebstrap root (pgbase, redisbase) of Debian's package.
 # Tags: localhost/visitflow-<name>:<first 16 hex of the input hash>.  Each image is also saved
 # with `podman save --format docker-archive` (what `ctr -n k8s.io images import` reads, tag kept)
 # to $CACHE/archives/visitflow-<name>-<hash>.tar.  $CACHE/images.env lists the tags.
@@ -25,10 +26,17 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE="${VISITFLOW_CACHE:-/opt/visitflow-cache}/images"
 SUITE=bookworm
-MMDEBSTRAP_ARGS=(--variant=minbase --include=python3,python3-venv,ca-certificates
+DPKG_OPTS=(
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*'
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*')
-ALL=(base runtime flows idp tiled blueapi opa)
+# The roots made by mmdebstrap (`podman import`ed; parents only), and the Debian packages in each:
+# PostgreSQL and Redis get their own roots, so neither carries python3 nor the venv.
+declare -A ROOT_PACKAGES=(
+    [base]=python3,python3-venv,ca-certificates
+    [pgbase]=postgresql-15
+    [redisbase]=redis-server
+)
+ALL=(base pgbase redisbase runtime flows idp tiled blueapi opa postgres redis)
 
 mode=list; wanted=()
 for arg in "$@"; do
@@ -44,8 +52,12 @@ done
 mkdir -p "$CACHE/archives" "$CACHE/context" "$CACHE/logs"
 log() { echo "build.sh: $*" >&2; }
 
-runnable() { [ "$1" != base ] && [ "$1" != runtime ]; }  # base/runtime: parents only, no archive
-parent_of() { case "$1" in base) ;; runtime|blueapi|opa) echo base ;; *) echo runtime ;; esac; }
+is_root() { [ -n "${ROOT_PACKAGES[$1]:-}" ]; }
+runnable() { ! is_root "$1" && [ "$1" != runtime ]; }  # roots and runtime: parents only, no archive
+parent_of() {
+    case "$1" in base|pgbase|redisbase) ;; runtime|blueapi|opa) echo base ;;
+                 postgres) echo pgbase ;; redis) echo redisbase ;; *) echo runtime ;; esac
+}
 
 # Files (relative to the checkout) copied into an image's build context under src/.
 sources_of() {
@@ -81,6 +93,7 @@ stage() {
     fi
     [ "$name" = opa ] && cp "$(bash "$REPO/deployments/opa/install.sh")" "$ctx/opa"
     case "$name" in idp|tiled|blueapi|opa) cp "$HERE/probe" "$ctx/probe" ;; esac  # the HEALTHCHECK
+    [ "$name" = postgres ] && cp "$HERE/postgres-entrypoint" "$ctx/postgres-entrypoint"
     cp "$HERE/$name.Containerfile" "$ctx/Containerfile"
     {
         echo "parent $parent_tag"
@@ -100,20 +113,25 @@ save() {  # docker-archive keeps the tag, so `ctr images import` names the image
 }
 
 # The non-root user every image runs as (uid/gid 10001, numeric so runAsNonRoot can check it)
-# is made here, once; apt's lists and caches are dropped (no apt-get in any later step).
-BASE_HOOKS=(
+# is made here, in every root; apt's lists and caches are dropped (no apt-get in any later step).
+ROOT_HOOKS=(
     --customize-hook='chroot "$1" useradd --system --uid 10001 --user-group --home-dir /home/visitflow --create-home --shell /usr/sbin/nologin visitflow 2>/dev/null'
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*'
 )
+# PostgreSQL's package makes a default cluster (/var/lib/postgresql/15/main, /etc/postgresql/15):
+# the image's entrypoint makes its own in $PGDATA, so that one goes.
+PGBASE_HOOKS=(--customize-hook='rm -rf "$1"/var/lib/postgresql/15 "$1"/etc/postgresql/15')
 
-build_base() {
-    local hash tag rootfs
-    hash=$(printf '%s\n' "$SUITE" "${MMDEBSTRAP_ARGS[@]}" "${BASE_HOOKS[@]}" | sha256sum | cut -c1-16)
-    tag="localhost/visitflow-base:$hash"
+build_root() {  # name -> tag: an mmdebstrap root with ROOT_PACKAGES[name], imported
+    local name=$1 hash tag rootfs args hooks
+    args=(--variant=minbase "--include=${ROOT_PACKAGES[$name]}" "${DPKG_OPTS[@]}")
+    hooks=("${ROOT_HOOKS[@]}"); [ "$name" = pgbase ] && hooks+=("${PGBASE_HOOKS[@]}")
+    hash=$(printf '%s\n' "$SUITE" "${args[@]}" "${hooks[@]}" | sha256sum | cut -c1-16)
+    tag="localhost/visitflow-$name:$hash"
     if ! podman image exists "$tag"; then
-        log "base: mmdebstrap $SUITE (Debian packages) -> $tag"
+        log "$name: mmdebstrap $SUITE (${ROOT_PACKAGES[$name]}) -> $tag"
         rootfs=$(mktemp -d "$CACHE/.rootfs.XXXXXX")
-        mmdebstrap --quiet "${MMDEBSTRAP_ARGS[@]}" "${BASE_HOOKS[@]}" "$SUITE" "$rootfs/rootfs.tar"
+        mmdebstrap --quiet "${args[@]}" "${hooks[@]}" "$SUITE" "$rootfs/rootfs.tar"
         podman import --quiet --change 'CMD ["/bin/bash"]' --change 'USER 10001:10001' \
             "$rootfs/rootfs.tar" "$tag" >/dev/null
         rm -rf "$rootfs"
@@ -130,7 +148,7 @@ build_image() {  # name parent_tag -> tag
         # --format docker: OCI image config has no HEALTHCHECK; docker's keeps it.
         podman build --network host --format docker --pull=never \
             --build-arg "BASE=${TAGS[base]:-}" --build-arg "RUNTIME=${TAGS[runtime]:-}" \
-            \
+            --build-arg "PARENT=$parent" \
             --label "org.opencontainers.image.source=visitflow" --label "visitflow.inputs=$hash" \
             -t "$tag" -f "$ctx/Containerfile" "$ctx" >"$CACHE/logs/$name.log" 2>&1 \
             || { tail -40 "$CACHE/logs/$name.log" >&2; log "$name: build failed (log: $CACHE/logs/$name.log)"; return 1; }
@@ -146,7 +164,7 @@ for name in "${wanted[@]}"; do
 done
 for name in "${ALL[@]}"; do
     [ -n "${NEED[$name]:-}" ] || continue
-    if [ "$name" = base ]; then TAGS[base]=$(build_base)
+    if is_root "$name"; then TAGS[$name]=$(build_root "$name")
     else TAGS[$name]=$(build_image "$name" "${TAGS[$(parent_of "$name")]}"); fi
     runnable "$name" && save "${TAGS[$name]}" "$(archive_of "$name" "${TAGS[$name]}")"
 done

@@ -32,7 +32,9 @@ UID = k8s.RUN_AS_UID
 GRANT = "run:{a}:{v} read:raw:{v}/{r} write:processed:{v}/{r}"
 #: every Containerfile shipped in deployments/images/ (runtime is the parent of flows, idp, tiled)
 CONTAINERFILES = ("blueapi.Containerfile", "flows.Containerfile", "idp.Containerfile", "opa.Containerfile",
-                  "runtime.Containerfile", "tiled.Containerfile")
+                  "postgres.Containerfile", "redis.Containerfile", "runtime.Containerfile", "tiled.Containerfile")
+#: images FROM their own mmdebstrap root, probed by their own tools (no python, no visitflow-probe)
+OWN_HEALTHCHECK = {"postgres": ["CMD", "pg_isready", "-h", "127.0.0.1", "-q"], "redis": ["CMD", "redis-cli", "ping"]}
 
 
 def test_build_sh_is_a_no_op_when_warm_and_names_every_image(images):
@@ -73,7 +75,11 @@ def test_image_runs_as_the_numeric_non_root_user_and_carries_no_build_inputs(ima
                  " [ -e $p ] && echo has $p; done; true").stdout.split()
     assert out[:2] == [str(UID), str(UID)] and not out[2:], out
     assert not any(e.startswith("PIP_") for e in config.get("Env") or [])
-    if name != "flows":
+    if name in OWN_HEALTHCHECK:
+        assert inspect["Healthcheck"]["Test"] == OWN_HEALTHCHECK[name]
+        assert not podman("run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", tag, "-c",
+                          "command -v python3 || true").stdout.strip()       # its own root: no python
+    elif name != "flows":
         assert inspect["Healthcheck"]["Test"] == ["CMD", "visitflow-probe"]  # podman lists it beside Config
         assert any(e.startswith("VISITFLOW_PROBE_URL=http://127.0.0.1:") for e in config["Env"])
 
@@ -152,6 +158,78 @@ def test_opa_image_answers_its_health_check(images, tmp_path):
                        options=["-e", f"VISITFLOW_PROBE_URL={url}/health"]) as (_, cname):
         _health(cname)
         assert httpx.get(f"{url}/v1/data").status_code == 200
+
+
+def _postgres_container(images, tmp_path, port: int, env: dict[str, str], volume: str):
+    options = ["--read-only", "--cap-drop", "ALL", "--tmpfs", "/tmp", "--tmpfs", "/var/run/postgresql",
+               "-v", f"{volume}:/var/lib/postgresql/data"]
+    for key, value in env.items():
+        options += ["-e", f"{key}={value}"]
+    return run_container(images.tags["postgres"], ["-c", f"port={port}"], name="postgres", log_dir=tmp_path,
+                         health_url=None, options=options)
+
+
+def test_postgres_image_makes_each_services_role_and_database_from_its_url(images, tmp_path):
+    """As deployments/kubernetes/base/services/postgres.yaml runs deployments/images/postgres-entrypoint: read-only root, no capabilities, the superuser password
+    and the services' URLs from the environment; a second start with a rotated password takes it,
+    and a malformed URL stops the container naming the variable, before anything is touched."""
+    port, volume = free_port(), f"visitflow-test-pg-{os.getpid()}"
+    su, prefect_pw, tiled_pw = "su-" + os.urandom(6).hex(), "p@ss/" + os.urandom(4).hex(), os.urandom(8).hex()
+    quoted = prefect_pw.replace("@", "%40").replace("/", "%2F")         # a URL percent-encodes; the role gets it decoded
+    env = {"POSTGRES_PASSWORD": su,
+           "VISITFLOW_DATABASE_URL_PREFECT": f"postgresql+asyncpg://prefect:{quoted}@postgres:5432/prefect",
+           "VISITFLOW_DATABASE_URL_TILED": f"postgresql://tiled:{tiled_pw}@postgres.visitflow.svc:5432/tiled"}
+
+    def sql(user, password, db, query="select 1"):   # psql: the client .ci/install-postgres installs
+        return subprocess.run(["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", db,
+                               "-c", query], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "5"})
+
+    def ok(user, password, db, query="select 1"):
+        out = sql(user, password, db, query)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def refused(user, password, db):
+        out = sql(user, password, db)
+        return out.returncode != 0 and "password authentication failed" in out.stderr
+
+    def accepting():
+        return sql("postgres", su, "postgres").returncode == 0
+
+    try:
+        with _postgres_container(images, tmp_path, port, env, volume):
+            wait_until(accepting, 120, "visitflow-postgres accepts the superuser")
+            assert ok("prefect", prefect_pw, "prefect", "select current_user, current_database()") == "prefect|prefect"
+            ok("prefect", prefect_pw, "prefect", "create table kept (a int)")   # the role owns its database
+            assert refused("tiled", "wrong", "tiled")
+            assert ok("tiled", tiled_pw, "tiled", "select count(*) from pg_tables where tablename = 'kept'") == "0"
+        rotated = os.urandom(8).hex()
+        with _postgres_container(images, tmp_path, port, {**env, "VISITFLOW_DATABASE_URL_TILED":
+                                                          f"postgresql://tiled:{rotated}@postgres/tiled"}, volume):
+            wait_until(accepting, 120, "visitflow-postgres restarted on its volume")
+            assert ok("prefect", prefect_pw, "prefect", "select count(*) from kept") == "0"   # the volume was kept
+            assert ok("tiled", rotated, "tiled") == "1"
+            assert refused("tiled", tiled_pw, "tiled")
+        bad = podman("run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp", "-e", f"POSTGRES_PASSWORD={su}",
+                     "-e", "VISITFLOW_DATABASE_URL_TOKENS=postgresql://nopassword@postgres/tokens",
+                     images.tags["postgres"], check=False)
+        assert bad.returncode == 2 and "VISITFLOW_DATABASE_URL_TOKENS is not postgresql://" in bad.stderr, bad.stderr
+    finally:
+        podman("volume", "rm", "-f", volume, check=False)
+
+
+def test_redis_image_answers_as_base_services_redis_yaml_runs_it(images, tmp_path):
+    port = free_port()
+    with run_container(images.tags["redis"], ["--port", str(port), "--save", "", "--appendonly", "no", "--dir", "/tmp"],
+                       name="redis", log_dir=tmp_path, health_url=None,
+                       options=["--read-only", "--cap-drop", "ALL", "--tmpfs", "/tmp"]) as (_, cname):
+        def pong():
+            out = podman("exec", cname, "redis-cli", "-p", str(port), "ping", check=False)
+            return out.returncode == 0 and out.stdout.strip() == "PONG"
+        wait_until(pong, 60, "visitflow-redis answers PING")
+        out = podman("exec", cname, "redis-cli", "-p", str(port), "config", "get", "save").stdout.split()
+        assert out == ["save"]                                            # nothing persisted
 
 
 def test_blueapi_image_starts_with_the_hook_and_the_plans(images, idp_container, tmp_path):

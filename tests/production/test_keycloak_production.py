@@ -16,125 +16,27 @@ Allow 60-150 s for a start on a loaded 2-core machine.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import secrets
-import shutil
-import subprocess
-from pathlib import Path
 
 import httpx
 import jwt
 import pytest
 
-from tests.fixtures.ci import missing_part
-from tests.fixtures.postgres_fixtures import fetch, fresh_databases, postgres_url
-from tests.fixtures.waiting import wait_until
-from visitflow.stack.services import free_port, start_service
+from tests.fixtures.keycloak_production import REALM_FILE, production_keycloak
+from tests.fixtures.postgres_fixtures import fetch
 
 pytestmark = pytest.mark.keycloak
 
-REPO = Path(__file__).resolve().parents[2]
-KC_DIR = REPO / "deployments" / "keycloak"
-REALM_FILE = KC_DIR / "realm-facility.json"
 REALM = "facility"
 OVERLAY_CLIENT = "tests-password-login"   # test-only: the shipped realm has no password grant
 USER = ("alice", secrets.token_urlsafe(12))
 
 
-def _ca_and_cert(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA, and a server certificate it signs for localhost / 127.0.0.1 (PEM files)."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "visitflow test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = directory / "ca.pem", directory / "server.pem", directory / "server-key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
-
-
-def _production_home() -> str:
-    done = subprocess.run(["bash", str(KC_DIR / "build-production.sh")], capture_output=True, text=True,
-                          timeout=1800)
-    if done.returncode != 0:
-        missing_part(f"production Keycloak could not be built: {done.stderr[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def kc_prod(tmp_path_factory):
-    from urllib.parse import urlsplit
-
-    postgres_url()
-    home = _production_home()
-    tmp = tmp_path_factory.mktemp("keycloak-production")
-    ca, cert, key = _ca_and_cert(tmp / "tls")
-    session = tmp / "home"
-    (session / "bin").mkdir(parents=True)
-    (session / "data" / "import").mkdir(parents=True)
-    shutil.copy2(Path(home) / "bin" / "kc.sh", session / "bin")
-    shutil.copytree(Path(home) / "bin" / "client", session / "bin" / "client", dirs_exist_ok=True)
-    for d in ("lib", "conf", "providers", "themes"):
-        (session / d).symlink_to(Path(home) / d)
-    shutil.copyfile(REALM_FILE, session / "data" / "import" / "facility-realm.json")  # unchanged
-    port, mgmt = free_port(), free_port()
-    admin = ("admin", secrets.token_urlsafe(16))
-    with fresh_databases("keycloak") as dbs:
-        pg = urlsplit(postgres_url())
-        env = {"KC_BOOTSTRAP_ADMIN_USERNAME": admin[0], "KC_BOOTSTRAP_ADMIN_PASSWORD": admin[1],
-               "KC_DB_USERNAME": pg.username, "KC_DB_PASSWORD": pg.password,   # not in argv
-               "JAVA_OPTS_KC_HEAP": "-Xms64m -Xmx512m"}
-        argv = [str(session / "bin" / "kc.sh"), "start", "--optimized", "--import-realm",
-                f"--hostname=https://localhost:{port}", "--http-enabled=false", "--https-port", str(port),
-                "--http-host=127.0.0.1", f"--https-certificate-file={cert}", f"--https-certificate-key-file={key}",
-                f"--http-management-port={mgmt}",
-                f"--db-url=jdbc:postgresql://{pg.hostname}:{pg.port}/{dbs['keycloak']}"]
-        service = start_service("keycloak-production", argv, log_dir=tmp / "logs", env=env)
-        client = httpx.Client(verify=str(ca), timeout=20)
-
-        def ready() -> bool:
-            if service.process.poll() is not None:
-                raise RuntimeError(f"keycloak exited: {service.log_tail()}")
-            try:
-                return client.get(f"https://localhost:{mgmt}/health/ready").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        try:
-            wait_until(ready, timeout=600, interval=2.0, what="production Keycloak ready")
-            yield {"base": f"https://localhost:{port}", "port": port, "client": client, "ca": ca,
-                   "admin": admin, "db": dbs["keycloak"], "service": service}
-        finally:
-            client.close()
-            service.stop(timeout=60)
+    with production_keycloak(tmp_path_factory.mktemp("keycloak-production")) as kc:
+        yield kc
 
 
 def _admin(kc) -> dict:
