@@ -54,9 +54,9 @@ log() { echo "build.sh: $*" >&2; }
 
 is_root() { [ -n "${ROOT_PACKAGES[$1]:-}" ]; }
 runnable() { ! is_root "$1" && [ "$1" != runtime ]; }  # roots and runtime: parents only, no archive
-parent_of() {
-    case "$1" in base|pgbase|redisbase) ;; runtime|blueapi|opa) echo base ;;
-                 postgres) echo pgbase ;; redis) echo redisbase ;; *) echo runtime ;; esac
+parent_of() {  # roots have none
+    is_root "$1" && return 0
+    case "$1" in runtime|blueapi|opa) echo base ;; postgres) echo pgbase ;; redis) echo redisbase ;; *) echo runtime ;; esac
 }
 
 # Files (relative to the checkout) copied into an image's build context under src/.

@@ -170,9 +170,10 @@ def _postgres_container(images, tmp_path, port: int, env: dict[str, str], volume
 
 
 def test_postgres_image_makes_each_services_role_and_database_from_its_url(images, tmp_path):
-    """As deployments/kubernetes/base/services/postgres.yaml runs deployments/images/postgres-entrypoint: read-only root, no capabilities, the superuser password
-    and the services' URLs from the environment; a second start with a rotated password takes it,
-    and a malformed URL stops the container naming the variable, before anything is touched."""
+    """As deployments/kubernetes/base/services/postgres.yaml runs deployments/images/postgres-entrypoint:
+    read-only root, no capabilities, the superuser password and the services' URLs from the
+    environment; a second start with a rotated password takes it, and a malformed URL stops the
+    container naming the variable, before anything is touched."""
     port, volume = free_port(), f"visitflow-test-pg-{os.getpid()}"
     su, prefect_pw, tiled_pw = "su-" + os.urandom(6).hex(), "p@ss/" + os.urandom(4).hex(), os.urandom(8).hex()
     quoted = prefect_pw.replace("@", "%40").replace("/", "%2F")         # a URL percent-encodes; the role gets it decoded
