@@ -131,6 +131,42 @@ def test_both_replicas_share_one_issuer_one_jwks_and_are_ready_on_the_database(t
         assert discovery["issuer"] == two_replicas.lb.issuer
 
 
+def test_replicas_starting_on_an_empty_database_together_make_one_first_key():
+    """Each store finds ``vf_signing_keys`` empty; exactly one key is made and all publish it.
+
+    (The stop-25 CI run: each replica made its own first key, and A's JWKS lacked B's.)
+    """
+    from visitflow.token_service.pg_keys import SharedKeyStore
+    from visitflow.token_service.pg_state import PostgresState
+
+    with fresh_databases("keys") as names:
+        states = [PostgresState(db_url(names["keys"])) for _ in range(4)]   # schema made before the race
+        try:
+            start, stores, errors = threading.Barrier(len(states)), [None] * len(states), []
+
+            def make(i):
+                try:
+                    start.wait(timeout=30)
+                    stores[i] = SharedKeyStore(states[i], poll_seconds=POLL, publish_ahead=PUBLISH_AHEAD)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=make, args=(i,)) for i in range(len(states))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert not errors, errors
+            rows = fetch(names["keys"], "SELECT kid FROM vf_signing_keys")
+            assert len(rows) == 1, rows
+            for store in stores:
+                assert [k["kid"] for k in store.jwks()["keys"]] == [rows[0]["kid"]]
+                assert store.current.kid == rows[0]["kid"]
+        finally:
+            for st in states:
+                st.close()
+
+
 def test_a_revocation_at_one_replica_is_refused_at_the_other_after_the_poll_bound(two_replicas, ops_idp):
     a, b = two_replicas.replicas
     grant = _grant(a, ops_idp.token("alice"))

@@ -39,7 +39,28 @@ class SharedKeyStore:
         self._lock = threading.Lock()
         self._load()
         if not self._keys:
-            self.rotate(immediately=True)   # the first key signs at once (nothing to overlap with)
+            self._first_key()
+
+    def _first_key(self) -> None:
+        """Make the first key, which signs at once (nothing to overlap with), unless one exists.
+
+        Replicas starting together all find the table empty; under one advisory lock only the
+        first makes a key and the others load it, so no replica starts with a JWKS the others
+        lack (CI run of stop 25: each replica made its own first key and published only that).
+        """
+        now = time.time()
+        key = SigningKey(f"vf-{int(now)}-{os.urandom(3).hex()}", new_rsa_key(), now)
+
+        async def go():
+            async with self.db._engine.begin() as conn:
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(4242002)"))
+                if (await conn.execute(sa.select(sa.func.count()).select_from(SIGNING_KEYS))).scalar():
+                    return
+                await conn.execute(sa.insert(SIGNING_KEYS).values(
+                    kid=key.kid, pem=key.private_pem().decode(), created=now, signs_from=now))
+
+        self.db.run(go())
+        self._load()
 
     def _load(self) -> None:
         rows = self.db.run(self.db._execute(sa.select(SIGNING_KEYS), fetch=True))
