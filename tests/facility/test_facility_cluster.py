@@ -3,11 +3,13 @@
 What is real here: the cluster (v1.37.2 apiserver, controller-manager, scheduler, kubelet,
 kube-proxy built from the Go module proxy; Debian's etcd, containerd 1.6, runc and CNI bridge;
 CoreDNS), the manifests (``kubectl apply -k deployments/kubernetes/overlays/local``, the same files
-the offline validation renders), Pod Security admission, RBAC, local volumes, and a flow-run Job
-rendered from the shipped base job template by prefect-kubernetes' own code.  The workload image
-of the Job and of the Service checks is the suite's network probe (tests/facility/probe/, a
-static Go binary): the visitflow service images come from deployments/images (helper `images`)
-and are not used by these tests -- see docs/deploy.md "Status".
+the offline validation renders), Pod Security admission, RBAC, local volumes, the visitflow images
+deployments/images/build.sh makes (imported by deployments/cluster/load-images.sh), and the
+facility's Keycloak in production mode outside the cluster at the overlay's own FACILITY_ISSUER
+host (TLS from this suite's CA, which the Pods trust through ConfigMap ``visitflow-ca``).  The
+flow-run Job is rendered from the shipped base job template by prefect-kubernetes' own code and
+created by this suite, not yet by the worker, and runs the suite's network probe
+(tests/facility/probe/, a static Go binary) -- see docs/deploy.md "Status".
 """
 
 from __future__ import annotations
@@ -18,29 +20,56 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from tests.fixtures.cluster_fixtures import CLUSTER_DIR, K8S_DIR, Kube, cluster_cache
+from tests.fixtures.image_fixtures import Images
+from tests.fixtures.keycloak_production import production_keycloak
 from tests.fixtures.waiting import wait_until
 
 pytestmark = pytest.mark.facility
 
+REPO = Path(__file__).resolve().parents[2]
 PROBE_SRC = Path(__file__).parent / "probe"
 PROBE_IMAGE = "localhost/visitflow/probe:{tag}"
 NS = "visitflow"
-#: the Secrets the manifests reference, with random values (never the examples' placeholders)
-SECRET_KEYS = {
-    "visitflow-oidc": ["client-secret"],
-    "visitflow-prefect-api": ["api-url", "auth-string"],
-    "visitflow-postgres": ["password"],
-    "visitflow-prefect-db": ["url"],
-    "visitflow-tiled-db": ["tabular-url"],
-    "visitflow-token-service": ["blueapi-secret", "visitflow-secret", "tiled-secret", "admin-secret", "database-url"],
-    "visitflow-trigger": ["client-secret"],
-}
+#: the Secrets the manifests reference and their keys: secrets.example.yaml as shipped
+SECRET_KEYS = {d["metadata"]["name"]: sorted(d["stringData"])
+               for d in yaml.safe_load_all((K8S_DIR / "secrets.example.yaml").read_text()) if d}
+SITE = dict(line.split("=", 1) for line in (K8S_DIR / "overlays" / "facility" / "site.env").read_text().splitlines()
+            if line and not line.startswith("#"))
+#: the facility's Keycloak host, from the overlay's own FACILITY_ISSUER (never renamed here)
+FACILITY_HOST = urlsplit(SITE["FACILITY_ISSUER"]).hostname
+#: how Pods reach the node: the CNI bridge's address (deployments/cluster/up.sh, POD_CIDR's .1)
+NODE_FROM_PODS = "10.244.0.1"
+
+
+def facility_secrets() -> dict[str, dict[str, str]]:
+    """Random values, consistent as a site's must be: each database URL names the in-cluster
+    ``postgres`` (whose entrypoint makes the role from it), the flow runs' client secret is the
+    token service's ``visitflow`` client's, the trigger's is its ``blueapi`` client's."""
+    pw = {k: secrets.token_urlsafe(18) for k in
+          ("postgres", "prefect", "tiled", "tokens", "auth", "visitflow", "blueapi", "tiled-client", "admin", "opa")}
+    db = "postgres.visitflow.svc.cluster.local:5432"
+    values = {
+        "visitflow-oidc": {"client-secret": pw["visitflow"]},
+        "visitflow-prefect-api": {"api-url": SITE["PREFECT_API_URL"], "auth-string": f"visitflow:{pw['auth']}"},
+        "visitflow-postgres": {"password": pw["postgres"]},
+        "visitflow-prefect-db": {"url": f"postgresql+asyncpg://prefect:{pw['prefect']}@{db}/prefect"},
+        "visitflow-tiled-db": {"tabular-url": f"postgresql://tiled:{pw['tiled']}@{db}/tiled"},
+        "visitflow-token-service": {
+            "blueapi-secret": pw["blueapi"], "visitflow-secret": pw["visitflow"], "tiled-secret": pw["tiled-client"],
+            "admin-secret": pw["admin"], "opa-token": pw["opa"],
+            "database-url": f"postgresql://visitflow_tokens:{pw['tokens']}@{db}/visitflow_tokens"},
+        "visitflow-trigger": {"client-secret": pw["blueapi"]},
+    }
+    assert {k: sorted(v) for k, v in values.items()} == {k: sorted(v) for k, v in SECRET_KEYS.items()}
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -146,16 +175,41 @@ def test_a_pod_reaches_a_service_through_kube_proxy(kube, probe_image):
 
 
 @pytest.fixture(scope="module")
-def applied(kube) -> dict[str, str]:
-    """Secrets out of band (random values, the shape of secrets.example.yaml), then the local overlay."""
+def facility_keycloak(kube, tmp_path_factory):
+    """Production Keycloak outside the cluster, at the overlay's FACILITY_ISSUER host on 443 (a
+    certificate from this suite's CA for that name), which the Pods resolve by CoreDNS's hosts
+    (deployments/cluster/add-hosts.sh) to the node."""
+    tmp = tmp_path_factory.mktemp("facility-keycloak")
+    with production_keycloak(tmp, hostname=f"https://{FACILITY_HOST}", https_port=443, http_host="0.0.0.0",
+                             names=(FACILITY_HOST,), ips=("127.0.0.1", NODE_FROM_PODS)) as kc:
+        subprocess.run(["bash", str(CLUSTER_DIR / "add-hosts.sh"), f"{NODE_FROM_PODS}={FACILITY_HOST}"],
+                       check=True, capture_output=True, timeout=300)
+        yield kc
+
+
+@pytest.fixture(scope="module")
+def visitflow_images(kube, images: Images) -> dict[str, str]:
+    """deployments/images/build.sh's archives imported into the node, tagged as overlays/local names them."""
+    wanted = ["postgres", "redis", "opa", "idp", "tiled", "flows", "blueapi"]
+    subprocess.run(["bash", str(CLUSTER_DIR / "load-images.sh"), "--tag", "local",
+                    *[str(images.archives[n]) for n in wanted]], check=True, capture_output=True, timeout=1800)
+    return {n: images.tags[n] for n in wanted}
+
+
+@pytest.fixture(scope="module")
+def applied(kube, facility_keycloak, visitflow_images, tmp_path_factory) -> dict[str, str]:
+    """docs/deploy.md steps 2-5: the namespace; Secrets, the site CA and OPA's bundle out of band;
+    then the local overlay."""
     kube.run("apply", "-f", str(K8S_DIR / "base" / "services" / "namespace.yaml"))
     values = {}
-    for name, keys in SECRET_KEYS.items():
-        literal = []
-        for key in keys:
-            values[f"{name}/{key}"] = secrets.token_urlsafe(24)
-            literal.append(f"--from-literal={key}={values[f'{name}/{key}']}")
-        kube.run("-n", NS, "create", "secret", "generic", name, *literal)
+    for name, data in facility_secrets().items():
+        values.update({f"{name}/{k}": v for k, v in data.items()})
+        kube.run("-n", NS, "create", "secret", "generic", name, *[f"--from-literal={k}={v}" for k, v in data.items()])
+    kube.run("-n", NS, "create", "configmap", "visitflow-ca", f"--from-file=ca.crt={facility_keycloak['ca']}")
+    bundle = tmp_path_factory.mktemp("opa-bundle") / "visitflow.tar.gz"
+    subprocess.run([sys.executable, "-m", "visitflow.cli", "provision", "--sessions", str(REPO / "deployments/opa/data.json"),
+                    "--policy", str(REPO / "deployments/opa"), "--bundle", str(bundle)], check=True, capture_output=True)
+    kube.run("-n", NS, "create", "configmap", "visitflow-opa-bundle", f"--from-file=visitflow.tar.gz={bundle}")
     kube.run("apply", "-k", str(K8S_DIR / "overlays" / "local"), "--dry-run=server")
     kube.run("apply", "-k", str(K8S_DIR / "overlays" / "local"))
     return values
@@ -248,6 +302,51 @@ def test_a_flow_run_job_from_the_shipped_template_gets_its_secret_by_reference(k
     mounts = [m["mountPath"] for m in pod["spec"]["containers"][0].get("volumeMounts", [])]
     assert not [m for m in mounts if "serviceaccount" in m], mounts      # no API token in flow pods
     assert secret not in json.dumps(pod)                                  # the value never enters the Pod object
+
+
+def _why_not_ready(kube: Kube) -> str:
+    """Each unready Pod's phase, container states and last log lines (what a stranger needs first)."""
+    out = []
+    for p in kube.json("-n", NS, "get", "pods")["items"]:
+        statuses = p["status"].get("containerStatuses") or []
+        if statuses and all(c.get("ready") for c in statuses):
+            continue
+        name = p["metadata"]["name"]
+        log = kube.run("-n", NS, "logs", name, "--tail=15", check=False)
+        out.append(f"--- {name} {p['status'].get('phase')} {[c.get('state') for c in statuses]}\n{log}")
+    return "\n".join(out)
+
+
+def test_every_service_runs_its_visitflow_image_and_becomes_ready(kube, applied, visitflow_images):
+    """Every Deployment and StatefulSet of the local overlay Available on the images build.sh made:
+    PostgreSQL making each role from its Secret's URL, Redis, OPA with its bundle activated, two
+    token-service replicas federating the production Keycloak over TLS (the site CA ConfigMap),
+    Tiled, the Prefect server and services on PostgreSQL and Redis, the worker, blueapi."""
+    workloads = [o for o in rendered_local(kube) if o["kind"] in ("Deployment", "StatefulSet")]
+
+    def unready():
+        left = []
+        for w in workloads:
+            got = kube.json("-n", NS, "get", w["kind"], w["metadata"]["name"])
+            want = got["spec"].get("replicas", 1)
+            if got.get("status", {}).get("readyReplicas", 0) < want:
+                left.append(w["metadata"]["name"])
+        return left
+    try:
+        wait_until(lambda: not unready(), 900, "every Deployment/StatefulSet ready", interval=5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: not ready {unready()}\n{_why_not_ready(kube)}") from None
+    built = set(visitflow_images.values()) | {t.rsplit(":", 1)[0] + ":local" for t in visitflow_images.values()}
+    for p in kube.json("-n", NS, "get", "pods")["items"]:
+        for c in p["status"]["containerStatuses"]:      # containerd names an image by any of its tags
+            assert c["image"] in built, (p["metadata"]["name"], c["image"], built)
+    proxy = "/api/v1/namespaces/visitflow/services/{}/proxy{}"
+    ready = kube.run("get", "--raw", proxy.format("token-service:8180", "/readyz"))
+    assert SITE["FACILITY_ISSUER"] in ready and "postgresql answers" in ready, ready
+    discovery = json.loads(kube.run("get", "--raw", proxy.format("token-service:8180", "/.well-known/openid-configuration")))
+    assert discovery["issuer"] == SITE["TOKEN_ISSUER"]
+    health = json.loads(kube.run("get", "--raw", proxy.format("prefect-server:4200", "/api/health")))
+    assert health is True
 
 
 def test_a_deleted_service_pod_is_replaced_and_its_claim_kept(kube, applied):

@@ -20,13 +20,14 @@ import yaml
 from tests.fixtures.ci import missing_part
 from tests.fixtures.cluster_fixtures import K8S_DIR, kubectl_path
 
+REPO = Path(__file__).resolve().parents[2]
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 OVERLAYS = ("facility", "local")
 #: the Deployments/StatefulSets whose containers serve a port and so must have a readiness probe
 NO_PORT = {"prefect-services"}
 FACILITY = K8S_DIR / "overlays" / "facility"
 #: env names that hold a credential: only ever from a secretKeyRef
-SECRET_NAME = re.compile(r"(SECRET|PASSWORD|AUTH_STRING|API_KEY|_URL_WITH_PASSWORD)$")
+SECRET_NAME = re.compile(r"(SECRET|PASSWORD|AUTH_STRING|API_KEY|_URL_WITH_PASSWORD|_TOKEN)$")
 
 
 def render(overlay: str) -> list[dict]:
@@ -91,6 +92,25 @@ def test_secrets_only_by_reference_and_every_reference_has_an_example(rendered):
     assert len(refs) >= 10
     for name, key in refs:
         assert key in example.get(name, {}), f"{name}/{key} referenced but not in secrets.example.yaml"
+
+
+def test_every_configmap_a_pod_uses_is_rendered_or_made_by_a_step_of_deploy_md(rendered):
+    """A ConfigMap no file renders must be one docs/deploy.md tells the site to create, or the
+    Pod waits in ContainerCreating for good (the site CA bundle, OPA's bundle)."""
+    objs = rendered["facility"]
+    made = {o["metadata"]["name"] for o in objs if o["kind"] == "ConfigMap"}
+    used = set()
+    for o in objs:
+        spec = o.get("spec", {}).get("template", {}).get("spec", {})
+        used |= {v["configMap"]["name"] for v in spec.get("volumes", []) if "configMap" in v}
+        for c in spec.get("containers", []):
+            used |= {e["valueFrom"]["configMapKeyRef"]["name"] for e in c.get("env", [])
+                     if "configMapKeyRef" in e.get("valueFrom", {})}
+    steps = (REPO / "docs" / "deploy.md").read_text()
+    out_of_band = used - made
+    assert out_of_band == {"visitflow-ca", "visitflow-opa-bundle"}, out_of_band
+    for name in out_of_band:
+        assert f"kubectl -n visitflow create configmap {name} " in steps, name
 
 
 def test_every_container_has_probes_resources_and_runs_restricted(rendered):
