@@ -188,6 +188,21 @@ if [ -f "$env_file" ]; then
 fi
 mv -f "$env_file.part" "$env_file"
 
+# Forget the previous builds of each image built now: its other archives and Podman tags.  Every
+# source change makes a new 1.6 GB runtime-based image, so an unpruned cache grew ~5 GB a commit
+# until the node's kubelet evicted the facility suite's Pods for disk pressure (2026-12-07).
+# Children before parents (ALL lists parents first), so no old parent is held by an old child.
+# Untagged images are left alone: the multi-stage builds' dependency layers are among them.
+for (( i = ${#ALL[@]} - 1; i >= 0; i-- )); do
+    name=${ALL[$i]}
+    [ -n "${TAGS[$name]:-}" ] || continue
+    for old in "$CACHE/archives/visitflow-$name-"*.tar; do
+        [ -e "$old" ] && [ "$old" != "$(archive_of "$name" "${TAGS[$name]}")" ] && rm -f "$old"
+    done
+    podman images --format '{{.Repository}}:{{.Tag}}' "localhost/visitflow-$name" 2>/dev/null \
+        | grep -vxF "${TAGS[$name]}" | xargs -r podman rmi --ignore > /dev/null 2>&1 || true
+done
+
 for name in "${ALL[@]}"; do
     [ -n "${TAGS[$name]:-}" ] || continue
     case "$mode" in

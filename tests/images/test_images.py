@@ -56,6 +56,28 @@ def test_build_sh_is_a_no_op_when_warm_and_names_every_image(images):
     assert tags == images.tags
 
 
+def test_a_build_forgets_the_previous_builds_of_each_image(images):
+    """Another hash's archive and Podman tag of a built image are removed; the current stay.
+    (Unpruned, the cache grew ~5 GB a commit until the kubelet evicted Pods for disk pressure.)"""
+    stale_archive = images.archives["redis"].with_name("visitflow-redis-0123456789abcdef.tar")
+    stale_archive.write_bytes(b"an older build")
+    other_archive = images.archives["redis"].with_name("visitflow-redisx-0123456789abcdef.tar")
+    other_archive.write_bytes(b"not an image build.sh makes")
+    stale_tag = "localhost/visitflow-redis:0123456789abcdef"
+    podman("tag", images.tags["redis"], stale_tag)
+    try:
+        again = build()
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert not stale_archive.exists()
+        assert images.archives["redis"].stat().st_size > 0
+        tags = podman("images", "--format", "{{.Repository}}:{{.Tag}}", "localhost/visitflow-redis").stdout.split()
+        assert tags == [images.tags["redis"]], tags
+        assert other_archive.exists()                 # visitflow-redis-* only, not a longer name
+    finally:
+        other_archive.unlink(missing_ok=True)
+        podman("rmi", "--ignore", stale_tag, check=False)
+
+
 @pytest.mark.parametrize("name", ["flows", "opa"])
 def test_archive_is_what_ctr_imports_with_the_tag(images, name):
     """docker-archive: its manifest names the tag, so `ctr -n k8s.io images import` keeps it."""
