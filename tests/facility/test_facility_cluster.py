@@ -21,6 +21,7 @@ import os
 import secrets
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -337,7 +338,11 @@ def test_every_service_runs_its_visitflow_image_and_becomes_ready(kube, applied,
     except AssertionError as exc:
         raise AssertionError(f"{exc}: not ready {unready()}\n{_why_not_ready(kube)}") from None
     built = set(visitflow_images.values()) | {t.rsplit(":", 1)[0] + ":local" for t in visitflow_images.values()}
-    for p in kube.json("-n", NS, "get", "pods")["items"]:
+    names = {w["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] for w in workloads}
+    pods = [p for p in kube.json("-n", NS, "get", "pods")["items"]
+            if p["metadata"].get("labels", {}).get("app.kubernetes.io/name") in names]   # not the Jobs' Pods
+    assert len(pods) >= len(workloads)
+    for p in pods:
         for c in p["status"]["containerStatuses"]:      # containerd names an image by any of its tags
             assert c["image"] in built, (p["metadata"]["name"], c["image"], built)
     proxy = "/api/v1/namespaces/visitflow/services/{}/proxy{}"
@@ -347,6 +352,69 @@ def test_every_service_runs_its_visitflow_image_and_becomes_ready(kube, applied,
     assert discovery["issuer"] == SITE["TOKEN_ISSUER"]
     health = json.loads(kube.run("get", "--raw", proxy.format("prefect-server:4200", "/api/health")))
     assert health is True
+
+
+@pytest.fixture(scope="module")
+def prefect_api(kube, applied, tmp_path_factory):
+    """The in-cluster Prefect server through ``kubectl port-forward`` (docs/deploy.md step 6), with
+    the auth string of Secret visitflow-prefect-api."""
+    from visitflow.stack.services import free_port, start_service
+
+    kube.run("-n", NS, "rollout", "status", "deployment/prefect-server", "--timeout=600s", timeout=660)
+    port = free_port()
+    forward = start_service("port-forward-prefect", [str(kube.bin_dir / "kubectl"), "-n", NS, "port-forward",
+                                                     "svc/prefect-server", f"{port}:4200"],
+                            log_dir=tmp_path_factory.mktemp("port-forward"), health_url=f"http://127.0.0.1:{port}/api/health",
+                            env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)})
+    forward.wait_ready(timeout=120)
+    try:
+        yield {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+               "PREFECT_API_AUTH_STRING": applied["visitflow-prefect-api/auth-string"]}
+    finally:
+        forward.stop()
+
+
+def test_the_worker_runs_a_flow_run_as_a_job_of_the_flow_image(kube, applied, prefect_api, visitflow_images, tmp_path):
+    """docs/deploy.md step 6 as shipped (use-k8s-pool.sh --deploy, blocks/kubernetes.py), then a
+    flow run as the trigger creates it: the worker in its Pod renders the Job from the pool's
+    base job template, the Pod runs the flow image's pull step and flow, which reports back to
+    the in-cluster Prefect with the auth string and reads its client secret from visitflow-oidc.
+    No grant was stored for this run, so the flow must end Failed with visitflow's own reason
+    (not an import error, a crash or a Pod that never ran)."""
+    from visitflow.core import names as grants
+    from visitflow.core.prefect_api import PrefectAPI
+
+    env = {**os.environ, **prefect_api, "VISITFLOW_K8S_OUT": str(tmp_path)}
+    image = visitflow_images["flows"].rsplit(":", 1)[0] + ":local"
+    pool = subprocess.run(["bash", str(K8S_DIR / "use-k8s-pool.sh"), image, "--deploy"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert pool.returncode == 0, pool.stdout[-3000:] + pool.stderr[-3000:]
+    block = subprocess.run([sys.executable, str(REPO / "blocks" / "kubernetes.py")], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env={**env, "VISITFLOW_ISSUER": SITE["TOKEN_ISSUER"],
+                                                        "VISITFLOW_TILED_URI": SITE["TILED_URL"],
+                                                        "VISITFLOW_RAW_TEMPLATE": "{instrument}/{proposal}/{visit}/{run}"})
+    assert block.returncode == 0, block.stdout[-3000:] + block.stderr[-3000:]
+    with PrefectAPI(prefect_api["PREFECT_API_URL"], prefect_api["PREFECT_API_AUTH_STRING"]) as api:
+        run_id = uuid.uuid4().hex
+        # as create_analysis_run (the trigger's one way), plus one job variable: the template's
+        # default cpu_request (500m) does not fit beside the whole stack on this 2-core node
+        # ("Insufficient cpu"); a facility sizes a deployment's jobs the same way
+        run = api.create_flow_run(grants.deployment_name("saxs_average", "post"),
+                                  {"visit": "cm12345-1", "run_id": run_id},
+                                  idempotency_key=grants.idempotency_key("saxs_average", "post", "cm12345-1", run_id, None),
+                                  tags=grants.run_tags("saxs_average", "cm12345-1", run_id, "post", "b01"),
+                                  job_variables={"cpu_request": "100m"})
+        final = api.wait_for_flow_run(run["id"], timeout=900, interval=2)
+    jobs = kube.json("-n", NS, "get", "jobs", "-l", f"prefect.io/flow-run-id={run['id']}")["items"]
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]            # made by the worker, not by us
+    (pod,) = kube.json("-n", NS, "get", "pods", "-l", f"job-name={jobs[0]['metadata']['name']}")["items"]
+    log = kube.run("-n", NS, "logs", pod["metadata"]["name"], check=False)
+    assert pod["spec"]["containers"][0]["image"] == image
+    assert final["state"]["type"] == "FAILED", (final["state"], log[-3000:])
+    # visitflow's GrantMissing, raised in the flow body: the image, its pull step, the flow's
+    # imports, the Block and the API auth all worked to get there
+    assert f"no delegation grant stored for saxs_average on cm12345-1/{run_id}" in \
+        (final["state"].get("message") or "") + log, (final["state"], log[-3000:])
 
 
 def test_a_deleted_service_pod_is_replaced_and_its_claim_kept(kube, applied):
