@@ -58,9 +58,12 @@ def _item(name, markers=(), fixtures=(), module=None):
                            get_closest_marker=lambda m: m if m in markers else None)
 
 
-def test_images_and_cluster_users_run_last_in_their_order(monkeypatch, tmp_path):
+def test_images_and_cluster_users_run_last_in_their_order_modules_whole(monkeypatch, tmp_path):
     kustomize = SimpleNamespace(kubectl_path=object())
-    items = [_item("core"), _item("facility", markers=("facility",)), _item("kustomize", module=kustomize),
+    facility = SimpleNamespace(cluster_cache=object())
+    items = [_item("core"), _item("facility", markers=("facility",), module=facility),
+             _item("facility-images", markers=("facility",), fixtures=("images",), module=facility),
+             _item("kustomize", module=kustomize),
              _item("flow"), _item("images", markers=("images",), fixtures=("images",)), _item("tiled")]
     monkeypatch.delenv(bb.BUILDS_ENV, raising=False)
     same = list(items)
@@ -68,7 +71,7 @@ def test_images_and_cluster_users_run_last_in_their_order(monkeypatch, tmp_path)
     assert [i.name for i in same] == [i.name for i in items], "a developer's run keeps file order"
     monkeypatch.setenv(bb.BUILDS_ENV, str(tmp_path))
     bb.pytest_collection_modifyitems(None, items)
-    assert [i.name for i in items] == ["core", "flow", "tiled", "images", "facility", "kustomize"]
+    assert [i.name for i in items] == ["core", "flow", "tiled", "images", "facility", "facility-images", "kustomize"]
 
 
 def _lines(path: str) -> list[str]:
