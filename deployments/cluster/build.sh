@@ -43,13 +43,23 @@ args=()
 while read -r m; do args+=(-dropreplace="$m" -require="$m@v$STAGING_VERSION"); done < "$WORK/staging.txt"
 go mod edit "${args[@]}"
 log "go build ${BINS[*]} ($(wc -l < "$WORK/staging.txt") staging modules at v$STAGING_VERSION)"
-for b in "${BINS[@]}"; do
-  [ -x "$CACHE/bin/$b" ] && continue
+# ONE `go build` for all missing binaries rather than one per binary: the package graph is loaded
+# once, and its compile/link actions share one scheduler (-p=2), so the six links and the last
+# packages of one binary overlap with the next one's instead of leaving a core idle.
+# (-trimpath, -s -w: no local paths, no symbol tables: smaller binaries, shorter links.)
+missing=()
+for b in "${BINS[@]}"; do [ -x "$CACHE/bin/$b" ] || missing+=("./cmd/$b"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  mkdir -p "$WORK/out"
   nice -n 10 go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=v$KUBERNETES_VERSION -X k8s.io/client-go/pkg/version.gitVersion=v$KUBERNETES_VERSION" \
-    -o "$WORK/$b" "./cmd/$b"
-  mv "$WORK/$b" "$CACHE/bin/$b"
-  log "built $b"
-done
+    -o "$WORK/out/" "${missing[@]}"
+  for p in "${missing[@]}"; do
+    b=${p#./cmd/}
+    [ -x "$WORK/out/$b" ] || { log "go build made no $b"; exit 1; }
+    mv "$WORK/out/$b" "$CACHE/bin/$b"
+    log "built $b"
+  done
+fi
 
 # pause: kubernetes' own build/pause/linux/pause.c, static, made into a local image archive.
 log "pause image"

@@ -51,6 +51,14 @@ done
 [ "${#wanted[@]}" -gt 0 ] || wanted=("${ALL[@]}")
 mkdir -p "$CACHE/archives" "$CACHE/context" "$CACHE/logs"
 log() { echo "build.sh: $*" >&2; }
+# One build at a time per cache: stage() rm -rf's $CACHE/context/<name> and images.env is rewritten,
+# so two concurrent runs (.ci/run's background pre-build and the images fixture, or two engineers)
+# would pull each other's build context away.  The second waits, then finds the tags and no-ops.
+exec 9>"$CACHE/.build.lock"
+flock -n 9 || { log "another build.sh holds $CACHE/.build.lock: waiting"; flock 9; }
+# ... and no child keeps the lock: a podman helper outliving this script would hold fd 9 open.
+podman() { command podman "$@" 9>&-; }
+mmdebstrap() { command mmdebstrap "$@" 9>&-; }
 
 is_root() { [ -n "${ROOT_PACKAGES[$1]:-}" ]; }
 runnable() { ! is_root "$1" && [ "$1" != runtime ]; }  # roots and runtime: parents only, no archive
