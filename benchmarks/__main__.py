@@ -46,6 +46,20 @@ from visitflow.stack import prefect as pstack  # noqa: E402
 from visitflow.stack.local import DEV_SECRETS, LocalStack, StackConfig  # noqa: E402
 
 
+#: RESULTS.md below this line is written by hand (profiles, other benchmarks' summaries) and kept
+#: by every run, which rewrites only what is above it
+KEEP_MARKER = "<!-- python -m benchmarks rewrites everything above this line and keeps everything below it -->"
+
+
+def merge_kept(previous: str | None, generated: str) -> str:
+    """``generated`` followed by the hand-written part of ``previous`` (from :data:`KEEP_MARKER`
+    on); just ``generated`` plus the marker when there is none yet."""
+    kept = ""
+    if previous and KEEP_MARKER in previous:
+        kept = previous.split(KEEP_MARKER, 1)[1].lstrip("\n")
+    return generated.rstrip("\n") + "\n\n" + KEEP_MARKER + "\n\n" + kept
+
+
 def pct(values, q):
     return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
 
@@ -485,7 +499,8 @@ def _run(args) -> int:
                       f"{'quick' if args.quick else 'full'} run, {time.monotonic() - t_all:.0f}s", "", load.note(), "",
                       "Reproduce: `python -m benchmarks` (add `--quick` for a smoke run).", "", *lines, ""])
     print("\n" + load.note() + "\n\n" + "\n".join(lines))
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    out.write_text(merge_kept(out.read_text() if out.exists() else None, text))
     (Path(args.out).with_suffix(".json")).write_text(json.dumps(bench.details, indent=1, default=str))
     log(f"wrote {args.out} ({time.monotonic() - t_all:.0f}s)")
     return 0
