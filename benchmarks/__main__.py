@@ -73,12 +73,7 @@ class Bench:
         pstack.run_cli(["work-pool", "create", "bench-stock", "--type", "process", "--overwrite"], self.env)
         pstack.run_cli(["work-pool", "set-concurrency-limit", pstack.POOL, "20"], self.env)  # P7: 20 at once
         for pool in (pstack.POOL, "bench-stock"):
-            flow = self.api.request("POST", "/flows/", json={"name": "probe"})
-            self.api.request("POST", "/deployments/", json={
-                "name": pool, "flow_id": flow["id"], "entrypoint": "probe_flows.py:probe",
-                "path": str(REPO / "benchmarks"), "work_pool_name": pool, "enforce_parameter_schema": False,
-                "pull_steps": [{"prefect.deployments.steps.set_working_directory":
-                                {"directory": str(REPO / "benchmarks")}}]})
+            measures.deploy_probe(self.api, pool)
         self.stock = pstack.start_worker(self.stack.state, self.env, health_port=free_port(), name="bench-stock",
                                          client_secret=DEV_SECRETS["visitflow"], worker_type="process",
                                          pool="bench-stock")
@@ -301,7 +296,7 @@ class Bench:
         n = 30 if self.quick else 100
         result = measures.burst(self.api, f"probe/{pstack.POOL}", n)
         self.rows.append(measures.burst_cells(n, result))
-        self.details["P7"] = {"starts_s": result["starts_s"], "total_s": result["total_s"]}
+        self.details["P7"] = {k: v for k, v in result.items() if k != "ids"}
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()

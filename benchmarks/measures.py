@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["pct", "ts", "start_latency", "trigger_overhead", "scan", "watch_live", "lags", "burst",
+__all__ = ["pct", "ts", "deploy_probe", "start_latency", "trigger_overhead", "scan", "watch_live", "lags", "burst",
            "burst_cells"]
 
 
@@ -39,6 +39,19 @@ def ts(s: str) -> float:
 
 
 # ------------------------------------------------------------------ P1
+def deploy_probe(api, pool: str) -> None:
+    """Deployment ``probe/<pool>``: benchmarks/probe_flows.py's do-nothing flow on ``pool``
+    (P1's create → running and P7's burst run it, not an analysis: they measure starting)."""
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent)
+    flow = api.request("POST", "/flows/", json={"name": "probe"})
+    api.request("POST", "/deployments/", json={
+        "name": pool, "flow_id": flow["id"], "entrypoint": "probe_flows.py:probe",
+        "path": here, "work_pool_name": pool, "enforce_parameter_schema": False,
+        "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": here}}]})
+
+
 def start_latency(api, deployment: str, n: int) -> list[float]:
     """create flow run → RUNNING (server's start_time), seconds, ``n`` runs one after another."""
     out = []
