@@ -15,6 +15,8 @@ P8  post read of a registered HDF5 detector file (200×1024² uint32) vs h5py on
 Everything runs on loopback against real servers; numbers are ratios measured in the same
 run.  Writes ``benchmarks/RESULTS.md`` with the machine, the date and the load average at
 the start and end (warned about when above 1: the absolute numbers are then inflated).  ``--quick`` shrinks sizes.
+P1, P2 and P7 are measured by benchmarks/measures.py, which ``python -m benchmarks.facility``
+(benchmarks/facility.py) also runs on the facility topology (Keycloak, OPA, token service, PostgreSQL).
 """
 
 from __future__ import annotations
