@@ -5,7 +5,9 @@ The facility topology (benchmarks/facility_topology.py): Keycloak's realm ``faci
 Keycloak), OPA deciding every exchange, the token service in production mode with its state in
 PostgreSQL, Tiled with the facility policy, Prefect on PostgreSQL with the warm worker.  Then,
 unless ``--no-local``, the local stack of ``python -m benchmarks`` (dev IdP, Prefect on its own
-throwaway PostgreSQL) measured by the same code (benchmarks/measures.py), one after the other:
+throwaway PostgreSQL) measured by the same code (benchmarks/measures.py).  Both stay up and the
+rows are interleaved, the side measured first alternating row by row: on a shared machine the
+load changes during a run, and two topologies measured one after the other would compare loads.
 
 P1  start document → flow body running = p50 (p95) of start document → flow run created through
     the real trigger (at the facility: alice's Keycloak token exchanged at the token service,
@@ -26,6 +28,7 @@ Records the load average at the start and end (warns above 1) and which hops are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import measures  # noqa: E402
 from benchmarks.measures import pct  # noqa: E402
 
-__all__ = ["Sizes", "sizes", "parse_args", "p1_cell", "p2_cell", "p7_cell", "ideal_makespan", "table", "main"]
+__all__ = ["Sizes", "sizes", "parse_args", "p1_cell", "p2_cell", "p7_cell", "ideal_makespan", "table", "order", "main"]
 
 PROBE = "probe/visitflow-local"   # measures.deploy_probe on pstack.POOL
 ROWS = ("P1", "P2", "P7")
@@ -178,7 +181,7 @@ def measure_p2(topo, tmp: Path, s: Sizes) -> dict:
 
     trig = topo.trigger(tmp / "trig-p2", post_on=())
     watcher = threading.Thread(target=measures.watch_live, args=(state, "saxs_average", seen, topo.root, topo.alice),
-                               daemon=True)
+                               kwargs={"header_auth": True}, daemon=True)
     watcher.start()
     try:
         measures.scan(topo.root(), s.p2_frames, (64, 64), s.p2_delay, [after_writer, trig],
@@ -201,22 +204,31 @@ def measure_p7(topo, s: Sizes) -> dict:
     return {"runs": len(r.pop("ids")), **r}
 
 
-def measure_all(topo, tmp: Path, only: set[str], s: Sizes, label: str) -> dict:
-    out = {}
-    for name, run in (("P1", lambda: measure_p1(topo, tmp, s)), ("P2", lambda: measure_p2(topo, tmp, s)),
-                      ("P7", lambda: measure_p7(topo, s))):
+MEASURES = {"P1": lambda topo, tmp, s: measure_p1(topo, tmp, s), "P2": lambda topo, tmp, s: measure_p2(topo, tmp, s),
+            "P7": lambda topo, tmp, s: measure_p7(topo, s)}
+
+
+def order(sides: list[str], row: str) -> list[str]:
+    """Which topology measures a row first: alternating from row to row, so a load that
+    grows or shrinks during the run does not always favour the same side."""
+    return sides if ROWS.index(row) % 2 == 0 else sides[::-1]
+
+
+def measure_rows(topos: dict, tmp: Path, only: set[str], s: Sizes, results: dict) -> None:
+    """Every row on every topology that is up, interleaved row by row (both stay up)."""
+    for name in ROWS:
         if name not in only:
             continue
-        t0 = time.monotonic()
-        log(f"{label} {name}...")
-        try:
-            out[name] = run()
-        except Exception as exc:  # noqa: BLE001 - report, keep measuring the rest
-            out[name] = None
-            out.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"[:300]
-            log(f"{label} {name} FAILED: {exc}")
-        log(f"{label} {name} took {time.monotonic() - t0:.0f}s; load {os.getloadavg()[0]:.2f}")
-    return out
+        for side in order(list(topos), name):
+            t0 = time.monotonic()
+            log(f"{side} {name}... (load {os.getloadavg()[0]:.2f})")
+            try:
+                results[side][name] = MEASURES[name](topos[side], tmp / side, s)
+            except Exception as exc:  # noqa: BLE001 - report, keep measuring the rest
+                results[side][name] = None
+                results[side].setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"[:300]
+                log(f"{side} {name} FAILED: {exc}")
+            log(f"{side} {name} took {time.monotonic() - t0:.0f}s; load {os.getloadavg()[0]:.2f}")
 
 
 class LocalTopology:
@@ -236,16 +248,9 @@ class LocalTopology:
                                                **settings), token=self.bench.alice())
 
 
-def run_facility(args, s: Sizes, tmp: Path) -> dict:
-    from benchmarks.facility_topology import facility_topology
-
-    t0 = time.monotonic()
-    with facility_topology(tmp / "facility", args.idp, log) as topo:
-        log(f"facility up in {time.monotonic() - t0:.0f}s; load {os.getloadavg()[0]:.2f}")
-        return {"up_s": time.monotonic() - t0, **measure_all(topo, tmp / "facility", args.only, s, "facility")}
-
-
-def run_local(args, s: Sizes, tmp: Path) -> dict:
+@contextlib.contextmanager
+def local_topology(quick: bool, tmp: Path, info: dict):
+    """``python -m benchmarks``' stack (Prefect on its own throwaway PostgreSQL, as there)."""
     from benchmarks.__main__ import Bench
     from benchmarks.postgres import throwaway_prefect_database
 
@@ -253,14 +258,12 @@ def run_local(args, s: Sizes, tmp: Path) -> dict:
     with throwaway_prefect_database(log) as url:
         if url:
             os.environ["VISITFLOW_PREFECT_DATABASE_URL"] = url
+        info["prefect_db"] = "postgresql" if url else "sqlite"
         try:
-            bench = Bench(tmp / "local", args.quick)
-            t0 = time.monotonic()
+            bench = Bench(tmp / "local", quick)
             try:
                 bench.up()
-                log(f"local up in {time.monotonic() - t0:.0f}s; load {os.getloadavg()[0]:.2f}")
-                return {"up_s": time.monotonic() - t0, "prefect_db": "postgresql" if url else "sqlite",
-                        **measure_all(LocalTopology(bench), tmp / "local", args.only, s, "local")}
+                yield LocalTopology(bench)
             finally:
                 bench.down()
         finally:
@@ -268,6 +271,29 @@ def run_local(args, s: Sizes, tmp: Path) -> dict:
                 os.environ.pop("VISITFLOW_PREFECT_DATABASE_URL", None)
             else:
                 os.environ["VISITFLOW_PREFECT_DATABASE_URL"] = saved
+
+
+def bring_up(stack: contextlib.ExitStack, args, tmp: Path, results: dict) -> dict:
+    """Start the facility topology, then (unless ``--no-local``) the local stack; both stay up.
+    A side that fails to start is recorded as failed and left out."""
+    from benchmarks.facility_topology import facility_topology
+
+    sides = {"facility": lambda info: facility_topology(tmp / "facility", args.idp, log)}
+    if args.local:
+        sides["local"] = lambda info: local_topology(args.quick, tmp, info)
+    topos = {}
+    for side, make in sides.items():
+        results[side] = {}
+        t0 = time.monotonic()
+        try:
+            topos[side] = stack.enter_context(make(results[side]))
+        except Exception as exc:  # noqa: BLE001 - the other side may still be worth having
+            results[side]["failed"] = {"up": f"{type(exc).__name__}: {exc}"[:500]}
+            log(f"{side} FAILED to start: {exc}")
+            continue
+        results[side]["up_s"] = time.monotonic() - t0
+        log(f"{side} up in {results[side]['up_s']:.0f}s; load {os.getloadavg()[0]:.2f}")
+    return topos
 
 
 def report(args, s: Sizes, results: dict, load, took: float) -> str:
@@ -293,7 +319,8 @@ def report(args, s: Sizes, results: dict, load, took: float) -> str:
         "in PostgreSQL); Prefect server on PostgreSQL (auth string) + the warm `visitflow` worker. "
         "Local: `python -m benchmarks`'s stack (dev IdP, Tiled on SQLite, Prefect on a throwaway "
         "PostgreSQL" + (" — this run: " + results["local"].get("prefect_db", "?") if "local" in results else "")
-        + "), measured after the facility topology was stopped, by the same code (benchmarks/measures.py).",
+        + "), by the same code (benchmarks/measures.py). Both were up at once; each row was measured on one "
+        "side then the other (P1 and P7 facility first, P2 local first).",
         "", "Which hops are TLS in the facility topology (everything is on loopback):", "", *hop_rows, "",
         *table(results, s, args.only), "",
         *([f"Failed: {failed}", ""] if failed else []),
@@ -313,18 +340,10 @@ def main(argv=None) -> int:
     load = LoadWatch()
     t_all = time.monotonic()
     results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="vf-bench-facility-") as tmp:
-        try:
-            results["facility"] = run_facility(args, s, Path(tmp))
-        except Exception as exc:  # noqa: BLE001 - the local column may still be worth having
-            results["facility"] = {"failed": {"up": f"{type(exc).__name__}: {exc}"[:500]}}
-            log(f"facility topology FAILED: {exc}")
-        if args.local:
-            try:
-                results["local"] = run_local(args, s, Path(tmp))
-            except Exception as exc:  # noqa: BLE001 - keep the facility column
-                results["local"] = {"failed": {"up": f"{type(exc).__name__}: {exc}"[:500]}}
-                log(f"local stack FAILED: {exc}")
+    with tempfile.TemporaryDirectory(prefix="vf-bench-facility-") as tmp, contextlib.ExitStack() as stack:
+        topos = bring_up(stack, args, Path(tmp), results)
+        measure_rows(topos, Path(tmp), args.only, s, results)
+        log("stopping...")
     load.end()
     results["load_average"] = load.as_dict()
     text = report(args, s, results, load, time.monotonic() - t_all)

@@ -109,11 +109,16 @@ def scan(root, num, shape, delay=0.0, subscribers=(), batch_size=1, seed=0, md=N
 
 
 def watch_live(state: dict, name: str, seen: dict, root: Callable, token: Callable[[], str],
-               visit: str = "a1") -> None:
+               visit: str = "a1", header_auth: bool = False) -> None:
     """When each frame's result became readable: the server-side timestamp of the live node's
     metadata updates, pushed to us by Tiled's stream of the analysis node (no polling load on
     the server being measured).  Waits for ``state["uid"]``, stops at ``state["stop"]``;
-    ``seen[i]`` = when frame ``i`` was counted in ``frames_processed``."""
+    ``seen[i]`` = when frame ``i`` was counted in ``frames_processed``.
+
+    The token goes in Tiled's first message (``{"type": "auth"}``), or with ``header_auth`` in
+    the upgrade request's ``Authorization`` header, as visitflow/flow/push.py sends it: Tiled
+    0.2.20's first-message path refuses a facility user's own token (a 404 on the visit; the
+    header path goes through visitflow's principals, benchmarks/results/facility.md)."""
     import msgpack
     from websockets.sync.client import connect as ws_connect
 
@@ -131,8 +136,11 @@ def watch_live(state: dict, name: str, seen: dict, root: Callable, token: Callab
             time.sleep(0.05)
     else:
         return
-    with ws_connect(stream_url(node.uri) + "?envelope_format=msgpack&start=1", max_size=None) as ws:
-        ws.send(json.dumps({"type": "auth", "access_token": token()}))
+    url = stream_url(node.uri) + "?envelope_format=msgpack&start=1"
+    headers = {"Authorization": f"Bearer {token()}"} if header_auth else None
+    with ws_connect(url, max_size=None, additional_headers=headers) as ws:
+        if not header_auth:
+            ws.send(json.dumps({"type": "auth", "access_token": token()}))
         while not state["stop"]:
             try:
                 msg = msgpack.unpackb(ws.recv(timeout=0.5))

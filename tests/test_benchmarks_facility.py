@@ -74,3 +74,9 @@ def test_the_table_puts_both_topologies_side_by_side_with_the_facility_over_loca
 def test_the_table_keeps_only_the_rows_asked_for():
     lines = facility.table(_results(), facility.sizes(False), only={"P7"})
     assert len(lines) == 3 and lines[2].startswith("| P7 burst")
+
+
+def test_the_side_measured_first_alternates_row_by_row():
+    sides = ["facility", "local"]
+    assert [facility.order(sides, row)[0] for row in ("P1", "P2", "P7")] == ["facility", "local", "facility"]
+    assert facility.order(["facility"], "P2") == ["facility"]
