@@ -322,6 +322,9 @@ def report(args, s: Sizes, results: dict, load, took: float) -> str:
         + "), by the same code (benchmarks/measures.py). Both were up at once; each row was measured on one "
         "side then the other (P1 and P7 facility first, P2 local first).",
         "", "Which hops are TLS in the facility topology (everything is on loopback):", "", *hop_rows, "",
+        "The same split as the shipped facility overlay (deployments/kubernetes/overlays/facility/site.env): "
+        "only `FACILITY_ISSUER` is https; the token service, Prefect, Tiled and OPA are plain http inside the "
+        "cluster. " + ("The dev IdP mode has no TLS hop at all." if args.idp == "dev" else ""), "",
         *table(results, s, args.only), "",
         *([f"Failed: {failed}", ""] if failed else []),
         "Definitions: see the docstring of benchmarks/facility.py (P1 is the sum of the trigger's and the "

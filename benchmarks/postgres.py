@@ -11,6 +11,7 @@ service's state, Tiled's catalog, Prefect's) on one such cluster: :func:`throwaw
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -20,13 +21,16 @@ from visitflow.stack.services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "deployments" / "postgres"
+_CLUSTERS = itertools.count()
 
 
 @contextlib.contextmanager
 def throwaway_cluster(log=print):
     """Yield the ``postgresql://`` URL of a fresh cluster (its superuser, database ``postgres``),
     or None if no server can be started; the cluster is stopped and deleted afterwards."""
-    directory = Path(f"/tmp/vf-bench-pg-{os.getpid()}")  # the postgres OS user must reach it
+    # the postgres OS user must reach it; one directory per cluster (a run may hold two at once:
+    # start-local.sh on a running cluster's directory would hand back that cluster)
+    directory = Path(f"/tmp/vf-bench-pg-{os.getpid()}-{next(_CLUSTERS)}")
     try:
         url = subprocess.run(["bash", str(SCRIPTS / "start-local.sh"), str(directory), str(free_port())],
                              capture_output=True, text=True, timeout=120, check=True).stdout.strip()
