@@ -44,10 +44,11 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import measures  # noqa: E402
 from benchmarks.measures import pct  # noqa: E402
+from visitflow.stack.prefect import POOL  # noqa: E402
 
 __all__ = ["Sizes", "sizes", "parse_args", "p1_cell", "p2_cell", "p7_cell", "ideal_makespan", "table", "order", "main"]
 
-PROBE = "probe/visitflow-local"   # measures.deploy_probe on pstack.POOL
+PROBE = f"probe/{POOL}"   # measures.deploy_probe's deployment on the warm worker's pool
 ROWS = ("P1", "P2", "P7")
 
 
@@ -89,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the local stack (the facility column only)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "facility.md"))
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
     unknown = args.only - set(ROWS)
     if unknown:
@@ -296,6 +298,15 @@ def bring_up(stack: contextlib.ExitStack, args, tmp: Path, results: dict) -> dic
     return topos
 
 
+def _local_sentence(results: dict) -> str:
+    if "local" not in results:
+        return "Local stack: not measured in this run (`--no-local`)."
+    return ("Local: `python -m benchmarks`'s stack (dev IdP, Tiled on SQLite, Prefect on a throwaway "
+            f"{results['local'].get('prefect_db', '?')} database), by the same code (benchmarks/measures.py). Both "
+            "were up at once; each row was measured on one side then the other (P1 and P7 facility first, "
+            "P2 local first).")
+
+
 def report(args, s: Sizes, results: dict, load, took: float) -> str:
     from benchmarks.__main__ import machine
     from benchmarks.facility_topology import hops
@@ -317,10 +328,7 @@ def report(args, s: Sizes, results: dict, load, took: float) -> str:
         "production mode (deployments/token-service.yaml, state in PostgreSQL); Tiled with the facility "
         "policy (users' tokens from the IdP decided by OPA, cached 2 s; catalog, tables and principals "
         "in PostgreSQL); Prefect server on PostgreSQL (auth string) + the warm `visitflow` worker. "
-        "Local: `python -m benchmarks`'s stack (dev IdP, Tiled on SQLite, Prefect on a throwaway "
-        "PostgreSQL" + (" — this run: " + results["local"].get("prefect_db", "?") if "local" in results else "")
-        + "), by the same code (benchmarks/measures.py). Both were up at once; each row was measured on one "
-        "side then the other (P1 and P7 facility first, P2 local first).",
+        + _local_sentence(results),
         "", "Which hops are TLS in the facility topology (everything is on loopback):", "", *hop_rows, "",
         "The same split as the shipped facility overlay (deployments/kubernetes/overlays/facility/site.env): "
         "only `FACILITY_ISSUER` is https; the token service, Prefect, Tiled and OPA are plain http inside the "
@@ -329,7 +337,8 @@ def report(args, s: Sizes, results: dict, load, took: float) -> str:
         *([f"Failed: {failed}", ""] if failed else []),
         "Definitions: see the docstring of benchmarks/facility.py (P1 is the sum of the trigger's and the "
         "start's p50s, as in `python -m benchmarks`; P7's makespan is first create → last run's end_time).",
-        "", f"Reproduce: `python -m benchmarks.facility` (`--quick` for a smoke run, `--idp dev` for the "
+        "", f"This run: `python -m benchmarks.facility{''.join(' ' + a for a in args.argv)}`.", "",
+        "Reproduce: `python -m benchmarks.facility` (`--quick` for a smoke run, `--idp dev` for the "
         "facility story's dev-mode Keycloak, `--no-local` for the facility column only). Needs the "
         "PostgreSQL server (deployments/postgres/start-local.sh), OPA (deployments/opa/install.sh) and "
         "Keycloak (deployments/keycloak/fetch.sh, build-production.sh).", ""])

@@ -19,6 +19,7 @@ def test_defaults_measure_every_row_on_the_production_idp_beside_the_local_stack
 def test_rows_idp_and_local_can_be_chosen_and_unknown_rows_are_refused(capsys):
     args = facility.parse_args(["--only", "p1, p7", "--idp", "dev", "--no-local", "--quick"])
     assert args.only == {"P1", "P7"} and args.idp == "dev" and not args.local and args.quick
+    assert args.argv == ["--only", "p1, p7", "--idp", "dev", "--no-local", "--quick"], "the results name the command"
     with pytest.raises(SystemExit):
         facility.parse_args(["--only", "P1,P3"])
     assert "unknown rows ['P3']" in capsys.readouterr().err
