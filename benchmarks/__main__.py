@@ -15,6 +15,8 @@ P8  post read of a registered HDF5 detector file (200×1024² uint32) vs h5py on
 Everything runs on loopback against real servers; numbers are ratios measured in the same
 run.  Writes ``benchmarks/RESULTS.md`` with the machine, the date and the load average at
 the start and end (warned about when above 1: the absolute numbers are then inflated).  ``--quick`` shrinks sizes.
+P1, P2 and P7 are measured by benchmarks/measures.py, which ``python -m benchmarks.facility``
+(benchmarks/facility.py) also runs on the facility topology (Keycloak, OPA, token service, PostgreSQL).
 """
 
 from __future__ import annotations
@@ -25,20 +27,18 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import measures  # noqa: E402
+from benchmarks.measures import pct  # noqa: E402
 from visitflow.core import names as grants, oauth  # noqa: E402
 from visitflow.core.prefect_api import PrefectAPI  # noqa: E402
 from visitflow.stack.services import free_port  # noqa: E402
@@ -58,10 +58,6 @@ def merge_kept(previous: str | None, generated: str) -> str:
     if previous and KEEP_MARKER in previous:
         kept = previous.split(KEEP_MARKER, 1)[1].lstrip("\n")
     return generated.rstrip("\n") + "\n\n" + KEEP_MARKER + "\n\n" + kept
-
-
-def pct(values, q):
-    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
 
 
 def log(msg):
@@ -91,12 +87,7 @@ class Bench:
         pstack.run_cli(["work-pool", "create", "bench-stock", "--type", "process", "--overwrite"], self.env)
         pstack.run_cli(["work-pool", "set-concurrency-limit", pstack.POOL, "20"], self.env)  # P7: 20 at once
         for pool in (pstack.POOL, "bench-stock"):
-            flow = self.api.request("POST", "/flows/", json={"name": "probe"})
-            self.api.request("POST", "/deployments/", json={
-                "name": pool, "flow_id": flow["id"], "entrypoint": "probe_flows.py:probe",
-                "path": str(REPO / "benchmarks"), "work_pool_name": pool, "enforce_parameter_schema": False,
-                "pull_steps": [{"prefect.deployments.steps.set_working_directory":
-                                {"directory": str(REPO / "benchmarks")}}]})
+            measures.deploy_probe(self.api, pool)
         self.stock = pstack.start_worker(self.stack.state, self.env, health_port=free_port(), name="bench-stock",
                                          client_secret=DEV_SECRETS["visitflow"], worker_type="process",
                                          pool="bench-stock")
@@ -123,18 +114,7 @@ class Bench:
 
     # ------------------------------------------------------------------ helpers
     def scan(self, num, shape, delay=0.0, subscribers=(), batch_size=1, seed=0, md=None):
-        from bluesky import RunEngine
-        from bluesky_tiled_plugins import TiledWriter
-
-        from visitflow.stack.sim import make_devices, motor_scan
-
-        motor, det, saxs = make_devices(shape, seed=seed)
-        RE = RunEngine({}, context_managers=[])
-        RE.subscribe(TiledWriter(self.root()["raw"]["a1"], batch_size=batch_size))
-        for cb in subscribers:
-            RE.subscribe(cb)
-        (uid,) = RE(motor_scan([det, saxs], motor, num, delay=delay, md={"instrument_session": "a1", **(md or {})}))
-        return uid
+        return measures.scan(self.root(), num, shape, delay, subscribers, batch_size, seed, md)
 
     def delegate(self, analysis, uid):
         from visitflow.core.scopes import grant_scopes
@@ -146,15 +126,7 @@ class Bench:
 
     def start_latency(self, deployment, n):
         """create flow run → RUNNING (server's start_time), seconds."""
-        out = []
-        for _ in range(n):
-            t0 = time.time()
-            fr = self.api.create_flow_run(deployment, {}, idempotency_key=str(uuid.uuid4()))
-            done = self.api.wait_for_flow_run(fr["id"], timeout=120, interval=0.2)
-            assert done["state"]["type"] == "COMPLETED", done["state"]
-            start = dt.datetime.fromisoformat(done["start_time"].replace("Z", "+00:00")).timestamp()
-            out.append(start - t0)
-        return out
+        return measures.start_latency(self.api, deployment, n)
 
     # ------------------------------------------------------------------ P1
     def p1(self):
@@ -170,35 +142,17 @@ class Bench:
                               "startdoc_to_created_s": trig}
 
     def trigger_overhead(self, n):
-        """Start document → flow run created, through the real trigger (exchange, secret, create).
-
-        One trigger serves all runs, as in blueapi (one per process): its Prefect lookups
-        (Secret block schema, deployment id) are warm after the first run, which is dropped."""
+        """Start document → flow run created, through the real trigger (measures.trigger_overhead)."""
         from visitflow.trigger import AnalysisTrigger, TriggerSettings
 
         trig = AnalysisTrigger(TriggerSettings(issuer=self.config.issuer, prefect_api_url=self.config.prefect_api,
                                                prefect_auth_string=self.stack.prefect_auth,
                                                client_secret=DEV_SECRETS["blueapi"], live=True, post_on=(),
                                                state_dir=self.tmp / "trig-p1"), token=self.alice())
-        out = []
         try:
-            for i in range(n + 1):
-                uid = str(uuid.uuid4())
-                t0 = time.time()
-                trig("start", {"uid": uid, "analyses": ["peak_stats"], "instrument_session": "a1"})
-                while True:
-                    reqs = [r for r in trig.outbox.requests() if r.run == uid]
-                    if reqs and reqs[0].state != "pending":
-                        break
-                    time.sleep(0.002)
-                if i:
-                    out.append(time.time() - t0)
-                assert reqs[0].state == "done", reqs[0]
-                self.api.request("POST", f"/flow_runs/{reqs[0].flow_run_id}/set_state",
-                                 json={"state": {"type": "CANCELLED", "name": "Cancelled"}, "force": True})
+            return measures.trigger_overhead(trig, self.api, n)
         finally:
             trig.close()
-        return out
 
     # ------------------------------------------------------------------ P2
     def p2(self):
@@ -241,13 +195,7 @@ class Bench:
         time.sleep(1.0)
         state["stop"] = True
 
-        def lags(kind):
-            got = seen[kind]
-            first = min(got.values()) if got else float("inf")
-            return ([got[i] - written[i] for i in written if i in got],
-                    [got[i] - written[i] for i in written if i in got and written[i] >= first])
-
-        (flow_all, flow_steady), (_, push), (_, poll) = lags("flow"), lags("push"), lags("poll")
+        (flow_all, flow_steady), (_, push), (_, poll) = (measures.lags(written, seen[k]) for k in ("flow", "push", "poll"))
         self.rows.append(("P2 live lag, same run (frame written → result readable)",
                           f"poll p50 {pct(poll, 50):.2f}s p95 {pct(poll, 95):.2f}s",
                           f"push p50 {pct(push, 50):.2f}s p95 {pct(push, 95):.2f}s; deployed flow (push) "
@@ -258,38 +206,8 @@ class Bench:
         self.details["P2"] = {"push_s": push, "poll_s": poll, "flow_all_s": flow_all, "flow_steady_s": flow_steady}
 
     def _watch_live(self, state, name, seen):
-        """When each frame's result became readable: the server-side timestamp of the live
-        node's metadata updates, pushed to us by Tiled's stream of the analysis node (no
-        polling load on the server being measured)."""
-        import msgpack
-        from websockets.sync.client import connect as ws_connect
-
-        from visitflow.flow.push import stream_url
-
-        while state["uid"] is None and not state["stop"]:
-            time.sleep(0.05)
-        reader = self.root()
-        path = f"processed/a1/{state['uid']}/{name}"
-        while not state["stop"]:
-            try:
-                node = reader[path]
-                break
-            except KeyError:
-                time.sleep(0.05)
-        else:
-            return
-        with ws_connect(stream_url(node.uri) + "?envelope_format=msgpack&start=1", max_size=None) as ws:
-            ws.send(json.dumps({"type": "auth", "access_token": self.alice()}))
-            while not state["stop"]:
-                try:
-                    msg = msgpack.unpackb(ws.recv(timeout=0.5))
-                except TimeoutError:
-                    continue
-                if msg.get("type") == "container-child-metadata-updated" and msg.get("key") == "live":
-                    done = int((msg.get("metadata") or {}).get("frames_processed", 0))
-                    when = dt.datetime.fromisoformat(msg["timestamp"]).timestamp()
-                    for i in range(done):
-                        seen.setdefault(i, when)
+        """measures.watch_live as alice, on this stack's Tiled."""
+        measures.watch_live(state, name, seen, self.root, self.alice)
 
     # ------------------------------------------------------------------ P3 / P8
     def p3(self):
@@ -389,46 +307,10 @@ class Bench:
 
     # ------------------------------------------------------------------ P7
     def p7(self):
-        from concurrent.futures import ThreadPoolExecutor
-
         n = 30 if self.quick else 100
-        dep = f"probe/{pstack.POOL}"
-        keys = [f"burst-{uuid.uuid4()}" for _ in range(n)]
-        t0 = time.time()
-        created = {}
-
-        from visitflow.errors import PrefectUnavailable
-
-        retries = [0]
-
-        def create(key):  # as the trigger's outbox does: keep retrying while Prefect sheds load
-            while True:
-                try:
-                    return self.api.create_flow_run(dep, {"seconds": 2.0}, idempotency_key=key)
-                except PrefectUnavailable:
-                    retries[0] += 1
-                    time.sleep(1.0)
-
-        def send(key):  # every trigger request is sent twice (a retried/duplicated trigger)
-            a, b = create(key), create(key)
-            created[key] = (a["id"], b["id"], time.time())
-
-        with ThreadPoolExecutor(4) as pool:  # several blueapi instances sending at once
-            list(pool.map(send, keys))
-        ids = {v[0] for v in created.values()}
-        dupes = sum(1 for v in created.values() if v[0] != v[1])
-        finals = [self.api.wait_for_flow_run(i, timeout=600, interval=0.5) for i in ids]
-        completed = sum(1 for f in finals if f["state"]["type"] == "COMPLETED")
-        starts = [dt.datetime.fromisoformat(f["start_time"].replace("Z", "+00:00")).timestamp()
-                  - dt.datetime.fromisoformat(f["created"].replace("Z", "+00:00")).timestamp() for f in finals
-                  if f.get("start_time")]
-        total = time.time() - t0
-        self.rows.append((f"P7 burst: {n} triggers (each sent twice), 20 concurrent analyses",
-                          f"{len(ids)} flow runs, {completed} completed, {dupes} duplicates",
-                          f"start p50 {pct(starts, 50):.1f}s p95 {pct(starts, 95):.1f}s",
-                          f"all done in {total:.0f}s; {retries[0]} 503/timeouts retried"))
-        self.details["P7"] = {"starts_s": starts, "total_s": total}
-
+        result = measures.burst(self.api, f"probe/{pstack.POOL}", n)
+        self.rows.append(measures.burst_cells(n, result))
+        self.details["P7"] = {k: v for k, v in result.items() if k != "ids"}
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
