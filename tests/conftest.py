@@ -10,6 +10,6 @@ pytest_plugins = [
     "tests.fixtures.idp_fixtures", "tests.fixtures.keycloak_fixtures", "tests.fixtures.prefect_fixtures",
     "tests.fixtures.blueapi_fixtures", "tests.fixtures.opa_fixtures", "tests.fixtures.federation_fixtures",
     "tests.fixtures.ha_fixtures", "tests.fixtures.tiled_fixtures", "tests.fixtures.image_fixtures",
-    "tests.fixtures.cluster_fixtures",
+    "tests.fixtures.cluster_fixtures", "tests.fixtures.facility_fixtures",
     "tests.fixtures.tiers",   # marks `slow` from the fixtures a test uses; guards the fast tier
 ]

@@ -31,7 +31,22 @@ for f in "$STATE"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid \
   [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null
 done
 # 3. iptables: kube-proxy's own cleanup, then the CNI network's masquerade chains.
-if grep -q '^iptables kube-proxy' "$REC"; then "$BIN/kube-proxy" --cleanup > /dev/null 2>&1; fi
+if grep -q '^iptables kube-proxy' "$REC"; then
+  "$BIN/kube-proxy" --cleanup > /dev/null 2>&1
+  # What --cleanup left (seen once, at load 11: KUBE-SERVICES stayed): the jumps into KUBE-*
+  # chains from the built-in chains, then the KUBE-* chains themselves (ours: the record says
+  # kube-proxy ran; the kubelet's own chains go too and are looked for again below).
+  for ipt in iptables ip6tables; do
+    for t in nat filter mangle; do
+      $ipt -t "$t" -S 2>/dev/null | awk '$1=="-A" && $2 !~ /^KUBE-/ && / -j KUBE-/' | while read -r _ chain rule; do
+        eval "$ipt -t $t -D $chain $rule" 2>/dev/null
+      done
+      chains=$($ipt -t "$t" -S 2>/dev/null | awk '$1=="-N" && $2 ~ /^KUBE-/ {print $2}')
+      for c in $chains; do $ipt -t "$t" -F "$c" 2>/dev/null; done
+      for c in $chains; do $ipt -t "$t" -X "$c" 2>/dev/null; done
+    done
+  done
+fi
 # The kubelet's canary chains (it makes them even with makeIPTablesUtilChains: false).
 if grep -q '^iptables kubelet' "$REC"; then
   for ipt in iptables ip6tables; do
@@ -53,6 +68,11 @@ if [ -n "$net" ]; then
   done
   for c in $(iptables -t nat -S | awk '$1=="-N" && $2 ~ /^CNI-(HOSTPORT|DN-)/ {print $2}'); do
     iptables -t nat -F "$c" 2>/dev/null
+  done
+  # a Pod's chain whose POSTROUTING jump a racing CNI DEL already removed (seen once): found by
+  # the network's name in its own rules
+  for c in $(iptables -t nat -S | grep -F "name: \\\"$net\\\"" | awk '$1=="-A" && $2 ~ /^CNI-/ {print $2}' | sort -u); do
+    iptables -t nat -F "$c" 2>/dev/null; iptables -t nat -X "$c" 2>/dev/null
   done
 fi
 # 4. bridge, mounts, network namespaces.

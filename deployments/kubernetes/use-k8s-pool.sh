@@ -10,6 +10,7 @@
 # derived file (.visitflow/prefect-k8s.yaml) with work_pool.name=visitflow-k8s and
 # job_variables.image=IMAGE on every deployment (visitflow.production.prefect_yaml).
 # In the image, the deployments' pull step resolves {{ $VISITFLOW_ROOT }} to /opt/visitflow.
+# VISITFLOW_K8S_JOB_VARIABLES='{"cpu_request": "250m"}' sizes every deployment's flow-run Pods.
 set -euo pipefail
 IMAGE=${1:?usage: use-k8s-pool.sh IMAGE [--deploy]}
 MODE=${2:-}

@@ -1,4 +1,5 @@
-"""The facility suite on the single-node Kubernetes of deployments/cluster/ (marker ``facility``).
+"""The facility suite on the single-node Kubernetes of deployments/cluster/ (marker ``facility``):
+the cluster itself and the manifests as applied.
 
 What is real here: the cluster (v1.37.2 apiserver, controller-manager, scheduler, kubelet,
 kube-proxy built from the Go module proxy; Debian's etcd, containerd 1.6, runc and CNI bridge;
@@ -7,9 +8,9 @@ the offline validation renders), Pod Security admission, RBAC, local volumes, th
 deployments/images/build.sh makes (imported by deployments/cluster/load-images.sh), and the
 facility's Keycloak in production mode outside the cluster at the overlay's own FACILITY_ISSUER
 host (TLS from this suite's CA, which the Pods trust through ConfigMap ``visitflow-ca``).  The
-flow-run Job is rendered from the shipped base job template by prefect-kubernetes' own code and
-created by this suite, not yet by the worker, and runs the suite's network probe
-(tests/facility/probe/, a static Go binary) -- see docs/deploy.md "Status".
+flow-run Jobs are made by Prefect's Kubernetes worker in its Pod from the pool's base job
+template (``use-k8s-pool.sh --deploy``) and run the flow image.  The set-up is shared with the
+story (test_facility_story.py): tests/fixtures/facility_fixtures.py.
 """
 
 from __future__ import annotations
@@ -18,109 +19,16 @@ import asyncio
 import hashlib
 import json
 import os
-import secrets
 import subprocess
-import sys
 import uuid
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-import yaml
 
-from tests.fixtures.cluster_fixtures import CLUSTER_DIR, K8S_DIR, Kube, cluster_cache
-from tests.fixtures.image_fixtures import Images
-from tests.fixtures.keycloak_production import production_keycloak
+from tests.fixtures.cluster_fixtures import K8S_DIR, Kube
+from tests.fixtures.facility_fixtures import NS, SITE, SITE_JOB_VARIABLES, job_logs, rendered_local, run_probe
 from tests.fixtures.waiting import wait_until
 
 pytestmark = pytest.mark.facility
-
-REPO = Path(__file__).resolve().parents[2]
-PROBE_SRC = Path(__file__).parent / "probe"
-PROBE_IMAGE = "localhost/visitflow/probe:{tag}"
-NS = "visitflow"
-#: the Secrets the manifests reference and their keys: secrets.example.yaml as shipped
-SECRET_KEYS = {d["metadata"]["name"]: sorted(d["stringData"])
-               for d in yaml.safe_load_all((K8S_DIR / "secrets.example.yaml").read_text()) if d}
-SITE = dict(line.split("=", 1) for line in (K8S_DIR / "overlays" / "facility" / "site.env").read_text().splitlines()
-            if line and not line.startswith("#"))
-#: the facility's Keycloak host, from the overlay's own FACILITY_ISSUER (never renamed here)
-FACILITY_HOST = urlsplit(SITE["FACILITY_ISSUER"]).hostname
-#: how Pods reach the node: the CNI bridge's address (deployments/cluster/up.sh, POD_CIDR's .1)
-NODE_FROM_PODS = "10.244.0.1"
-
-
-def facility_secrets() -> dict[str, dict[str, str]]:
-    """Random values, consistent as a site's must be: each database URL names the in-cluster
-    ``postgres`` (whose entrypoint makes the role from it), the flow runs' client secret is the
-    token service's ``visitflow`` client's, the trigger's is its ``blueapi`` client's."""
-    pw = {k: secrets.token_urlsafe(18) for k in
-          ("postgres", "prefect", "tiled", "tokens", "auth", "visitflow", "blueapi", "tiled-client", "admin", "opa")}
-    db = "postgres.visitflow.svc.cluster.local:5432"
-    values = {
-        "visitflow-oidc": {"client-secret": pw["visitflow"]},
-        "visitflow-prefect-api": {"api-url": SITE["PREFECT_API_URL"], "auth-string": f"visitflow:{pw['auth']}"},
-        "visitflow-postgres": {"password": pw["postgres"]},
-        "visitflow-prefect-db": {"url": f"postgresql+asyncpg://prefect:{pw['prefect']}@{db}/prefect"},
-        "visitflow-tiled-db": {"tabular-url": f"postgresql://tiled:{pw['tiled']}@{db}/tiled"},
-        "visitflow-token-service": {
-            "blueapi-secret": pw["blueapi"], "visitflow-secret": pw["visitflow"], "tiled-secret": pw["tiled-client"],
-            "admin-secret": pw["admin"], "opa-token": pw["opa"],
-            "database-url": f"postgresql://visitflow_tokens:{pw['tokens']}@{db}/visitflow_tokens"},
-        "visitflow-trigger": {"client-secret": pw["blueapi"]},
-    }
-    assert {k: sorted(v) for k, v in values.items()} == {k: sorted(v) for k, v in SECRET_KEYS.items()}
-    return values
-
-
-@pytest.fixture(scope="module")
-def kube(kube_cluster) -> Kube:
-    return kube_cluster
-
-
-@pytest.fixture(scope="module")
-def probe_image(kube) -> str:
-    """Build the probe (cached by the hash of its source) and import it into the cluster."""
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(PROBE_SRC.iterdir()) if p.is_file())).hexdigest()[:12]
-    cache = cluster_cache().parent / "probe"
-    archive = cache / f"probe-{digest}.tar"
-    if not archive.exists():
-        root = cache / f"root-{digest}"
-        root.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "CGO_ENABLED": "0", "GOWORK": "off", "GOFLAGS": "-trimpath"}
-        subprocess.run(["go", "build", "-o", str(root / "probe"), "."], cwd=PROBE_SRC, env=env, check=True, timeout=900)
-        subprocess.run(["python3", str(CLUSTER_DIR / "oci_archive.py"), str(root), PROBE_IMAGE.format(tag=digest),
-                        "/probe", str(archive)], check=True)
-    subprocess.run(["bash", str(CLUSTER_DIR / "load-images.sh"), str(archive)], check=True, capture_output=True)
-    return PROBE_IMAGE.format(tag=digest)
-
-
-def job_logs(kube: Kube, ns: str, name: str, timeout: float = 240) -> tuple[bool, str]:
-    """Wait for Job ``name`` to finish; (succeeded, its pod's log)."""
-    def done():
-        st = kube.json("-n", ns, "get", "job", name).get("status", {})
-        return ("ok" if st.get("succeeded") else "failed") if (st.get("succeeded") or st.get("failed")) else None
-    try:
-        state = wait_until(done, timeout, f"Job {ns}/{name} finished", interval=1)
-    except AssertionError as exc:   # say why (Pending: "Insufficient cpu", an image not imported, ...)
-        pods = kube.json("-n", ns, "get", "pods", "-l", f"job-name={name}")["items"]
-        why = [(p["metadata"]["name"], p["status"].get("phase"), p["status"].get("conditions"),
-                [c.get("state") for c in p["status"].get("containerStatuses", [])]) for p in pods]
-        raise AssertionError(f"{exc}: pods {why}") from None
-    return state == "ok", kube.run("-n", ns, "logs", f"job/{name}")
-
-
-def run_probe(kube: Kube, image: str, name: str, *args: str, ns: str = "default") -> tuple[bool, str]:
-    job = {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": ns},
-        "spec": {"backoffLimit": 0, "template": {"spec": {
-            "restartPolicy": "Never", "automountServiceAccountToken": False,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "probe", "image": image, "imagePullPolicy": "Never", "args": list(args),
-                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}}},
-    }
-    kube.run("apply", "-f", "-", input=json.dumps(job))
-    return job_logs(kube, ns, name)
 
 
 # ------------------------------------------------------------------------------ the cluster
@@ -138,6 +46,7 @@ def test_node_is_ready_on_the_built_version(kube):
 
 
 def test_coredns_answers_for_services_from_a_pod(kube, probe_image):
+    """Cluster DNS as deployments/cluster/coredns.yaml configures it (up.sh applies it)."""
     ok, out = run_probe(kube, probe_image, "dns-lookup", "lookup", "kubernetes.default.svc.cluster.local")
     assert ok and "10.96.0.1" in out, out
 
@@ -172,52 +81,8 @@ def test_a_pod_reaches_a_service_through_kube_proxy(kube, probe_image):
     assert ok and out.startswith("200"), out                    # the apiserver's Service, endpoint on the node
 
 
+
 # ------------------------------------------------------------------------------ the manifests
-
-
-@pytest.fixture(scope="module")
-def facility_keycloak(kube, tmp_path_factory):
-    """Production Keycloak outside the cluster, at the overlay's FACILITY_ISSUER host on 443 (a
-    certificate from this suite's CA for that name), which the Pods resolve by CoreDNS's hosts
-    (deployments/cluster/add-hosts.sh) to the node."""
-    tmp = tmp_path_factory.mktemp("facility-keycloak")
-    with production_keycloak(tmp, hostname=f"https://{FACILITY_HOST}", https_port=443, http_host="0.0.0.0",
-                             names=(FACILITY_HOST,), ips=("127.0.0.1", NODE_FROM_PODS)) as kc:
-        subprocess.run(["bash", str(CLUSTER_DIR / "add-hosts.sh"), f"{NODE_FROM_PODS}={FACILITY_HOST}"],
-                       check=True, capture_output=True, timeout=300)
-        yield kc
-
-
-@pytest.fixture(scope="module")
-def visitflow_images(kube, images: Images) -> dict[str, str]:
-    """deployments/images/build.sh's archives imported into the node, tagged as overlays/local names them."""
-    wanted = ["postgres", "redis", "opa", "idp", "tiled", "flows", "blueapi"]
-    subprocess.run(["bash", str(CLUSTER_DIR / "load-images.sh"), "--tag", "local",
-                    *[str(images.archives[n]) for n in wanted]], check=True, capture_output=True, timeout=1800)
-    return {n: images.tags[n] for n in wanted}
-
-
-@pytest.fixture(scope="module")
-def applied(kube, facility_keycloak, visitflow_images, tmp_path_factory) -> dict[str, str]:
-    """docs/deploy.md steps 2-5: the namespace; Secrets, the site CA and OPA's bundle out of band;
-    then the local overlay."""
-    kube.run("apply", "-f", str(K8S_DIR / "base" / "services" / "namespace.yaml"))
-    values = {}
-    for name, data in facility_secrets().items():
-        values.update({f"{name}/{k}": v for k, v in data.items()})
-        kube.run("-n", NS, "create", "secret", "generic", name, *[f"--from-literal={k}={v}" for k, v in data.items()])
-    kube.run("-n", NS, "create", "configmap", "visitflow-ca", f"--from-file=ca.crt={facility_keycloak['ca']}")
-    bundle = tmp_path_factory.mktemp("opa-bundle") / "visitflow.tar.gz"
-    subprocess.run([sys.executable, "-m", "visitflow.cli", "provision", "--sessions", str(REPO / "deployments/opa/data.json"),
-                    "--policy", str(REPO / "deployments/opa"), "--bundle", str(bundle)], check=True, capture_output=True)
-    kube.run("-n", NS, "create", "configmap", "visitflow-opa-bundle", f"--from-file=visitflow.tar.gz={bundle}")
-    kube.run("apply", "-k", str(K8S_DIR / "overlays" / "local"), "--dry-run=server")
-    kube.run("apply", "-k", str(K8S_DIR / "overlays" / "local"))
-    return values
-
-
-def rendered_local(kube: Kube) -> list[dict]:
-    return [d for d in yaml.safe_load_all(kube.run("kustomize", str(K8S_DIR / "overlays" / "local"))) if d]
 
 
 def test_the_local_overlay_is_what_the_cluster_holds(kube, applied):
@@ -354,62 +219,29 @@ def test_every_service_runs_its_visitflow_image_and_becomes_ready(kube, applied,
     assert health is True
 
 
-@pytest.fixture(scope="module")
-def prefect_api(kube, applied, tmp_path_factory):
-    """The in-cluster Prefect server through ``kubectl port-forward`` (docs/deploy.md step 6), with
-    the auth string of Secret visitflow-prefect-api."""
-    from visitflow.stack.services import free_port, start_service
-
-    kube.run("-n", NS, "rollout", "status", "deployment/prefect-server", "--timeout=600s", timeout=660)
-    port = free_port()
-    forward = start_service("port-forward-prefect", [str(kube.bin_dir / "kubectl"), "-n", NS, "port-forward",
-                                                     "svc/prefect-server", f"{port}:4200"],
-                            log_dir=tmp_path_factory.mktemp("port-forward"), health_url=f"http://127.0.0.1:{port}/api/health",
-                            env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)})
-    forward.wait_ready(timeout=120)
-    try:
-        yield {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-               "PREFECT_API_AUTH_STRING": applied["visitflow-prefect-api/auth-string"]}
-    finally:
-        forward.stop()
-
-
-def test_the_worker_runs_a_flow_run_as_a_job_of_the_flow_image(kube, applied, prefect_api, visitflow_images, tmp_path):
-    """docs/deploy.md step 6 as shipped (use-k8s-pool.sh --deploy, blocks/kubernetes.py), then a
-    flow run as the trigger creates it: the worker in its Pod renders the Job from the pool's
-    base job template, the Pod runs the flow image's pull step and flow, which reports back to
-    the in-cluster Prefect with the auth string and reads its client secret from visitflow-oidc.
-    No grant was stored for this run, so the flow must end Failed with visitflow's own reason
-    (not an import error, a crash or a Pod that never ran)."""
+def test_the_worker_runs_a_flow_run_as_a_job_of_the_flow_image(kube, applied, prefect_api, deployed):
+    """A flow run as the trigger creates it (docs/deploy.md step 6 done by ``deployed``): the
+    worker in its Pod renders the Job from the pool's base job template, the Pod runs the flow
+    image's pull step and flow, which reports back to the in-cluster Prefect with the auth string
+    and reads its client secret from visitflow-oidc.  No grant was stored for this run, so the
+    flow must end Failed with visitflow's own reason (not an import error, a crash or a Pod that
+    never ran)."""
     from visitflow.core import names as grants
     from visitflow.core.prefect_api import PrefectAPI
 
-    env = {**os.environ, **prefect_api, "VISITFLOW_K8S_OUT": str(tmp_path)}
-    image = visitflow_images["flows"].rsplit(":", 1)[0] + ":local"
-    pool = subprocess.run(["bash", str(K8S_DIR / "use-k8s-pool.sh"), image, "--deploy"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert pool.returncode == 0, pool.stdout[-3000:] + pool.stderr[-3000:]
-    block = subprocess.run([sys.executable, str(REPO / "blocks" / "kubernetes.py")], cwd=REPO, capture_output=True,
-                           text=True, timeout=300, env={**env, "VISITFLOW_ISSUER": SITE["TOKEN_ISSUER"],
-                                                        "VISITFLOW_TILED_URI": SITE["TILED_URL"],
-                                                        "VISITFLOW_RAW_TEMPLATE": "{instrument}/{proposal}/{visit}/{run}"})
-    assert block.returncode == 0, block.stdout[-3000:] + block.stderr[-3000:]
     with PrefectAPI(prefect_api["PREFECT_API_URL"], prefect_api["PREFECT_API_AUTH_STRING"]) as api:
         run_id = uuid.uuid4().hex
-        # as create_analysis_run (the trigger's one way), plus one job variable: the template's
-        # default cpu_request (500m) does not fit beside the whole stack on this 2-core node
-        # ("Insufficient cpu"); a facility sizes a deployment's jobs the same way
         run = api.create_flow_run(grants.deployment_name("saxs_average", "post"),
                                   {"visit": "cm12345-1", "run_id": run_id},
                                   idempotency_key=grants.idempotency_key("saxs_average", "post", "cm12345-1", run_id, None),
-                                  tags=grants.run_tags("saxs_average", "cm12345-1", run_id, "post", "b01"),
-                                  job_variables={"cpu_request": "100m"})
+                                  tags=grants.run_tags("saxs_average", "cm12345-1", run_id, "post", "b01"))
         final = api.wait_for_flow_run(run["id"], timeout=900, interval=2)
     jobs = kube.json("-n", NS, "get", "jobs", "-l", f"prefect.io/flow-run-id={run['id']}")["items"]
     assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]            # made by the worker, not by us
     (pod,) = kube.json("-n", NS, "get", "pods", "-l", f"job-name={jobs[0]['metadata']['name']}")["items"]
     log = kube.run("-n", NS, "logs", pod["metadata"]["name"], check=False)
-    assert pod["spec"]["containers"][0]["image"] == image
+    assert pod["spec"]["containers"][0]["image"] == deployed
+    assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"] == SITE_JOB_VARIABLES["cpu_request"]
     assert final["state"]["type"] == "FAILED", (final["state"], log[-3000:])
     # visitflow's GrantMissing, raised in the flow body: the image, its pull step, the flow's
     # imports, the Block and the API auth all worked to get there
@@ -437,22 +269,3 @@ def test_system_pods_run_and_the_pod_list_is_recorded(kube, applied):
     assert system and all(p["status"]["phase"] == "Running" for p in system)
     ready = {c["type"]: c["status"] for p in system for c in p["status"]["conditions"]}
     assert ready["Ready"] == "True"
-
-
-# ------------------------------------------------------------------------------ teardown (last)
-
-
-def test_down_sh_undoes_everything_up_sh_recorded(kube):
-    """down.sh by the record: no process, bridge, kube-proxy/CNI chain, mount or state left."""
-    state = kube.kubeconfig.parent
-    record = [line.split() for line in (state / "record").read_text().splitlines()]
-    pids = [int(r[1]) for r in record if r[0] == "pid"]
-    assert len(pids) >= 7                      # etcd, apiserver, controller-manager, scheduler, containerd, kubelet, kube-proxy
-    assert Path("/sys/class/net/vfk8s0").exists()
-    subprocess.run(["bash", str(CLUSTER_DIR / "down.sh")], check=True, capture_output=True, timeout=300)
-    assert not [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()]
-    assert not Path("/sys/class/net/vfk8s0").exists()
-    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
-    assert "KUBE-SERVICES" not in rules and "visitflow-pods" not in rules
-    assert str(state) not in Path("/proc/mounts").read_text()
-    assert not state.exists()

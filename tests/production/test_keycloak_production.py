@@ -23,13 +23,12 @@ import httpx
 import jwt
 import pytest
 
-from tests.fixtures.keycloak_production import REALM_FILE, production_keycloak
+from tests.fixtures.keycloak_production import (OVERLAY_CLIENT, REALM, REALM_FILE, add_test_overlay, admin_headers,
+                                                password_token, production_keycloak)
 from tests.fixtures.postgres_fixtures import fetch
 
 pytestmark = pytest.mark.keycloak
 
-REALM = "facility"
-OVERLAY_CLIENT = "tests-password-login"   # test-only: the shipped realm has no password grant
 USER = ("alice", secrets.token_urlsafe(12))
 
 
@@ -40,10 +39,7 @@ def kc_prod(tmp_path_factory):
 
 
 def _admin(kc) -> dict:
-    r = kc["client"].post(f"{kc['base']}/realms/master/protocol/openid-connect/token", data={
-        "grant_type": "password", "client_id": "admin-cli", "username": kc["admin"][0], "password": kc["admin"][1]})
-    r.raise_for_status()
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return admin_headers(kc)
 
 
 def _clients(kc) -> dict:
@@ -84,47 +80,18 @@ def test_production_keycloak_imports_the_shipped_facility_realm(kc_prod):
 
 @pytest.fixture(scope="module")
 def overlay(kc_prod):
-    """The test-only overlay, through the admin API after the import: user alice (with
-    visitflow's ``delegate`` role) and a password-grant client with the login client's
-    audience mappers."""
-    import copy
-    import json
-
-    kc = kc_prod
-    shipped = {c["clientId"]: c for c in json.loads(REALM_FILE.read_text())["clients"]}
-    login = copy.deepcopy(shipped["visitflow-cli"])
-    login.update(clientId=OVERLAY_CLIENT, name=OVERLAY_CLIENT, directAccessGrantsEnabled=True,
-                 description="TESTS ONLY (overlay of test_keycloak_production.py)")
+    """The test-only overlay (tests/fixtures/keycloak_production.py): user alice and the
+    password-grant login client, which here also says who may act for the user."""
     # RFC 8693 §4.4: the subject token names who may act for the user (blueapi), for the delegation try
-    login["protocolMappers"].append({
-        "name": "may_act blueapi", "protocol": "openid-connect", "protocolMapper": "oidc-hardcoded-claim-mapper",
-        "config": {"claim.name": "may_act", "claim.value": '{"client_id": "blueapi"}', "jsonType.label": "JSON",
-                   "access.token.claim": "true", "id.token.claim": "false", "introspection.token.claim": "true"}})
-    headers = _admin(kc)
-    r = kc["client"].post(f"{kc['base']}/admin/realms/{REALM}/clients", json=login, headers=headers)
-    assert r.status_code == 201, r.text
-    r = kc["client"].post(f"{kc['base']}/admin/realms/{REALM}/users", headers=headers, json={
-        "username": USER[0], "enabled": True, "emailVerified": True, "email": "alice@example.org",
-        "firstName": "Alice", "lastName": "Test", "credentials": [{"type": "password", "value": USER[1],
-                                                                     "temporary": False}]})
-    assert r.status_code == 201, r.text
-    # as realm.json's users (and the dev overlay's): visitflow's client role `delegate`, so the
-    # audience-resolve scope lets `blueapi` exchange alice's token for audience visitflow
-    user_id = r.headers["Location"].rstrip("/").rsplit("/", 1)[1]
-    visitflow = next(c for c in kc["client"].get(f"{kc['base']}/admin/realms/{REALM}/clients",
-                                                 params={"clientId": "visitflow"}, headers=headers).json())
-    role = kc["client"].get(f"{kc['base']}/admin/realms/{REALM}/clients/{visitflow['id']}/roles/delegate",
-                            headers=headers)
-    assert role.status_code == 200, role.text
-    r = kc["client"].post(f"{kc['base']}/admin/realms/{REALM}/users/{user_id}/role-mappings/clients/{visitflow['id']}",
-                          json=[role.json()], headers=headers)
-    assert r.status_code == 204, r.text
-    return kc
+    may_act = {"name": "may_act blueapi", "protocol": "openid-connect", "protocolMapper": "oidc-hardcoded-claim-mapper",
+               "config": {"claim.name": "may_act", "claim.value": '{"client_id": "blueapi"}', "jsonType.label": "JSON",
+                          "access.token.claim": "true", "id.token.claim": "false", "introspection.token.claim": "true"}}
+    add_test_overlay(kc_prod, dict([USER]), extra_mappers=[may_act])
+    return kc_prod
 
 
 def _login(kc, client_id: str) -> httpx.Response:
-    return kc["client"].post(f"{kc['base']}/realms/{REALM}/protocol/openid-connect/token", data={
-        "grant_type": "password", "client_id": client_id, "username": USER[0], "password": USER[1]})
+    return password_token(kc, USER[0], USER[1], client_id)
 
 
 def test_login_tokens_validate_over_tls_and_the_shipped_client_has_no_password_grant(overlay):

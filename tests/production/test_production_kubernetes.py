@@ -403,6 +403,25 @@ def test_retarget_points_every_deployment_at_the_pool_and_image():
         assert dep["tags"] == ["visitflow", "post"]
 
 
+def test_retarget_adds_the_sites_job_variables_and_main_refuses_bad_ones(tmp_path, monkeypatch, capsys):
+    from visitflow.production import prefect_yaml
+
+    out = retarget(yaml.safe_load(PROJECT), IMAGE, job_variables={"cpu_request": "100m"})
+    for dep in out["deployments"]:
+        assert dep["work_pool"]["job_variables"] == {
+            "env": {"VISITFLOW_CREDENTIALS_BLOCK": "visitflow"}, "cpu_request": "100m", "image": IMAGE}
+    src = tmp_path / "prefect.yaml"
+    src.write_text(PROJECT)
+    monkeypatch.setenv(prefect_yaml.JOB_VARIABLES_ENV, '{"memory_request": "1Gi"}')
+    assert prefect_yaml.main([str(src), IMAGE]) == 0
+    written = yaml.safe_load(capsys.readouterr().out)
+    assert {d["work_pool"]["job_variables"]["memory_request"] for d in written["deployments"]} == {"1Gi"}
+    for bad, why in [("{cpu", "is not JSON"), ('["100m"]', "must be a JSON object"), ('{"image": "x"}', "other than image")]:
+        monkeypatch.setenv(prefect_yaml.JOB_VARIABLES_ENV, bad)
+        assert prefect_yaml.main([str(src), IMAGE]) == 2
+        assert why in capsys.readouterr().err
+
+
 def test_retarget_the_real_prefect_yaml():
     path = ROOT / "prefect.yaml"
     project = yaml.safe_load(path.read_text())

@@ -107,7 +107,7 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "deployments/cluster/README.md": (f"{HERE}::test_readmes_name_only_files_that_exist",),
     "deployments/cluster/build.sh": (f"{HERE}::test_shell_scripts_parse", "tests/facility/test_facility_cluster.py::test_node_is_ready_on_the_built_version"),
     "deployments/cluster/up.sh": (f"{HERE}::test_shell_scripts_parse", "tests/facility/test_facility_cluster.py::test_node_is_ready_on_the_built_version"),
-    "deployments/cluster/down.sh": (f"{HERE}::test_shell_scripts_parse", "tests/facility/test_facility_cluster.py::test_down_sh_undoes_everything_up_sh_recorded"),
+    "deployments/cluster/down.sh": (f"{HERE}::test_shell_scripts_parse", "tests/facility/test_facility_teardown.py::test_down_sh_undoes_everything_up_sh_recorded"),
     "deployments/cluster/coredns.yaml": ("tests/facility/test_facility_cluster.py::test_coredns_answers_for_services_from_a_pod",
                                          "tests/facility/test_facility_cluster.py::test_every_service_runs_its_visitflow_image_and_becomes_ready"),
     "deployments/cluster/add-hosts.sh": (f"{HERE}::test_shell_scripts_parse",
