@@ -349,18 +349,14 @@ def test_two_scans_at_once_on_tiled_postgres_no_500_no_duplicate_rows(kube, stor
                                     "group by _dataset_id, seq_num having count(*) > 1") == [], name
 
 
-def test_the_story_leaves_every_flow_run_job_succeeded_but_the_grantless_probe(kube, story):
-    """``kubectl get pods -A -o wide`` after the story, printed for the report.  Of the Jobs the
-    worker made, only test_facility_cluster's grantless flow run failed (by design); every Job
-    of the story's scans succeeded."""
+def test_every_flow_run_job_the_worker_made_ran_to_completion(kube, story):
+    """``kubectl get pods -A -o wide`` after the story, printed for the report.  No flow-run Job
+    failed: no Pod crashed or was killed.  (A Job's success means its process ran to the end:
+    Prefect's engine exits 0 once it has reported the run's final state, Failed included, as for
+    test_facility_cluster's grantless run -- the flow runs' own states are checked above.)"""
     print(kube.run("get", "pods", "-A", "-o", "wide"))
     jobs = kube.json("-n", NS, "get", "jobs", "-l", "prefect.io/flow-run-id")["items"]
     failed = [j["metadata"]["name"] for j in jobs if j.get("status", {}).get("failed")]
     succeeded = [j["metadata"]["name"] for j in jobs if j.get("status", {}).get("succeeded")]
-    assert len(failed) <= 1, failed
-    with story.api() as api:
-        for job in (j for j in jobs if j["metadata"]["name"] in failed):
-            run = api.flow_run(job["metadata"]["labels"]["prefect.io/flow-run-id"])
-            log = kube.run("-n", NS, "logs", f"job/{job['metadata']['name']}", check=False)
-            assert "no delegation grant stored" in (run["state"].get("message") or "") + log, (run["state"], log[-2000:])
+    assert failed == [], failed
     assert len(succeeded) >= 6, succeeded      # live and post of Alice's, the deletion test's, the two-scan run
