@@ -60,6 +60,13 @@ def merge_kept(previous: str | None, generated: str) -> str:
     return generated.rstrip("\n") + "\n\n" + KEEP_MARKER + "\n\n" + kept
 
 
+#: ``VISITFLOW_BENCH_BASELINE=<a checkout of another revision>``: P2 and P4 also run that
+#: checkout's engine probes on the same scan, side by side with this tree's (before/after in
+#: one run).  ``git archive <rev> | tar -x -C <dir>`` makes one without touching any worktree.
+BASELINE = Path(os.environ["VISITFLOW_BENCH_BASELINE"]).resolve() if os.environ.get("VISITFLOW_BENCH_BASELINE") else None
+BASELINE_REV = os.environ.get("VISITFLOW_BENCH_BASELINE_REV") or (BASELINE.name if BASELINE else "")
+
+
 def pct(values, q):
     return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
 
@@ -206,7 +213,9 @@ class Bench:
 
         num, delay = (40, 0.1) if self.quick else (100, 0.1)
         written: dict[int, float] = {}
-        nodes = {"flow": "saxs_average", "push": "saxs_average_push", "poll": "saxs_average_poll"}
+        nodes = {"flow": "saxs_average", "push": "saxs_average_push", "poll": "saxs_average_poll",
+                 **({"push-base": "saxs_average_push_base", "poll-base": "saxs_average_poll_base"}
+                    if BASELINE else {})}
         seen: dict[str, dict[int, float]] = {k: {} for k in nodes}
         state = {"uid": None, "n": 0, "stop": False}
         probes: dict[str, subprocess.Popen] = {}
@@ -214,9 +223,11 @@ class Bench:
         def after_writer(name, doc):  # subscribed after TiledWriter: the frame is in Tiled
             if name == "start":
                 state["uid"] = doc["uid"]
-                for kind, variant in (("push", "live-push"), ("poll", "live")):
+                for kind, variant in (("push", "live-push"), ("poll", "live"),
+                                      *((("push-base", "live-push"), ("poll-base", "live")) if BASELINE else ())):
+                    repo = BASELINE if kind.endswith("-base") else REPO
                     probes[kind] = subprocess.Popen(
-                        [sys.executable, str(REPO / "benchmarks" / "engine_probe.py"), self.config.tiled_uri,
+                        [sys.executable, str(repo / "benchmarks" / "engine_probe.py"), self.config.tiled_uri,
                          self.alice(), doc["uid"], variant, nodes[kind]], stdout=subprocess.PIPE, text=True)
             elif name == "event":
                 written[state["n"]] = time.time()
@@ -256,6 +267,15 @@ class Bench:
                           f"p50 poll/push {pct(poll, 50) / pct(push, 50):.1f}×; "
                           f"{len(seen['push'])}/{len(seen['poll'])}/{len(seen['flow'])} of {num} frames seen"))
         self.details["P2"] = {"push_s": push, "poll_s": poll, "flow_all_s": flow_all, "flow_steady_s": flow_steady}
+        if BASELINE:
+            (_, push_b), (_, poll_b) = lags("push-base"), lags("poll-base")
+            self.rows.append((f"P2 side by side: baseline {BASELINE_REV} (same scan)",
+                              f"baseline push p50 {pct(push_b, 50):.2f}s p95 {pct(push_b, 95):.2f}s, "
+                              f"poll p50 {pct(poll_b, 50):.2f}s p95 {pct(poll_b, 95):.2f}s",
+                              f"this tree push p50 {pct(push, 50):.2f}s p95 {pct(push, 95):.2f}s, "
+                              f"poll p50 {pct(poll, 50):.2f}s p95 {pct(poll, 95):.2f}s",
+                              f"{len(seen['push-base'])}/{len(seen['poll-base'])} of {num} frames seen (baseline)"))
+            self.details["P2"].update(push_base_s=push_b, poll_base_s=poll_b)
 
     def _watch_live(self, state, name, seen):
         """When each frame's result became readable: the server-side timestamp of the live
@@ -310,8 +330,8 @@ class Bench:
         self.details["P8"] = details
 
     # ------------------------------------------------------------------ P4 / P5
-    def probe(self, uid, variant, timeout=900, name="saxs_average"):
-        out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "engine_probe.py"), self.config.tiled_uri,
+    def probe(self, uid, variant, timeout=900, name="saxs_average", repo=REPO):
+        out = subprocess.run([sys.executable, str(repo / "benchmarks" / "engine_probe.py"), self.config.tiled_uri,
                               self.alice(), uid, variant, name], capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-2000:])
@@ -333,9 +353,12 @@ class Bench:
         results = {}
 
         def probe(kind, variant):
-            results[kind] = self.probe(state["uid"], variant, name=f"saxs_average_{kind}")
+            results[kind] = self.probe(state["uid"], variant, name=f"saxs_average_{kind.replace('-', '_')}",
+                                       repo=BASELINE if kind.endswith("-base") else REPO)
 
-        live = [threading.Thread(target=probe, args=a) for a in (("push", "live-push"), ("poll", "live"))]
+        kinds = (("push", "live-push"), ("poll", "live"),
+                 *((("push-base", "live-push"), ("poll-base", "live")) if BASELINE else ()))
+        live = [threading.Thread(target=probe, args=a) for a in kinds]
         for p in live:
             p.start()
         for p in live:
@@ -348,6 +371,15 @@ class Bench:
                           f"scan, {push['wall_s']:.0f}s)",
                           f"live/post push {push['cpu_s'] / post['cpu_s']:.1f}×, poll {poll['cpu_s'] / post['cpu_s']:.1f}×"))
         self.details["P4"] = {"live_push": push, "live_poll": poll, "post": post}
+        if BASELINE:
+            push_b, poll_b = results["push-base"], results["poll-base"]
+            self.rows.append((f"P4 side by side: baseline {BASELINE_REV} (same scan, same post)",
+                              f"baseline live push {push_b['cpu_s']:.2f}s CPU, poll {poll_b['cpu_s']:.2f}s",
+                              f"this tree live push {push['cpu_s']:.2f}s CPU, poll {poll['cpu_s']:.2f}s",
+                              f"live/post push {push_b['cpu_s'] / post['cpu_s']:.1f}× → "
+                              f"{push['cpu_s'] / post['cpu_s']:.1f}×, poll {poll_b['cpu_s'] / post['cpu_s']:.1f}× → "
+                              f"{poll['cpu_s'] / post['cpu_s']:.1f}×"))
+            self.details["P4"].update(live_push_base=push_b, live_poll_base=poll_b)
 
     def p5(self):
         n = 300 if self.quick else 1000
