@@ -237,8 +237,12 @@ class Bench:
                                                prefect_auth_string=self.stack.prefect_auth,
                                                client_secret=DEV_SECRETS["blueapi"], post_on=(),
                                                state_dir=self.tmp / "trig-p2"), token=self.alice())
+        appended: dict[int, float] = {}   # Tiled's own time of each raw frame's append
         watchers = [threading.Thread(target=self._watch_live, args=(state, nodes[k], seen[k]), daemon=True)
-                    for k in nodes]
+                    for k in nodes] + [threading.Thread(target=self._watch_appends, args=(state, appended),
+                                                        daemon=True)]
+        server_cpu0 = self._tiled_cpu()
+        t_p2 = time.monotonic()
         for w in watchers:
             w.start()
         # uses_analyses-style metadata, only saxs_average
@@ -251,6 +255,7 @@ class Bench:
             p.communicate(timeout=300)
         time.sleep(1.0)
         state["stop"] = True
+        server_cpu, p2_wall = self._tiled_cpu() - server_cpu0, time.monotonic() - t_p2
 
         def lags(kind):
             got = seen[kind]
@@ -266,7 +271,23 @@ class Bench:
                           f"all frames p50 {pct(flow_all, 50):.2f}s",
                           f"p50 poll/push {pct(poll, 50) / pct(push, 50):.1f}×; "
                           f"{len(seen['push'])}/{len(seen['poll'])}/{len(seen['flow'])} of {num} frames seen"))
-        self.details["P2"] = {"push_s": push, "poll_s": poll, "flow_all_s": flow_all, "flow_steady_s": flow_steady}
+        self.details["P2"] = {"push_s": push, "poll_s": poll, "flow_all_s": flow_all, "flow_steady_s": flow_steady,
+                              # raw wall-clock times, for a timeline (benchmarks/results/live_lag.md)
+                              "written_t": written, "seen_t": seen, "appended_t": appended,
+                              "tiled_server_cpu_s": server_cpu, "wall_s": p2_wall}
+
+        def from_append(kind):  # frame appended in Tiled (its timestamp) → result readable
+            got = seen[kind]
+            first = min(got.values()) if got else float("inf")
+            return [got[i] - appended[i] for i in appended if i in got and written.get(i, 0) >= first]
+
+        by_append = {k: from_append(k) for k in nodes}
+        self.details["P2"]["from_append_s"] = by_append
+        self.rows.append(("P2 lag from Tiled's append of the frame (its stream timestamp) → result readable",
+                          f"poll p50 {pct(by_append['poll'], 50):.2f}s p95 {pct(by_append['poll'], 95):.2f}s",
+                          "; ".join(f"{k} p50 {pct(v, 50):.2f}s p95 {pct(v, 95):.2f}s"
+                                    for k, v in by_append.items() if k != "poll"),
+                          f"Tiled server CPU {server_cpu:.1f}s in {p2_wall:.0f}s"))
         if BASELINE:
             (_, push_b), (_, poll_b) = lags("push-base"), lags("poll-base")
             self.rows.append((f"P2 side by side: baseline {BASELINE_REV} (same scan)",
@@ -276,6 +297,52 @@ class Bench:
                               f"poll p50 {pct(poll, 50):.2f}s p95 {pct(poll, 95):.2f}s",
                               f"{len(seen['push-base'])}/{len(seen['poll-base'])} of {num} frames seen (baseline)"))
             self.details["P2"].update(push_base_s=push_b, poll_base_s=poll_b)
+
+    def _tiled_cpu(self) -> float:
+        """CPU seconds so far of the Tiled server (its process and children)."""
+        import psutil
+
+        try:
+            proc = psutil.Process(self.stack.record.services["tiled"]["pid"])
+            procs = [proc, *proc.children(recursive=True)]
+            return sum(sum(p.cpu_times()[:2]) for p in procs)
+        except (KeyError, psutil.Error):
+            return float("nan")
+
+    def _watch_appends(self, state, appended):
+        """When Tiled appended each raw frame: the timestamp of the ``array-data`` message its
+        stream of the raw ``saxs`` node carries (the server's clock, the frame then in Tiled)."""
+        import msgpack
+        from websockets.sync.client import connect as ws_connect
+
+        from visitflow.flow.push import stream_url
+
+        while state["uid"] is None and not state["stop"]:
+            time.sleep(0.05)
+        reader = self.root()
+        while not state["stop"]:
+            try:
+                node = reader[f"raw/a1/{state['uid']}/primary/saxs"]
+                break
+            except KeyError:
+                time.sleep(0.02)
+        else:
+            return
+        with ws_connect(stream_url(node.uri) + "?envelope_format=msgpack&start=1", max_size=None) as ws:
+            ws.send(json.dumps({"type": "auth", "access_token": self.alice()}))
+            while not state["stop"]:
+                try:
+                    msg = msgpack.unpackb(ws.recv(timeout=0.5))
+                except TimeoutError:
+                    continue
+                except Exception:  # noqa: BLE001 - the producer ended the stream
+                    return
+                if msg.get("type") in ("array-data", "array-ref"):
+                    start = int(((msg.get("patch") or {}).get("offset") or msg.get("offset") or [0])[0])
+                    count = int(((msg.get("patch") or {}).get("shape") or msg.get("shape") or [1])[0])
+                    when = dt.datetime.fromisoformat(msg["timestamp"]).timestamp()
+                    for i in range(start, start + count):
+                        appended.setdefault(i, when)
 
     def _watch_live(self, state, name, seen):
         """When each frame's result became readable: the server-side timestamp of the live
