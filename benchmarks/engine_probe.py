@@ -8,7 +8,7 @@ process's own, not the benchmark driver's).
 NODE_NAME (default saxs_average) names the processed node, so several probes can follow one
 run side by side.
 
-``VISITFLOW_PROBE_TIMELINE=<dir>``: also write ``<dir>/<NODE_NAME>.jsonl``, one line per event
+``VISITFLOW_PROBE_TIMELINE=<dir>``: also write ``<dir>/<NODE_NAME>-<run uid[:8]>.jsonl``, one line per event
 of the live engine (wall clock, ``time.time()``, comparable with the benchmark's and Tiled's
 timestamps on this machine): each pushed frame message as it arrives (``msg``, its first frame
 and count), each ``status`` call (frames seen, duration), each ``read`` and each ``write``
@@ -66,7 +66,7 @@ def main():
     if hasattr(src, "close"):
         src.close()
     if timeline and events:
-        with open(Path(timeline) / f"{name}.jsonl", "w") as f:
+        with open(Path(timeline) / f"{name}-{uid[:8]}.jsonl", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in events)
     print(json.dumps({"cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), "wall_s": wall,
                       "base_mb": base / 2**20, "peak_mb": hwm_kb / 1024,
