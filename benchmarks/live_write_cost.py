@@ -41,6 +41,25 @@ def _series(sink, n, server):
             "server_cpu_per_write_ms": 1000 * (s1 - s0) / n, "client_cpu_per_write_ms": 1000 * (c1 - c0) / n}
 
 
+def _parts(live, n, server):
+    """The write's two requests apart, and a metadata GET for scale: server CPU ms each."""
+    import numpy as np
+
+    array = live["average"]
+    value = np.random.default_rng(1).random((64, 64))
+    calls = {"array PUT": lambda i: array.write(value + i),
+             "metadata PATCH": lambda i: live.update_metadata({"frames_processed": 1000 + i}, drop_revision=True),
+             "metadata GET": lambda i: live.refresh()}
+    out = {}
+    for name, call in calls.items():
+        s0 = _cpu(server)
+        t0 = time.perf_counter()
+        for i in range(n):
+            call(i)
+        out[name] = {"server_cpu_ms": 1000 * (_cpu(server) - s0) / n, "wall_ms": 1000 * (time.perf_counter() - t0) / n}
+    return out
+
+
 def _cpu(proc) -> float:
     procs = [proc, *proc.children(recursive=True)]
     return sum(sum(p.cpu_times()[:2]) for p in procs)
@@ -76,6 +95,7 @@ def main(argv=None) -> int:
                 run = ensure_container(root["processed"]["a1"], uid)
                 sink = TiledResultSink(run, "unfenced", "live", {"bench": True}, flow_run_id="bench-unfenced")
                 out["unfenced"] = _series(sink, args.writes, server)
+                out["parts"] = _parts(run["unfenced"]["live"], args.writes, server)
                 try:
                     from visitflow.core.fence import Fence
                 except ImportError:
