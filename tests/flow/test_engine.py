@@ -189,15 +189,15 @@ def test_bad_outputs_are_reported():
         returns_list.spec.compute({"saxs": np.zeros((1, 2))})
 
 
-def _slow_writes_live(pacing):
-    """30 frames published one per 0.1 s (fake clock); every sink write takes 1 s."""
+def _slow_writes_live(pacing, pace_above=0.0, write_time=1.0):
+    """30 frames published one per 0.1 s (fake clock); every sink write takes ``write_time`` s."""
     data = saxs_data(30)
     run = MemoryRun(data)
     now = [0.0]
 
     class SlowSink(MemorySink):
         def write(self, outputs, *, frames, status):
-            now[0] += 1.0
+            now[0] += write_time
             super().write(outputs, frames=frames, status=status)
 
     def sleep(dt):
@@ -205,7 +205,7 @@ def _slow_writes_live(pacing):
         run.publish(1)
 
     settings_ = engine.LiveSettings(poll_interval=0.1, max_poll_interval=0.1, idle_timeout=60, max_batch=7,
-                                    write_pacing=pacing)
+                                    write_pacing=pacing, pace_above=pace_above)
     sink = SlowSink()
     out = engine.run_live(saxs_average.spec, run, sink, settings_, sleep=sleep, clock=lambda: now[0])
     return data, out, sink
@@ -226,3 +226,25 @@ def test_live_writes_are_paced_by_their_cost_and_the_result_is_unchanged():
     assert frames == sorted(frames) and len(set(frames)) == len(frames), "checkpoints only move forward"
     gaps = np.diff([w[1] for w in running])
     assert (gaps >= 1).all()
+
+
+def test_quick_writes_are_never_paced():
+    """Writes within ``pace_above`` follow each batch at once (a frame's lag is its one write):
+    as many running writes as unpaced, each covering every frame seen so far."""
+    data, out, sink = _slow_writes_live(1.0, pace_above=0.5, write_time=0.3)
+    _, _, unpaced_sink = _slow_writes_live(0.0, write_time=0.3)
+    np.testing.assert_allclose(out["average"], data["saxs"].mean(axis=0), rtol=1e-12)
+    running = [w[1] for w in sink.writes if w[2] == "running"]
+    assert running == [w[1] for w in unpaced_sink.writes if w[2] == "running"]
+    assert sink.writes[-1][1:] == (30, "complete")
+
+
+def test_only_the_time_a_write_takes_beyond_pace_above_is_paced():
+    """1 s writes: with pace_above 2 s never paced (as unpaced); with 0.5 s, the next waits
+    the excess (0.5 s): fewer writes than unpaced, more than pacing by the whole write."""
+    unpaced = [w for w in _slow_writes_live(0.0)[2].writes if w[2] == "running"]
+    never = [w for w in _slow_writes_live(1.0, pace_above=2.0)[2].writes if w[2] == "running"]
+    excess = [w for w in _slow_writes_live(1.0, pace_above=0.5)[2].writes if w[2] == "running"]
+    whole = [w for w in _slow_writes_live(1.0, pace_above=0.0)[2].writes if w[2] == "running"]
+    assert [w[1] for w in never] == [w[1] for w in unpaced]
+    assert len(whole) < len(excess) < len(unpaced)

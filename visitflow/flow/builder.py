@@ -56,6 +56,8 @@ def live_settings() -> engine.LiveSettings:
         max_poll_interval=_env_float("VISITFLOW_LIVE_MAX_POLL_INTERVAL", 2.0),
         idle_timeout=_env_float("VISITFLOW_LIVE_IDLE_TIMEOUT", 600.0),
         max_batch=int(_env_float("VISITFLOW_LIVE_MAX_BATCH", 256)),
+        write_pacing=_env_float("VISITFLOW_LIVE_WRITE_PACING", 1.0),
+        pace_above=_env_float("VISITFLOW_LIVE_PACE_ABOVE", 0.5),
     )
 
 

@@ -6,10 +6,12 @@ Live guarantees:
 - Only frames present in *every* ``reads`` field are processed (fields are written at
   slightly different moments); frames are fed in bounded batches, so with an incremental
   analysis memory stays flat however long the scan.
-- After each batch the outputs are written, *then* the checkpoint (frames done) — paced by
-  ``LiveSettings.write_pacing``: while the last write is recent relative to how long it
-  took, frames are fed but the write waits, so under load several batches share one write
-  (the checkpoint then lags the state, and a restart replays a little more).  A
+- After each batch the outputs are written, *then* the checkpoint (frames done) — at once
+  while writes are quick, paced only when a write was slow (``LiveSettings.write_pacing``,
+  ``pace_above``): after a write slower than ``pace_above`` the next waits, frames are fed
+  meanwhile, so on an overloaded server several batches share one write (the checkpoint
+  then lags the state, and a restart replays a little more).  Batches that arrive during a
+  write always share the next one.  A
   restarted live run replays frames ``[0, checkpoint)`` into a fresh state and continues, so
   no frame is lost or counted twice, even if the crash came between outputs and checkpoint.
 - It finishes after the stop document plus a final drain; it fails after ``idle_timeout``
@@ -70,10 +72,17 @@ class LiveSettings:
     max_poll_interval: float = 2.0  # backoff ceiling when idle
     idle_timeout: float = 600.0     # no new frames and no stop document for this long → fail
     max_batch: int = 256            # frames read per request (bounds memory)
-    #: after a running write that took w seconds, the next waits until pacing×w has passed
-    #: (frames keep being fed meanwhile): at most 1/(1+pacing) of the time spent writing, so
-    #: under load writes coalesce into fewer, larger batches; 0 writes after every batch.
+    #: after a running write that took w seconds, the next waits until
+    #: pacing×(w − pace_above) has passed (frames keep being fed meanwhile): a write up to
+    #: ``pace_above`` seconds is followed at once by the next (each frame's lag is its one
+    #: write), a slower one -- the server or machine overloaded -- makes writes coalesce into
+    #: fewer, larger batches; pacing 0 writes after every batch.
     write_pacing: float = 1.0
+    #: Writes this quick are never paced.  Pacing a write by its own time w adds about w to
+    #: every frame's lag (benchmarks/results/live_lag.md: at a 10 Hz scan with 0.3-0.5 s
+    #: writes it took P2's push lag from 0.09 s to 0.34 s p50, for ~10 % less live CPU in P4),
+    #: so it is kept for writes that already miss the live-lag budget (0.5 s p95).
+    pace_above: float = 0.5
 
 
 @dataclass
@@ -153,7 +162,7 @@ def run_live(spec: AnalysisSpec, source: RawSource, sink: ResultSink, settings: 
         sink.write(outs, frames=frames, status="running")
         written = frames
         end = clock()
-        return end + settings.write_pacing * (end - t0)
+        return end + settings.write_pacing * max(0.0, end - t0 - settings.pace_above)
 
     last_compute = -float("inf")
     last_progress = clock()
