@@ -25,8 +25,6 @@ from tests.fixtures.waiting import wait_until
 
 pytestmark = pytest.mark.facility
 
-
-
 #: the story's users, added to the production Keycloak as a facility's user federation would
 STORY_USERS = {u: secrets.token_urlsafe(14) for u in ("alice", "bob", "carol")}
 BEAMLINE, PROPOSAL, SESSION = "b01", "cm12345", "cm12345-1"   # the overlay's beamline (config.yaml's instrument)
