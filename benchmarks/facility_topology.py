@@ -25,8 +25,6 @@ Which hops are TLS: :data:`HOPS` (only the IdP's, and only with ``production``).
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import os
 import secrets
 import sys
@@ -112,25 +110,11 @@ class Facility:
 def keycloak_overlay(kc: dict, password: str) -> None:
     """User alice and :data:`OVERLAY_CLIENT` (the shipped login client ``visitflow-cli`` with the
     password grant on), added through the admin API of the production Keycloak ``kc``
-    (tests/fixtures/keycloak_production.py's dict); the shipped realm is not changed."""
-    from tests.fixtures.keycloak_production import REALM_FILE
+    (tests/fixtures/keycloak_production.py's dict and its overlay); the shipped realm is not changed."""
+    from tests.fixtures.keycloak_production import add_test_overlay
 
-    client, base = kc["client"], kc["base"]
-    r = client.post(f"{base}/realms/master/protocol/openid-connect/token", data={
-        "grant_type": "password", "client_id": "admin-cli", "username": kc["admin"][0], "password": kc["admin"][1]})
-    r.raise_for_status()
-    headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
-    shipped = {c["clientId"]: c for c in json.loads(REALM_FILE.read_text())["clients"]}
-    login = copy.deepcopy(shipped["visitflow-cli"])
-    login.update(clientId=OVERLAY_CLIENT, name=OVERLAY_CLIENT, directAccessGrantsEnabled=True,
-                 description="BENCHMARK ONLY (benchmarks/facility_topology.py)")
-    r = client.post(f"{base}/admin/realms/{REALM}/clients", json=login, headers=headers)
-    assert r.status_code == 201, r.text
-    r = client.post(f"{base}/admin/realms/{REALM}/users", headers=headers, json={
-        "username": "alice", "enabled": True, "emailVerified": True, "email": "alice@example.org",
-        "firstName": "Alice", "lastName": "Bench",
-        "credentials": [{"type": "password", "value": password, "temporary": False}]})
-    assert r.status_code == 201, r.text
+    add_test_overlay(kc, {"alice": password}, client_id=OVERLAY_CLIENT, delegate=False,
+                     description="BENCHMARK ONLY (benchmarks/facility_topology.py)")
 
 
 @contextlib.contextmanager
