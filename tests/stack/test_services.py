@@ -58,3 +58,59 @@ def test_up_says_which_server_failed_and_where_its_log_is(tmp_path, taken_port):
     assert "address already in use" in log.read_text().lower()
     services = json.loads((state / "stack.json").read_text())["services"]
     assert list(services) == ["idp"], "nothing after the IdP was started"
+
+
+#: a leader that, on SIGTERM, stops its own child (SIGKILL) and exits: the child records any
+#: SIGTERM that reaches it from outside (the group-wide signal that hangs blueapi's shutdown)
+_SUPERVISOR = r"""
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", '''
+import signal, sys, time
+def hit(*_):
+    open(sys.argv[1], "w").write("SIGTERM reached the child")
+signal.signal(signal.SIGTERM, hit)
+open(sys.argv[1] + ".ready", "w").close()
+while True:
+    time.sleep(0.05)
+''', sys.argv[1]])
+def stop(*_):
+    child.kill(); child.wait(); sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_stop_signals_the_leader_first_so_it_stops_its_own_children(tmp_path):
+    from tests.fixtures.waiting import wait_until
+
+    mark = tmp_path / "child-hit"
+    service = start_service("supervisor", [sys.executable, "-c", _SUPERVISOR, str(mark)], log_dir=tmp_path)
+    wait_until(lambda: (tmp_path / "child-hit.ready").exists(), 60, "the child started")
+    service.stop()
+    assert service.process.poll() is not None, "the leader stopped"
+    assert not mark.exists(), mark.read_text()   # only the leader was signalled: it stopped its child itself
+    assert service.process.returncode == 0, service.log_tail()   # its own clean exit, not SIGKILL
+
+
+def test_stop_still_ends_a_group_whose_leader_ignores_sigterm(tmp_path):
+    ignoring = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(0.05)"
+    service = start_service("stubborn", [sys.executable, "-c", ignoring], log_dir=tmp_path)
+    from tests.fixtures.waiting import wait_until
+    wait_until(lambda: "SigIgn" in _proc_status(service.process.pid) and _ignores_term(service.process.pid), 60,
+               "the handler installed")
+    service.stop(timeout=1)
+    assert service.process.poll() is not None
+    assert service.process.returncode == -9   # SIGKILL, after the leader's and the group's SIGTERM
+
+
+def _proc_status(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/status").read()
+    except OSError:
+        return ""
+
+
+def _ignores_term(pid: int) -> bool:
+    line = next((ln for ln in _proc_status(pid).splitlines() if ln.startswith("SigIgn:")), "SigIgn: 0")
+    return bool(int(line.split()[1], 16) & (1 << (15 - 1)))
