@@ -113,6 +113,44 @@ def test_every_configmap_a_pod_uses_is_rendered_or_made_by_a_step_of_deploy_md(r
         assert f"kubectl -n visitflow create configmap {name} " in steps, name
 
 
+#: the Services whose servers do not terminate TLS yet, and why (docs/deploy.md "Status")
+PLAIN_SERVICES = {
+    "postgres": "PostgreSQL's ssl=on not configured yet: clients use sslmode=disable",
+    "redis": "Redis TLS not configured yet (prefect-redis and Tiled's cache speak redis://)",
+    "blueapi-b01": "blueapi 1.21.1's RestConfig has only url and cors: uvicorn.run gets no TLS arguments",
+}
+
+
+def test_every_http_server_serves_https_with_the_site_certificate(rendered):
+    """Every Service but PLAIN_SERVICES: its pods mount Secret visitflow-tls (the shape of
+    secrets.example.yaml, docs/deploy.md step 3), probe with scheme HTTPS, and every site URL
+    is https (clients trust ConfigMap visitflow-ca)."""
+    objs = rendered["facility"]
+    example = {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S_DIR / "secrets.example.yaml").read_text()) if d}
+    assert example["visitflow-tls"]["type"] == "kubernetes.io/tls"
+    assert sorted(example["visitflow-tls"]["stringData"]) == ["tls.crt", "tls.key"]
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    assert set(PLAIN_SERVICES) < set(services)
+    for name, svc in services.items():
+        if name in PLAIN_SERVICES:
+            continue
+        (w,) = [w for w in workloads(objs) if all(w["spec"]["template"]["metadata"]["labels"].get(k) == v
+                                                 for k, v in svc["spec"]["selector"].items())]
+        spec = w["spec"]["template"]["spec"]
+        assert {"name": "tls", "secret": {"secretName": "visitflow-tls"}} in spec["volumes"], name
+        (c,) = spec["containers"]
+        assert {"name": "tls", "mountPath": "/etc/visitflow-tls", "readOnly": True} in c["volumeMounts"], name
+        argv = " ".join(c["command"])
+        assert "/etc/visitflow-tls/tls.crt" in argv and "/etc/visitflow-tls/tls.key" in argv, name
+        for probe in ("readinessProbe", "livenessProbe"):
+            if "httpGet" in c[probe]:
+                assert c[probe]["httpGet"]["scheme"] == "HTTPS", (name, probe)
+        assert [p["name"] for p in svc["spec"]["ports"]] == ["https"], name
+    site = dict(line.split("=", 1) for line in (FACILITY / "site.env").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert all(v.startswith("https://") for v in site.values()), site
+
+
 def test_every_container_has_probes_resources_and_runs_restricted(rendered):
     for w, c in containers(rendered["facility"]):
         name = w["metadata"]["name"]

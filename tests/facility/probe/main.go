@@ -4,18 +4,62 @@
 //	probe get URL           GET URL (TLS not verified: it checks reachability), print status+body; exit 1 unless 2xx
 //	probe lookup NAME       resolve NAME with the pod's resolv.conf (cluster DNS); print the addresses
 //	probe sha256env NAME    print the sha256 of env NAME (proves a Secret reached the pod without printing it)
+//	probe tls CAFILE HOST:PORT...
+//	                        for each target: a TLS handshake verifying the server's certificate
+//	                        against CAFILE only, for HOST (the Service's DNS name), must succeed, and
+//	                        plain HTTP to it must get no HTTP answer (an error, or the "HTTP
+//	                        request to an HTTPS server" 400 of Go's TLS servers);
+//	                        one line per check; exit 1 if any check fails (10 s each, never a hang)
 package main
 
 import (
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 )
+
+// checkTLS: the handshake against the pool for the target's host name, then plain HTTP to it.
+func checkTLS(pool *x509.CertPool, target string) bool {
+	host, _, err := net.SplitHostPort(target)
+	if err != nil {
+		fmt.Printf("tls FAIL %s: %v\n", target, err)
+		return false
+	}
+	ok := true
+	dialer := &net.Dialer{Timeout: 10 * time.Second}
+	conn, err := tls.DialWithDialer(dialer, "tcp", target, &tls.Config{RootCAs: pool, ServerName: host})
+	if err != nil {
+		fmt.Printf("tls FAIL %s: %v\n", target, err)
+		ok = false
+	} else {
+		st := conn.ConnectionState()
+		fmt.Printf("tls ok %s: %s, certificate %s\n", target, tls.VersionName(st.Version), st.PeerCertificates[0].Subject)
+		conn.Close()
+	}
+	plain := &http.Client{Timeout: 10 * time.Second}
+	r, err := plain.Get("http://" + target + "/")
+	if err != nil {
+		fmt.Printf("plain refused %s: %v\n", target, err)
+	} else {
+		body, _ := io.ReadAll(io.LimitReader(r.Body, 512))
+		r.Body.Close()
+		// Go's TLS servers (OPA) answer plain HTTP with this 400 and nothing else
+		if r.StatusCode == 400 && strings.Contains(string(body), "HTTP request to an HTTPS server") {
+			fmt.Printf("plain refused %s: status 400 %q\n", target, strings.TrimSpace(string(body)))
+		} else {
+			fmt.Printf("plain ANSWERED %s: status %d\n", target, r.StatusCode)
+			ok = false
+		}
+	}
+	return ok
+}
 
 func main() {
 	if len(os.Args) < 3 {
@@ -50,6 +94,20 @@ func main() {
 			os.Exit(1)
 		}
 		fmt.Println(addrs)
+	case "tls":
+		pem, err := os.ReadFile(arg)
+		pool := x509.NewCertPool()
+		if err != nil || !pool.AppendCertsFromPEM(pem) {
+			fmt.Println("error: no CA certificate in", arg, err)
+			os.Exit(1)
+		}
+		ok := len(os.Args) > 3
+		for _, target := range os.Args[3:] {
+			ok = checkTLS(pool, target) && ok
+		}
+		if !ok {
+			os.Exit(1)
+		}
 	case "sha256env":
 		v, ok := os.LookupEnv(arg)
 		if !ok {
