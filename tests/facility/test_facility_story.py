@@ -148,8 +148,7 @@ def story(kube, applied, deployed, prefect_api, facility_keycloak, visitflow_ima
         kube.run("apply", "-f", "-", input=json.dumps(job))
         ok, log = job_logs(kube, NS, "visitflow-provision", timeout=300)
         assert ok, log
-        blueapi_url = stack.enter_context(port_forward(kube, f"svc/blueapi-{BEAMLINE}", 8000, logs, "/healthz",
-                                                        scheme="http"))   # blueapi 1.21.1: no TLS (docs/deploy.md Status)
+        blueapi_url = stack.enter_context(port_forward(kube, f"svc/blueapi-{BEAMLINE}", 8000, logs, "/healthz"))
         tiled_url = stack.enter_context(port_forward(kube, "svc/tiled", 8000, logs, "/healthz"))
         yield Story(kube, facility_keycloak, blueapi_url, tiled_url, prefect_api)
 

@@ -117,7 +117,6 @@ def test_every_configmap_a_pod_uses_is_rendered_or_made_by_a_step_of_deploy_md(r
 PLAIN_SERVICES = {
     "postgres": "PostgreSQL's ssl=on not configured yet: clients use sslmode=disable",
     "redis": "Redis TLS not configured yet (prefect-redis and Tiled's cache speak redis://)",
-    "blueapi-b01": "blueapi 1.21.1's RestConfig has only url and cors: uvicorn.run gets no TLS arguments",
 }
 
 
@@ -138,7 +137,8 @@ def test_every_http_server_serves_https_with_the_site_certificate(rendered):
                                                  for k, v in svc["spec"]["selector"].items())]
         spec = w["spec"]["template"]["spec"]
         assert {"name": "tls", "secret": {"secretName": "visitflow-tls"}} in spec["volumes"], name
-        (c,) = spec["containers"]
+        # the container serving the Service's port (blueapi: its tls sidecar, beamline/blueapi.yaml)
+        (c,) = [c for c in spec["containers"] if any(p["name"] == "https" for p in c.get("ports", []))]
         assert {"name": "tls", "mountPath": "/etc/visitflow-tls", "readOnly": True} in c["volumeMounts"], name
         argv = " ".join(c["command"])
         assert "/etc/visitflow-tls/tls.crt" in argv and "/etc/visitflow-tls/tls.key" in argv, name
@@ -149,6 +149,7 @@ def test_every_http_server_serves_https_with_the_site_certificate(rendered):
     site = dict(line.split("=", 1) for line in (FACILITY / "site.env").read_text().splitlines()
                 if line and not line.startswith("#"))
     assert all(v.startswith("https://") for v in site.values()), site
+    assert "kubectl -n visitflow create secret tls visitflow-tls " in (REPO / "docs" / "deploy.md").read_text()
 
 
 def test_every_container_has_probes_resources_and_runs_restricted(rendered):
@@ -178,9 +179,11 @@ def test_ingress_is_denied_by_default_and_each_service_admits_named_callers(rend
                      and set(p["spec"]["podSelector"].get("matchLabels", {}).items()) <= set(labels.items())]
         assert admitting, f"no NetworkPolicy admits anyone to Service {svc['metadata']['name']}"
         ports = {q["targetPort"] for q in svc["spec"]["ports"]}
-        (container,) = [w["spec"]["template"]["spec"]["containers"][0] for w in workloads(objs)
-                        if w["spec"]["template"]["metadata"]["labels"] == labels]
-        numbers = {p["containerPort"] for p in container["ports"] if p["name"] in ports or p["containerPort"] in ports}
+        (pod,) = [w["spec"]["template"]["spec"] for w in workloads(objs)
+                  if w["spec"]["template"]["metadata"]["labels"] == labels]
+        numbers = {p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])
+                   if p["name"] in ports or p["containerPort"] in ports}
+        assert numbers, svc["metadata"]["name"]
         allowed = {q["port"] for p in admitting for rule in p["spec"]["ingress"] for q in rule.get("ports", [])}
         assert numbers <= allowed, (svc["metadata"]["name"], numbers, allowed)
 

@@ -146,3 +146,64 @@ def test_a_silent_client_does_not_block_the_bundle_server(bundle_server, pki):
     ctx = ssl.create_default_context(cafile=str(pki["ca"]))
     with socket.create_connection((host, int(port))) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
         assert s.version() in ("TLSv1.2", "TLSv1.3")
+
+
+# ------------------------------------------------------------------------------ the TLS sidecar
+
+
+@pytest.fixture
+def tls_proxy(pki, tmp_path):
+    """visitflow.core.tls_proxy in front of a plain HTTP server on 127.0.0.1 (blueapi's place)."""
+    import asyncio
+    import http.server
+
+    from visitflow.core.tls import server_context
+    from visitflow.core.tls_proxy import serve
+
+    (tmp_path / "healthz").write_text("ok")
+    upstream = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path)))
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    loop = asyncio.new_event_loop()
+    started = loop.create_future()
+    task = loop.create_task(serve(("127.0.0.1", 0), upstream.server_address[:2],
+                                  server_context(str(pki["cert"]), str(pki["key"])), 2, started))
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    port = asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(started), 10), loop).result(15)[1]
+    yield f"localhost:{port}", upstream
+    loop.call_soon_threadsafe(task.cancel)
+    upstream.shutdown()
+    upstream.server_close()
+
+
+def test_tls_proxy_forwards_https_to_the_plain_upstream(tls_proxy, pki):
+    where, _ = tls_proxy
+    with httpx.Client(verify=str(pki["ca"]), timeout=5) as client:
+        for _ in range(3):                                  # keep-alive through the proxy
+            r = client.get(f"https://{where}/healthz")
+            assert r.status_code == 200 and r.text == "ok"
+
+
+def test_tls_proxy_refuses_plain_http_and_an_untrusted_client(tls_proxy, pki):
+    where, _ = tls_proxy
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://{where}/healthz", timeout=5)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"https://{where}/healthz", verify=str(pki["other_ca"]), timeout=5)
+
+
+def test_tls_proxy_with_its_upstream_gone_closes_at_once(tls_proxy, pki):
+    where, upstream = tls_proxy
+    upstream.shutdown()
+    upstream.server_close()
+    t0 = time.monotonic()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"https://{where}/healthz", verify=str(pki["ca"]), timeout=8)
+    assert time.monotonic() - t0 < 5
+
+
+def test_tls_proxy_cli_requires_the_pair():
+    from visitflow.core.tls_proxy import main
+
+    with pytest.raises(SystemExit, match="required"):
+        main(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"])
