@@ -228,7 +228,8 @@ def _tls_targets(kube: Kube) -> tuple[list[str], list[str]]:
     for svc in (o for o in rendered_local(kube) if o["kind"] == "Service"):
         name = svc["metadata"]["name"]
         for port in svc["spec"]["ports"]:
-            (plain if name in PLAIN_SERVICES else tls).append(f"{name}.{NS}.svc.cluster.local:{port['port']}")
+            kind = "pg:" if name == "postgres" else ""          # TLS after PostgreSQL's SSLRequest
+            (plain if name in PLAIN_SERVICES else tls).append(f"{kind}{name}.{NS}.svc.cluster.local:{port['port']}")
     return tls, plain
 
 
@@ -248,6 +249,7 @@ def test_every_service_port_is_tls_from_the_site_ca_and_plain_http_gets_no_answe
     assert out.count("tls ok ") == len(targets) and out.count("plain refused ") == len(targets), out
     assert len(tls) >= 6, tls                 # token service, Tiled, Prefect, OPA, bundles, ...
     assert sorted(p.split(".")[0] for p in plain) == sorted(PLAIN_SERVICES), plain
+    assert "tls ok pg:postgres." in out and "plain refused pg:postgres." in out, out
 
 
 def test_a_client_trusting_another_ca_is_refused_by_every_tls_service(kube, applied, probe_image, tmp_path):

@@ -115,7 +115,6 @@ def test_every_configmap_a_pod_uses_is_rendered_or_made_by_a_step_of_deploy_md(r
 
 #: the Services whose servers do not terminate TLS yet, and why (docs/deploy.md "Status")
 PLAIN_SERVICES = {
-    "postgres": "PostgreSQL's ssl=on not configured yet: clients use sslmode=disable",
     "redis": "Redis TLS not configured yet (prefect-redis and Tiled's cache speak redis://)",
 }
 
@@ -136,19 +135,24 @@ def test_every_http_server_serves_https_with_the_site_certificate(rendered):
         (w,) = [w for w in workloads(objs) if all(w["spec"]["template"]["metadata"]["labels"].get(k) == v
                                                  for k, v in svc["spec"]["selector"].items())]
         spec = w["spec"]["template"]["spec"]
-        assert {"name": "tls", "secret": {"secretName": "visitflow-tls"}} in spec["volumes"], name
+        assert [v for v in spec["volumes"] if v["name"] == "tls" and v["secret"]["secretName"] == "visitflow-tls"], name
         # the container serving the Service's port (blueapi: its tls sidecar, beamline/blueapi.yaml)
-        (c,) = [c for c in spec["containers"] if any(p["name"] == "https" for p in c.get("ports", []))]
+        (c,) = [c for c in spec["containers"] if any(p["name"] in ("https", "pg") for p in c.get("ports", []))]
         assert {"name": "tls", "mountPath": "/etc/visitflow-tls", "readOnly": True} in c["volumeMounts"], name
-        argv = " ".join(c["command"])
+        argv = " ".join(c.get("command", []) + c.get("args", []))
         assert "/etc/visitflow-tls/tls.crt" in argv and "/etc/visitflow-tls/tls.key" in argv, name
         for probe in ("readinessProbe", "livenessProbe"):
             if "httpGet" in c[probe]:
                 assert c[probe]["httpGet"]["scheme"] == "HTTPS", (name, probe)
-        assert [p["name"] for p in svc["spec"]["ports"]] == ["https"], name
+        assert [p["name"] for p in svc["spec"]["ports"]] == (["pg"] if name == "postgres" else ["https"]), name
     site = dict(line.split("=", 1) for line in (FACILITY / "site.env").read_text().splitlines()
                 if line and not line.startswith("#"))
     assert all(v.startswith("https://") for v in site.values()), site
+    # every PostgreSQL client verifies the server (asyncpg and libpq both read these)
+    for w, c in containers(objs):
+        if w["metadata"]["name"] in ("token-service", "tiled", "prefect-server", "prefect-services"):
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["PGSSLMODE"] == "verify-full" and env["PGSSLROOTCERT"] == "/etc/visitflow-ca/ca.crt", w
     assert "kubectl -n visitflow create secret tls visitflow-tls " in (REPO / "docs" / "deploy.md").read_text()
 
 
