@@ -211,12 +211,61 @@ def test_every_service_runs_its_visitflow_image_and_becomes_ready(kube, applied,
         for c in p["status"]["containerStatuses"]:      # containerd names an image by any of its tags
             assert c["image"] in built, (p["metadata"]["name"], c["image"], built)
     proxy = "/api/v1/namespaces/visitflow/services/{}/proxy{}"
-    ready = kube.run("get", "--raw", proxy.format("token-service:8180", "/readyz"))
+    ready = kube.run("get", "--raw", proxy.format("https:token-service:8180", "/readyz"))
     assert SITE["FACILITY_ISSUER"] in ready and "postgresql answers" in ready, ready
-    discovery = json.loads(kube.run("get", "--raw", proxy.format("token-service:8180", "/.well-known/openid-configuration")))
+    discovery = json.loads(kube.run("get", "--raw", proxy.format("https:token-service:8180", "/.well-known/openid-configuration")))
     assert discovery["issuer"] == SITE["TOKEN_ISSUER"]
-    health = json.loads(kube.run("get", "--raw", proxy.format("prefect-server:4200", "/api/health")))
+    health = json.loads(kube.run("get", "--raw", proxy.format("https:prefect-server:4200", "/api/health")))
     assert health is True
+
+
+def _tls_targets(kube: Kube) -> tuple[list[str], list[str]]:
+    """Every port of every Service the local overlay renders, by its cluster DNS name: (the
+    TLS ones, the names of PLAIN_SERVICES found)."""
+    from tests.production.test_kustomize import PLAIN_SERVICES
+
+    tls, plain = [], []
+    for svc in (o for o in rendered_local(kube) if o["kind"] == "Service"):
+        name = svc["metadata"]["name"]
+        for port in svc["spec"]["ports"]:
+            kind = "pg:" if name == "postgres" else ""          # TLS after PostgreSQL's SSLRequest
+            (plain if name in PLAIN_SERVICES else tls).append(f"{kind}{name}.{NS}.svc.cluster.local:{port['port']}")
+    return tls, plain
+
+
+def test_every_service_port_is_tls_from_the_site_ca_and_plain_http_gets_no_answer(kube, applied, probe_image):
+    """From a Pod in the namespace: for every Service port (by its full and its short name, the
+    certificate's SANs), a TLS handshake verifying against ConfigMap visitflow-ca only succeeds,
+    and plain HTTP to the same port gets no HTTP answer.  The Services left plain are exactly
+    the documented ones (tests/production/test_kustomize.py PLAIN_SERVICES, docs/deploy.md Status)."""
+    from tests.production.test_kustomize import PLAIN_SERVICES
+
+    tls, plain = _tls_targets(kube)
+    targets = tls + [t.replace(f".{NS}.svc.cluster.local", "") for t in tls]
+    ok, out = run_probe(kube, probe_image, "tls-every-service", "tls", "/etc/visitflow-ca/ca.crt", *targets,
+                        ns=NS, configmaps={"visitflow-ca": "/etc/visitflow-ca"})
+    print(f"\n{out}")
+    assert ok, out
+    assert out.count("tls ok ") == len(targets) and out.count("plain refused ") == len(targets), out
+    assert len(tls) >= 6, tls                 # token service, Tiled, Prefect, OPA, bundles, ...
+    assert sorted(p.split(".")[0] for p in plain) == sorted(PLAIN_SERVICES), plain
+    assert "tls ok pg:postgres." in out and "plain refused pg:postgres." in out, out
+
+
+def test_a_client_trusting_another_ca_is_refused_by_every_tls_service(kube, applied, probe_image, tmp_path):
+    """The negative: the same Pod trusting a CA that did not sign the servers' certificate gets a
+    verification error from each (not a hang, not an answer)."""
+    from tests.fixtures.keycloak_production import ca_and_cert
+
+    other, _, _ = ca_and_cert(tmp_path / "other-ca")
+    kube.run("-n", NS, "create", "configmap", "other-ca", f"--from-file=ca.crt={other}")
+    tls, _ = _tls_targets(kube)
+    ok, out = run_probe(kube, probe_image, "tls-other-ca", "tls", "/etc/other-ca/ca.crt", *tls,
+                        ns=NS, configmaps={"other-ca": "/etc/other-ca"})
+    print(f"\n{out}")
+    assert not ok
+    assert out.count("certificate signed by unknown authority") == len(tls), out
+    assert "tls ok" not in out
 
 
 def test_the_worker_runs_a_flow_run_as_a_job_of_the_flow_image(kube, applied, prefect_api, deployed):

@@ -47,7 +47,7 @@ def provision_job(image: str, name: str) -> dict:
     """``visitflow provision`` in a Pod of the flow image (docs/deploy.md step 4, the Tiled and
     Prefect half): this cluster has no ingress, so the site's admin machine is a Pod here.  The
     session list comes from ConfigMap visitflow-sessions; the admin client's secret and Prefect's
-    auth string by reference."""
+    auth string by reference; the site's CA bundle for the HTTPS Services."""
     def secret(env, name, key):
         return {"name": env, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
     argv = ["visitflow", "provision", "--sessions", "/etc/visitflow-sessions/sessions.json",
@@ -62,13 +62,16 @@ def provision_job(image: str, name: str) -> dict:
             "containers": [{"name": "provision", "image": image, "imagePullPolicy": "Never", "command": argv,
                             "env": [secret("VISITFLOW_ADMIN_SECRET", "visitflow-token-service", "admin-secret"),
                                     secret("PREFECT_API_AUTH_STRING", "visitflow-prefect-api", "auth-string"),
-                                    {"name": "HOME", "value": "/tmp"}],
+                                    {"name": "HOME", "value": "/tmp"},
+                                    {"name": "SSL_CERT_FILE", "value": "/etc/visitflow-ca/ca.crt"}],   # HTTPS hops
                             "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
                             "volumeMounts": [{"name": "sessions", "mountPath": "/etc/visitflow-sessions"},
+                                             {"name": "ca", "mountPath": "/etc/visitflow-ca", "readOnly": True},
                                              {"name": "tmp", "mountPath": "/tmp"}],
                             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                                 "capabilities": {"drop": ["ALL"]}}}],
             "volumes": [{"name": "sessions", "configMap": {"name": "visitflow-sessions"}},
+                        {"name": "ca", "configMap": {"name": "visitflow-ca"}},      # the site's CA bundle
                         {"name": "tmp", "emptyDir": {}}]}}},
     }
 

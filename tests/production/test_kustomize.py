@@ -113,6 +113,49 @@ def test_every_configmap_a_pod_uses_is_rendered_or_made_by_a_step_of_deploy_md(r
         assert f"kubectl -n visitflow create configmap {name} " in steps, name
 
 
+#: the Services whose servers do not terminate TLS yet, and why (docs/deploy.md "Status")
+PLAIN_SERVICES = {
+    "redis": "Redis TLS not configured yet (prefect-redis and Tiled's cache speak redis://)",
+}
+
+
+def test_every_http_server_serves_https_with_the_site_certificate(rendered):
+    """Every Service but PLAIN_SERVICES: its pods mount Secret visitflow-tls (the shape of
+    secrets.example.yaml, docs/deploy.md step 3), probe with scheme HTTPS, and every site URL
+    is https (clients trust ConfigMap visitflow-ca)."""
+    objs = rendered["facility"]
+    example = {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S_DIR / "secrets.example.yaml").read_text()) if d}
+    assert example["visitflow-tls"]["type"] == "kubernetes.io/tls"
+    assert sorted(example["visitflow-tls"]["stringData"]) == ["tls.crt", "tls.key"]
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    assert set(PLAIN_SERVICES) < set(services)
+    for name, svc in services.items():
+        if name in PLAIN_SERVICES:
+            continue
+        (w,) = [w for w in workloads(objs) if all(w["spec"]["template"]["metadata"]["labels"].get(k) == v
+                                                 for k, v in svc["spec"]["selector"].items())]
+        spec = w["spec"]["template"]["spec"]
+        assert [v for v in spec["volumes"] if v["name"] == "tls" and v["secret"]["secretName"] == "visitflow-tls"], name
+        # the container serving the Service's port (blueapi: its tls sidecar, beamline/blueapi.yaml)
+        (c,) = [c for c in spec["containers"] if any(p["name"] in ("https", "pg") for p in c.get("ports", []))]
+        assert {"name": "tls", "mountPath": "/etc/visitflow-tls", "readOnly": True} in c["volumeMounts"], name
+        argv = " ".join(c.get("command", []) + c.get("args", []))
+        assert "/etc/visitflow-tls/tls.crt" in argv and "/etc/visitflow-tls/tls.key" in argv, name
+        for probe in ("readinessProbe", "livenessProbe"):
+            if "httpGet" in c[probe]:
+                assert c[probe]["httpGet"]["scheme"] == "HTTPS", (name, probe)
+        assert [p["name"] for p in svc["spec"]["ports"]] == (["pg"] if name == "postgres" else ["https"]), name
+    site = dict(line.split("=", 1) for line in (FACILITY / "site.env").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert all(v.startswith("https://") for v in site.values()), site
+    # every PostgreSQL client verifies the server (asyncpg and libpq both read these)
+    for w, c in containers(objs):
+        if w["metadata"]["name"] in ("token-service", "tiled", "prefect-server", "prefect-services"):
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["PGSSLMODE"] == "verify-full" and env["PGSSLROOTCERT"] == "/etc/visitflow-ca/ca.crt", w
+    assert "kubectl -n visitflow create secret tls visitflow-tls " in (REPO / "docs" / "deploy.md").read_text()
+
+
 def test_every_container_has_probes_resources_and_runs_restricted(rendered):
     for w, c in containers(rendered["facility"]):
         name = w["metadata"]["name"]
@@ -140,9 +183,11 @@ def test_ingress_is_denied_by_default_and_each_service_admits_named_callers(rend
                      and set(p["spec"]["podSelector"].get("matchLabels", {}).items()) <= set(labels.items())]
         assert admitting, f"no NetworkPolicy admits anyone to Service {svc['metadata']['name']}"
         ports = {q["targetPort"] for q in svc["spec"]["ports"]}
-        (container,) = [w["spec"]["template"]["spec"]["containers"][0] for w in workloads(objs)
-                        if w["spec"]["template"]["metadata"]["labels"] == labels]
-        numbers = {p["containerPort"] for p in container["ports"] if p["name"] in ports or p["containerPort"] in ports}
+        (pod,) = [w["spec"]["template"]["spec"] for w in workloads(objs)
+                  if w["spec"]["template"]["metadata"]["labels"] == labels]
+        numbers = {p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])
+                   if p["name"] in ports or p["containerPort"] in ports}
+        assert numbers, svc["metadata"]["name"]
         allowed = {q["port"] for p in admitting for rule in p["spec"]["ingress"] for q in rule.get("ports", [])}
         assert numbers <= allowed, (svc["metadata"]["name"], numbers, allowed)
 

@@ -301,7 +301,8 @@ def test_worker_runs_the_pool_with_secrets_by_reference():
     plain = {n for n, e in env.items() if "value" in e}
     assert plain <= {"PREFECT_HOME", "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES",
                      "PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME",
-                     "PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"}
+                     "PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY", "SSL_CERT_FILE"}
+    assert env["SSL_CERT_FILE"]["value"] == f"{k8s.SITE_CA[1]}/ca.crt"       # the HTTPS Prefect API's CA
     assert env["PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES"]["value"] == k8s.NAMESPACE
     assert (env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME"]["value"],
             env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"]["value"]) \

@@ -30,6 +30,11 @@ The edits, and why:
 - **Least privilege pods:** non-root UID, read-only root filesystem with an ``emptyDir`` at
   ``/tmp`` (``PREFECT_HOME`` lives there), all capabilities dropped, no service account
   token mounted (flow code never needs the Kubernetes API), RuntimeDefault seccomp.
+- **The site's CA bundle:** every in-cluster hop is HTTPS from the site's CA (docs/deploy.md
+  step 3), so each flow pod mounts ConfigMap ``visitflow-ca`` and points ``SSL_CERT_FILE``
+  (httpx, Prefect's client, Python's ssl) and ``REQUESTS_CA_BUNDLE`` (requests) at it.  Not a
+  job variable and not copied from the worker (``SSL_CERT_FILE`` is no Prefect setting): fixed
+  here, beside the Secrets.
 - **Bounded lifetime:** ``ttlSecondsAfterFinished`` and ``activeDeadlineSeconds`` default
   to values that match the grant's 24 h lifetime (a pod older than its grant is useless).
 """
@@ -42,7 +47,7 @@ from typing import Any
 
 __all__ = [
     'POOL_NAME', 'NAMESPACE', 'FLOW_SERVICE_ACCOUNT', 'WORKER_SERVICE_ACCOUNT', 'DEFAULT_IMAGE',
-    'RUN_AS_UID', 'SECRET_ENV', 'SUPPRESSED_WORKER_SETTINGS', 'POD_ENV', 'VARIABLE_DEFAULTS',
+    'RUN_AS_UID', 'SECRET_ENV', 'SITE_CA', 'CA_ENV', 'SUPPRESSED_WORKER_SETTINGS', 'POD_ENV', 'VARIABLE_DEFAULTS',
     'ACTIVE_DEADLINE_DEFAULT', 'secret_env_entries', 'build_base_job_template', 'container_env',
     'secret_env_problems', 'render_job_manifest', 'main',
 ]
@@ -66,6 +71,10 @@ SUPPRESSED_WORKER_SETTINGS = ("PREFECT_API_KEY",)
 #: Fixed env for every flow pod (plain, not secret).  PREFECT_HOME must be writable: the
 #: root filesystem is read-only, and the worker would otherwise copy *its* PREFECT_HOME.
 POD_ENV = {"PREFECT_HOME": "/tmp/prefect"}
+
+#: the site's CA bundle (ConfigMap name, mount path) and the env that points clients at it
+SITE_CA = ("visitflow-ca", "/etc/visitflow-ca")
+CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 
 VARIABLE_DEFAULTS: dict[str, Any] = {
     "namespace": NAMESPACE,
@@ -124,16 +133,18 @@ def build_base_job_template() -> dict:
         "fsGroup": RUN_AS_UID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    pod["volumes"] = [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}]
+    pod["volumes"] = [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
+                      {"name": "ca", "configMap": {"name": SITE_CA[0]}}]
 
     (container,) = pod["containers"]
-    container["env"] = secret_env_entries()
+    container["env"] = secret_env_entries() + [{"name": n, "value": f"{SITE_CA[1]}/ca.crt"} for n in CA_ENV]
     container["securityContext"] = {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
-    container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
+    container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"},
+                                 {"name": "ca", "mountPath": SITE_CA[1], "readOnly": True}]
 
     for name, default in VARIABLE_DEFAULTS.items():
         props[name]["default"] = default

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..core.layout import DEFAULT_PROCESSED_TEMPLATE, DEFAULT_RAW_TEMPLATE
+from ..core.tls import add_tls_arguments, tls_files
 
 __all__ = [
     'add_tiled_config_arguments', 'run_tiled_config', 'add_tiled_arguments', 'serve_tiled',
@@ -63,6 +64,7 @@ def _common(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     parser.add_argument("--authn-database", default=None, metavar="URI",
                         help="SQLAlchemy URI of Tiled's principals table (default sqlite file in the "
                              "state dir; the catalog's PostgreSQL server in production)")
+    add_tls_arguments(parser)   # written into the config's uvicorn section (ssl_certfile/ssl_keyfile)
 
 
 def _render(args):
@@ -81,6 +83,7 @@ def _render(args):
                     **({"token_env": args.authority_token_env} if args.authority_token_env else {})}
                    if args.authority_url else None),
         streaming_cache=None if args.streaming_cache in ("", "none") else args.streaming_cache,
+        tls=tls_files(args.ssl_certfile, args.ssl_keyfile),
     )
 
 

@@ -58,6 +58,7 @@ def render_config(
     user_issuer: Optional[str] = None,
     authority: Optional[dict] = None,
     streaming_cache: Optional[str] = "memory",
+    tls: Optional[dict[str, str]] = None,
 ) -> dict[str, Any]:
     """A tiled config dict (``tiled serve config`` accepts it as YAML).
 
@@ -137,7 +138,9 @@ def render_config(
             "init_if_not_exists": True,
         },
         **({"streaming_cache": streaming_cache_config(streaming_cache)} if streaming_cache else {}),
-        "uvicorn": {"host": host, "port": int(port)},
+        # tls: {ssl_certfile, ssl_keyfile} (visitflow.core.tls.tls_files): Tiled's schema and
+        # uvicorn take them as they are; serve() passes this section to uvicorn.run
+        "uvicorn": {"host": host, "port": int(port), **(tls or {})},
     }
 
 

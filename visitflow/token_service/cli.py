@@ -7,6 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
+from ..core.tls import add_tls_arguments, scheme, tls_files
+
 __all__ = ['DEFAULT_CONFIG', 'add_arguments', 'run', 'main']
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deployments" / "idp.yaml"
@@ -29,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("VISITFLOW_LOG_FORMAT", "text"),
                    help="json: one object per line with request ids (docs/operations.md)")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    add_tls_arguments(p)   # HTTPS in the cluster: the site's kubernetes.io/tls Secret (docs/deploy.md step 3)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     if config.production and not args.state_dir:
         raise SystemExit("production mode needs --state-dir: signing keys and revocations must survive restarts")
-    issuer = args.issuer or config.issuer or f"http://{args.host}:{args.port}"
+    issuer = _issuer(args, config)
     revocations = RevocationLog(Path(args.state_dir) / "revocations.jsonl" if args.state_dir else None)
     return _serve(args, config, KeyStore(args.keys_dir), revocations, issuer)
 
@@ -77,8 +80,14 @@ def _run_shared(args: argparse.Namespace, config) -> int:
               f"refresh tokens deleted", flush=True)
         db.close()
         return 0
-    issuer = args.issuer or config.issuer or f"http://{args.host}:{args.port}"
+    issuer = _issuer(args, config)
     return _serve(args, config, keys, db, issuer)
+
+
+def _issuer(args: argparse.Namespace, config) -> str:
+    """--issuer, else the config's, else this server's own URL (https when it serves TLS)."""
+    tls = tls_files(args.ssl_certfile, args.ssl_keyfile)
+    return args.issuer or config.issuer or f"{scheme(tls)}://{args.host}:{args.port}"
 
 
 def _serve(args: argparse.Namespace, config, keys, revocations, issuer: str) -> int:
@@ -88,15 +97,16 @@ def _serve(args: argparse.Namespace, config, keys, revocations, issuer: str) -> 
     from ..core.jsonlog import configure_logging
     from .server import create_app
 
+    tls = tls_files(args.ssl_certfile, args.ssl_keyfile)   # a bad pair stops here, before any state is touched
     configure_logging(args.log_format, args.log_level)
     app = create_app(config, keys, issuer, revocations)
     mode = "token service (production: federated, no users)" if config.production else "dev IdP"
     state = "shared state in PostgreSQL" if config.state.kind == "postgres" else "state on local disk"
-    print(f"visitflow idp: {mode}, issuer {issuer}, {state}", flush=True)
+    print(f"visitflow idp: {mode}, issuer {issuer}, {state}, {scheme(tls)} on port {args.port}", flush=True)
     # header cap: a middleware, not uvicorn's h11 option (httptools ignores it): visitflow/core/asgi_limits.py
     uvicorn.run(HeaderLimit(app, config.limits.max_header_bytes), host=args.host, port=args.port,
                 log_level=args.log_level, access_log=args.access_log,
-                log_config=None)  # its lines reach our root handler
+                log_config=None, **tls)  # its lines reach our root handler
     return 0
 
 
