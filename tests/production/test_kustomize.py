@@ -113,10 +113,11 @@ def test_every_configmap_a_pod_uses_is_rendered_or_made_by_a_step_of_deploy_md(r
         assert f"kubectl -n visitflow create configmap {name} " in steps, name
 
 
-#: the Services whose servers do not terminate TLS yet, and why (docs/deploy.md "Status")
-PLAIN_SERVICES = {
-    "redis": "Redis TLS not configured yet (prefect-redis and Tiled's cache speak redis://)",
-}
+#: the Services whose servers do not terminate TLS yet, and why (docs/deploy.md "Status"):
+#: none -- Redis, the last, is TLS-only since prefect-redis and Tiled's cache speak TLS to it
+PLAIN_SERVICES: dict[str, str] = {}
+#: the port name of each Service that is not HTTPS (the TLS is PostgreSQL's or Redis' own)
+NON_HTTP_PORTS = {"postgres": "pg", "redis": "redis"}
 
 
 def test_every_http_server_serves_https_with_the_site_certificate(rendered):
@@ -137,14 +138,15 @@ def test_every_http_server_serves_https_with_the_site_certificate(rendered):
         spec = w["spec"]["template"]["spec"]
         assert [v for v in spec["volumes"] if v["name"] == "tls" and v["secret"]["secretName"] == "visitflow-tls"], name
         # the container serving the Service's port (blueapi: its tls sidecar, beamline/blueapi.yaml)
-        (c,) = [c for c in spec["containers"] if any(p["name"] in ("https", "pg") for p in c.get("ports", []))]
+        port = NON_HTTP_PORTS.get(name, "https")
+        (c,) = [c for c in spec["containers"] if any(p["name"] == port for p in c.get("ports", []))]
         assert {"name": "tls", "mountPath": "/etc/visitflow-tls", "readOnly": True} in c["volumeMounts"], name
         argv = " ".join(c.get("command", []) + c.get("args", []))
         assert "/etc/visitflow-tls/tls.crt" in argv and "/etc/visitflow-tls/tls.key" in argv, name
         for probe in ("readinessProbe", "livenessProbe"):
             if "httpGet" in c[probe]:
                 assert c[probe]["httpGet"]["scheme"] == "HTTPS", (name, probe)
-        assert [p["name"] for p in svc["spec"]["ports"]] == (["pg"] if name == "postgres" else ["https"]), name
+        assert [p["name"] for p in svc["spec"]["ports"]] == [port], name
     site = dict(line.split("=", 1) for line in (FACILITY / "site.env").read_text().splitlines()
                 if line and not line.startswith("#"))
     assert all(v.startswith("https://") for v in site.values()), site
@@ -153,6 +155,15 @@ def test_every_http_server_serves_https_with_the_site_certificate(rendered):
         if w["metadata"]["name"] in ("token-service", "tiled", "prefect-server", "prefect-services"):
             env = {e["name"]: e.get("value") for e in c["env"]}
             assert env["PGSSLMODE"] == "verify-full" and env["PGSSLROOTCERT"] == "/etc/visitflow-ca/ca.crt", w
+    # every Redis client speaks TLS to it and verifies it against the site CA
+    for w, c in containers(objs):
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        if w["metadata"]["name"] in ("prefect-server", "prefect-services"):
+            assert env["PREFECT_REDIS_MESSAGING_SSL"] == "true" and env["SSL_CERT_FILE"] == "/etc/visitflow-ca/ca.crt", w
+        argv = c.get("command", []) + c.get("args", [])
+        if "--streaming-cache" in argv:
+            assert argv[argv.index("--streaming-cache") + 1].startswith("rediss://"), argv
+            assert env["SSL_CERT_FILE"] == "/etc/visitflow-ca/ca.crt", w
     assert "kubectl -n visitflow create secret tls visitflow-tls " in (REPO / "docs" / "deploy.md").read_text()
 
 
