@@ -243,6 +243,7 @@ def run(n: int, tmp: Path, database_url: str | None, service_account: bool = Fal
     from visitflow.core.tiled_client import BearerAuth, connect
 
     timelines: dict = {}
+    tmp.mkdir(parents=True, exist_ok=True)   # P9 passes a directory of its run's, not made yet
     with bs.running_stack(tmp, database_url=database_url) as stack:
         with (stack.service_account_blueapi(tmp / "blueapi-sa") if service_account
               else contextlib.nullcontext(None)) as server:
