@@ -11,6 +11,9 @@ P7  a burst of 100 triggers, 20 concurrent analyses: all run, once; p95 start
 P8  post read of a registered HDF5 detector file (200×1024² uint32) vs h5py on the file
     (P3 and P8 also have a ceiling: the same array read straight from its storage; see
     benchmarks/post_read.py, which runs them on their own)
+P9  start document → flow body running through the real blueapi 1.21.1 vs the in-process
+    trigger, alternating on one blueapi stack (benchmarks/blueapi_latency.py; needs
+    ./.venv-blueapi from .ci/install-blueapi, else the row says how to install it)
 
 Everything runs on loopback against real servers; numbers are ratios measured in the same
 run.  Writes ``benchmarks/RESULTS.md`` with the machine, the date and the load average at
@@ -58,6 +61,12 @@ def merge_kept(previous: str | None, generated: str) -> str:
     if previous and KEEP_MARKER in previous:
         kept = previous.split(KEEP_MARKER, 1)[1].lstrip("\n")
     return generated.rstrip("\n") + "\n\n" + KEEP_MARKER + "\n\n" + kept
+
+
+#: Every row, in the order a run measures them (``--only`` picks some).
+ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
+#: Rows that start their own servers (P6: tiled_auth.py; P9: the blueapi stack), not the local stack.
+STANDALONE = {"P6", "P9"}
 
 
 def log(msg):
@@ -312,6 +321,29 @@ class Bench:
         self.rows.append(measures.burst_cells(n, result))
         self.details["P7"] = {k: v for k, v in result.items() if k != "ids"}
 
+    # ------------------------------------------------------------------ P9
+    def p9(self):
+        """Through blueapi: its own stack (blueapi's IdP users, Tiled layout, Prefect + warm
+        worker), Prefect on its own database of this run's PostgreSQL (SQLite if the run is on
+        SQLite), so P9 is measured on the same kind of Prefect as P1."""
+        from benchmarks import blueapi_latency as bl
+
+        if not bl.bs.venv_present():
+            self.rows.append(bl.p9_missing_row())
+            self.details["P9"] = {"not_run": bl.INSTALL_HINT}
+            return
+        url = os.environ.get("VISITFLOW_PREFECT_DATABASE_URL")
+        if url and url.startswith("postgresql"):
+            from benchmarks.postgres import sibling_database
+
+            url = sibling_database(url, f"prefect_p9_{os.getpid()}")
+        else:
+            url = None
+        n = 5 if self.quick else 10
+        blue, local, timelines = bl.run(n, self.tmp / "p9", url)
+        self.rows.append(bl.p9_cells(n, blue, local, url.split(":", 1)[0] if url else "sqlite", timelines))
+        self.details["P9"] = {"blueapi_s": blue, "in_process_s": local, "timelines": timelines}
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -327,7 +359,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
-    p.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8")
+    p.add_argument("--only", default=",".join(ROWS))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
     p.add_argument("--prefect-db", choices=["auto", "sqlite"], default="auto",
                    help="auto: Prefect on a throwaway PostgreSQL when the server is installed "
@@ -357,9 +389,9 @@ def _run(args) -> int:
         bench = Bench(Path(tmp), args.quick)
         bench.details = {}
         try:
-            if only - {"P6"}:
+            if only - STANDALONE:
                 bench.up()
-            for name in ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"):
+            for name in ROWS:
                 if name in only:
                     t0 = time.monotonic()
                     log(f"{name}...")
@@ -369,7 +401,7 @@ def _run(args) -> int:
                         bench.rows.append((name, "FAILED", f"{type(exc).__name__}: {exc}"[:200], ""))
                     log(f"{name} took {time.monotonic() - t0:.0f}s")
         finally:
-            if only - {"P6"}:
+            if only - STANDALONE:
                 bench.down()
     load.end()
     bench.details["load_average"] = load.as_dict()

@@ -54,6 +54,13 @@ def create_database(cluster_url: str, name: str, driver: str = "postgresql") -> 
     return f"{driver}://" + cluster_url.split("://", 1)[1].rsplit("/", 1)[0] + f"/{name}"
 
 
+def sibling_database(url: str, name: str, driver: str = "postgresql+asyncpg") -> str:
+    """A new database ``name`` on the cluster that ``url`` (any driver, any database) is on:
+    P9's own Prefect beside the run's (one Prefect server per database)."""
+    cluster = "postgresql://" + url.split("://", 1)[1].rsplit("/", 1)[0] + "/postgres"
+    return create_database(cluster, name, driver)
+
+
 @contextlib.contextmanager
 def throwaway_prefect_database(log=print):
     """Yield a ``postgresql+asyncpg://`` URL for a fresh database, or None if no server."""
