@@ -59,9 +59,10 @@ def test_token_service_cli_takes_the_pair_and_its_default_issuer_is_https(pki):
     cli.add_arguments(p)
     args = p.parse_args(["--host", "127.0.0.1", "--port", "8443",
                          "--ssl-certfile", str(pki["cert"]), "--ssl-keyfile", str(pki["key"])])
-    assert cli._issuer(args, argparse.Namespace(issuer=None)) == "https://127.0.0.1:8443"
+    tls = tls_files(args.ssl_certfile, args.ssl_keyfile)   # what run() passes on
+    assert cli._issuer(args, argparse.Namespace(issuer=None), tls) == "https://127.0.0.1:8443"
     plain = p.parse_args(["--port", "8180"])
-    assert cli._issuer(plain, argparse.Namespace(issuer=None)) == "http://127.0.0.1:8180"
+    assert cli._issuer(plain, argparse.Namespace(issuer=None), tls_files(None, None)) == "http://127.0.0.1:8180"
 
 
 def test_tiled_serve_writes_the_pair_into_uvicorns_section(pki, tmp_path):

@@ -23,7 +23,7 @@ import socket
 import ssl
 import sys
 
-from ..core.tls import add_tls_arguments, server_context, tls_files
+from ..core.tls import add_tls_arguments, scheme, server_context, tls_files
 
 __all__ = ["TLSFileServer", "make_server", "main"]
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     server = make_server(args.directory, args.host, args.port, tls, args.handshake_timeout)
     # PID 1 in a container ignores SIGTERM without a handler: exit at once on the kubelet's stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"bundle server: {args.directory} on {'https' if tls else 'http'}://{args.host}:{args.port}", flush=True)
+    print(f"bundle server: {args.directory} on {scheme(tls)}://{args.host}:{args.port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

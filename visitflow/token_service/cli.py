@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
     if config.production and not args.state_dir:
         raise SystemExit("production mode needs --state-dir: signing keys and revocations must survive restarts")
-    issuer = _issuer(args, config)
+    tls = tls_files(args.ssl_certfile, args.ssl_keyfile)   # a bad pair stops here, before any state is touched
     revocations = RevocationLog(Path(args.state_dir) / "revocations.jsonl" if args.state_dir else None)
-    return _serve(args, config, KeyStore(args.keys_dir), revocations, issuer)
+    return _serve(args, config, KeyStore(args.keys_dir), revocations, _issuer(args, config, tls), tls)
 
 
 def _run_shared(args: argparse.Namespace, config) -> int:
@@ -80,24 +80,22 @@ def _run_shared(args: argparse.Namespace, config) -> int:
               f"refresh tokens deleted", flush=True)
         db.close()
         return 0
-    issuer = _issuer(args, config)
-    return _serve(args, config, keys, db, issuer)
-
-
-def _issuer(args: argparse.Namespace, config) -> str:
-    """--issuer, else the config's, else this server's own URL (https when it serves TLS)."""
     tls = tls_files(args.ssl_certfile, args.ssl_keyfile)
+    return _serve(args, config, keys, db, _issuer(args, config, tls), tls)
+
+
+def _issuer(args: argparse.Namespace, config, tls: dict[str, str]) -> str:
+    """--issuer, else the config's, else this server's own URL (https when it serves TLS)."""
     return args.issuer or config.issuer or f"{scheme(tls)}://{args.host}:{args.port}"
 
 
-def _serve(args: argparse.Namespace, config, keys, revocations, issuer: str) -> int:
+def _serve(args: argparse.Namespace, config, keys, revocations, issuer: str, tls: dict[str, str]) -> int:
     import uvicorn
 
     from ..core.asgi_limits import HeaderLimit
     from ..core.jsonlog import configure_logging
     from .server import create_app
 
-    tls = tls_files(args.ssl_certfile, args.ssl_keyfile)   # a bad pair stops here, before any state is touched
     configure_logging(args.log_format, args.log_level)
     app = create_app(config, keys, issuer, revocations)
     mode = "token service (production: federated, no users)" if config.production else "dev IdP"
