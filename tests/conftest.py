@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.fixtures.ha_fixtures", "tests.fixtures.tiled_fixtures", "tests.fixtures.image_fixtures",
     "tests.fixtures.cluster_fixtures", "tests.fixtures.facility_fixtures",
     "tests.fixtures.tiers",   # marks `slow` from the fixtures a test uses; guards the fast tier
+    "tests.fixtures.timing",  # wall time by test file, at the end: the CI budget's map
 ]
