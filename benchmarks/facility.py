@@ -3,7 +3,9 @@
 The facility topology (benchmarks/facility_topology.py): Keycloak's realm ``facility`` as the IdP
 (production mode: PostgreSQL, TLS only; ``--idp dev`` for the facility story's dev-mode
 Keycloak), OPA deciding every exchange, the token service in production mode with its state in
-PostgreSQL, Tiled with the facility policy, Prefect on PostgreSQL with the warm worker.  Then,
+PostgreSQL, Tiled with the facility policy, Prefect on PostgreSQL with the warm worker; with the
+production IdP every hop of it is TLS from one CA made for the run (PostgreSQL's too, verify-full),
+with ``--idp dev`` none is.  Then,
 unless ``--no-local``, the local stack of ``python -m benchmarks`` (dev IdP, Prefect on its own
 throwaway PostgreSQL) measured by the same code (benchmarks/measures.py).  Both stay up and the
 rows are interleaved, the side measured first alternating row by row: on a shared machine the
@@ -307,6 +309,18 @@ def _local_sentence(results: dict) -> str:
             "P2 local first).")
 
 
+def _tls_sentence(idp: str) -> str:
+    if idp == "dev":
+        return ("`--idp dev` is the facility story's topology unchanged: every hop is plain (HTTP, and plain TCP "
+                "to PostgreSQL), Keycloak's dev mode included.")
+    return ("Every hop is TLS, from one CA made for the run (benchmarks/facility_topology.py): a certificate per "
+            "server (Keycloak, PostgreSQL, OPA, the token service, Tiled, Prefect's API), every client verifying "
+            "against that CA only (`SSL_CERT_FILE`, `PREFECT_API_SSL_CERT_FILE`; PostgreSQL `sslmode=verify-full`, "
+            "whose server refuses TCP logins without TLS), as the shipped facility overlay names every service "
+            "with https (deployments/kubernetes/overlays/facility/site.env). The local column is plain HTTP "
+            "throughout.")
+
+
 def report(args, s: Sizes, results: dict, load, took: float) -> str:
     from benchmarks.__main__ import machine
     from benchmarks.facility_topology import hops
@@ -316,7 +330,7 @@ def report(args, s: Sizes, results: dict, load, took: float) -> str:
                 *(f"| {a} | {b} | {c} |" for a, b, c in hops(args.idp))]
     failed = {f"{side} {k}": v for side in ("facility", "local") for k, v in
               (results.get(side, {}).get("failed") or {}).items()}
-    idp = ("Keycloak 26.7.3 `start --optimized` (production mode: PostgreSQL, TLS only, CA made for the run), "
+    idp = ("Keycloak 26.7.3 `start --optimized` (production mode: PostgreSQL, TLS only), "
            "realm-facility.json as shipped + benchmark overlay (user alice, a password-grant client)"
            if args.idp == "production" else
            "Keycloak 26.7.3 dev mode (plain HTTP), realm facility with the dev overlay (the facility story's)")
@@ -330,9 +344,7 @@ def report(args, s: Sizes, results: dict, load, took: float) -> str:
         "in PostgreSQL); Prefect server on PostgreSQL (auth string) + the warm `visitflow` worker. "
         + _local_sentence(results),
         "", "Which hops are TLS in the facility topology (everything is on loopback):", "", *hop_rows, "",
-        "The same split as the shipped facility overlay (deployments/kubernetes/overlays/facility/site.env): "
-        "only `FACILITY_ISSUER` is https; the token service, Prefect, Tiled and OPA are plain http inside the "
-        "cluster. " + ("The dev IdP mode has no TLS hop at all." if args.idp == "dev" else ""), "",
+        _tls_sentence(args.idp), "",
         *table(results, s, args.only), "",
         *([f"Failed: {failed}", ""] if failed else []),
         "Definitions: see the docstring of benchmarks/facility.py (P1 is the sum of the trigger's and the "

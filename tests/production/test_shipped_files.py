@@ -137,8 +137,9 @@ SHIPPED: dict[str, tuple[str, ...]] = {
                                          "tests/ops/test_alert_rules.py::test_opa_unavailable_fires_on_the_token_services_scraped_failures"),
     "deployments/opa/data.json": ("tests/core/test_authority.py::test_opa_answers_with_reasons",),
     "deployments/opa/install.sh": (f"{HERE}::test_shell_scripts_parse", "tests/core/test_authority.py::test_rego_unit_tests_pass"),
-    "deployments/postgres/start-local.sh": (f"{HERE}::test_shell_scripts_parse",
-                                            f"{HERE}::test_local_postgres_scripts_start_and_stop_a_cluster"),
+    "deployments/postgres/start-local.sh": (
+        f"{HERE}::test_shell_scripts_parse", f"{HERE}::test_local_postgres_scripts_start_and_stop_a_cluster",
+        f"{HERE}::test_local_postgres_script_with_a_tls_pair_serves_verify_full_and_refuses_plain_logins"),
     "deployments/postgres/stop-local.sh": (f"{HERE}::test_shell_scripts_parse",
                                            f"{HERE}::test_local_postgres_scripts_start_and_stop_a_cluster"),
 }
@@ -356,6 +357,54 @@ def test_local_postgres_scripts_start_and_stop_a_cluster(tmp_path):
         assert down.returncode == 0, down.stderr
         with pytest.raises(OSError):
             asyncio.run(one())
+    finally:
+        subprocess.run(["bash", str(REPO / "deployments/postgres/stop-local.sh"), str(directory)],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_local_postgres_script_with_a_tls_pair_serves_verify_full_and_refuses_plain_logins(tmp_path):
+    """start-local.sh as shipped with PG_TLS_CERT/PG_TLS_KEY (the facility benchmark's database,
+    benchmarks/postgres.py): a client verifying the server against the CA (sslmode=verify-full,
+    hostname 127.0.0.1 against the certificate's IP SAN) gets a TLS session; a login without TLS
+    (sslmode=disable) is refused by pg_hba, and a client trusting another CA fails the handshake."""
+    import asyncio
+    import ssl
+
+    import asyncpg
+
+    from tests.fixtures.ci import missing_part
+    from tests.fixtures.keycloak_production import ca_and_cert
+    from visitflow.stack.services import free_port
+
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        missing_part("PostgreSQL server not installed (.ci/install-postgres)")
+    ca, cert, key = ca_and_cert(tmp_path / "tls")
+    other_ca = ca_and_cert(tmp_path / "other")[0]
+    directory = Path("/tmp") / f"vf-shipped-pg-tls-{os.getpid()}"  # the postgres OS user must reach it
+    env = {**os.environ, "PG_TLS_CERT": str(cert), "PG_TLS_KEY": str(key)}
+    for k in ("PGSSLMODE", "PGSSLROOTCERT"):   # the URLs below say what each client does
+        env.pop(k, None)
+    try:
+        up = subprocess.run(["bash", str(REPO / "deployments/postgres/start-local.sh"), str(directory),
+                             str(free_port())], capture_output=True, text=True, timeout=300, env=env)
+        assert up.returncode == 0 and up.stdout.startswith("postgresql://"), up.stderr
+        url = up.stdout.strip()
+
+        async def session(query: str):
+            conn = await asyncpg.connect(f"{url}?{query}")
+            try:
+                return await conn.fetchrow("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            finally:
+                await conn.close()
+
+        row = asyncio.run(session(f"sslmode=verify-full&sslrootcert={ca}"))
+        assert row["ssl"] is True and row["version"] in ("TLSv1.2", "TLSv1.3"), dict(row)
+        with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="no encryption"):
+            asyncio.run(session("sslmode=disable"))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(session(f"sslmode=verify-full&sslrootcert={other_ca}"))
     finally:
         subprocess.run(["bash", str(REPO / "deployments/postgres/stop-local.sh"), str(directory)],
                        capture_output=True, timeout=120)

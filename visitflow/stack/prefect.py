@@ -75,23 +75,36 @@ def prefect_env(api_url: str, home: Path, auth: str | None = None, **extra: str)
 
 
 def server_command(state: Path, port: int, *, ui: bool = True, database_url: str | None = None,
-                   auth: str | None = None) -> tuple[list[str], dict, str]:
+                   auth: str | None = None, tls: tuple[Path, Path] | None = None) -> tuple[list[str], dict, str]:
     """(argv, env, health URL) of a Prefect server whose home is ``state/prefect``; with
-    ``auth`` it requires that auth string on every API call but the health probe."""
+    ``auth`` it requires that auth string on every API call but the health probe.
+
+    ``tls`` (certificate, key: PEM files): HTTPS only.  ``prefect server start`` has no TLS
+    flags, so the server is then what it runs in the foreground with one worker, uvicorn with
+    Prefect's app factory (``create_app``, ``PREFECT__SERVER_FINAL=1`` as ``prefect server
+    start`` sets it), plus uvicorn's ``--ssl-certfile/--ssl-keyfile``.  Its clients need the CA
+    (``PREFECT_API_SSL_CERT_FILE``, :func:`prefect_env`'s ``extra``)."""
     home = state / "prefect"
     home.mkdir(parents=True, exist_ok=True)
-    env = prefect_env(f"http://127.0.0.1:{port}/api", home, auth,
+    scheme = "https" if tls else "http"
+    env = prefect_env(f"{scheme}://127.0.0.1:{port}/api", home, auth,
                       **({"PREFECT_SERVER_API_AUTH_STRING": auth} if auth else {}),
                       PREFECT_UI_ENABLED="true" if ui else "false",
                       PREFECT_API_DATABASE_CONNECTION_URL=database_url
                       or f"sqlite+aiosqlite:///{home / 'prefect.db'}")
-    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    return argv, env, f"http://127.0.0.1:{port}/api/health"
+    if tls:
+        env["PREFECT__SERVER_FINAL"] = "1"
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                "--host", "127.0.0.1", "--port", str(port), "--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])]
+    else:
+        argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return argv, env, f"{scheme}://127.0.0.1:{port}/api/health"
 
 
 def start_server(state: Path, port: int, *, ui: bool = True, log_dir: Path | None = None,
-                 database_url: str | None = None, auth: str | None = None) -> Service:
-    argv, env, health = server_command(state, port, ui=ui, database_url=database_url, auth=auth)
+                 database_url: str | None = None, auth: str | None = None,
+                 tls: tuple[Path, Path] | None = None) -> Service:
+    argv, env, health = server_command(state, port, ui=ui, database_url=database_url, auth=auth, tls=tls)
     return start_service("prefect-server", argv, log_dir=log_dir or state / "logs", env=env, health_url=health)
 
 
