@@ -282,7 +282,7 @@ def bring_up(stack: contextlib.ExitStack, args, tmp: Path, results: dict) -> dic
     A side that fails to start is recorded as failed and left out."""
     from benchmarks.facility_topology import facility_topology
 
-    sides = {"facility": lambda info: facility_topology(tmp / "facility", args.idp, log)}
+    sides = {"facility": lambda info: facility_topology(tmp / "facility", args.idp, log, info)}
     if args.local:
         sides["local"] = lambda info: local_topology(args.quick, tmp, info)
     topos = {}
@@ -321,6 +321,14 @@ def _tls_sentence(idp: str) -> str:
             "throughout.")
 
 
+def _db_tls_sentence(results: dict) -> str:
+    seen = (results.get("facility") or {}).get("database_tls")
+    if not seen:
+        return ""
+    return (" PostgreSQL's own count of its TCP sessions (`pg_stat_ssl`): "
+            f"{seen.get('up', '?')} once the topology was up, {seen.get('end', '?')} before it was stopped.")
+
+
 def report(args, s: Sizes, results: dict, load, took: float) -> str:
     from benchmarks.__main__ import machine
     from benchmarks.facility_topology import hops
@@ -344,7 +352,7 @@ def report(args, s: Sizes, results: dict, load, took: float) -> str:
         "in PostgreSQL); Prefect server on PostgreSQL (auth string) + the warm `visitflow` worker. "
         + _local_sentence(results),
         "", "Which hops are TLS in the facility topology (everything is on loopback):", "", *hop_rows, "",
-        _tls_sentence(args.idp), "",
+        _tls_sentence(args.idp) + _db_tls_sentence(results), "",
         *table(results, s, args.only), "",
         *([f"Failed: {failed}", ""] if failed else []),
         "Definitions: see the docstring of benchmarks/facility.py (P1 is the sum of the trigger's and the "

@@ -217,8 +217,12 @@ def _token_service(tmp: Path, issuer: str, opa_url: str, database_url: str, tls:
 
 
 @contextlib.contextmanager
-def facility_topology(tmp: Path, idp: str = "production", log=print):
-    """Bring the topology up (module docstring); yield a :class:`Facility`; stop everything."""
+def facility_topology(tmp: Path, idp: str = "production", log=print, info: dict | None = None):
+    """Bring the topology up (module docstring); yield a :class:`Facility`; stop everything.
+    ``info`` (the run's results for this side) gets ``hops`` and, with TLS, ``database_tls``:
+    PostgreSQL's own count of TLS sessions (``pg_stat_ssl``) once everything is up and again
+    before it is stopped."""
+    info = {} if info is None else info
     from tests.fixtures.federation_fixtures import TS_SECRETS
     from tests.fixtures.opa_fixtures import start_opa
     from tests.fixtures.prefect_fixtures import running_prefect
@@ -269,12 +273,18 @@ def facility_topology(tmp: Path, idp: str = "production", log=print):
         pstack.run_cli(["work-pool", "set-concurrency-limit", pstack.POOL, "20"], prefect.env)  # P7: 20 at once
         measures.deploy_probe(prefect.api, pstack.POOL)
         log(f"facility: Prefect {prefect.api_url} (PostgreSQL) + warm worker")
+        info["hops"] = hops(idp)
         if tls:
-            log(f"facility: PostgreSQL sessions over TCP: {database_tls(pg)}")
+            info["database_tls"] = {"up": database_tls(pg)}
+            log(f"facility: PostgreSQL sessions over TCP: {info['database_tls']['up']}")
         facility = Facility(idp, issuer, token_url, ts.issuer, tiled.uri, prefect.api,
                             prefect.env["PREFECT_API_AUTH_STRING"], password, tmp, client_id=client_id)
         stack.callback(facility.http.close)
-        yield facility
+        try:
+            yield facility
+        finally:
+            if tls:
+                info["database_tls"]["end"] = database_tls(pg)
 
 
 def database_tls(cluster_url: str) -> str:

@@ -49,9 +49,13 @@ def test_every_hop_is_tls_with_the_production_idp_and_none_with_the_dev_idp():
         hops("staging")
 
 
-def test_the_report_says_what_each_idp_mode_encrypts():
+def test_the_report_says_what_each_idp_mode_encrypts_and_what_postgresql_counted():
     assert "Every hop is TLS" in facility._tls_sentence("production")
     assert "every hop is plain" in facility._tls_sentence("dev")
+    counted = {"facility": {"database_tls": {"up": "9 of 9 TLS (TLSv1.3)", "end": "12 of 12 TLS (TLSv1.3)"}}}
+    assert facility._db_tls_sentence(counted).endswith(
+        "9 of 9 TLS (TLSv1.3) once the topology was up, 12 of 12 TLS (TLSv1.3) before it was stopped.")
+    assert facility._db_tls_sentence({"facility": {}}) == "" == facility._db_tls_sentence({})
 
 
 def test_one_ca_signs_a_certificate_for_each_server_naming_localhost_and_127_0_0_1(tmp_path):
