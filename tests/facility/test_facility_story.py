@@ -2,8 +2,9 @@
 the production Keycloak by the test overlay (tests/fixtures/keycloak_production.py), the site's
 session list as OPA's bundle and ``visitflow provision`` in a Pod, scans through blueapi b01's
 REST API whose live and post analyses run as Jobs made by the worker and equal numpy, Carol
-refused with OPA's reason, Bob seeing nothing, the worker's and a token-service Pod deleted
-mid-scan with nothing lost, two scans at once on Tiled's PostgreSQL.  The cluster, the apply and
+refused with OPA's reason, Bob seeing nothing, two scans at once on Tiled's PostgreSQL, each
+service's Pod deleted one after another during one scan with nothing lost, a flow-run Pod
+deleted mid-scan (live Crashed, post still right).  The cluster, the apply and
 step 6 are tests/fixtures/facility_fixtures.py's, shared with test_facility_cluster.py.
 """
 
@@ -232,62 +233,6 @@ def test_carols_scan_runs_but_her_analyses_are_refused_with_opas_reason(story):
 
 
 
-def test_the_worker_and_a_token_service_pod_deleted_mid_scan_lose_nothing(kube, story):
-    """Mid-scan, once the live analysis runs in its Job: the worker's Pod and one of the two
-    token-service Pods deleted.  The live Job goes on (its Pod does not need the worker), the
-    other replica answers the exchanges (one signing key in PostgreSQL), the replacement worker
-    takes the post run the trigger creates at the stop; both complete and equal numpy."""
-    import threading
-
-    from tests.fixtures.references import assert_matches, reference_of
-    from tests.trigger.test_blueapi import outputs_of
-
-    alice = story.token("alice")
-    done: dict = {}
-
-    def scan():
-        try:
-            done["task"] = story.blueapi.run(alice, "peak_scan", {"num": 40, "seed": 5, "delay": 0.5}, timeout=600,
-                                             session=SESSION)
-        except Exception as exc:  # noqa: BLE001 -- reported below
-            done["error"] = exc
-    thread = threading.Thread(target=scan, daemon=True)
-    before = {j["metadata"]["name"] for j in kube.json("-n", NS, "get", "jobs")["items"]}
-    thread.start()
-
-    def live_job_running():
-        for j in kube.json("-n", NS, "get", "jobs", "-l", "prefect.io/flow-run-id")["items"]:
-            if j["metadata"]["name"] in before:
-                continue
-            pods = kube.json("-n", NS, "get", "pods", "-l", f"job-name={j['metadata']['name']}")["items"]
-            if any(p["status"].get("phase") == "Running" for p in pods):
-                return j
-    live = wait_until(live_job_running, 300, "the live flow run's Pod Running", interval=1)
-    deleted = []
-    for selector in ("app.kubernetes.io/name=visitflow-worker", "app.kubernetes.io/name=token-service"):
-        pod = kube.json("-n", NS, "get", "pods", "-l", selector)["items"][0]["metadata"]["name"]
-        kube.run("-n", NS, "delete", "pod", pod, "--wait=false")
-        deleted.append(pod)
-    thread.join(timeout=600)
-    assert "error" not in done and "task" in done, done
-    uid = _run_uid(done["task"])
-    runs = _wait_flow_runs(story, uid, 2)
-    with story.api() as api:
-        for r in runs:
-            final = api.wait_for_flow_run(r["id"], timeout=900, interval=2)
-            assert final["state"]["type"] == "COMPLETED", (r["name"], final["state"])
-            assert final.get("run_count", 1) == 1, (r["name"], "ran once")
-    assert live["metadata"]["labels"]["prefect.io/flow-run-id"] in {r["id"] for r in runs}
-    pods = {p["metadata"]["name"] for p in kube.json("-n", NS, "get", "pods")["items"]}
-    assert not set(deleted) & pods, (deleted, "replaced, not kept")
-    root = story.tiled(alice)
-    want = reference_of("peak_stats", root[f"{BEAMLINE}/{PROPOSAL}/{SESSION}/{uid}"]["primary"])
-    node = root[f"processed/{SESSION}/{uid}/peak_stats"]
-    for child in (node["live"], next(node[k] for k in node if k.startswith("post-"))):
-        assert child.metadata["status"] == "complete" and child.metadata["frames_processed"] == 40, child.metadata
-        assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where=f"{child.item['id']}/")
-
-
 def _psql(kube: Kube, db: str, sql: str) -> list[str]:
     """Rows of ``sql`` in the in-cluster PostgreSQL's database ``db`` (socket login as postgres)."""
     out = kube.run("-n", NS, "exec", "postgres-0", "--", "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1",
@@ -436,10 +381,13 @@ def test_each_service_pod_deleted_one_after_another_mid_scan_loses_nothing(kube,
         assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where=f"{child.item['id']}/")
 
 
-def test_a_flow_run_pod_deleted_mid_scan_what_happens(kube, story, prefect_api, tmp_path):
-    """The live run's Pod deleted mid-scan (the job template's backoffLimit 0: the Job is not
-    retried; no heartbeat automation in this topology).  Recorded: the live run's final state;
-    asserted: the scan completes and the post run (its own Job) completes and equals numpy."""
+def test_a_flow_run_pod_deleted_mid_scan_crashes_live_and_post_still_equals_numpy(kube, story, prefect_api, tmp_path):
+    """The live run's Pod deleted mid-scan: this topology does not recover it (the job template's
+    backoffLimit 0, so the Job is not retried; the heartbeat automation that reschedules a run
+    is the HA topology's, visitflow/production/ha_recovery.py).  As measured: the worker reports
+    the live run Crashed ("No active or succeeded pods found for any job"), its result stays
+    ``running`` with the frames it had; the scan completes and the post run (its own Job)
+    completes and equals numpy.  When the shipped topology recovers live, this test changes."""
     from tests.fixtures.references import assert_matches, reference_of
     from tests.trigger.test_blueapi import outputs_of
 
@@ -458,40 +406,19 @@ def test_a_flow_run_pod_deleted_mid_scan_what_happens(kube, story, prefect_api, 
         runs = {next(t for t in r["tags"] if t.startswith("variant:")): r for r in _wait_flow_runs(fresh, uid, 2)}
         with fresh.api() as api:
             post = api.wait_for_flow_run(runs["variant:post"]["id"], timeout=900, interval=2)
-            time.sleep(60)   # the live run's state a minute after the post run ended: recorded, not asserted
-        live_now = next(r for r in fresh.flow_runs(uid) if r["id"] == runs["variant:live"]["id"])
+            live_now = api.wait_for_flow_run(runs["variant:live"]["id"], timeout=300, interval=2)
     job = kube.json("-n", NS, "get", "job", live["metadata"]["name"])
     print(f"\n[flow-run pod] live run {live_now['state']['type']} / {live_now['state'].get('name')}: "
           f"{live_now['state'].get('message')}; Job status {job.get('status')}")
     assert live["metadata"]["labels"]["prefect.io/flow-run-id"] == runs["variant:live"]["id"]
     assert post["state"]["type"] == "COMPLETED", post["state"]
+    assert live_now["state"]["type"] == "CRASHED", live_now["state"]
+    assert job["status"].get("failed") == 1 and not job["status"].get("succeeded"), job["status"]
     root = story.tiled(alice)
     want = reference_of("peak_stats", root[f"{BEAMLINE}/{PROPOSAL}/{SESSION}/{uid}"]["primary"])
     node = root[f"processed/{SESSION}/{uid}/peak_stats"]
     assert_matches(outputs_of(next(node[k] for k in node if k.startswith("post-"))), want, rtol=1e-9, atol=1e-9)
-    print(f"[flow-run pod] live result node: {dict(node['live'].metadata) if 'live' in node else 'absent'}")
-
-
-def test_postgres_pod_deleted_mid_scan_what_happens(kube, story):
-    """PostgreSQL (one instance: Tiled's catalog and tables, Prefect, the token service) deleted
-    mid-scan.  Recorded: blueapi's task outcome (blueapi 1.21.1's TiledWriter does not retry);
-    asserted: the StatefulSet's replacement is Ready and the stack serves a scan after it."""
-    alice = story.token("alice")
-    before = {j["metadata"]["name"] for j in kube.json("-n", NS, "get", "jobs")["items"]}
-    thread, done = _scan_in_thread(story, alice, {"num": 30, "seed": 17, "delay": 1.0})
-    _live_job(kube, before)
-    t = time.monotonic()
-    kube.run("-n", NS, "delete", "pod", "postgres-0", "--wait=true", timeout=120)
-    wait_until(lambda: _ready_pods(kube, "postgres"), 300, "postgres-0 Ready again", interval=1)
-    print(f"\n[postgres] replacement Ready {time.monotonic() - t:.0f} s after the delete")
-    thread.join(timeout=900)
-    print(f"[postgres] blueapi task: {done}")
-    print(kube.run("-n", NS, "get", "pods", "-o", "wide"))
-    for j in kube.json("-n", NS, "get", "jobs", "-l", "prefect.io/flow-run-id")["items"]:
-        if j["metadata"]["name"] not in before:
-            KILLED_JOBS.add(j["metadata"]["name"])     # whatever PostgreSQL's loss did to them: recorded above
-            print(f"[postgres] job {j['metadata']['name']}: {j.get('status')}")
-    assert not thread.is_alive()
+    assert node["live"].metadata["status"] == "running", node["live"].metadata   # partial, never completed
 
 
 def test_every_flow_run_job_the_worker_made_ran_to_completion(kube, story):
