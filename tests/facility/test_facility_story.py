@@ -300,7 +300,9 @@ KILLED_JOBS: set[str] = set()
 
 #: deleted one after another during one scan, each once its replacement is Ready (selector, replicas)
 SERVICE_PODS = (("opa", 2), ("opa-bundles", 2), ("token-service", 2), ("visitflow-worker", 1),
-                ("prefect-services", 1), ("redis", 1), ("prefect-server", 2))
+                ("prefect-services", 1), ("redis", 1))
+# not the Prefect API: one replica (two race Prefect's migration at first start, docs/deploy.md
+# step 5), and its only Pod deleted mid-scan is not measured
 
 
 def _ready_pods(kube: Kube, name: str) -> list[str]:
@@ -337,7 +339,7 @@ def _live_job(kube: Kube, before: set[str]) -> dict:
 
 def test_each_service_pod_deleted_one_after_another_mid_scan_loses_nothing(kube, story, prefect_api, tmp_path):
     """During one scan, once live runs in its Job: the Pod of OPA, its bundle server, the token
-    service, the worker, Prefect's services, Redis and the Prefect API deleted one after another,
+    service, the worker, Prefect's services and Redis deleted one after another,
     each once the previous one's replacement is Ready.  Two replicas where the service is
     stateless (the other answers while one drains: preStop), one for the singletons (the
     Deployment replaces it; clients reconnect).  The scan completes, live and post COMPLETED
