@@ -123,7 +123,7 @@ def story(kube, applied, deployed, prefect_api, facility_keycloak, visitflow_ima
     ConfigMap replaced: OPA must decide by the new list), then its Tiled and Prefect half; the
     story's users in Keycloak; port-forwards to blueapi b01, Tiled and OPA."""
     from tests.fixtures.keycloak_production import add_test_overlay
-    from visitflow.core.authority import OPAAuthority, Subject
+    from visitflow.core.authority import Subject
 
     tmp = tmp_path_factory.mktemp("story")
     add_test_overlay(facility_keycloak, STORY_USERS)
@@ -136,15 +136,12 @@ def story(kube, applied, deployed, prefect_api, facility_keycloak, visitflow_ima
         cm = kube.run("-n", NS, "create", "configmap", name, f"--from-file={key}={path}", "--dry-run=client", "-o", "yaml")
         kube.run("apply", "-f", "-", input=cm)
     logs = tmp / "port-forward"
+    t0 = time.monotonic()
+    _every_replica_decides_by(kube, bundle, applied["visitflow-token-service/opa-token"], logs,
+                              lambda opa: bool(opa.may_run(Subject.from_claims({"preferred_username": "alice"}),
+                                                           "peak_stats", SESSION)))
+    print(f"\n[story] every OPA replica decided by the replaced bundle {time.monotonic() - t0:.0f} s after the ConfigMap apply")
     with contextlib.ExitStack() as stack:
-        opa_url = stack.enter_context(port_forward(kube, "svc/opa", 8181, logs, "/health"))
-        opa = OPAAuthority(opa_url, token=applied["visitflow-token-service/opa-token"], cache_seconds=0, timeout=10)
-        alice = Subject.from_claims({"preferred_username": "alice"})
-        t0 = time.monotonic()
-        # the kubelet refreshes the ConfigMap volume the bundle server serves, then OPA polls it (5-10 s)
-        wait_until(lambda: bool(opa.may_run(alice, "peak_stats", SESSION)), 300,
-                   f"OPA deciding by the new session list ({SESSION})", interval=2)
-        print(f"\n[story] OPA decided by the replaced bundle {time.monotonic() - t0:.0f} s after the ConfigMap apply")
         job = provision_job(visitflow_images["flows"].rsplit(":", 1)[0] + ":local", "visitflow-provision")
         kube.run("apply", "-f", "-", input=json.dumps(job))
         ok, log = job_logs(kube, NS, "visitflow-provision", timeout=300)
@@ -152,6 +149,31 @@ def story(kube, applied, deployed, prefect_api, facility_keycloak, visitflow_ima
         blueapi_url = stack.enter_context(port_forward(kube, f"svc/blueapi-{BEAMLINE}", 8000, logs, "/healthz"))
         tiled_url = stack.enter_context(port_forward(kube, "svc/tiled", 8000, logs, "/healthz"))
         yield Story(kube, facility_keycloak, blueapi_url, tiled_url, prefect_api)
+
+
+def _every_replica_decides_by(kube: Kube, bundle, opa_token: str, logs, decides) -> None:
+    """Wait until every bundle-server Pod serves ``bundle`` byte for byte, then until every OPA Pod
+    ``decides`` by it, each asked through its own port-forward.  Asking ``svc/opa`` is not enough
+    with two replicas of each: the kubelet refreshes each Pod's ConfigMap volume on its own
+    (up to a minute apart), so until both bundle servers serve the new bundle an OPA replica can
+    load it from one and the old one again from the other, and a caller routed to the other OPA
+    replica is decided by the old session list (the full suite failed so: Alice's raw write 403)."""
+    import hashlib
+
+    import httpx
+
+    from visitflow.core.authority import OPAAuthority
+
+    want = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    path = "/bundles/visitflow.tar.gz"
+    for pod in _ready_pods(kube, "opa-bundles"):
+        with port_forward(kube, f"pod/{pod}", 8080, logs, path) as url:
+            wait_until(lambda: hashlib.sha256(httpx.get(url + path, timeout=10).content).hexdigest() == want, 300,
+                       f"bundle server {pod} serving the new bundle", interval=2)
+    for pod in _ready_pods(kube, "opa"):
+        with port_forward(kube, f"pod/{pod}", 8181, logs, "/health") as url:
+            opa = OPAAuthority(url, token=opa_token, cache_seconds=0, timeout=10)
+            wait_until(lambda: decides(opa), 300, f"OPA {pod} deciding by the new bundle", interval=2)
 
 
 def _run_uid(task: dict) -> str:
