@@ -2,8 +2,10 @@
 the production Keycloak by the test overlay (tests/fixtures/keycloak_production.py), the site's
 session list as OPA's bundle and ``visitflow provision`` in a Pod, scans through blueapi b01's
 REST API whose live and post analyses run as Jobs made by the worker and equal numpy, Carol
-refused with OPA's reason, Bob seeing nothing, the worker's and a token-service Pod deleted
-mid-scan with nothing lost, two scans at once on Tiled's PostgreSQL.  The cluster, the apply and
+refused with OPA's reason, Bob seeing nothing, two scans at once on Tiled's PostgreSQL, each
+service's Pod deleted one after another during one scan with nothing lost, a flow-run Pod
+deleted mid-scan (live Crashed, post still right), PostgreSQL's Pod deleted between two scans
+(the next scan and its analyses complete, no service restarted).  The cluster, the apply and
 step 6 are tests/fixtures/facility_fixtures.py's, shared with test_facility_cluster.py.
 """
 
@@ -122,7 +124,7 @@ def story(kube, applied, deployed, prefect_api, facility_keycloak, visitflow_ima
     ConfigMap replaced: OPA must decide by the new list), then its Tiled and Prefect half; the
     story's users in Keycloak; port-forwards to blueapi b01, Tiled and OPA."""
     from tests.fixtures.keycloak_production import add_test_overlay
-    from visitflow.core.authority import OPAAuthority, Subject
+    from visitflow.core.authority import Subject
 
     tmp = tmp_path_factory.mktemp("story")
     add_test_overlay(facility_keycloak, STORY_USERS)
@@ -135,15 +137,12 @@ def story(kube, applied, deployed, prefect_api, facility_keycloak, visitflow_ima
         cm = kube.run("-n", NS, "create", "configmap", name, f"--from-file={key}={path}", "--dry-run=client", "-o", "yaml")
         kube.run("apply", "-f", "-", input=cm)
     logs = tmp / "port-forward"
+    t0 = time.monotonic()
+    _every_replica_decides_by(kube, bundle, applied["visitflow-token-service/opa-token"], logs,
+                              lambda opa: bool(opa.may_run(Subject.from_claims({"preferred_username": "alice"}),
+                                                           "peak_stats", SESSION)))
+    print(f"\n[story] every OPA replica decided by the replaced bundle {time.monotonic() - t0:.0f} s after the ConfigMap apply")
     with contextlib.ExitStack() as stack:
-        opa_url = stack.enter_context(port_forward(kube, "svc/opa", 8181, logs, "/health"))
-        opa = OPAAuthority(opa_url, token=applied["visitflow-token-service/opa-token"], cache_seconds=0, timeout=10)
-        alice = Subject.from_claims({"preferred_username": "alice"})
-        t0 = time.monotonic()
-        # the kubelet refreshes the ConfigMap volume the bundle server serves, then OPA polls it (5-10 s)
-        wait_until(lambda: bool(opa.may_run(alice, "peak_stats", SESSION)), 300,
-                   f"OPA deciding by the new session list ({SESSION})", interval=2)
-        print(f"\n[story] OPA decided by the replaced bundle {time.monotonic() - t0:.0f} s after the ConfigMap apply")
         job = provision_job(visitflow_images["flows"].rsplit(":", 1)[0] + ":local", "visitflow-provision")
         kube.run("apply", "-f", "-", input=json.dumps(job))
         ok, log = job_logs(kube, NS, "visitflow-provision", timeout=300)
@@ -151,6 +150,31 @@ def story(kube, applied, deployed, prefect_api, facility_keycloak, visitflow_ima
         blueapi_url = stack.enter_context(port_forward(kube, f"svc/blueapi-{BEAMLINE}", 8000, logs, "/healthz"))
         tiled_url = stack.enter_context(port_forward(kube, "svc/tiled", 8000, logs, "/healthz"))
         yield Story(kube, facility_keycloak, blueapi_url, tiled_url, prefect_api)
+
+
+def _every_replica_decides_by(kube: Kube, bundle, opa_token: str, logs, decides) -> None:
+    """Wait until every bundle-server Pod serves ``bundle`` byte for byte, then until every OPA Pod
+    ``decides`` by it, each asked through its own port-forward.  Asking ``svc/opa`` is not enough
+    with two replicas of each: the kubelet refreshes each Pod's ConfigMap volume on its own
+    (up to a minute apart), so until both bundle servers serve the new bundle an OPA replica can
+    load it from one and the old one again from the other, and a caller routed to the other OPA
+    replica is decided by the old session list (the full suite failed so: Alice's raw write 403)."""
+    import hashlib
+
+    import httpx
+
+    from visitflow.core.authority import OPAAuthority
+
+    want = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    path = "/bundles/visitflow.tar.gz"
+    for pod in _ready_pods(kube, "opa-bundles"):
+        with port_forward(kube, f"pod/{pod}", 8080, logs, path) as url:
+            wait_until(lambda: hashlib.sha256(httpx.get(url + path, timeout=10).content).hexdigest() == want, 300,
+                       f"bundle server {pod} serving the new bundle", interval=2)
+    for pod in _ready_pods(kube, "opa"):
+        with port_forward(kube, f"pod/{pod}", 8181, logs, "/health") as url:
+            opa = OPAAuthority(url, token=opa_token, cache_seconds=0, timeout=10)
+            wait_until(lambda: decides(opa), 300, f"OPA {pod} deciding by the new bundle", interval=2)
 
 
 def _run_uid(task: dict) -> str:
@@ -232,62 +256,6 @@ def test_carols_scan_runs_but_her_analyses_are_refused_with_opas_reason(story):
 
 
 
-def test_the_worker_and_a_token_service_pod_deleted_mid_scan_lose_nothing(kube, story):
-    """Mid-scan, once the live analysis runs in its Job: the worker's Pod and one of the two
-    token-service Pods deleted.  The live Job goes on (its Pod does not need the worker), the
-    other replica answers the exchanges (one signing key in PostgreSQL), the replacement worker
-    takes the post run the trigger creates at the stop; both complete and equal numpy."""
-    import threading
-
-    from tests.fixtures.references import assert_matches, reference_of
-    from tests.trigger.test_blueapi import outputs_of
-
-    alice = story.token("alice")
-    done: dict = {}
-
-    def scan():
-        try:
-            done["task"] = story.blueapi.run(alice, "peak_scan", {"num": 40, "seed": 5, "delay": 0.5}, timeout=600,
-                                             session=SESSION)
-        except Exception as exc:  # noqa: BLE001 -- reported below
-            done["error"] = exc
-    thread = threading.Thread(target=scan, daemon=True)
-    before = {j["metadata"]["name"] for j in kube.json("-n", NS, "get", "jobs")["items"]}
-    thread.start()
-
-    def live_job_running():
-        for j in kube.json("-n", NS, "get", "jobs", "-l", "prefect.io/flow-run-id")["items"]:
-            if j["metadata"]["name"] in before:
-                continue
-            pods = kube.json("-n", NS, "get", "pods", "-l", f"job-name={j['metadata']['name']}")["items"]
-            if any(p["status"].get("phase") == "Running" for p in pods):
-                return j
-    live = wait_until(live_job_running, 300, "the live flow run's Pod Running", interval=1)
-    deleted = []
-    for selector in ("app.kubernetes.io/name=visitflow-worker", "app.kubernetes.io/name=token-service"):
-        pod = kube.json("-n", NS, "get", "pods", "-l", selector)["items"][0]["metadata"]["name"]
-        kube.run("-n", NS, "delete", "pod", pod, "--wait=false")
-        deleted.append(pod)
-    thread.join(timeout=600)
-    assert "error" not in done and "task" in done, done
-    uid = _run_uid(done["task"])
-    runs = _wait_flow_runs(story, uid, 2)
-    with story.api() as api:
-        for r in runs:
-            final = api.wait_for_flow_run(r["id"], timeout=900, interval=2)
-            assert final["state"]["type"] == "COMPLETED", (r["name"], final["state"])
-            assert final.get("run_count", 1) == 1, (r["name"], "ran once")
-    assert live["metadata"]["labels"]["prefect.io/flow-run-id"] in {r["id"] for r in runs}
-    pods = {p["metadata"]["name"] for p in kube.json("-n", NS, "get", "pods")["items"]}
-    assert not set(deleted) & pods, (deleted, "replaced, not kept")
-    root = story.tiled(alice)
-    want = reference_of("peak_stats", root[f"{BEAMLINE}/{PROPOSAL}/{SESSION}/{uid}"]["primary"])
-    node = root[f"processed/{SESSION}/{uid}/peak_stats"]
-    for child in (node["live"], next(node[k] for k in node if k.startswith("post-"))):
-        assert child.metadata["status"] == "complete" and child.metadata["frames_processed"] == 40, child.metadata
-        assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where=f"{child.item['id']}/")
-
-
 def _psql(kube: Kube, db: str, sql: str) -> list[str]:
     """Rows of ``sql`` in the in-cluster PostgreSQL's database ``db`` (socket login as postgres)."""
     out = kube.run("-n", NS, "exec", "postgres-0", "--", "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1",
@@ -350,6 +318,181 @@ def test_two_scans_at_once_on_tiled_postgres_no_500_no_duplicate_rows(kube, stor
                                     "group by _dataset_id, seq_num having count(*) > 1") == [], name
 
 
+#: flow-run Jobs whose Pod a test deleted on purpose (their Job failed: not the worker's doing)
+KILLED_JOBS: set[str] = set()
+
+#: deleted one after another during one scan, each once its replacement is Ready (selector, replicas)
+SERVICE_PODS = (("opa", 2), ("opa-bundles", 2), ("token-service", 2), ("visitflow-worker", 1),
+                ("prefect-services", 1), ("redis", 1))
+# not the Prefect API: one replica (two race Prefect's migration at first start, docs/deploy.md
+# step 5), and its only Pod deleted mid-scan is not measured
+
+
+def _ready_pods(kube: Kube, name: str) -> list[str]:
+    pods = kube.json("-n", NS, "get", "pods", "-l", f"app.kubernetes.io/name={name}")["items"]
+    return [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp") and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+
+
+def _scan_in_thread(story: Story, token: str, params: dict) -> tuple:
+    import threading
+
+    done: dict = {}
+
+    def scan():
+        try:
+            done["task"] = story.blueapi.run(token, "peak_scan", params, timeout=900, session=SESSION)
+        except Exception as exc:  # noqa: BLE001 -- reported by the caller
+            done["error"] = exc
+    thread = threading.Thread(target=scan, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def _live_job(kube: Kube, before: set[str]) -> dict:
+    def running():
+        for j in kube.json("-n", NS, "get", "jobs", "-l", "prefect.io/flow-run-id")["items"]:
+            if j["metadata"]["name"] in before:
+                continue
+            pods = kube.json("-n", NS, "get", "pods", "-l", f"job-name={j['metadata']['name']}")["items"]
+            if any(p["status"].get("phase") == "Running" for p in pods):
+                return j
+    return wait_until(running, 300, "the live flow run's Pod Running", interval=1)
+
+
+def test_each_service_pod_deleted_one_after_another_mid_scan_loses_nothing(kube, story, prefect_api, tmp_path):
+    """During one scan, once live runs in its Job: the Pod of OPA, its bundle server, the token
+    service, the worker, Prefect's services and Redis deleted one after another,
+    each once the previous one's replacement is Ready.  Two replicas where the service is
+    stateless (the other answers while one drains: preStop), one for the singletons (the
+    Deployment replaces it; clients reconnect).  The scan completes, live and post COMPLETED
+    once each, both equal numpy.  Last in the story but the Job check: its port-forwards to
+    the deleted Pods are gone afterwards, so this test opens its own."""
+    from tests.fixtures.references import assert_matches, reference_of
+    from tests.trigger.test_blueapi import outputs_of
+
+    alice = story.token("alice")
+    before = {j["metadata"]["name"] for j in kube.json("-n", NS, "get", "jobs")["items"]}
+    thread, done = _scan_in_thread(story, alice, {"num": 150, "seed": 9, "delay": 1.0})
+    live = _live_job(kube, before)
+    t0 = time.monotonic()
+    for name, replicas in SERVICE_PODS:
+        pod = _ready_pods(kube, name)[0]
+        t = time.monotonic()
+        kube.run("-n", NS, "delete", "pod", pod, "--wait=true", timeout=120)
+        wait_until(lambda: (lambda r: len(r) >= replicas and pod not in r)(_ready_pods(kube, name)), 300,
+                   f"{name}: a Ready replacement of {pod}", interval=1)
+        print(f"\n[pods] {name}: {pod} deleted at +{t - t0:.0f} s, replacement Ready {time.monotonic() - t:.0f} s later;"
+              f" scan still running: {thread.is_alive()}")
+    print(kube.run("-n", NS, "get", "pods", "-o", "wide"))
+    thread.join(timeout=900)
+    assert "error" not in done and "task" in done, done
+    uid = _run_uid(done["task"])
+    with port_forward(kube, "svc/prefect-server", 4200, tmp_path, "/api/health") as url:
+        fresh = Story(kube, story.keycloak, story.blueapi.url, story.tiled_url,
+                      {**prefect_api, "PREFECT_API_URL": f"{url}/api"})
+        runs = _wait_flow_runs(fresh, uid, 2)
+        with fresh.api() as api:
+            for r in runs:
+                final = api.wait_for_flow_run(r["id"], timeout=900, interval=2)
+                assert final["state"]["type"] == "COMPLETED", (r["name"], final["state"])
+                assert final.get("run_count", 1) == 1, (r["name"], "ran once")
+    assert live["metadata"]["labels"]["prefect.io/flow-run-id"] in {r["id"] for r in runs}
+    root = story.tiled(alice)
+    want = reference_of("peak_stats", root[f"{BEAMLINE}/{PROPOSAL}/{SESSION}/{uid}"]["primary"])
+    node = root[f"processed/{SESSION}/{uid}/peak_stats"]
+    for child in (node["live"], next(node[k] for k in node if k.startswith("post-"))):
+        assert child.metadata["status"] == "complete" and child.metadata["frames_processed"] == 150, child.metadata
+        assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where=f"{child.item['id']}/")
+
+
+def test_a_flow_run_pod_deleted_mid_scan_crashes_live_and_post_still_equals_numpy(kube, story, prefect_api, tmp_path):
+    """The live run's Pod deleted mid-scan: this topology does not recover it (the job template's
+    backoffLimit 0, so the Job is not retried; the heartbeat automation that reschedules a run
+    is the HA topology's, visitflow/production/ha_recovery.py).  As measured: the worker reports
+    the live run Crashed ("No active or succeeded pods found for any job"), its result stays
+    ``running`` with the frames it had; the scan completes and the post run (its own Job)
+    completes and equals numpy.  When the shipped topology recovers live, this test changes."""
+    from tests.fixtures.references import assert_matches, reference_of
+    from tests.trigger.test_blueapi import outputs_of
+
+    alice = story.token("alice")
+    before = {j["metadata"]["name"] for j in kube.json("-n", NS, "get", "jobs")["items"]}
+    thread, done = _scan_in_thread(story, alice, {"num": 30, "seed": 13, "delay": 1.0})
+    live = _live_job(kube, before)
+    KILLED_JOBS.add(live["metadata"]["name"])
+    kube.run("-n", NS, "delete", "pod", "-l", f"job-name={live['metadata']['name']}", "--wait=true", timeout=120)
+    thread.join(timeout=900)
+    assert "error" not in done and "task" in done, done
+    uid = _run_uid(done["task"])
+    with port_forward(kube, "svc/prefect-server", 4200, tmp_path, "/api/health") as url:
+        fresh = Story(kube, story.keycloak, story.blueapi.url, story.tiled_url,
+                      {**prefect_api, "PREFECT_API_URL": f"{url}/api"})
+        runs = {next(t for t in r["tags"] if t.startswith("variant:")): r for r in _wait_flow_runs(fresh, uid, 2)}
+        with fresh.api() as api:
+            post = api.wait_for_flow_run(runs["variant:post"]["id"], timeout=900, interval=2)
+            live_now = api.wait_for_flow_run(runs["variant:live"]["id"], timeout=300, interval=2)
+    job = kube.json("-n", NS, "get", "job", live["metadata"]["name"])
+    print(f"\n[flow-run pod] live run {live_now['state']['type']} / {live_now['state'].get('name')}: "
+          f"{live_now['state'].get('message')}; Job status {job.get('status')}")
+    assert live["metadata"]["labels"]["prefect.io/flow-run-id"] == runs["variant:live"]["id"]
+    assert post["state"]["type"] == "COMPLETED", post["state"]
+    assert live_now["state"]["type"] == "CRASHED", live_now["state"]
+    assert job["status"].get("failed") == 1 and not job["status"].get("succeeded"), job["status"]
+    root = story.tiled(alice)
+    want = reference_of("peak_stats", root[f"{BEAMLINE}/{PROPOSAL}/{SESSION}/{uid}"]["primary"])
+    node = root[f"processed/{SESSION}/{uid}/peak_stats"]
+    assert_matches(outputs_of(next(node[k] for k in node if k.startswith("post-"))), want, rtol=1e-9, atol=1e-9)
+    assert node["live"].metadata["status"] == "running", node["live"].metadata   # partial, never completed
+
+
+def _restarts(kube: Kube) -> dict[str, int]:
+    return {p["metadata"]["name"]: sum(c.get("restartCount", 0) for c in p["status"].get("containerStatuses", []))
+            for p in kube.json("-n", NS, "get", "pods")["items"] if "job-name" not in p["metadata"].get("labels", {})}
+
+
+def test_postgres_pod_deleted_between_scans_then_the_next_scan_and_analyses_complete(kube, story, prefect_api, tmp_path):
+    """PostgreSQL's only Pod (Prefect's, Tiled's and the token service's databases) deleted
+    between two scans: the StatefulSet brings ``postgres-0`` back on its volume, and the next
+    scan through blueapi, its live and post runs as Jobs and their results equal numpy, with no
+    service restarted (each reconnects: Prefect and the token service with ``pool_pre_ping``,
+    Tiled through visitflow/tiled/reconnect.py) and no 500 in Tiled's log since the delete.
+    Not mid-scan: a raw write in flight while the only database is down fails (blueapi's
+    TiledWriter gives up after Tiled's client retries); a site runs PostgreSQL under an HA operator."""
+    from tests.fixtures.references import assert_matches, reference_of
+    from tests.trigger.test_blueapi import outputs_of
+
+    before = _restarts(kube)
+    t = time.monotonic()
+    kube.run("-n", NS, "delete", "pod", "postgres-0", "--wait=true", timeout=200)
+    deleted = time.monotonic() - t
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    wait_until(lambda: _ready_pods(kube, "postgres"), 300, "postgres-0 Ready again", interval=1)
+    ready = time.monotonic() - t
+    kube.run("-n", NS, "rollout", "status", "deployment", "--timeout=300s", timeout=330)
+    print(f"\n[postgres] postgres-0 deleted in {deleted:.0f} s, replacement Ready {ready:.0f} s after the delete")
+    alice = story.token("alice")
+    uid = _run_uid(story.blueapi.run(alice, "peak_scan", {"num": 20, "seed": 21, "delay": 0.2}, timeout=900,
+                                     session=SESSION))
+    with port_forward(kube, "svc/prefect-server", 4200, tmp_path, "/api/health") as url:
+        fresh = Story(kube, story.keycloak, story.blueapi.url, story.tiled_url,
+                      {**prefect_api, "PREFECT_API_URL": f"{url}/api"})
+        with fresh.api() as api:
+            for r in _wait_flow_runs(fresh, uid, 2):
+                final = api.wait_for_flow_run(r["id"], timeout=900, interval=2)
+                assert final["state"]["type"] == "COMPLETED", (r["name"], final["state"])
+    root = story.tiled(alice)
+    want = reference_of("peak_stats", root[f"{BEAMLINE}/{PROPOSAL}/{SESSION}/{uid}"]["primary"])
+    node = root[f"processed/{SESSION}/{uid}/peak_stats"]
+    for child in (node["live"], next(node[k] for k in node if k.startswith("post-"))):
+        assert child.metadata["status"] == "complete", child.metadata
+        assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where=f"{child.item['id']}/")
+    after = _restarts(kube)
+    assert {n: c for n, c in after.items() if n in before and c != before[n]} == {}, "no service restarted"
+    tiled_log = kube.run("-n", NS, "logs", "deployment/tiled", f"--since-time={since}")
+    assert '" 500' not in tiled_log, tiled_log[-4000:]
+
+
 def test_every_flow_run_job_the_worker_made_ran_to_completion(kube, story):
     """``kubectl get pods -A -o wide`` after the story, printed for the report.  No flow-run Job
     failed: no Pod crashed or was killed.  (A Job's success means its process ran to the end:
@@ -357,7 +500,7 @@ def test_every_flow_run_job_the_worker_made_ran_to_completion(kube, story):
     test_facility_cluster's grantless run -- the flow runs' own states are checked above.)"""
     print(kube.run("get", "pods", "-A", "-o", "wide"))
     jobs = kube.json("-n", NS, "get", "jobs", "-l", "prefect.io/flow-run-id")["items"]
-    failed = [j["metadata"]["name"] for j in jobs if j.get("status", {}).get("failed")]
+    failed = [j["metadata"]["name"] for j in jobs if j.get("status", {}).get("failed") and j["metadata"]["name"] not in KILLED_JOBS]
     succeeded = [j["metadata"]["name"] for j in jobs if j.get("status", {}).get("succeeded")]
     assert failed == [], failed
     assert len(succeeded) >= 6, succeeded      # live and post of Alice's, the deletion test's, the two-scan run

@@ -221,12 +221,26 @@ def test_postgres_image_makes_each_services_role_and_database_from_its_url(image
         return sql("postgres", su, "postgres").returncode == 0
 
     try:
-        with _postgres_container(images, tmp_path, port, env, volume):
+        with _postgres_container(images, tmp_path, port, env, volume) as container:
             wait_until(accepting, 120, "visitflow-postgres accepts the superuser")
             assert ok("prefect", prefect_pw, "prefect", "select current_user, current_database()") == "prefect|prefect"
             ok("prefect", prefect_pw, "prefect", "create table kept (a int)")   # the role owns its database
             assert refused("tiled", "wrong", "tiled")
             assert ok("tiled", tiled_pw, "tiled", "select count(*) from pg_tables where tablename = 'kept'") == "0"
+            # a Pod deletion (kubelet) and `podman stop` send the image's STOPSIGNAL: SIGINT, PostgreSQL's
+            # fast shutdown, which ends open sessions; SIGTERM (smart) would wait for this one to disconnect
+            session = subprocess.Popen(["psql", "-X", "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "-d", "prefect",
+                                        "-c", "select pg_sleep(300)"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, env={**os.environ, "PGPASSWORD": prefect_pw})
+            wait_until(lambda: ok("postgres", su, "postgres", "select count(*) from pg_stat_activity "
+                                  "where query like 'select pg_sleep%'") == "1", 30, "the open session")
+            (_, cname) = container
+            podman("stop", "-t", "120", cname)
+            _, err = session.communicate(timeout=60)
+            assert "terminating connection due to administrator command" in err, err
+            assert podman("image", "inspect", "--format", "{{.Config.StopSignal}}",
+                          images.tags["postgres"]).stdout.strip() == "SIGINT"
+        assert "received fast shutdown request" in container[0].log_path.read_text()
         rotated = os.urandom(8).hex()
         with _postgres_container(images, tmp_path, port, {**env, "VISITFLOW_DATABASE_URL_TILED":
                                                           f"postgresql://tiled:{rotated}@postgres/tiled"}, volume):

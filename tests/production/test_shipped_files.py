@@ -77,7 +77,7 @@ SHIPPED: dict[str, tuple[str, ...]] = {
     "deployments/images/idp.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_idp_image_answers_its_health_check_and_issues_tokens"),
     "deployments/images/tiled.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_tiled_image_answers_its_health_check_with_our_auth"),
     "deployments/images/opa.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_opa_image_answers_its_health_check"),
-    "deployments/images/blueapi.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_blueapi_image_starts_with_the_hook_and_the_plans"),
+    "deployments/images/blueapi.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_blueapi_image_starts_with_the_hook_and_the_plans", f"{HERE}::test_the_blueapi_image_pins_the_versions_install_blueapi_pins"),
     "deployments/images/postgres.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_postgres_image_makes_each_services_role_and_database_from_its_url"),
     "deployments/images/postgres-entrypoint": ("tests/images/test_images.py::test_postgres_image_makes_each_services_role_and_database_from_its_url",),
     "deployments/images/redis.Containerfile": ("tests/images/test_images.py::test_build_sh_is_a_no_op_when_warm_and_names_every_image", "tests/images/test_images.py::test_redis_image_answers_as_base_services_redis_yaml_runs_it"),
@@ -424,3 +424,23 @@ def test_ha_scripts_run_their_module(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "visitflow.production.ha_topology", "--help"],
                             capture_output=True, text=True, timeout=300)
     assert action == "up" and "up,down,down-all" in helped.stdout, helped.stdout
+
+
+def test_the_blueapi_image_pins_the_versions_install_blueapi_pins():
+    """blueapi's image and .ci/install-blueapi's venv install the same blueapi, h5py and bluesky:
+    the image once lacked the bluesky pin, and an image built after bluesky 1.16.0's release died
+    at ``blueapi serve`` while the venv (pinned) passed (CI run of 2026-12-08, empty caches)."""
+    import re
+
+    script = (REPO / ".ci/install-blueapi").read_text()
+    pins = {name: re.search(rf"^{var}=(\S+)$", script, re.M).group(1)
+            for name, var in (("blueapi", "BLUEAPI_VERSION"), ("h5py", "H5PY_VERSION"), ("bluesky", "BLUESKY_VERSION"))}
+    image = (REPO / "deployments/images/blueapi.Containerfile").read_text()
+    runs = [r for r in re.split(r"\n(?=[A-Z]+ )", image) if r.startswith("RUN") and "pip install" in r]
+    assert runs, "the Containerfile installs with pip"
+    for name, version in pins.items():
+        named = re.findall(rf'"{name}==([^"]+)"', image)
+        assert named and set(named) == {version}, (name, named, version)
+    for run in runs:   # every install that resolves blueapi holds bluesky where the script does
+        if '"blueapi==' in run:
+            assert f'"bluesky=={pins["bluesky"]}"' in run, run

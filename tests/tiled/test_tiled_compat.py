@@ -75,7 +75,7 @@ def test_the_compat_module_hands_out_exactly_the_checked_objects():
     exported = [n for n in compat.__all__ if n not in {
         "TiledIncompatible", "TiledVersionWarning", "TESTED", "InternalName", "INTERNAL_NAMES", "installed_tiled",
         "is_tested", "resolve", "check", "at_risk"}]
-    assert len(exported) == 24  # + parse_config_file (serve --config), SQLAdapter (sql_storage), ExternalPolicyDecisionPoint (opa_input), NoEntry (live_fence)
+    assert len(exported) == 25  # + parse_config_file (serve --config), SQLAdapter (sql_storage), SQLStorage (reconnect), ExternalPolicyDecisionPoint (opa_input), NoEntry (live_fence)
     for name in exported:
         assert id(getattr(compat, name)) in checked, f"{name} escapes the check"
 
@@ -88,6 +88,7 @@ def test_the_compat_module_hands_out_exactly_the_checked_objects():
     import tiled.server.connection_pool
     import tiled.server.schemas
     import tiled.server.settings
+    import tiled.storage
 
     auth = tiled.server.authentication
     for name in ("oauth2_scheme", "get_api_key", "get_api_key_websocket", "get_decoded_access_token",
@@ -104,6 +105,7 @@ def test_the_compat_module_hands_out_exactly_the_checked_objects():
     assert compat.build_app_from_config is tiled.server.app.build_app_from_config
     assert (compat.AccessTag, compat.Node) == (tiled.catalog.orm.AccessTag, tiled.catalog.orm.Node)
     assert compat.CatalogNodeAdapter is tiled.catalog.adapter.CatalogNodeAdapter
+    assert compat.SQLStorage is tiled.storage.SQLStorage
 
 
 def test_the_authenticator_overrides_only_listed_members_of_its_tiled_base():

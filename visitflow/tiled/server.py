@@ -30,12 +30,14 @@ MAX_HEADER_ENV = "VISITFLOW_MAX_HEADER_BYTES"
 
 def build_app(config: dict[str, Any]):
     """The Tiled ASGI app for a config dict (see :func:`.config.render_config`), wrapped."""
-    from . import sql_storage
+    from . import reconnect, sql_storage
     from .tiled_compat import Config, build_app_from_config
 
     sql_storage.install()
+    reconnect.install_storage_ping()   # Tiled's pools outlive a PostgreSQL restart (.reconnect)
     parsed = Config.model_validate(config)
     app = build_app_from_config(parsed)
+    reconnect.ping_catalog(getattr(app.state, "root_tree", None))
     policy = getattr(app.state, "access_policy", None)
     for part in ("tag_rows", "frozen_runs", "live_nodes"):   # the policy reads/writes through the catalog
         holder = getattr(policy, part, None)

@@ -59,6 +59,9 @@ of a public class that Tiled does not document for plug-ins.  The test holds the
   that filters on ``Node.parent`` / ``Node.key`` through ``new_variation(conditions=...)``,
   because Tiled applies only the search root's conditions to a deep search; it reads a
   catalog node's ``node``, ``path_segments()`` and ``access_tags``.
+* :mod:`.reconnect` wraps ``SQLStorage._connection_pool`` (a bare ``QueuePool`` of ADBC
+  connections) and adds a checkout ping to the catalog engine's pool (``Context.engine``):
+  neither pings its connections, so the first requests after a PostgreSQL restart were 500s.
 * :mod:`.server` builds the app itself (``Config``, ``build_app_from_config``) to wrap it in
   the request-context middleware and the auth gate, finds our authenticator in
   ``Authentication.authenticators``, and hands the policy the catalog
@@ -94,6 +97,8 @@ __all__ = [
     'ProxiedOIDCAuthenticator', 'Config', 'build_app_from_config', 'parse_config_file',
     # sql_storage
     'SQLAdapter',
+    # reconnect
+    'SQLStorage',
     # node tags, access policy
     'AccessTag', 'Node', 'CatalogNodeAdapter',
     # live_fence
@@ -199,6 +204,13 @@ INTERNAL_NAMES: tuple[InternalName, ...] = (
     InternalName("tiled.adapters.sql", "SQLAdapter._read_full_table_or_partition",
                  "orders rows by order_by_args (ties: rowid on SQLite/DuckDB only)",
                  source_has="self.order_by_args + order_by_partition"),
+    # -- reconnect.py: pooled connections pinged on checkout (PostgreSQL restarts) ------------
+    InternalName("tiled.storage", "SQLStorage", "is the tabular storage whose connection pool we ping"),
+    InternalName("tiled.storage", "SQLStorage._connection_pool.func",
+                 "is a cached bare QueuePool of ADBC connections, no pre-ping: wrapped to add a checkout ping",
+                 source_has="sqlalchemy.pool.QueuePool("),
+    InternalName(_ADAPTER, "Context.__init__", "is where the catalog keeps the engine we add a checkout ping to",
+                 source_has="self.engine = get_database_engine"),
     InternalName(_APP, "build_app_from_config", "builds the app our middlewares wrap"),
     InternalName(_APP, "build_app", "is where the server finds the access policy",
                  source_has="app.state.access_policy ="),
@@ -333,6 +345,8 @@ build_app_from_config = _NAMES[f"{_APP}.build_app_from_config"]
 parse_config_file = _NAMES["tiled.config.parse"]
 # sql_storage.py
 SQLAdapter = _NAMES["tiled.adapters.sql.SQLAdapter"]
+# reconnect.py
+SQLStorage = _NAMES["tiled.storage.SQLStorage"]
 # node_tags.py, access_policy.py
 AccessTag = _NAMES[f"{_ORM}.AccessTag"]
 Node = _NAMES[f"{_ORM}.Node"]
