@@ -467,7 +467,14 @@ def test_postgres_pod_deleted_between_scans_then_the_next_scan_and_analyses_comp
     kube.run("-n", NS, "delete", "pod", "postgres-0", "--wait=true", timeout=200)
     deleted = time.monotonic() - t
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    wait_until(lambda: _ready_pods(kube, "postgres"), 300, "postgres-0 Ready again", interval=1)
+    try:
+        wait_until(lambda: _ready_pods(kube, "postgres"), 300, "postgres-0 Ready again", interval=1)
+    except AssertionError:
+        for args in (("describe", "pod", "postgres-0"), ("logs", "postgres-0", "--tail=80"),
+                     ("logs", "postgres-0", "--previous", "--tail=80"), ("get", "events", "--sort-by=.lastTimestamp"),
+                     ("get", "pvc,pv", "-o", "wide")):
+            print(f"\n--- kubectl {' '.join(args)}\n" + kube.run("-n", NS, *args, check=False)[-6000:])
+        raise
     ready = time.monotonic() - t
     kube.run("-n", NS, "rollout", "status", "deployment", "--timeout=300s", timeout=330)
     print(f"\n[postgres] postgres-0 deleted in {deleted:.0f} s, replacement Ready {ready:.0f} s after the delete")
