@@ -4,7 +4,8 @@ session list as OPA's bundle and ``visitflow provision`` in a Pod, scans through
 REST API whose live and post analyses run as Jobs made by the worker and equal numpy, Carol
 refused with OPA's reason, Bob seeing nothing, two scans at once on Tiled's PostgreSQL, each
 service's Pod deleted one after another during one scan with nothing lost, a flow-run Pod
-deleted mid-scan (live Crashed, post still right).  The cluster, the apply and
+deleted mid-scan (live Crashed, post still right), PostgreSQL's Pod deleted between two scans
+(the next scan and its analyses complete, no service restarted).  The cluster, the apply and
 step 6 are tests/fixtures/facility_fixtures.py's, shared with test_facility_cluster.py.
 """
 
@@ -443,6 +444,61 @@ def test_a_flow_run_pod_deleted_mid_scan_crashes_live_and_post_still_equals_nump
     node = root[f"processed/{SESSION}/{uid}/peak_stats"]
     assert_matches(outputs_of(next(node[k] for k in node if k.startswith("post-"))), want, rtol=1e-9, atol=1e-9)
     assert node["live"].metadata["status"] == "running", node["live"].metadata   # partial, never completed
+
+
+def _restarts(kube: Kube) -> dict[str, int]:
+    return {p["metadata"]["name"]: sum(c.get("restartCount", 0) for c in p["status"].get("containerStatuses", []))
+            for p in kube.json("-n", NS, "get", "pods")["items"] if "job-name" not in p["metadata"].get("labels", {})}
+
+
+@pytest.mark.timeout(1500)   # pytest-timeout counts the story's set-up when run alone (-k)
+def test_postgres_pod_deleted_between_scans_then_the_next_scan_and_analyses_complete(kube, story, prefect_api, tmp_path):
+    """PostgreSQL's only Pod (Prefect's, Tiled's and the token service's databases) deleted
+    between two scans: the StatefulSet brings ``postgres-0`` back on its volume, and the next
+    scan through blueapi, its live and post runs as Jobs and their results equal numpy, with no
+    service restarted (each reconnects: Prefect and the token service with ``pool_pre_ping``,
+    Tiled through visitflow/tiled/reconnect.py) and no 500 in Tiled's log since the delete.
+    Not mid-scan: a raw write in flight while the only database is down fails (blueapi's
+    TiledWriter gives up after Tiled's client retries); a site runs PostgreSQL under an HA operator."""
+    from tests.fixtures.references import assert_matches, reference_of
+    from tests.trigger.test_blueapi import outputs_of
+
+    before = _restarts(kube)
+    t = time.monotonic()
+    kube.run("-n", NS, "delete", "pod", "postgres-0", "--wait=true", timeout=200)
+    deleted = time.monotonic() - t
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        wait_until(lambda: _ready_pods(kube, "postgres"), 300, "postgres-0 Ready again", interval=1)
+    except AssertionError:
+        for args in (("describe", "pod", "postgres-0"), ("logs", "postgres-0", "--tail=80"),
+                     ("logs", "postgres-0", "--previous", "--tail=80"), ("get", "events", "--sort-by=.lastTimestamp"),
+                     ("get", "pvc,pv", "-o", "wide")):
+            print(f"\n--- kubectl {' '.join(args)}\n" + kube.run("-n", NS, *args, check=False)[-6000:])
+        raise
+    ready = time.monotonic() - t
+    kube.run("-n", NS, "rollout", "status", "deployment", "--timeout=300s", timeout=330)
+    print(f"\n[postgres] postgres-0 deleted in {deleted:.0f} s, replacement Ready {ready:.0f} s after the delete")
+    alice = story.token("alice")
+    uid = _run_uid(story.blueapi.run(alice, "peak_scan", {"num": 20, "seed": 21, "delay": 0.2}, timeout=900,
+                                     session=SESSION))
+    with port_forward(kube, "svc/prefect-server", 4200, tmp_path, "/api/health") as url:
+        fresh = Story(kube, story.keycloak, story.blueapi.url, story.tiled_url,
+                      {**prefect_api, "PREFECT_API_URL": f"{url}/api"})
+        with fresh.api() as api:
+            for r in _wait_flow_runs(fresh, uid, 2):
+                final = api.wait_for_flow_run(r["id"], timeout=900, interval=2)
+                assert final["state"]["type"] == "COMPLETED", (r["name"], final["state"])
+    root = story.tiled(alice)
+    want = reference_of("peak_stats", root[f"{BEAMLINE}/{PROPOSAL}/{SESSION}/{uid}"]["primary"])
+    node = root[f"processed/{SESSION}/{uid}/peak_stats"]
+    for child in (node["live"], next(node[k] for k in node if k.startswith("post-"))):
+        assert child.metadata["status"] == "complete", child.metadata
+        assert_matches(outputs_of(child), want, rtol=1e-9, atol=1e-9, where=f"{child.item['id']}/")
+    after = _restarts(kube)
+    assert {n: c for n, c in after.items() if n in before and c != before[n]} == {}, "no service restarted"
+    tiled_log = kube.run("-n", NS, "logs", "deployment/tiled", f"--since-time={since}")
+    assert '" 500' not in tiled_log, tiled_log[-4000:]
 
 
 def test_every_flow_run_job_the_worker_made_ran_to_completion(kube, story):

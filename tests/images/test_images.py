@@ -241,6 +241,11 @@ def test_postgres_image_makes_each_services_role_and_database_from_its_url(image
             assert podman("image", "inspect", "--format", "{{.Config.StopSignal}}",
                           images.tags["postgres"]).stdout.strip() == "SIGINT"
         assert "received fast shutdown request" in container[0].log_path.read_text()
+        # emulated: what the kubelet's fsGroup does to the volume at each mount (group rwx + setgid on
+        # the data directory); the entrypoint must set 0700 again or PostgreSQL refuses to start
+        mountpoint = podman("volume", "inspect", "--format", "{{.Mountpoint}}", volume).stdout.strip()
+        pgdata = Path(mountpoint) / "pgdata"
+        pgdata.chmod(0o2770)
         rotated = os.urandom(8).hex()
         with _postgres_container(images, tmp_path, port, {**env, "VISITFLOW_DATABASE_URL_TILED":
                                                           f"postgresql://tiled:{rotated}@postgres/tiled"}, volume):
