@@ -30,7 +30,12 @@ import functools
 import logging
 import weakref
 
-__all__ = ['install_storage_ping', 'ping_catalog']
+__all__ = ['POSTGRES', 'install_storage_ping', 'ping_catalog']
+
+#: the databases pinged.  Not SQLite: there is no server to lose, and a ping that meets another
+#: writer's lock ("database is locked", seen in tests/flow/ on Tiled's SQLite tables) would throw
+#: a good connection away and, three times over, fail the request.
+POSTGRES = ("postgresql", "postgres")
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +59,8 @@ def _adbc_ping(dbapi_connection, connection_record, connection_proxy) -> None:
 
 
 def install_storage_ping() -> bool:
-    """Ping every pooled connection of Tiled's SQL tabular storage on checkout (PostgreSQL and
-    SQLite files; DuckDB and in-memory SQLite keep one static connection, not pinged).  Once per
-    process; True if this call installed it."""
+    """Ping every pooled connection of Tiled's SQL tabular storage on PostgreSQL on checkout
+    (:data:`POSTGRES`).  Once per process; True if this call installed it."""
     import sqlalchemy
 
     from .tiled_compat import SQLStorage
@@ -69,7 +73,7 @@ def install_storage_ping() -> bool:
     @functools.wraps(original)
     def _connection_pool(self):
         pool = original(self)
-        if isinstance(pool, sqlalchemy.pool.QueuePool):
+        if isinstance(pool, sqlalchemy.pool.QueuePool) and self.dialect in POSTGRES:
             sqlalchemy.event.listen(pool, "checkout", _adbc_ping)
         return pool
 
@@ -92,7 +96,7 @@ def ping_catalog(root_tree) -> bool:
     if engine is None:
         return False
     sync = getattr(engine, "sync_engine", engine)
-    if sync.pool in _PINGED:
+    if sync.dialect.name not in POSTGRES or sync.pool in _PINGED:
         return False
     dialect = sync.dialect
 
