@@ -418,10 +418,14 @@ def test_a_flow_run_pod_deleted_mid_scan_crashes_live_and_post_still_equals_nump
 
     alice = story.token("alice")
     before = {j["metadata"]["name"] for j in kube.json("-n", NS, "get", "jobs")["items"]}
-    thread, done = _scan_in_thread(story, alice, {"num": 30, "seed": 13, "delay": 1.0})
+    # 90 frames, 1 s apart: the live Pod is deleted well before the stop document.  With 30, a
+    # live Pod that started late had written every frame and ``complete`` before its deletion
+    # (full suite, 2026-12-08 02:45): the test then checked nothing mid-scan.
+    thread, done = _scan_in_thread(story, alice, {"num": 90, "seed": 13, "delay": 1.0})
     live = _live_job(kube, before)
     KILLED_JOBS.add(live["metadata"]["name"])
     kube.run("-n", NS, "delete", "pod", "-l", f"job-name={live['metadata']['name']}", "--wait=true", timeout=120)
+    assert thread.is_alive(), "the live Pod was deleted mid-scan"
     thread.join(timeout=900)
     assert "error" not in done and "task" in done, done
     uid = _run_uid(done["task"])
