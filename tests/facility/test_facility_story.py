@@ -334,6 +334,15 @@ def _ready_pods(kube: Kube, name: str) -> list[str]:
         c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
 
 
+@contextlib.contextmanager
+def _fresh_prefect(story: Story, prefect_api: dict, log_dir):
+    """The story, its Prefect API through a new port-forward: after Pods were deleted, the
+    session's port-forward may point at a Pod that is gone."""
+    with port_forward(story.kube, "svc/prefect-server", 4200, log_dir, "/api/health") as url:
+        yield Story(story.kube, story.keycloak, story.blueapi.url, story.tiled_url,
+                    {**prefect_api, "PREFECT_API_URL": f"{url}/api"})
+
+
 def _scan_in_thread(story: Story, token: str, params: dict) -> tuple:
     import threading
 
@@ -388,9 +397,7 @@ def test_each_service_pod_deleted_one_after_another_mid_scan_loses_nothing(kube,
     thread.join(timeout=900)
     assert "error" not in done and "task" in done, done
     uid = _run_uid(done["task"])
-    with port_forward(kube, "svc/prefect-server", 4200, tmp_path, "/api/health") as url:
-        fresh = Story(kube, story.keycloak, story.blueapi.url, story.tiled_url,
-                      {**prefect_api, "PREFECT_API_URL": f"{url}/api"})
+    with _fresh_prefect(story, prefect_api, tmp_path) as fresh:
         runs = _wait_flow_runs(fresh, uid, 2)
         with fresh.api() as api:
             for r in runs:
@@ -429,9 +436,7 @@ def test_a_flow_run_pod_deleted_mid_scan_crashes_live_and_post_still_equals_nump
     thread.join(timeout=900)
     assert "error" not in done and "task" in done, done
     uid = _run_uid(done["task"])
-    with port_forward(kube, "svc/prefect-server", 4200, tmp_path, "/api/health") as url:
-        fresh = Story(kube, story.keycloak, story.blueapi.url, story.tiled_url,
-                      {**prefect_api, "PREFECT_API_URL": f"{url}/api"})
+    with _fresh_prefect(story, prefect_api, tmp_path) as fresh:
         runs = {next(t for t in r["tags"] if t.startswith("variant:")): r for r in _wait_flow_runs(fresh, uid, 2)}
         with fresh.api() as api:
             post = api.wait_for_flow_run(runs["variant:post"]["id"], timeout=900, interval=2)
@@ -486,9 +491,7 @@ def test_postgres_pod_deleted_between_scans_then_the_next_scan_and_analyses_comp
     alice = story.token("alice")
     uid = _run_uid(story.blueapi.run(alice, "peak_scan", {"num": 20, "seed": 21, "delay": 0.2}, timeout=900,
                                      session=SESSION))
-    with port_forward(kube, "svc/prefect-server", 4200, tmp_path, "/api/health") as url:
-        fresh = Story(kube, story.keycloak, story.blueapi.url, story.tiled_url,
-                      {**prefect_api, "PREFECT_API_URL": f"{url}/api"})
+    with _fresh_prefect(story, prefect_api, tmp_path) as fresh:
         with fresh.api() as api:
             for r in _wait_flow_runs(fresh, uid, 2):
                 final = api.wait_for_flow_run(r["id"], timeout=900, interval=2)

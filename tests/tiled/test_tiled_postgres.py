@@ -30,13 +30,14 @@ BIN = Path(sys.executable).parent
 POINTS = 25
 
 
-def _render(idp, state: Path, port: int, dbs: dict) -> Path:
+def render_config(idp, state: Path, port: int, urls: dict) -> Path:
+    """``visitflow tiled-config`` with the ``catalog``, ``tables`` and ``authn`` database URLs
+    (also tests/tiled/test_tiled_postgres_restart.py's); the state's data directory made."""
     out = state.parent / "tiled.yml"
     done = subprocess.run(
         [sys.executable, "-m", "visitflow.cli", "tiled-config", "--issuer", idp.issuer, "--state-dir", str(state),
-         "--port", str(port), "--catalog-database", db_url(dbs["catalog"], "postgresql+asyncpg"),
-         "--tabular-storage", db_url(dbs["tables"]), "--authn-database", db_url(dbs["authn"], "postgresql+asyncpg"),
-         "-o", str(out)], capture_output=True, text=True, timeout=300)
+         "--port", str(port), "--catalog-database", urls["catalog"], "--tabular-storage", urls["tables"],
+         "--authn-database", urls["authn"], "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (state / "data").mkdir(parents=True, exist_ok=True)
     return out
@@ -49,7 +50,9 @@ def tiled_pg(idp, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiled-pg")
     with fresh_databases("catalog", "tables", "authn") as dbs:
         port = free_port()
-        config = _render(idp, tmp / "state", port, dbs)
+        config = render_config(idp, tmp / "state", port, {
+            "catalog": db_url(dbs["catalog"], "postgresql+asyncpg"), "tables": db_url(dbs["tables"]),
+            "authn": db_url(dbs["authn"], "postgresql+asyncpg")})
         service = start_service("tiled", [sys.executable, "-m", "visitflow.cli", "tiled", "serve", "--config",
                                           str(config), "--log-level", "info"],
                                 log_dir=tmp / "logs", health_url=f"http://127.0.0.1:{port}/api/v1/")

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.postgres import create_database
 from tests.fixtures.scans import run_scan, user_root
 from tests.fixtures.tiled_fixtures import VISITS
+from tests.tiled.test_tiled_postgres import render_config
 from visitflow.core.layout import Layout
 from visitflow.stack.services import free_port, start_service
 
@@ -44,12 +46,6 @@ def _pg(directory: Path, port: int) -> str:
     return done.stdout.strip()
 
 
-def _database(cluster_url: str, name: str, driver: str) -> str:
-    subprocess.run(["psql", "-q", cluster_url, "-c", f"CREATE DATABASE {name}"], check=True,
-                   capture_output=True, text=True, timeout=60)
-    return f"{driver}://" + cluster_url.split("://", 1)[1].rsplit("/", 1)[0] + f"/{name}"
-
-
 @pytest.fixture(scope="module")
 def own_pg():
     # the postgres OS user must reach the directory (pytest's tmp dirs are 0700 under root)
@@ -66,16 +62,10 @@ def test_a_scan_right_after_a_postgres_restart_writes_with_no_500(own_pg, idp, t
     from visitflow.core.tiled_admin import admin_auth, ensure_visits
 
     url = own_pg["url"]
-    state, port = tmp_path / "state", free_port()
-    config = tmp_path / "tiled.yml"
-    done = subprocess.run(
-        [sys.executable, "-m", "visitflow.cli", "tiled-config", "--issuer", idp.issuer, "--state-dir", str(state),
-         "--port", str(port), "--catalog-database", _database(url, "catalog", "postgresql+asyncpg"),
-         "--tabular-storage", _database(url, "tables", "postgresql"),
-         "--authn-database", _database(url, "authn", "postgresql+asyncpg"), "-o", str(config)],
-        capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    (state / "data").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = render_config(idp, tmp_path / "state", port, {
+        "catalog": create_database(url, "catalog", "postgresql+asyncpg"), "tables": create_database(url, "tables"),
+        "authn": create_database(url, "authn", "postgresql+asyncpg")})
     service = start_service("tiled-pg-restart", [sys.executable, "-m", "visitflow.cli", "tiled", "serve", "--config",
                                                  str(config), "--log-level", "info"],
                             log_dir=tmp_path / "logs", health_url=f"http://127.0.0.1:{port}/api/v1/")
